@@ -1,0 +1,11 @@
+"""Consumer side of cirron-otel: sinks that take collected batches somewhere.
+
+Installed as `cirron_otel.exporters` (the directory maps onto that package name in
+pyproject.toml). Each sink implements `Sink`; the drainer thread hands every sink the same
+batches and never lets one sink's failure reach another, or the application.
+"""
+
+from .base import Sink, SinkStats
+from .spool import SpoolSink
+
+__all__ = ["Sink", "SinkStats", "SpoolSink"]

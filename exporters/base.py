@@ -1,0 +1,66 @@
+"""The interface between the drainer and a sink."""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cirron_otel._native import Batch
+from cirron_otel._warn import warn_once
+
+
+@dataclass
+class SinkStats:
+    """Counters a sink reports in `health()["sinks"][name]`. Counts are records (spans + marks)."""
+
+    name: str
+    exported: int = 0
+    failed: int = 0
+    dropped: int = 0
+    pending: int = 0
+    last_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def error(self, kind: str, exc: BaseException | str) -> None:
+        """Record a failure and warn once per (sink, kind). Never raises."""
+        text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        self.last_error = f"{kind}: {text}"
+        warn_once(f"{self.name}:{kind}", f"cirron_otel {self.name} sink: {kind}: {text}")
+
+    def as_dict(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "exported": self.exported,
+                "failed": self.failed,
+                "dropped": self.dropped,
+                "pending": self.pending,
+                "last_error": self.last_error,
+                **self.extra,
+            }
+
+
+class Sink(ABC):
+    """Receives every batch the drainer collects, on the drainer thread.
+
+    `export` must not raise: a sink records its own failures in `stats` and keeps what it
+    could not deliver for a later attempt, within its own bounds.
+    """
+
+    name: str = "sink"
+
+    def __init__(self) -> None:
+        self.stats = SinkStats(self.name)
+
+    @abstractmethod
+    def export(self, batches: Sequence[Batch]) -> None:
+        """Deliver these batches (each batch is handed over exactly once)."""
+
+    def retry(self) -> None:  # noqa: B027 - optional hook
+        """Try again what earlier exports could not deliver."""
+
+    def shutdown(self, timeout: float) -> None:  # noqa: B027 - optional hook
+        """Deliver what is pending, within `timeout` seconds, and release resources."""

@@ -1,0 +1,124 @@
+"""Every setting cirron-otel reads, and every environment variable it honours, in one place.
+
+`profile(**kwargs)` passes its keyword arguments here; anything not given falls back to the
+environment, then to the defaults below. Nothing else in the package reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_OUTPUT_DIR = "./.cirron"
+DEFAULT_RING_CAPACITY = 65536
+DEFAULT_SPOOL_MAX_BYTES = 1_000_000_000
+MAX_RECORDS_PER_FILE = 100_000
+VALID_OUTPUTS = frozenset({"spool"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved configuration of one profiler."""
+
+    output_dir: str = DEFAULT_OUTPUT_DIR
+    outputs: frozenset[str] = frozenset({"spool"})
+    flush_interval: float = 1.0
+    ring_capacity: int = DEFAULT_RING_CAPACITY
+    spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
+    enabled: bool = True
+    capture_cpu_time: bool = False
+    rank: int = 0
+    # How long a producer whose ring is full waits for the drainer before dropping the
+    # oldest record. Only applies while the drainer runs; 0 drops at once.
+    ring_full_wait: float = 0.1
+    max_records_per_file: int = MAX_RECORDS_PER_FILE
+    # ci.trace() keeps the most recent records of the live session in memory, up to this.
+    trace_buffer_records: int = 200_000
+    # Spool batches that could not be written are kept for retry up to this many bytes.
+    spool_retry_bytes: int = 256 * 1024 * 1024
+    install_signal_handlers: bool = True
+    session_attrs: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _rank_from_env(env: Mapping[str, str]) -> int:
+    for key in ("RANK", "LOCAL_RANK"):
+        raw = env.get(key)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            return int(raw)
+        except ValueError:
+            continue
+    return 0
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"cirron_otel.profile(): {name} must be a number, not {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"cirron_otel.profile(): {name} must be > 0, got {value!r}")
+
+
+def _outputs(output: str | list[str] | tuple[str, ...] | set[str]) -> frozenset[str]:
+    names = [output] if isinstance(output, str) else list(output)
+    parts: set[str] = set()
+    for item in names:
+        if not isinstance(item, str):
+            raise TypeError(f"cirron_otel.profile(): output entries must be str, not {type(item).__name__}")
+        parts.update(p.strip() for p in item.split(",") if p.strip())
+    unknown = parts - VALID_OUTPUTS
+    if unknown or not parts:
+        raise ValueError(
+            f"cirron_otel.profile(): unknown output {sorted(unknown) or output!r}; "
+            f"choose from {sorted(VALID_OUTPUTS)}"
+        )
+    return frozenset(parts)
+
+
+def resolve(
+    *,
+    output_dir: str | os.PathLike[str] | None = None,
+    output: str | list[str] | tuple[str, ...] | set[str] = "spool",
+    flush_interval: float = 1.0,
+    ring_capacity: int = DEFAULT_RING_CAPACITY,
+    spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
+    enabled: bool = True,
+    capture_cpu_time: bool = False,
+    ring_full_wait: float = 0.1,
+    trace_buffer_records: int = 200_000,
+    install_signal_handlers: bool = True,
+    session_attrs: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Validate `profile()` arguments and merge them with the environment."""
+    env = os.environ if env is None else env
+    if output_dir is None:
+        output_dir = env.get("CIRRON_OUTPUT_DIR") or DEFAULT_OUTPUT_DIR
+    _positive("flush_interval", flush_interval)
+    _positive("ring_full_wait", ring_full_wait, allow_zero=True)
+    for name, value in (
+        ("ring_capacity", ring_capacity),
+        ("spool_max_bytes", spool_max_bytes),
+        ("trace_buffer_records", trace_buffer_records),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"cirron_otel.profile(): {name} must be an int, not {type(value).__name__}")
+        _positive(name, value)
+    if not 64 <= ring_capacity <= 1 << 26:
+        raise ValueError(f"cirron_otel.profile(): ring_capacity must be in [64, 2**26], got {ring_capacity}")
+    return Settings(
+        output_dir=os.fspath(output_dir),
+        outputs=_outputs(output),
+        flush_interval=float(flush_interval),
+        ring_capacity=ring_capacity,
+        spool_max_bytes=spool_max_bytes,
+        enabled=bool(enabled),
+        capture_cpu_time=bool(capture_cpu_time),
+        rank=_rank_from_env(env),
+        ring_full_wait=float(ring_full_wait),
+        trace_buffer_records=trace_buffer_records,
+        install_signal_handlers=bool(install_signal_handlers),
+        session_attrs=dict(session_attrs or {}),
+    )

@@ -1,0 +1,2942 @@
+/*
+ * cirron_otel._native — the producer side of cirron-otel.
+ *
+ * Sections:
+ *   1. Platform: clock, OS entropy, xoshiro256** ids
+ *   2. Name table: names interned once, JSON-escaped once, read by the drainer without the GIL
+ *   3. Rings: one single-producer ring per thread, drop-oldest, thread exit, fork
+ *   4. Value coercion for mark()
+ *   5. Scope objects and the scope stack (a ContextVar, so it is per thread and per asyncio task)
+ *   6. epochs() / batches() iterators
+ *   7. mark()
+ *   8. JSON writing helpers (GIL-free) and attribute rendering (GIL held)
+ *   9. Collector: claim records from the rings, resolve Python references, assign mark ids
+ *  10. Batch objects and the spool v1 encoder
+ *  11. Module functions and init
+ *
+ * Hot path rules: mark(), scope enter/exit and iterator steps take no lock, make no system
+ * call (the wall clock is read through the vDSO) and allocate only what the caller hands
+ * us (kwargs dicts). Everything else happens on the drainer thread, mostly without the GIL.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__linux__) || defined(__APPLE__) || defined(__FreeBSD__)
+#include <sys/random.h>
+#define HAVE_GETENTROPY 1
+#endif
+
+#define MAX_DEPTH 64
+#define STR_VALUE_CAP 256
+#define ERROR_MESSAGE_CAP 256
+#define ATTR_MAX_DEPTH 32
+#define NAME_CACHE_SIZE 64 /* per-thread direct-mapped name cache */
+#define NAME_CHUNK 1024
+#define NAME_CHUNKS 256 /* at most 262,144 distinct interned names */
+
+/* ======================================================================================
+ * 1. Platform
+ * ==================================================================================== */
+
+static inline int64_t
+wall_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline int64_t
+thread_cpu_ns(void)
+{
+#ifdef CLOCK_THREAD_CPUTIME_ID
+    struct timespec ts;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0)
+        return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+#endif
+    return 0;
+}
+
+static void
+os_entropy(void *buf, size_t n)
+{
+    unsigned char *p = buf;
+#ifdef HAVE_GETENTROPY
+    while (n > 0) {
+        size_t k = n > 256 ? 256 : n;
+        if (getentropy(p, k) != 0)
+            break;
+        p += k;
+        n -= k;
+    }
+    if (n == 0)
+        return;
+#endif
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        while (n > 0) {
+            ssize_t k = read(fd, p, n);
+            if (k <= 0)
+                break;
+            p += k;
+            n -= (size_t)k;
+        }
+        close(fd);
+    }
+    /* Last resort: mix clocks and addresses; ids stay unique per process in practice. */
+    for (size_t i = 0; i < n; i++)
+        p[i] = (unsigned char)(wall_ns() >> (i % 8) ^ (uintptr_t)p >> 3 ^ i * 131u);
+}
+
+typedef struct {
+    uint64_t s[4];
+} rng_t;
+
+static inline uint64_t
+rotl64(uint64_t x, int k)
+{
+    return (x << k) | (x >> (64 - k));
+}
+
+static inline uint64_t
+rng_next(rng_t *r)
+{
+    uint64_t *s = r->s;
+    uint64_t result = rotl64(s[1] * 5, 7) * 9;
+    uint64_t t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl64(s[3], 45);
+    return result;
+}
+
+static inline uint64_t
+rng_nonzero(rng_t *r)
+{
+    uint64_t v;
+    do {
+        v = rng_next(r);
+    } while (v == 0);
+    return v;
+}
+
+static void
+rng_seed(rng_t *r)
+{
+    do {
+        os_entropy(r->s, sizeof(r->s));
+    } while ((r->s[0] | r->s[1] | r->s[2] | r->s[3]) == 0);
+}
+
+/* ======================================================================================
+ * 2. Name table
+ *
+ * Names (of marks and scopes) are interned: the first time a name string is seen its
+ * JSON-escaped token is stored in an append-only table that never moves, so the drainer
+ * encodes a mark from a 4-byte id without touching Python objects. Producers find ids
+ * through a per-thread cache keyed by object identity (entries hold a reference, so a
+ * cached pointer is never reused for another string) and fall back to a dict lookup by
+ * content under the GIL.
+ * ==================================================================================== */
+
+typedef struct {
+    char *tok; /* "quoted, escaped" JSON string */
+    uint32_t len;
+} name_entry_t;
+
+static name_entry_t *g_name_chunks[NAME_CHUNKS];
+static _Atomic uint32_t g_name_count;
+static PyObject *g_name_ids; /* dict: str -> int id (GIL protected) */
+static PyObject *g_name_objs; /* list: id -> str (for the Python side) */
+
+typedef struct {
+    char *data;
+    size_t len, cap;
+    int oom;
+} buf_t;
+
+static int json_escape_utf8(buf_t *b, const char *s, Py_ssize_t n);
+static int buf_reserve(buf_t *b, size_t extra);
+
+static inline const name_entry_t *
+name_get(uint32_t id)
+{
+    return &g_name_chunks[id / NAME_CHUNK][id % NAME_CHUNK];
+}
+
+/* Returns the id, or UINT32_MAX with an exception set, or UINT32_MAX-1 when the table is
+ * full (the caller then keeps a reference to the name in the record instead). */
+static uint32_t
+name_intern_slow(PyObject *name)
+{
+    PyObject *idobj = PyDict_GetItemWithError(g_name_ids, name);
+    if (idobj != NULL)
+        return (uint32_t)PyLong_AsUnsignedLong(idobj);
+    if (PyErr_Occurred())
+        return UINT32_MAX;
+    uint32_t id = atomic_load_explicit(&g_name_count, memory_order_relaxed);
+    if (id >= NAME_CHUNK * NAME_CHUNKS)
+        return UINT32_MAX - 1;
+    Py_ssize_t n;
+    const char *u = PyUnicode_AsUTF8AndSize(name, &n);
+    buf_t b = {0};
+    if (u == NULL) {
+        PyErr_Clear();
+        PyObject *enc = PyUnicode_AsEncodedString(name, "utf-8", "backslashreplace");
+        if (enc == NULL)
+            return UINT32_MAX;
+        json_escape_utf8(&b, PyBytes_AS_STRING(enc), PyBytes_GET_SIZE(enc));
+        Py_DECREF(enc);
+    }
+    else {
+        json_escape_utf8(&b, u, n);
+    }
+    if (b.oom) {
+        free(b.data);
+        PyErr_NoMemory();
+        return UINT32_MAX;
+    }
+    name_entry_t *chunk = g_name_chunks[id / NAME_CHUNK];
+    if (chunk == NULL) {
+        chunk = calloc(NAME_CHUNK, sizeof(name_entry_t));
+        if (chunk == NULL) {
+            free(b.data);
+            PyErr_NoMemory();
+            return UINT32_MAX;
+        }
+        g_name_chunks[id / NAME_CHUNK] = chunk;
+    }
+    chunk[id % NAME_CHUNK].tok = b.data;
+    chunk[id % NAME_CHUNK].len = (uint32_t)b.len;
+    PyObject *key = PyLong_FromUnsignedLong(id);
+    if (key == NULL || PyDict_SetItem(g_name_ids, name, key) < 0 ||
+        PyList_Append(g_name_objs, name) < 0) {
+        Py_XDECREF(key);
+        return UINT32_MAX;
+    }
+    Py_DECREF(key);
+    atomic_store_explicit(&g_name_count, id + 1, memory_order_release);
+    return id;
+}
+
+/* ======================================================================================
+ * 3. Rings
+ * ==================================================================================== */
+
+enum { R_MARK = 1, R_SPAN = 2, R_SPAN2 = 3 };
+enum { VT_FLOAT = 0, VT_INT = 1, VT_BOOL = 2, VT_STRING = 3 };
+enum {
+    F_REFS = 1,      /* the slot holds Python references (GIL pass needed) */
+    F_NAME_REF = 2,  /* name_ref holds the name (table full) */
+    F_ERROR = 4,     /* span closed by an exception */
+    F_HAS_INDEX = 8, /* span index set */
+    F_HAS_CPU = 16,  /* span cpu_ns measured */
+    F_SUMMARY = 32,  /* mark kind summary */
+    F_ROOTLESS = 64, /* mark: no session, attached to "root" */
+};
+
+/* One ring slot: 64 bytes. A span takes two consecutive slots (R_SPAN, R_SPAN2). */
+typedef struct {
+    uint8_t type;
+    uint8_t vtype;
+    uint8_t flags;
+    uint8_t _pad;
+    uint32_t name_id;
+    int64_t ts;                 /* mark time / span start */
+    uint64_t span_hi, span_lo;  /* mark: attached span; span: its own id */
+    union {
+        double d;
+        int64_t i;
+    } v;                        /* mark value / span end */
+    PyObject *name_ref;         /* name when the table is full */
+    PyObject *obj;              /* mark: str value; span: attrs dict */
+    PyObject *attrs;            /* mark: attrs dict; span: exception */
+} slot_t;
+
+typedef struct {
+    uint8_t type;
+    uint8_t _pad[7];
+    uint64_t parent_hi, parent_lo;
+    uint64_t trace_hi, trace_lo;
+    int64_t index;
+    int64_t cpu_ns;
+    uint64_t thread_id;
+} slot2_t;
+
+_Static_assert(sizeof(slot_t) == 64, "slot must be 64 bytes");
+_Static_assert(sizeof(slot2_t) <= 64, "second span slot must fit");
+
+typedef struct {
+    PyObject *key;
+    uint32_t id;
+} name_cache_t;
+
+typedef struct ring {
+    /* producer-written */
+    _Alignas(64) _Atomic uint64_t head;
+    uint64_t cached_tail;
+    _Atomic uint64_t marks_recorded;
+    _Atomic uint64_t spans_recorded;
+    _Atomic uint64_t depth_drops;
+    rng_t rng;
+    name_cache_t name_cache[NAME_CACHE_SIZE];
+    int warned_full;
+    int warned_depth;
+    int no_wait; /* a wait for room timed out: drop until the drainer catches up */
+    /* consumer-claimed, producer-stolen */
+    _Alignas(64) _Atomic uint64_t tail;
+    _Atomic uint64_t marks_dropped;
+    _Atomic uint64_t spans_dropped;
+    /* fixed */
+    _Alignas(64) slot_t *slots;
+    uint64_t cap, mask, hw;
+    uint64_t thread_id;
+    _Atomic int orphaned;
+    struct ring *next;
+} ring_t;
+
+static pthread_mutex_t g_registry_mu = PTHREAD_MUTEX_INITIALIZER;
+static ring_t *g_rings;
+static pthread_key_t g_ring_key;
+static _Thread_local ring_t *tl_ring;
+
+/* totals carried over from rings that were freed after their thread exited */
+static _Atomic uint64_t g_freed_marks_recorded, g_freed_spans_recorded, g_freed_depth_drops,
+    g_freed_marks_dropped, g_freed_spans_dropped;
+static _Atomic uint64_t g_rings_freed, g_rings_created;
+
+/* configuration, set by configure() */
+static uint64_t g_ring_capacity = 65536;
+static int g_capture_cpu = 0;
+static _Atomic int g_recording = 1;
+static int64_t g_rank = 0;
+static int64_t g_pid = 0;
+static _Atomic int64_t g_full_wait_ns = 0; /* 0: drop at once (no drainer running) */
+
+/* drainer wake-up */
+static pthread_mutex_t g_wake_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_wake_cv = PTHREAD_COND_INITIALIZER;
+static _Atomic int g_wake_flag;
+static _Atomic int g_drainer_sleeping;
+static _Atomic uint64_t g_wakeups;
+
+static PyObject *g_warning_category; /* set by configure(); UserWarning until then */
+
+static void
+wake_drainer(void)
+{
+    if (!atomic_exchange_explicit(&g_wake_flag, 1, memory_order_acq_rel) &&
+        atomic_load_explicit(&g_drainer_sleeping, memory_order_acquire)) {
+        pthread_mutex_lock(&g_wake_mu);
+        pthread_cond_signal(&g_wake_cv);
+        pthread_mutex_unlock(&g_wake_mu);
+    }
+}
+
+static void
+ring_thread_exit(void *p)
+{
+    /* Runs at thread exit without the GIL: only hand the ring to the drainer. */
+    ring_t *r = p;
+    if (r != NULL)
+        atomic_store_explicit(&r->orphaned, 1, memory_order_release);
+}
+
+static ring_t *
+ring_create(void)
+{
+    ring_t *r = calloc(1, sizeof(ring_t));
+    if (r == NULL)
+        return NULL;
+    uint64_t cap = 64;
+    while (cap < g_ring_capacity)
+        cap <<= 1;
+    /* cap marks + room so a two-slot span never wraps onto itself */
+    r->slots = malloc(sizeof(slot_t) * cap);
+    if (r->slots == NULL) {
+        free(r);
+        return NULL;
+    }
+    r->cap = cap;
+    r->mask = cap - 1;
+    r->hw = cap / 2;
+    r->thread_id = (uint64_t)PyThread_get_thread_ident();
+    rng_seed(&r->rng);
+    pthread_mutex_lock(&g_registry_mu);
+    r->next = g_rings;
+    g_rings = r;
+    pthread_mutex_unlock(&g_registry_mu);
+    atomic_fetch_add(&g_rings_created, 1);
+    return r;
+}
+
+static ring_t *
+get_ring_slow(void)
+{
+    ring_t *r = ring_create();
+    if (r == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    tl_ring = r;
+    pthread_setspecific(g_ring_key, r);
+    return r;
+}
+
+static inline ring_t *
+get_ring(void)
+{
+    ring_t *r = tl_ring;
+    if (r != NULL)
+        return r;
+    return get_ring_slow();
+}
+
+static void
+slot_release_refs(slot_t *s)
+{
+    /* GIL held */
+    Py_CLEAR(s->name_ref);
+    Py_CLEAR(s->obj);
+    Py_CLEAR(s->attrs);
+}
+
+static void
+warn_once(int *flag, const char *msg)
+{
+    if (*flag)
+        return;
+    *flag = 1;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *cat = g_warning_category ? g_warning_category : PyExc_UserWarning;
+    if (PyErr_WarnEx(cat, msg, 1) < 0)
+        PyErr_Clear(); /* telemetry never raises into user code, even under -W error */
+    PyErr_Restore(et, ev, tb);
+}
+
+/* Make room for `need` slots. Called when the cached tail says the ring is full. */
+static void
+ring_make_room(ring_t *r, uint64_t h, uint64_t need)
+{
+    r->cached_tail = atomic_load_explicit(&r->tail, memory_order_acquire);
+    if (h + need - r->cached_tail <= r->cap)
+        return;
+    wake_drainer();
+    int64_t wait_ns = atomic_load_explicit(&g_full_wait_ns, memory_order_relaxed);
+    if (wait_ns > 0 && !r->no_wait) {
+        /* Backpressure: the drainer is running but behind. Give it the GIL and a moment
+         * rather than lose data; give up after wait_ns and drop from then on until it
+         * catches up. */
+        int64_t deadline = wall_ns() + wait_ns;
+        Py_BEGIN_ALLOW_THREADS
+        struct timespec pause = {0, 50000};
+        for (;;) {
+            nanosleep(&pause, NULL);
+            r->cached_tail = atomic_load_explicit(&r->tail, memory_order_acquire);
+            if (h + need - r->cached_tail <= r->cap)
+                break;
+            if (wall_ns() > deadline) {
+                r->no_wait = 1;
+                break;
+            }
+        }
+        Py_END_ALLOW_THREADS
+        if (h + need - r->cached_tail <= r->cap)
+            return;
+    }
+    /* Drop the oldest records: claim them from the consumer's side with a CAS. */
+    while (h + need - r->cached_tail > r->cap) {
+        uint64_t t = r->cached_tail;
+        slot_t *s = &r->slots[t & r->mask];
+        uint64_t len = s->type == R_SPAN ? 2 : 1;
+        if (atomic_compare_exchange_strong_explicit(&r->tail, &t, t + len, memory_order_acq_rel,
+                                                    memory_order_acquire)) {
+            if (s->type == R_SPAN)
+                atomic_store_explicit(&r->spans_dropped,
+                                      atomic_load_explicit(&r->spans_dropped, memory_order_relaxed) + 1,
+                                      memory_order_relaxed);
+            else
+                atomic_store_explicit(&r->marks_dropped,
+                                      atomic_load_explicit(&r->marks_dropped, memory_order_relaxed) + 1,
+                                      memory_order_relaxed);
+            if (s->flags & F_REFS)
+                slot_release_refs(s);
+            r->cached_tail = t + len;
+        }
+        else {
+            r->cached_tail = t; /* the consumer moved on: re-check */
+        }
+    }
+    warn_once(&r->warned_full,
+              "cirron_otel: a thread's record ring is full; the oldest records are being dropped "
+              "(counted in health()['mark_drop_count'] / ['span_drop_count']). Raise "
+              "profile(ring_capacity=...) or flush more often.");
+}
+
+static inline slot_t *
+ring_reserve(ring_t *r, uint64_t need)
+{
+    uint64_t h = atomic_load_explicit(&r->head, memory_order_relaxed);
+    if (h + need - r->cached_tail > r->cap)
+        ring_make_room(r, h, need);
+    return &r->slots[h & r->mask];
+}
+
+static inline void
+ring_publish(ring_t *r, uint64_t n)
+{
+    uint64_t h = atomic_load_explicit(&r->head, memory_order_relaxed) + n;
+    atomic_store_explicit(&r->head, h, memory_order_release);
+    uint64_t used = h - r->cached_tail;
+    if (used >= r->hw && used - n < r->hw) {
+        r->no_wait = 0;
+        wake_drainer();
+    }
+}
+
+static inline void
+counter_inc(_Atomic uint64_t *c)
+{
+    /* single writer: a relaxed load+store is enough and avoids a locked instruction */
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1, memory_order_relaxed);
+}
+
+/* ======================================================================================
+ * 4. Value coercion
+ * ==================================================================================== */
+
+static PyObject *g_numpy_generic, *g_numpy_floating, *g_numpy_integer, *g_numpy_bool;
+static PyObject *g_str_point, *g_str_summary, *g_str_kind, *g_str_index, *g_str_item;
+static PyObject *g_session_name, *g_epoch_name, *g_batch_name;
+
+/* Load numpy's scalar base classes if (and only if) the user has imported numpy. */
+static int
+numpy_types_ready(void)
+{
+    if (g_numpy_generic != NULL)
+        return 1;
+    PyObject *modules = PyImport_GetModuleDict();
+    PyObject *np = PyDict_GetItemString(modules, "numpy");
+    if (np == NULL)
+        return 0;
+    g_numpy_generic = PyObject_GetAttrString(np, "generic");
+    g_numpy_floating = PyObject_GetAttrString(np, "floating");
+    g_numpy_integer = PyObject_GetAttrString(np, "integer");
+    g_numpy_bool = PyObject_GetAttrString(np, "bool_");
+    if (!g_numpy_generic || !g_numpy_floating || !g_numpy_integer || !g_numpy_bool) {
+        PyErr_Clear();
+        Py_CLEAR(g_numpy_generic);
+        Py_CLEAR(g_numpy_floating);
+        Py_CLEAR(g_numpy_integer);
+        Py_CLEAR(g_numpy_bool);
+        return 0;
+    }
+    return 1;
+}
+
+typedef struct {
+    uint8_t vtype;
+    union {
+        double d;
+        int64_t i;
+    } v;
+    PyObject *str; /* new reference for VT_STRING */
+} coerced_t;
+
+static int
+coerce_int(PyObject *value, coerced_t *out)
+{
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (overflow) {
+        PyErr_Format(PyExc_OverflowError, "cirron_otel.mark(): int value %R is outside int64", value);
+        return -1;
+    }
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    out->vtype = VT_INT;
+    out->v.i = x;
+    return 0;
+}
+
+/* Slow path: subclasses, numpy scalars, and the errors. */
+static int
+coerce_value_slow(PyObject *value, coerced_t *out, int depth)
+{
+    if (PyBool_Check(value)) {
+        out->vtype = VT_BOOL;
+        out->v.i = value == Py_True;
+        return 0;
+    }
+    if (PyLong_Check(value))
+        return coerce_int(value, out);
+    if (PyFloat_Check(value)) {
+        out->vtype = VT_FLOAT;
+        out->v.d = PyFloat_AS_DOUBLE(value);
+        return 0;
+    }
+    if (PyUnicode_Check(value)) {
+        out->vtype = VT_STRING;
+        Py_INCREF(value);
+        out->str = value;
+        return 0;
+    }
+    if (depth == 0 && numpy_types_ready()) {
+        int r = PyObject_IsInstance(value, g_numpy_generic);
+        if (r < 0)
+            return -1;
+        if (r) {
+            PyObject *conv = NULL;
+            if (PyObject_IsInstance(value, g_numpy_bool) == 1)
+                conv = PyBool_FromLong(PyObject_IsTrue(value));
+            else if (PyObject_IsInstance(value, g_numpy_integer) == 1)
+                conv = PyNumber_Long(value);
+            else if (PyObject_IsInstance(value, g_numpy_floating) == 1)
+                conv = PyNumber_Float(value);
+            if (conv != NULL) {
+                int rc = coerce_value_slow(conv, out, 1);
+                Py_DECREF(conv);
+                return rc;
+            }
+            if (PyErr_Occurred())
+                return -1;
+        }
+    }
+    const char *tname = Py_TYPE(value)->tp_name;
+    if (PyObject_HasAttr(value, g_str_item) && (PyObject_HasAttrString(value, "shape") ||
+                                                PyObject_HasAttrString(value, "dtype"))) {
+        PyErr_Format(PyExc_TypeError,
+                     "cirron_otel.mark() value must be float, int, str or bool; got %s "
+                     "(an array or tensor: pass a scalar, e.g. value.item())",
+                     tname);
+    }
+    else {
+        PyErr_Format(PyExc_TypeError,
+                     "cirron_otel.mark() value must be float, int, str or bool; got %s", tname);
+    }
+    return -1;
+}
+
+static inline int
+coerce_value(PyObject *value, coerced_t *out)
+{
+    PyTypeObject *t = Py_TYPE(value);
+    if (t == &PyFloat_Type) {
+        out->vtype = VT_FLOAT;
+        out->v.d = PyFloat_AS_DOUBLE(value);
+        return 0;
+    }
+    if (t == &PyLong_Type)
+        return coerce_int(value, out);
+    if (t == &PyBool_Type) {
+        out->vtype = VT_BOOL;
+        out->v.i = value == Py_True;
+        return 0;
+    }
+    return coerce_value_slow(value, out, 0);
+}
+
+/* Name -> interned id (or a reference in the record when the table is full). */
+static inline int
+resolve_name(ring_t *r, PyObject *name, uint32_t *id_out, PyObject **ref_out, const char *what)
+{
+    name_cache_t *e = &r->name_cache[((uintptr_t)name >> 4) & (NAME_CACHE_SIZE - 1)];
+    if (e->key == name) {
+        *id_out = e->id;
+        return 0;
+    }
+    if (!PyUnicode_Check(name)) {
+        PyErr_Format(PyExc_TypeError, "cirron_otel.%s() name must be a str, not %s", what,
+                     Py_TYPE(name)->tp_name);
+        return -1;
+    }
+    if (PyUnicode_GET_LENGTH(name) == 0) {
+        PyErr_Format(PyExc_ValueError, "cirron_otel.%s() name must be a non-empty string", what);
+        return -1;
+    }
+    uint32_t id = name_intern_slow(name);
+    if (id == UINT32_MAX)
+        return -1;
+    if (id == UINT32_MAX - 1) {
+        Py_INCREF(name);
+        *ref_out = name;
+        *id_out = 0;
+        return 0;
+    }
+    Py_INCREF(name);
+    Py_XSETREF(e->key, name);
+    e->id = id;
+    *id_out = id;
+    return 0;
+}
+
+/* ======================================================================================
+ * 5. Scopes
+ * ==================================================================================== */
+
+enum { ST_NEW = 0, ST_OPEN = 1, ST_CLOSED = 2, ST_DROPPED = 3 };
+
+typedef struct ScopeObject {
+    PyObject_HEAD
+    uint64_t span_hi, span_lo;
+    uint64_t parent_hi, parent_lo;
+    uint64_t trace_hi, trace_lo;
+    int64_t start_ns, end_ns, cpu_start;
+    int64_t index;
+    int64_t pid;
+    uint32_t name_id;
+    uint16_t depth;
+    uint8_t state;
+    uint8_t has_index;
+    PyObject *name;
+    PyObject *attrs;
+    PyObject *token;
+    PyObject *exc;
+} ScopeObject;
+
+static PyTypeObject Scope_Type;
+static PyObject *g_scope_var;        /* ContextVar holding the innermost ScopeObject */
+static ScopeObject *g_session;       /* the cirron.session root, or NULL */
+static PyObject *g_decorate;         /* Python helper that turns a scope into a decorator */
+
+#define SCOPE_FREELIST_MAX 1024
+static ScopeObject *g_scope_freelist[SCOPE_FREELIST_MAX];
+static int g_scope_free_n;
+
+static ScopeObject *
+scope_alloc(void)
+{
+    ScopeObject *s;
+    if (g_scope_free_n > 0) {
+        s = g_scope_freelist[--g_scope_free_n];
+        PyObject_Init((PyObject *)s, &Scope_Type);
+    }
+    else {
+        s = PyObject_New(ScopeObject, &Scope_Type);
+        if (s == NULL)
+            return NULL;
+    }
+    s->name = s->attrs = s->token = s->exc = NULL;
+    s->state = ST_NEW;
+    s->has_index = 0;
+    s->index = 0;
+    s->depth = 0;
+    s->span_hi = s->span_lo = s->parent_hi = s->parent_lo = s->trace_hi = s->trace_lo = 0;
+    s->start_ns = s->end_ns = 0;
+    s->cpu_start = -1;
+    s->pid = 0;
+    return s;
+}
+
+static int scope_close(ScopeObject *self, PyObject *exc_type, PyObject *exc);
+
+static void
+Scope_dealloc(ScopeObject *self)
+{
+    if (self->state == ST_OPEN) {
+        /* Entered and never exited (its context is gone): keep the span, leave contexts be. */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        Py_CLEAR(self->token);
+        scope_close(self, NULL, NULL);
+        PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
+    }
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->attrs);
+    Py_CLEAR(self->token);
+    Py_CLEAR(self->exc);
+    if (g_scope_free_n < SCOPE_FREELIST_MAX)
+        g_scope_freelist[g_scope_free_n++] = self;
+    else
+        PyObject_Free(self);
+}
+
+static int
+parse_index(PyObject *index, ScopeObject *s)
+{
+    if (index == NULL || index == Py_None)
+        return 0;
+    if (PyBool_Check(index) || !PyIndex_Check(index)) {
+        PyErr_Format(PyExc_TypeError, "cirron_otel.scope() index must be an int or None, not %s",
+                     Py_TYPE(index)->tp_name);
+        return -1;
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(index, &overflow);
+    if (overflow || (v == -1 && PyErr_Occurred())) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_OverflowError, "cirron_otel.scope() index is outside int64");
+        return -1;
+    }
+    s->index = v;
+    s->has_index = 1;
+    return 0;
+}
+
+/* Open `s` (state NEW) as the innermost scope of the current thread/task. New ref or NULL. */
+static int
+scope_open(ScopeObject *s, ring_t *r)
+{
+    PyObject *cur = NULL;
+    if (PyContextVar_Get(g_scope_var, NULL, &cur) < 0)
+        return -1;
+    ScopeObject *parent = (cur != NULL && cur != Py_None) ? (ScopeObject *)cur : g_session;
+    int depth = parent ? parent->depth + 1 : 1;
+    if (depth > MAX_DEPTH) {
+        s->state = ST_DROPPED;
+        counter_inc(&r->depth_drops);
+        Py_XDECREF(cur);
+        warn_once(&r->warned_depth,
+                  "cirron_otel: scopes nested deeper than 64 on this thread are dropped "
+                  "(counted in health()['scope_drop_count']).");
+        return 0;
+    }
+    s->depth = (uint16_t)depth;
+    s->span_hi = rng_nonzero(&r->rng);
+    s->span_lo = rng_next(&r->rng);
+    if (parent) {
+        s->parent_hi = parent->span_hi;
+        s->parent_lo = parent->span_lo;
+        s->trace_hi = parent->trace_hi;
+        s->trace_lo = parent->trace_lo;
+    }
+    else {
+        s->trace_hi = rng_next(&r->rng);
+        s->trace_lo = rng_nonzero(&r->rng);
+    }
+    Py_XDECREF(cur);
+    s->token = PyContextVar_Set(g_scope_var, (PyObject *)s);
+    if (s->token == NULL)
+        return -1;
+    s->pid = g_pid;
+    s->state = ST_OPEN;
+    if (g_capture_cpu)
+        s->cpu_start = thread_cpu_ns();
+    s->start_ns = wall_ns();
+    return 0;
+}
+
+static void
+fill_error(ScopeObject *self, PyObject *exc_type, PyObject *exc)
+{
+    /* Exception path only: record error=True, error.type, error.message in attrs. */
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (self->attrs == NULL)
+        self->attrs = PyDict_New();
+    if (self->attrs != NULL && PyDict_Check(self->attrs)) {
+        PyDict_SetItemString(self->attrs, "error", Py_True);
+        PyObject *tname = PyObject_GetAttrString(exc_type, "__qualname__");
+        PyObject *mod = PyObject_GetAttrString(exc_type, "__module__");
+        PyObject *full = NULL;
+        if (tname && mod && PyUnicode_Check(mod) && PyUnicode_Check(tname) &&
+            PyUnicode_CompareWithASCIIString(mod, "builtins") != 0)
+            full = PyUnicode_FromFormat("%U.%U", mod, tname);
+        else if (tname) {
+            Py_INCREF(tname);
+            full = tname;
+        }
+        if (full)
+            PyDict_SetItemString(self->attrs, "error.type", full);
+        Py_XDECREF(full);
+        Py_XDECREF(tname);
+        Py_XDECREF(mod);
+        PyObject *msg = exc && exc != Py_None ? PyObject_Str(exc) : PyUnicode_FromString("");
+        if (msg != NULL) {
+            Py_ssize_t n;
+            const char *u = PyUnicode_AsUTF8AndSize(msg, &n);
+            if (u != NULL && n > ERROR_MESSAGE_CAP) {
+                Py_ssize_t cut = ERROR_MESSAGE_CAP;
+                while (cut > 0 && ((unsigned char)u[cut] & 0xC0) == 0x80)
+                    cut--;
+                PyObject *short_msg = PyUnicode_DecodeUTF8(u, cut, "ignore");
+                Py_SETREF(msg, short_msg);
+            }
+            if (msg)
+                PyDict_SetItemString(self->attrs, "error.message", msg);
+            Py_XDECREF(msg);
+        }
+    }
+    PyErr_Clear();
+    if (exc != NULL && exc != Py_None) {
+        Py_INCREF(exc);
+        Py_XSETREF(self->exc, exc);
+    }
+    PyErr_Restore(et, ev, tb);
+}
+
+/* Close an open scope: restore the context and write the span record. Never raises. */
+static int
+scope_close(ScopeObject *self, PyObject *exc_type, PyObject *exc)
+{
+    if (self->state != ST_OPEN) {
+        if (self->state == ST_DROPPED)
+            self->state = ST_CLOSED;
+        return 0;
+    }
+    int64_t end = wall_ns();
+    int64_t cpu = -1;
+    if (self->cpu_start >= 0)
+        cpu = thread_cpu_ns() - self->cpu_start;
+    self->state = ST_CLOSED;
+    self->end_ns = end;
+    if (self->token != NULL) {
+        if (PyContextVar_Reset(g_scope_var, self->token) < 0) {
+            /* exited in another context (e.g. an abandoned iterator collected elsewhere) */
+            PyErr_Clear();
+        }
+        Py_CLEAR(self->token);
+    }
+    if (self->pid != g_pid) /* opened before fork(): the parent process owns this span */
+        return 0;
+    if (!atomic_load_explicit(&g_recording, memory_order_relaxed))
+        return 0;
+    if (exc_type != NULL && exc_type != Py_None)
+        fill_error(self, exc_type, exc);
+    ring_t *r = get_ring();
+    if (r == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    slot_t *s = ring_reserve(r, 2);
+    uint64_t h = atomic_load_explicit(&r->head, memory_order_relaxed);
+    slot2_t *s2 = (slot2_t *)&r->slots[(h + 1) & r->mask];
+    s->type = R_SPAN;
+    s->flags = (self->has_index ? F_HAS_INDEX : 0) | (cpu >= 0 ? F_HAS_CPU : 0);
+    s->name_id = self->name_id;
+    s->ts = self->start_ns;
+    s->span_hi = self->span_hi;
+    s->span_lo = self->span_lo;
+    s->v.i = end;
+    s->name_ref = NULL;
+    s->obj = NULL;
+    s->attrs = NULL;
+    if (self->name_id == UINT32_MAX - 1) {
+        Py_INCREF(self->name);
+        s->name_ref = self->name;
+        s->flags |= F_NAME_REF | F_REFS;
+    }
+    if (self->attrs != NULL && PyDict_GET_SIZE(self->attrs) > 0) {
+        Py_INCREF(self->attrs);
+        s->obj = self->attrs;
+        s->flags |= F_REFS;
+    }
+    if (self->exc != NULL) {
+        s->attrs = self->exc;
+        self->exc = NULL;
+        s->flags |= F_REFS | F_ERROR;
+    }
+    else if (exc_type != NULL && exc_type != Py_None) {
+        s->flags |= F_ERROR;
+    }
+    s2->type = R_SPAN2;
+    s2->parent_hi = self->parent_hi;
+    s2->parent_lo = self->parent_lo;
+    s2->trace_hi = self->trace_hi;
+    s2->trace_lo = self->trace_lo;
+    s2->index = self->index;
+    s2->cpu_ns = cpu;
+    s2->thread_id = r->thread_id;
+    counter_inc(&r->spans_recorded);
+    ring_publish(r, 2);
+    return 0;
+}
+
+static ScopeObject *
+scope_make(PyObject *name, PyObject *index, PyObject *attrs, ring_t *r)
+{
+    uint32_t id;
+    PyObject *ref = NULL;
+    if (resolve_name(r, name, &id, &ref, "scope") < 0)
+        return NULL;
+    ScopeObject *s = scope_alloc();
+    if (s == NULL) {
+        Py_XDECREF(ref);
+        return NULL;
+    }
+    Py_XDECREF(ref);
+    if (ref != NULL)
+        id = UINT32_MAX - 1;
+    s->name_id = id;
+    Py_INCREF(name);
+    s->name = name;
+    if (parse_index(index, s) < 0) {
+        Py_DECREF(s);
+        return NULL;
+    }
+    if (attrs != NULL) {
+        Py_INCREF(attrs);
+        s->attrs = attrs;
+    }
+    return s;
+}
+
+/* scope(name, index=None, **attrs) */
+static PyObject *
+mod_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *name = NULL, *index = NULL, *attrs = NULL;
+    if (nargs < 1 || nargs > 2) {
+        if (nargs == 0 && kwnames == NULL) {
+            PyErr_SetString(PyExc_TypeError, "cirron_otel.scope() missing required argument 'name'");
+            return NULL;
+        }
+        if (nargs > 2) {
+            PyErr_Format(PyExc_TypeError,
+                         "cirron_otel.scope() takes at most 2 positional arguments (%zd given)", nargs);
+            return NULL;
+        }
+    }
+    if (nargs >= 1)
+        name = args[0];
+    if (nargs == 2)
+        index = args[1];
+    if (kwnames != NULL) {
+        Py_ssize_t nk = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t i = 0; i < nk; i++) {
+            PyObject *k = PyTuple_GET_ITEM(kwnames, i);
+            PyObject *v = args[nargs + i];
+            if (index == NULL && nargs < 2 && PyUnicode_Compare(k, g_str_index) == 0) {
+                index = v;
+                continue;
+            }
+            if (name == NULL && PyUnicode_CompareWithASCIIString(k, "name") == 0) {
+                name = v;
+                continue;
+            }
+            if (attrs == NULL && (attrs = PyDict_New()) == NULL)
+                return NULL;
+            if (PyDict_SetItem(attrs, k, v) < 0) {
+                Py_DECREF(attrs);
+                return NULL;
+            }
+        }
+    }
+    if (name == NULL) {
+        Py_XDECREF(attrs);
+        PyErr_SetString(PyExc_TypeError, "cirron_otel.scope() missing required argument 'name'");
+        return NULL;
+    }
+    ring_t *r = get_ring();
+    if (r == NULL) {
+        Py_XDECREF(attrs);
+        return NULL;
+    }
+    ScopeObject *s = scope_make(name, index, NULL, r);
+    if (s != NULL)
+        s->attrs = attrs;
+    else
+        Py_XDECREF(attrs);
+    return (PyObject *)s;
+}
+
+static PyObject *
+Scope_enter(ScopeObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->state != ST_NEW) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "cirron_otel: a scope handle can be entered once; call ci.scope(...) again");
+        return NULL;
+    }
+    ring_t *r = get_ring();
+    if (r == NULL || scope_open(self, r) < 0)
+        return NULL;
+    Py_INCREF(self);
+    return (PyObject *)self;
+}
+
+static PyObject *
+Scope_exit(ScopeObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *et = nargs > 0 ? args[0] : NULL;
+    PyObject *ev = nargs > 1 ? args[1] : NULL;
+    scope_close(self, et, ev);
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+Scope_call(ScopeObject *self, PyObject *args, PyObject *kwargs)
+{
+    /* @ci.scope("name") on a function: each call runs in a fresh scope. */
+    if (g_decorate == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cirron_otel: decorator support is not initialised");
+        return NULL;
+    }
+    if (self->state != ST_NEW || kwargs != NULL || PyTuple_GET_SIZE(args) != 1 ||
+        !PyCallable_Check(PyTuple_GET_ITEM(args, 0))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "cirron_otel: a scope used as a decorator takes exactly one callable");
+        return NULL;
+    }
+    PyObject *index = self->has_index ? PyLong_FromLongLong(self->index) : Py_NewRef(Py_None);
+    if (index == NULL)
+        return NULL;
+    PyObject *attrs = self->attrs ? PyDict_Copy(self->attrs) : PyDict_New();
+    if (attrs == NULL) {
+        Py_DECREF(index);
+        return NULL;
+    }
+    PyObject *res = PyObject_CallFunctionObjArgs(g_decorate, PyTuple_GET_ITEM(args, 0), self->name,
+                                                 index, attrs, NULL);
+    Py_DECREF(index);
+    Py_DECREF(attrs);
+    return res;
+}
+
+static PyObject *
+hex128(uint64_t hi, uint64_t lo)
+{
+    char out[33];
+    snprintf(out, sizeof out, "%016llx%016llx", (unsigned long long)hi, (unsigned long long)lo);
+    return PyUnicode_FromStringAndSize(out, 32);
+}
+
+static PyObject *
+Scope_get_id(ScopeObject *self, void *c)
+{
+    if (self->state == ST_NEW || self->state == ST_DROPPED || self->span_hi == 0)
+        Py_RETURN_NONE;
+    return hex128(self->span_hi, self->span_lo);
+}
+
+static PyObject *
+Scope_get_parent_id(ScopeObject *self, void *c)
+{
+    if (self->parent_hi == 0)
+        Py_RETURN_NONE;
+    return hex128(self->parent_hi, self->parent_lo);
+}
+
+static PyObject *
+Scope_get_trace_id(ScopeObject *self, void *c)
+{
+    if (self->trace_hi == 0 && self->trace_lo == 0)
+        Py_RETURN_NONE;
+    return hex128(self->trace_hi, self->trace_lo);
+}
+
+static PyObject *
+Scope_get_index(ScopeObject *self, void *c)
+{
+    if (!self->has_index)
+        Py_RETURN_NONE;
+    return PyLong_FromLongLong(self->index);
+}
+
+static PyObject *
+Scope_get_name(ScopeObject *self, void *c)
+{
+    return Py_NewRef(self->name);
+}
+
+static PyObject *
+Scope_get_attrs(ScopeObject *self, void *c)
+{
+    if (self->attrs == NULL && (self->attrs = PyDict_New()) == NULL)
+        return NULL;
+    return Py_NewRef(self->attrs);
+}
+
+static PyObject *
+Scope_get_state(ScopeObject *self, void *c)
+{
+    static const char *names[] = {"new", "open", "closed", "dropped"};
+    return PyUnicode_FromString(names[self->state & 3]);
+}
+
+static PyObject *
+Scope_get_ints(ScopeObject *self, void *which)
+{
+    switch ((intptr_t)which) {
+    case 0:
+        return PyLong_FromUnsignedLongLong(self->span_hi);
+    case 1:
+        return PyLong_FromUnsignedLongLong(self->trace_hi);
+    case 2:
+        return PyLong_FromUnsignedLongLong(self->trace_lo);
+    case 3:
+        return PyLong_FromLong(self->depth);
+    case 4:
+        return self->start_ns ? PyLong_FromLongLong(self->start_ns) : Py_NewRef(Py_None);
+    default:
+        return self->end_ns ? PyLong_FromLongLong(self->end_ns) : Py_NewRef(Py_None);
+    }
+}
+
+static PyObject *
+Scope_repr(ScopeObject *self)
+{
+    static const char *names[] = {"new", "open", "closed", "dropped"};
+    if (self->has_index)
+        return PyUnicode_FromFormat("<cirron_otel.Scope %R[%lld] %s>", self->name,
+                                    (long long)self->index, names[self->state & 3]);
+    return PyUnicode_FromFormat("<cirron_otel.Scope %R %s>", self->name, names[self->state & 3]);
+}
+
+static PyMethodDef Scope_methods[] = {
+    {"__enter__", (PyCFunction)Scope_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))Scope_exit, METH_FASTCALL, NULL},
+    {NULL},
+};
+
+static PyGetSetDef Scope_getset[] = {
+    {"id", (getter)Scope_get_id, NULL, "32-hex spool span id (None until entered)", NULL},
+    {"parent_id", (getter)Scope_get_parent_id, NULL, "32-hex id of the enclosing span", NULL},
+    {"trace_id", (getter)Scope_get_trace_id, NULL, "32-hex trace id", NULL},
+    {"name", (getter)Scope_get_name, NULL, "scope name", NULL},
+    {"index", (getter)Scope_get_index, NULL, "repetition index or None", NULL},
+    {"attrs", (getter)Scope_get_attrs, NULL, "attributes (mutable until the scope closes)", NULL},
+    {"state", (getter)Scope_get_state, NULL, "new / open / closed / dropped", NULL},
+    {"span_id_int", (getter)Scope_get_ints, NULL, "OpenTelemetry span id as int", (void *)0},
+    {"trace_id_hi", (getter)Scope_get_ints, NULL, NULL, (void *)1},
+    {"trace_id_lo", (getter)Scope_get_ints, NULL, NULL, (void *)2},
+    {"depth", (getter)Scope_get_ints, NULL, "nesting depth (session root = 0)", (void *)3},
+    {"start_ns", (getter)Scope_get_ints, NULL, NULL, (void *)4},
+    {"end_ns", (getter)Scope_get_ints, NULL, NULL, (void *)5},
+    {NULL},
+};
+
+static PyTypeObject Scope_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cirron_otel.Scope",
+    .tp_basicsize = sizeof(ScopeObject),
+    .tp_dealloc = (destructor)Scope_dealloc,
+    .tp_repr = (reprfunc)Scope_repr,
+    .tp_call = (ternaryfunc)Scope_call,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A Cirron scope: a context manager (and decorator) that becomes one span.",
+    .tp_methods = Scope_methods,
+    .tp_getset = Scope_getset,
+};
+
+/* ======================================================================================
+ * 6. epochs() / batches()
+ * ==================================================================================== */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *it;
+    PyObject *name;
+    ScopeObject *cur;
+    int64_t n;
+} ScopeIterObject;
+
+static PyTypeObject ScopeIter_Type;
+
+static void
+scopeiter_close_current(ScopeIterObject *self, int error)
+{
+    ScopeObject *cur = self->cur;
+    if (cur == NULL)
+        return;
+    self->cur = NULL;
+    if (error) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyErr_NormalizeException(&et, &ev, &tb);
+        scope_close(cur, et, ev);
+        PyErr_Restore(et, ev, tb);
+    }
+    else {
+        scope_close(cur, NULL, NULL);
+    }
+    Py_DECREF(cur);
+}
+
+static PyObject *
+ScopeIter_next(ScopeIterObject *self)
+{
+    scopeiter_close_current(self, 0);
+    if (self->it == NULL)
+        return NULL;
+    PyObject *item = PyIter_Next(self->it);
+    if (item == NULL) {
+        Py_CLEAR(self->it);
+        return NULL;
+    }
+    ring_t *r = get_ring();
+    if (r == NULL)
+        goto fail;
+    ScopeObject *s = scope_make(self->name, NULL, NULL, r);
+    if (s == NULL)
+        goto fail;
+    s->index = self->n++;
+    s->has_index = 1;
+    if (scope_open(s, r) < 0) {
+        Py_DECREF(s);
+        goto fail;
+    }
+    self->cur = s;
+    return item;
+fail:
+    Py_DECREF(item);
+    return NULL;
+}
+
+static int
+ScopeIter_traverse(ScopeIterObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->it);
+    return 0;
+}
+
+static int
+ScopeIter_clear(ScopeIterObject *self)
+{
+    Py_CLEAR(self->it);
+    return 0;
+}
+
+static void
+ScopeIter_dealloc(ScopeIterObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    /* break, an exception in the loop body, or an abandoned iterator: close the scope; an
+     * exception in flight marks it as failed. */
+    scopeiter_close_current(self, PyErr_Occurred() != NULL);
+    Py_CLEAR(self->it);
+    Py_CLEAR(self->name);
+    PyObject_GC_Del(self);
+}
+
+static PyObject *
+ScopeIter_close(ScopeIterObject *self, PyObject *Py_UNUSED(ignored))
+{
+    scopeiter_close_current(self, 0);
+    Py_CLEAR(self->it);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef ScopeIter_methods[] = {
+    {"close", (PyCFunction)ScopeIter_close, METH_NOARGS, "Close the current scope and stop."},
+    {NULL},
+};
+
+static PyTypeObject ScopeIter_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cirron_otel.ScopeIterator",
+    .tp_basicsize = sizeof(ScopeIterObject),
+    .tp_dealloc = (destructor)ScopeIter_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)ScopeIter_traverse,
+    .tp_clear = (inquiry)ScopeIter_clear,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)ScopeIter_next,
+    .tp_methods = ScopeIter_methods,
+};
+
+static PyObject *
+make_scope_iter(PyObject *iterable, PyObject *name)
+{
+    PyObject *it = PyObject_GetIter(iterable);
+    if (it == NULL)
+        return NULL;
+    ScopeIterObject *self = PyObject_GC_New(ScopeIterObject, &ScopeIter_Type);
+    if (self == NULL) {
+        Py_DECREF(it);
+        return NULL;
+    }
+    self->it = it;
+    Py_INCREF(name);
+    self->name = name;
+    self->cur = NULL;
+    self->n = 0;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static PyObject *
+mod_epochs(PyObject *m, PyObject *iterable)
+{
+    return make_scope_iter(iterable, g_epoch_name);
+}
+
+static PyObject *
+mod_batches(PyObject *m, PyObject *iterable)
+{
+    return make_scope_iter(iterable, g_batch_name);
+}
+
+static PyObject *
+mod_scoped_iter(PyObject *m, PyObject *args)
+{
+    PyObject *iterable, *name;
+    if (!PyArg_ParseTuple(args, "OU:scoped_iter", &iterable, &name))
+        return NULL;
+    return make_scope_iter(iterable, name);
+}
+
+/* ======================================================================================
+ * 7. mark()
+ * ==================================================================================== */
+
+static PyObject *
+mod_mark(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError,
+                     nargs < 2 ? "cirron_otel.mark() takes a name and a value (%zd given)"
+                               : "cirron_otel.mark() takes 2 positional arguments (%zd given); "
+                                 "pass kind and attributes by keyword",
+                     nargs);
+        return NULL;
+    }
+    PyObject *name = args[0];
+    int summary = 0;
+    PyObject *attrs = NULL;
+    if (kwnames != NULL) {
+        Py_ssize_t nk = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t i = 0; i < nk; i++) {
+            PyObject *k = PyTuple_GET_ITEM(kwnames, i);
+            PyObject *v = args[2 + i];
+            if (k == g_str_kind || PyUnicode_Compare(k, g_str_kind) == 0) {
+                if (v == g_str_point || (PyUnicode_Check(v) && PyUnicode_Compare(v, g_str_point) == 0))
+                    summary = 0;
+                else if (v == g_str_summary ||
+                         (PyUnicode_Check(v) && PyUnicode_Compare(v, g_str_summary) == 0))
+                    summary = 1;
+                else {
+                    Py_XDECREF(attrs);
+                    PyErr_Format(PyExc_ValueError,
+                                 "cirron_otel.mark() kind must be 'point' or 'summary'; got %R", v);
+                    return NULL;
+                }
+                continue;
+            }
+            if (attrs == NULL && (attrs = PyDict_New()) == NULL)
+                return NULL;
+            if (PyDict_SetItem(attrs, k, v) < 0) {
+                Py_DECREF(attrs);
+                return NULL;
+            }
+        }
+    }
+    coerced_t cv;
+    cv.str = NULL;
+    if (coerce_value(args[1], &cv) < 0) {
+        Py_XDECREF(attrs);
+        return NULL;
+    }
+    ring_t *r = get_ring();
+    if (r == NULL)
+        goto fail;
+    uint32_t name_id;
+    PyObject *name_ref = NULL;
+    if (resolve_name(r, name, &name_id, &name_ref, "mark") < 0)
+        goto fail;
+    if (!atomic_load_explicit(&g_recording, memory_order_relaxed)) {
+        Py_XDECREF(name_ref);
+        Py_XDECREF(cv.str);
+        Py_XDECREF(attrs);
+        Py_RETURN_NONE;
+    }
+    PyObject *cur = NULL;
+    if (PyContextVar_Get(g_scope_var, NULL, &cur) < 0) {
+        Py_XDECREF(name_ref);
+        goto fail;
+    }
+    uint64_t hi = 0, lo = 0;
+    if (cur != NULL && cur != Py_None) {
+        hi = ((ScopeObject *)cur)->span_hi;
+        lo = ((ScopeObject *)cur)->span_lo;
+    }
+    else if (g_session != NULL) {
+        hi = g_session->span_hi;
+        lo = g_session->span_lo;
+    }
+    Py_XDECREF(cur);
+    int64_t ts = wall_ns();
+    slot_t *s = ring_reserve(r, 1);
+    s->type = R_MARK;
+    s->vtype = cv.vtype;
+    s->flags = (summary ? F_SUMMARY : 0) | (hi == 0 ? F_ROOTLESS : 0);
+    s->name_id = name_id;
+    s->ts = ts;
+    s->span_hi = hi;
+    s->span_lo = lo;
+    s->v.i = cv.v.i;
+    s->name_ref = name_ref;
+    s->obj = cv.str;
+    s->attrs = attrs;
+    if (name_ref != NULL || cv.str != NULL || attrs != NULL)
+        s->flags |= F_REFS | (name_ref ? F_NAME_REF : 0);
+    counter_inc(&r->marks_recorded);
+    ring_publish(r, 1);
+    Py_RETURN_NONE;
+fail:
+    Py_XDECREF(cv.str);
+    Py_XDECREF(attrs);
+    return NULL;
+}
+
+/* ======================================================================================
+ * 8. JSON helpers
+ * ==================================================================================== */
+
+static int
+buf_reserve(buf_t *b, size_t extra)
+{
+    if (b->oom)
+        return -1;
+    if (b->len + extra <= b->cap)
+        return 0;
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + extra)
+        cap *= 2;
+    char *d = realloc(b->data, cap);
+    if (d == NULL) {
+        b->oom = 1;
+        return -1;
+    }
+    b->data = d;
+    b->cap = cap;
+    return 0;
+}
+
+static inline void
+buf_put(buf_t *b, const char *s, size_t n)
+{
+    if (buf_reserve(b, n) < 0)
+        return;
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+}
+
+/* string literals only: sizeof a pointer would be wrong */
+#define BUF_LIT(b, s) buf_put((b), ("" s ""), sizeof(s) - 1)
+
+static const char HEX[] = "0123456789abcdef";
+
+static inline void
+buf_hex64(char *o, uint64_t v)
+{
+    for (int i = 15; i >= 0; i--) {
+        o[i] = HEX[v & 15];
+        v >>= 4;
+    }
+}
+
+static inline void
+buf_id(buf_t *b, uint64_t hi, uint64_t lo)
+{
+    if (buf_reserve(b, 34) < 0)
+        return;
+    char *o = b->data + b->len;
+    o[0] = '"';
+    buf_hex64(o + 1, hi);
+    buf_hex64(o + 17, lo);
+    o[33] = '"';
+    b->len += 34;
+}
+
+static inline void
+buf_i64(buf_t *b, int64_t v)
+{
+    char tmp[24];
+    int n = 0;
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (buf_reserve(b, (size_t)n + 1) < 0)
+        return;
+    if (v < 0)
+        b->data[b->len++] = '-';
+    while (n)
+        b->data[b->len++] = tmp[--n];
+}
+
+/* Finite double, written so that it parses back to the same double. */
+static void
+buf_f64(buf_t *b, double d)
+{
+    char tmp[40];
+    int n = snprintf(tmp, sizeof tmp, "%.17g", d);
+    if (n <= 0)
+        return;
+    int plain_int = 1;
+    for (int i = 0; i < n; i++)
+        if (tmp[i] == '.' || tmp[i] == 'e' || tmp[i] == 'n' || tmp[i] == 'i')
+            plain_int = 0;
+    buf_put(b, tmp, (size_t)n);
+    if (plain_int)
+        BUF_LIT(b, ".0");
+}
+
+static int
+json_escape_utf8(buf_t *b, const char *s, Py_ssize_t n)
+{
+    if (buf_reserve(b, (size_t)n + 2) < 0)
+        return -1;
+    b->data[b->len++] = '"';
+    Py_ssize_t start = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x20 && c != '"' && c != '\\')
+            continue;
+        buf_put(b, s + start, (size_t)(i - start));
+        char esc[8];
+        switch (c) {
+        case '"': buf_put(b, "\\\"", 2); break;
+        case '\\': buf_put(b, "\\\\", 2); break;
+        case '\n': buf_put(b, "\\n", 2); break;
+        case '\r': buf_put(b, "\\r", 2); break;
+        case '\t': buf_put(b, "\\t", 2); break;
+        default:
+            snprintf(esc, sizeof esc, "\\u%04x", c);
+            buf_put(b, esc, 6);
+        }
+        start = i + 1;
+    }
+    buf_put(b, s + start, (size_t)(n - start));
+    BUF_LIT(b, "\"");
+    return b->oom ? -1 : 0;
+}
+
+/* GIL held. A str as a JSON string, at most `cap` UTF-8 bytes (0: no cap), cut on a
+ * character boundary. Lone surrogates become backslash escapes rather than errors. */
+static void
+json_pystr(buf_t *b, PyObject *s, Py_ssize_t cap)
+{
+    Py_ssize_t n;
+    const char *u = PyUnicode_AsUTF8AndSize(s, &n);
+    PyObject *enc = NULL;
+    if (u == NULL) {
+        PyErr_Clear();
+        enc = PyUnicode_AsEncodedString(s, "utf-8", "backslashreplace");
+        if (enc == NULL) {
+            PyErr_Clear();
+            BUF_LIT(b, "\"<unencodable>\"");
+            return;
+        }
+        u = PyBytes_AS_STRING(enc);
+        n = PyBytes_GET_SIZE(enc);
+    }
+    if (cap > 0 && n > cap) {
+        n = cap;
+        while (n > 0 && ((unsigned char)u[n] & 0xC0) == 0x80)
+            n--;
+    }
+    json_escape_utf8(b, u, n);
+    Py_XDECREF(enc);
+}
+
+static void
+json_str_of(buf_t *b, PyObject *o)
+{
+    /* str(o), never raising */
+    PyObject *s = PyObject_Str(o);
+    if (s == NULL) {
+        PyErr_Clear();
+        BUF_LIT(b, "\"<unserializable>\"");
+        return;
+    }
+    json_pystr(b, s, 0);
+    Py_DECREF(s);
+}
+
+typedef struct {
+    PyObject *items[ATTR_MAX_DEPTH + 1];
+    int n;
+} seen_t;
+
+static void json_value(buf_t *b, PyObject *o, seen_t *seen);
+
+static void
+json_float_attr(buf_t *b, double d)
+{
+    if (isnan(d))
+        BUF_LIT(b, "\"nan\"");
+    else if (isinf(d))
+        d > 0 ? BUF_LIT(b, "\"inf\"") : BUF_LIT(b, "\"-inf\"");
+    else {
+        char *r = PyOS_double_to_string(d, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+        if (r == NULL) {
+            PyErr_Clear();
+            buf_f64(b, d);
+            return;
+        }
+        buf_put(b, r, strlen(r));
+        PyMem_Free(r);
+    }
+}
+
+/* GIL held. Render an object as JSON by the spool's attrs rule; never raises. */
+static void
+json_value(buf_t *b, PyObject *o, seen_t *seen)
+{
+    if (o == Py_None) {
+        BUF_LIT(b, "null");
+        return;
+    }
+    if (PyBool_Check(o)) {
+        o == Py_True ? BUF_LIT(b, "true") : BUF_LIT(b, "false");
+        return;
+    }
+    if (PyLong_Check(o)) {
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+        if (!overflow && !(v == -1 && PyErr_Occurred())) {
+            buf_i64(b, v);
+            return;
+        }
+        PyErr_Clear();
+        PyObject *s = PyLong_Type.tp_repr(o);
+        if (s != NULL) {
+            Py_ssize_t n;
+            const char *u = PyUnicode_AsUTF8AndSize(s, &n);
+            if (u)
+                buf_put(b, u, (size_t)n);
+            Py_DECREF(s);
+            if (u)
+                return;
+        }
+        PyErr_Clear();
+        json_str_of(b, o);
+        return;
+    }
+    if (PyFloat_Check(o)) {
+        json_float_attr(b, PyFloat_AS_DOUBLE(o));
+        return;
+    }
+    if (PyUnicode_Check(o)) {
+        json_pystr(b, o, 0);
+        return;
+    }
+    int is_dict = PyDict_Check(o), is_seq = PyList_Check(o) || PyTuple_Check(o);
+    if (is_dict || is_seq) {
+        int cyclic = 0;
+        for (int i = 0; i < seen->n; i++)
+            if (seen->items[i] == o)
+                cyclic = 1;
+        if (cyclic || seen->n >= ATTR_MAX_DEPTH) {
+            json_str_of(b, o);
+            return;
+        }
+        PyObject *items = is_dict ? PyDict_Items(o) : PySequence_List(o);
+        if (items == NULL) {
+            PyErr_Clear();
+            json_str_of(b, o);
+            return;
+        }
+        seen->items[seen->n++] = o;
+        buf_put(b, is_dict ? "{" : "[", 1);
+        Py_ssize_t n = PyList_GET_SIZE(items);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (i)
+                BUF_LIT(b, ",");
+            PyObject *it = PyList_GET_ITEM(items, i);
+            if (is_dict) {
+                PyObject *k = PyTuple_GET_ITEM(it, 0);
+                if (PyUnicode_Check(k))
+                    json_pystr(b, k, 0);
+                else
+                    json_str_of(b, k);
+                BUF_LIT(b, ":");
+                json_value(b, PyTuple_GET_ITEM(it, 1), seen);
+            }
+            else {
+                json_value(b, it, seen);
+            }
+        }
+        buf_put(b, is_dict ? "}" : "]", 1);
+        seen->n--;
+        Py_DECREF(items);
+        return;
+    }
+    if (numpy_types_ready() && PyObject_IsInstance(o, g_numpy_generic) == 1) {
+        coerced_t cv;
+        cv.str = NULL;
+        if (coerce_value_slow(o, &cv, 0) == 0) {
+            switch (cv.vtype) {
+            case VT_FLOAT: json_float_attr(b, cv.v.d); return;
+            case VT_INT: buf_i64(b, cv.v.i); return;
+            case VT_BOOL: cv.v.i ? BUF_LIT(b, "true") : BUF_LIT(b, "false"); return;
+            default: json_pystr(b, cv.str, 0); Py_DECREF(cv.str); return;
+            }
+        }
+    }
+    PyErr_Clear();
+    json_str_of(b, o);
+}
+
+/* ======================================================================================
+ * 9. Collector
+ *
+ * collect() runs on the drainer thread. Phase 1 (no GIL) copies records out of every ring
+ * and claims them with one CAS per ring; records a producer stole meanwhile are dropped
+ * from the copy. Phase 2 (GIL, only when claimed records hold Python references) renders
+ * attrs / string values / exceptions to JSON tokens and releases the references. Phase 3
+ * (no GIL) assigns mark ids and gathers each span's mark ids.
+ * ==================================================================================== */
+
+typedef struct {
+    uint64_t id_hi, id_lo; /* mark id */
+    uint32_t mids_off, mids_cnt;
+    int32_t ext;
+} aux_t;
+
+typedef struct {
+    uint32_t name_off, name_len;   /* fallback name token (F_NAME_REF) */
+    uint32_t val_off, val_len;     /* mark: string value token */
+    uint32_t attrs_off, attrs_len; /* attrs object */
+    uint32_t etype_off, etype_len; /* span: exception type (JSON string) */
+    uint32_t emsg_off, emsg_len;   /* span: exception message */
+    uint32_t estack_off, estack_len; /* span: formatted stack trace */
+} ext_t;
+
+typedef struct {
+    PyObject_HEAD
+    slot_t *slots;
+    aux_t *aux;
+    size_t nslots, cap;
+    ext_t *ext;
+    size_t next, ext_cap;
+    uint64_t *mids; /* pairs */
+    size_t nmids, mids_cap;
+    buf_t arena;
+    size_t n_marks, n_spans;
+    int64_t pid;
+    int64_t rank;
+} BatchObject;
+
+static PyTypeObject Batch_Type;
+
+/* open-span table: span id -> mark ids seen so far */
+typedef struct open_span {
+    uint64_t hi, lo;
+    uint64_t *ids;
+    uint32_t n, cap;
+    struct open_span *next;
+} open_span_t;
+
+static open_span_t **g_open;
+static size_t g_open_cap, g_open_n;
+static rng_t g_collect_rng;
+static int g_collect_rng_ready;
+static pthread_mutex_t g_collect_mu = PTHREAD_MUTEX_INITIALIZER;
+static _Atomic uint64_t g_marks_collected, g_spans_collected, g_open_overflow;
+static PyObject *g_format_exception; /* traceback.format_exception, loaded lazily */
+
+static inline size_t
+open_hash(uint64_t hi, uint64_t lo, size_t cap)
+{
+    return (size_t)((hi ^ (lo * 0x9E3779B97F4A7C15ULL)) & (cap - 1));
+}
+
+static open_span_t *
+open_find(uint64_t hi, uint64_t lo, int create)
+{
+    if (g_open_cap == 0) {
+        if (!create)
+            return NULL;
+        g_open_cap = 1024;
+        g_open = calloc(g_open_cap, sizeof(open_span_t *));
+        if (g_open == NULL) {
+            g_open_cap = 0;
+            return NULL;
+        }
+    }
+    size_t h = open_hash(hi, lo, g_open_cap);
+    for (open_span_t *e = g_open[h]; e; e = e->next)
+        if (e->hi == hi && e->lo == lo)
+            return e;
+    if (!create)
+        return NULL;
+    if (g_open_n * 2 > g_open_cap) {
+        size_t ncap = g_open_cap * 2;
+        open_span_t **nt = calloc(ncap, sizeof(open_span_t *));
+        if (nt != NULL) {
+            for (size_t i = 0; i < g_open_cap; i++) {
+                open_span_t *e = g_open[i];
+                while (e) {
+                    open_span_t *nx = e->next;
+                    size_t k = open_hash(e->hi, e->lo, ncap);
+                    e->next = nt[k];
+                    nt[k] = e;
+                    e = nx;
+                }
+            }
+            free(g_open);
+            g_open = nt;
+            g_open_cap = ncap;
+            h = open_hash(hi, lo, g_open_cap);
+        }
+    }
+    open_span_t *e = calloc(1, sizeof(open_span_t));
+    if (e == NULL)
+        return NULL;
+    e->hi = hi;
+    e->lo = lo;
+    e->next = g_open[h];
+    g_open[h] = e;
+    g_open_n++;
+    return e;
+}
+
+static void
+open_remove(open_span_t *target)
+{
+    size_t h = open_hash(target->hi, target->lo, g_open_cap);
+    open_span_t **pp = &g_open[h];
+    while (*pp && *pp != target)
+        pp = &(*pp)->next;
+    if (*pp) {
+        *pp = target->next;
+        free(target->ids);
+        free(target);
+        g_open_n--;
+    }
+}
+
+static BatchObject *
+batch_new(size_t cap)
+{
+    BatchObject *b = PyObject_New(BatchObject, &Batch_Type);
+    if (b == NULL)
+        return NULL;
+    b->slots = malloc(sizeof(slot_t) * (cap ? cap : 1));
+    b->aux = NULL;
+    b->nslots = 0;
+    b->cap = cap;
+    b->ext = NULL;
+    b->next = b->ext_cap = 0;
+    b->mids = NULL;
+    b->nmids = b->mids_cap = 0;
+    memset(&b->arena, 0, sizeof(buf_t));
+    b->n_marks = b->n_spans = 0;
+    b->pid = g_pid;
+    b->rank = g_rank;
+    if (b->slots == NULL) {
+        Py_DECREF(b);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    return b;
+}
+
+/* Phase 1: copy whole records from one ring, claim them. Returns slots appended. */
+static size_t
+claim_ring(ring_t *r, slot_t *dst, size_t room)
+{
+    uint64_t t = atomic_load_explicit(&r->tail, memory_order_acquire);
+    uint64_t h = atomic_load_explicit(&r->head, memory_order_acquire);
+    uint64_t n = h - t;
+    if (n > room)
+        n = room;
+    if (n == 0)
+        return 0;
+    for (uint64_t i = 0; i < n; i++)
+        dst[i] = r->slots[(t + i) & r->mask];
+    /* never split a span's two slots */
+    if (dst[n - 1].type == R_SPAN)
+        n--;
+    for (;;) {
+        if (n == 0)
+            return 0;
+        uint64_t expect = t;
+        if (atomic_compare_exchange_strong_explicit(&r->tail, &expect, t + n, memory_order_acq_rel,
+                                                    memory_order_acquire))
+            return (size_t)n;
+        /* the producer stole [t, expect): those copies are not ours */
+        if (expect >= t + n)
+            return 0;
+        uint64_t lost = expect - t;
+        memmove(dst, dst + lost, sizeof(slot_t) * (size_t)(n - lost));
+        n -= lost;
+        t = expect;
+    }
+}
+
+static void
+ring_free_locked(ring_t *r)
+{
+    atomic_fetch_add(&g_freed_marks_recorded, atomic_load(&r->marks_recorded));
+    atomic_fetch_add(&g_freed_spans_recorded, atomic_load(&r->spans_recorded));
+    atomic_fetch_add(&g_freed_depth_drops, atomic_load(&r->depth_drops));
+    atomic_fetch_add(&g_freed_marks_dropped, atomic_load(&r->marks_dropped));
+    atomic_fetch_add(&g_freed_spans_dropped, atomic_load(&r->spans_dropped));
+    atomic_fetch_add(&g_rings_freed, 1);
+    free(r->slots);
+    free(r);
+}
+
+static uint32_t
+arena_token(BatchObject *b, size_t start, uint32_t *len)
+{
+    *len = (uint32_t)(b->arena.len - start);
+    return (uint32_t)start;
+}
+
+/* Phase 2 for one slot (GIL held). */
+static void
+resolve_refs(BatchObject *b, size_t i)
+{
+    slot_t *s = &b->slots[i];
+    if (b->next == b->ext_cap) {
+        size_t ncap = b->ext_cap ? b->ext_cap * 2 : 64;
+        ext_t *ne = realloc(b->ext, sizeof(ext_t) * ncap);
+        if (ne == NULL) {
+            slot_release_refs(s);
+            s->flags &= ~F_REFS;
+            return;
+        }
+        b->ext = ne;
+        b->ext_cap = ncap;
+    }
+    ext_t *e = &b->ext[b->next];
+    memset(e, 0, sizeof *e);
+    b->aux[i].ext = (int32_t)b->next++;
+    buf_t *a = &b->arena;
+    size_t st;
+    if (s->name_ref) {
+        st = a->len;
+        json_pystr(a, s->name_ref, 0);
+        e->name_off = arena_token(b, st, &e->name_len);
+    }
+    if (s->type == R_MARK) {
+        if (s->obj) {
+            st = a->len;
+            json_pystr(a, s->obj, STR_VALUE_CAP);
+            e->val_off = arena_token(b, st, &e->val_len);
+        }
+        if (s->attrs) {
+            seen_t seen = {.n = 0};
+            st = a->len;
+            json_value(a, s->attrs, &seen);
+            e->attrs_off = arena_token(b, st, &e->attrs_len);
+        }
+    }
+    else {
+        if (s->obj) {
+            seen_t seen = {.n = 0};
+            st = a->len;
+            json_value(a, s->obj, &seen);
+            e->attrs_off = arena_token(b, st, &e->attrs_len);
+        }
+        if (s->attrs) { /* exception object */
+            PyObject *exc = s->attrs;
+            PyObject *tp = (PyObject *)Py_TYPE(exc);
+            PyObject *qn = PyObject_GetAttrString(tp, "__qualname__");
+            PyObject *mod = PyObject_GetAttrString(tp, "__module__");
+            st = a->len;
+            if (qn && mod && PyUnicode_Check(mod) && PyUnicode_CompareWithASCIIString(mod, "builtins")) {
+                PyObject *full = PyUnicode_FromFormat("%U.%U", mod, qn);
+                if (full) {
+                    json_pystr(a, full, 0);
+                    Py_DECREF(full);
+                }
+            }
+            else if (qn && PyUnicode_Check(qn))
+                json_pystr(a, qn, 0);
+            e->etype_off = arena_token(b, st, &e->etype_len);
+            Py_XDECREF(qn);
+            Py_XDECREF(mod);
+            PyErr_Clear();
+            st = a->len;
+            json_str_of(a, exc);
+            e->emsg_off = arena_token(b, st, &e->emsg_len);
+            if (g_format_exception == NULL) {
+                PyObject *tbm = PyImport_ImportModule("traceback");
+                if (tbm) {
+                    g_format_exception = PyObject_GetAttrString(tbm, "format_exception");
+                    Py_DECREF(tbm);
+                }
+                PyErr_Clear();
+            }
+            if (g_format_exception) {
+                PyObject *lines = PyObject_CallOneArg(g_format_exception, exc);
+                PyObject *empty = lines ? PyUnicode_FromString("") : NULL;
+                PyObject *text = empty ? PyUnicode_Join(empty, lines) : NULL;
+                if (text) {
+                    st = a->len;
+                    json_pystr(a, text, 0);
+                    e->estack_off = arena_token(b, st, &e->estack_len);
+                }
+                Py_XDECREF(text);
+                Py_XDECREF(empty);
+                Py_XDECREF(lines);
+                PyErr_Clear();
+            }
+        }
+    }
+    slot_release_refs(s);
+}
+
+static int
+mids_push(BatchObject *b, uint64_t hi, uint64_t lo)
+{
+    if (b->nmids + 2 > b->mids_cap) {
+        size_t ncap = b->mids_cap ? b->mids_cap * 2 : 256;
+        uint64_t *nm = realloc(b->mids, sizeof(uint64_t) * ncap);
+        if (nm == NULL)
+            return -1;
+        b->mids = nm;
+        b->mids_cap = ncap;
+    }
+    b->mids[b->nmids++] = hi;
+    b->mids[b->nmids++] = lo;
+    return 0;
+}
+
+/* collect(max_records) -> Batch | None */
+static PyObject *
+mod_collect(PyObject *m, PyObject *args)
+{
+    Py_ssize_t max_records = 100000;
+    if (!PyArg_ParseTuple(args, "|n:collect", &max_records))
+        return NULL;
+    if (max_records < 16)
+        max_records = 16;
+    size_t room_total = (size_t)max_records;
+    BatchObject *b = batch_new(room_total);
+    if (b == NULL)
+        return NULL;
+    int need_gil = 0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&g_collect_mu);
+    if (!g_collect_rng_ready) {
+        rng_seed(&g_collect_rng);
+        g_collect_rng_ready = 1;
+    }
+    pthread_mutex_lock(&g_registry_mu);
+    ring_t **pp = &g_rings;
+    while (*pp) {
+        ring_t *r = *pp;
+        int orphaned = atomic_load_explicit(&r->orphaned, memory_order_acquire);
+        size_t got = claim_ring(r, b->slots + b->nslots, room_total - b->nslots);
+        b->nslots += got;
+        (void)orphaned; /* emptied orphan rings are freed by free_orphans() */
+        pp = &r->next;
+        if (b->nslots >= room_total)
+            break;
+    }
+    pthread_mutex_unlock(&g_registry_mu);
+    Py_END_ALLOW_THREADS
+    /* the collect mutex stays held until the batch is complete */
+    b->aux = calloc(b->nslots ? b->nslots : 1, sizeof(aux_t));
+    if (b->aux == NULL) {
+        pthread_mutex_unlock(&g_collect_mu);
+        Py_DECREF(b);
+        return PyErr_NoMemory();
+    }
+    for (size_t i = 0; i < b->nslots; i++) {
+        b->aux[i].ext = -1;
+        if (b->slots[i].type != R_SPAN2 && (b->slots[i].flags & F_REFS))
+            need_gil = 1;
+    }
+    if (need_gil) {
+        for (size_t i = 0; i < b->nslots; i++)
+            if (b->slots[i].type != R_SPAN2 && (b->slots[i].flags & F_REFS))
+                resolve_refs(b, i);
+    }
+    /* Phase 3: mark ids (marks first, so a span closing in this batch sees all of them) */
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t i = 0; i < b->nslots; i++) {
+        slot_t *s = &b->slots[i];
+        if (s->type != R_MARK)
+            continue;
+        uint64_t hi = rng_next(&g_collect_rng), lo = rng_next(&g_collect_rng);
+        /* RFC 4122 version 4 layout: 122 random bits */
+        hi = (hi & 0xFFFFFFFFFFFF0FFFULL) | 0x0000000000004000ULL;
+        lo = (lo & 0x3FFFFFFFFFFFFFFFULL) | 0x8000000000000000ULL;
+        b->aux[i].id_hi = hi;
+        b->aux[i].id_lo = lo;
+        b->n_marks++;
+        if (s->flags & F_ROOTLESS)
+            continue;
+        open_span_t *e = open_find(s->span_hi, s->span_lo, 1);
+        if (e == NULL) {
+            atomic_fetch_add(&g_open_overflow, 1);
+            continue;
+        }
+        if (e->n == e->cap) {
+            uint32_t ncap = e->cap ? e->cap * 2 : 8;
+            uint64_t *ni = realloc(e->ids, sizeof(uint64_t) * 2 * ncap);
+            if (ni == NULL) {
+                atomic_fetch_add(&g_open_overflow, 1);
+                continue;
+            }
+            e->ids = ni;
+            e->cap = ncap;
+        }
+        e->ids[2 * e->n] = hi;
+        e->ids[2 * e->n + 1] = lo;
+        e->n++;
+    }
+    for (size_t i = 0; i < b->nslots; i++) {
+        slot_t *s = &b->slots[i];
+        if (s->type != R_SPAN)
+            continue;
+        b->n_spans++;
+        open_span_t *e = open_find(s->span_hi, s->span_lo, 0);
+        b->aux[i].mids_off = (uint32_t)(b->nmids / 2);
+        b->aux[i].mids_cnt = 0;
+        if (e != NULL) {
+            for (uint32_t k = 0; k < e->n; k++)
+                if (mids_push(b, e->ids[2 * k], e->ids[2 * k + 1]) == 0)
+                    b->aux[i].mids_cnt++;
+            open_remove(e);
+        }
+    }
+    pthread_mutex_unlock(&g_collect_mu);
+    Py_END_ALLOW_THREADS
+    atomic_fetch_add(&g_marks_collected, b->n_marks);
+    atomic_fetch_add(&g_spans_collected, b->n_spans);
+    if (b->nslots == 0) {
+        Py_DECREF(b);
+        Py_RETURN_NONE;
+    }
+    return (PyObject *)b;
+}
+
+/* Free the rings of threads that have exited and whose records are all collected. GIL held. */
+static PyObject *
+mod_free_orphans(PyObject *m, PyObject *unused)
+{
+    ring_t *dead = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&g_registry_mu);
+    ring_t **pp = &g_rings;
+    while (*pp) {
+        ring_t *r = *pp;
+        if (atomic_load_explicit(&r->orphaned, memory_order_acquire) &&
+            atomic_load(&r->tail) == atomic_load(&r->head)) {
+            *pp = r->next;
+            r->next = dead;
+            dead = r;
+        }
+        else {
+            pp = &r->next;
+        }
+    }
+    pthread_mutex_unlock(&g_registry_mu);
+    Py_END_ALLOW_THREADS
+    long n = 0;
+    while (dead) {
+        ring_t *nx = dead->next;
+        for (int i = 0; i < NAME_CACHE_SIZE; i++)
+            Py_CLEAR(dead->name_cache[i].key);
+        ring_free_locked(dead);
+        dead = nx;
+        n++;
+    }
+    return PyLong_FromLong(n);
+}
+
+/* ======================================================================================
+ * 10. Batch and the spool v1 encoder
+ * ==================================================================================== */
+
+static void
+Batch_dealloc(BatchObject *b)
+{
+    free(b->slots);
+    free(b->aux);
+    free(b->ext);
+    free(b->mids);
+    free(b->arena.data);
+    PyObject_Free(b);
+}
+
+static Py_ssize_t
+Batch_len(BatchObject *b)
+{
+    return (Py_ssize_t)(b->n_marks + b->n_spans);
+}
+
+static PyObject *
+Batch_get_counts(BatchObject *b, void *which)
+{
+    return PyLong_FromSize_t(which ? b->n_spans : b->n_marks);
+}
+
+static inline const char *
+arena_at(BatchObject *b, uint32_t off)
+{
+    return b->arena.data + off;
+}
+
+static void
+encode_span(buf_t *o, BatchObject *b, size_t i, int with_trace)
+{
+    slot_t *s = &b->slots[i];
+    slot2_t *s2 = (slot2_t *)&b->slots[i + 1];
+    aux_t *ax = &b->aux[i];
+    ext_t *e = ax->ext >= 0 ? &b->ext[ax->ext] : NULL;
+    BUF_LIT(o, "{\"id\":");
+    buf_id(o, s->span_hi, s->span_lo);
+    BUF_LIT(o, ",\"name\":");
+    if ((s->flags & F_NAME_REF) && e && e->name_len)
+        buf_put(o, arena_at(b, e->name_off), e->name_len);
+    else {
+        const name_entry_t *ne = name_get(s->name_id);
+        buf_put(o, ne->tok, ne->len);
+    }
+    BUF_LIT(o, ",\"parent_id\":");
+    if (s2->parent_hi == 0)
+        BUF_LIT(o, "null");
+    else
+        buf_id(o, s2->parent_hi, s2->parent_lo);
+    BUF_LIT(o, ",\"index\":");
+    if (s->flags & F_HAS_INDEX)
+        buf_i64(o, s2->index);
+    else
+        BUF_LIT(o, "null");
+    BUF_LIT(o, ",\"start_ns\":");
+    buf_i64(o, s->ts);
+    BUF_LIT(o, ",\"end_ns\":");
+    buf_i64(o, s->v.i);
+    BUF_LIT(o, ",\"cpu_ns\":");
+    if (s->flags & F_HAS_CPU)
+        buf_i64(o, s2->cpu_ns);
+    else
+        BUF_LIT(o, "null");
+    BUF_LIT(o, ",\"gpu_ns\":null,\"memory_peak_bytes\":null,\"thread_id\":");
+    buf_i64(o, (int64_t)s2->thread_id);
+    BUF_LIT(o, ",\"pid\":");
+    buf_i64(o, b->pid);
+    BUF_LIT(o, ",\"rank\":");
+    buf_i64(o, b->rank);
+    BUF_LIT(o, ",\"attrs\":");
+    if (e && e->attrs_len)
+        buf_put(o, arena_at(b, e->attrs_off), e->attrs_len);
+    else
+        BUF_LIT(o, "{}");
+    BUF_LIT(o, ",\"mark_ids\":[");
+    for (uint32_t k = 0; k < ax->mids_cnt; k++) {
+        if (k)
+            BUF_LIT(o, ",");
+        size_t p = 2 * ((size_t)ax->mids_off + k);
+        buf_id(o, b->mids[p], b->mids[p + 1]);
+    }
+    BUF_LIT(o, "]");
+    if (with_trace) {
+        BUF_LIT(o, ",\"trace_id\":");
+        buf_id(o, s2->trace_hi, s2->trace_lo);
+    }
+    BUF_LIT(o, "}");
+}
+
+static void
+encode_mark(buf_t *o, BatchObject *b, size_t i)
+{
+    slot_t *s = &b->slots[i];
+    aux_t *ax = &b->aux[i];
+    ext_t *e = ax->ext >= 0 ? &b->ext[ax->ext] : NULL;
+    BUF_LIT(o, "{\"id\":");
+    buf_id(o, ax->id_hi, ax->id_lo);
+    BUF_LIT(o, ",\"span_id\":");
+    if (s->flags & F_ROOTLESS)
+        BUF_LIT(o, "\"root\"");
+    else
+        buf_id(o, s->span_hi, s->span_lo);
+    BUF_LIT(o, ",\"name\":");
+    if ((s->flags & F_NAME_REF) && e && e->name_len)
+        buf_put(o, arena_at(b, e->name_off), e->name_len);
+    else {
+        const name_entry_t *ne = name_get(s->name_id);
+        buf_put(o, ne->tok, ne->len);
+    }
+    const char *nonfinite = NULL;
+    switch (s->vtype) {
+    case VT_FLOAT:
+        BUF_LIT(o, ",\"value_type\":\"float\",\"value\":");
+        if (isnan(s->v.d))
+            nonfinite = "nan";
+        else if (isinf(s->v.d))
+            nonfinite = s->v.d > 0 ? "inf" : "-inf";
+        if (nonfinite)
+            BUF_LIT(o, "null");
+        else
+            buf_f64(o, s->v.d);
+        break;
+    case VT_INT:
+        BUF_LIT(o, ",\"value_type\":\"int\",\"value\":");
+        buf_i64(o, s->v.i);
+        break;
+    case VT_BOOL:
+        BUF_LIT(o, ",\"value_type\":\"bool\",\"value\":");
+        s->v.i ? BUF_LIT(o, "true") : BUF_LIT(o, "false");
+        break;
+    default:
+        BUF_LIT(o, ",\"value_type\":\"string\",\"value\":");
+        if (e && e->val_len)
+            buf_put(o, arena_at(b, e->val_off), e->val_len);
+        else
+            BUF_LIT(o, "\"\"");
+    }
+    if (nonfinite) {
+        BUF_LIT(o, ",\"value_nonfinite\":\"");
+        buf_put(o, nonfinite, strlen(nonfinite));
+        BUF_LIT(o, "\"");
+    }
+    BUF_LIT(o, ",\"attrs\":");
+    if (e && e->attrs_len)
+        buf_put(o, arena_at(b, e->attrs_off), e->attrs_len);
+    else
+        BUF_LIT(o, "{}");
+    BUF_LIT(o, ",\"ts_ns\":");
+    buf_i64(o, s->ts);
+    if (s->flags & F_SUMMARY)
+        BUF_LIT(o, ",\"kind\":\"summary\"}");
+    else
+        BUF_LIT(o, ",\"kind\":\"point\"}");
+}
+
+/* encode_spool(batches, batch_id, created_ns, sdk_version, with_trace_id=True) -> bytes */
+static PyObject *
+mod_encode_spool(PyObject *m, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"batches", "batch_id", "created_ns", "sdk_version", "with_trace_id", NULL};
+    PyObject *seq;
+    const char *batch_id, *sdk_version;
+    Py_ssize_t bid_len, sdk_len;
+    long long created_ns;
+    int with_trace = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Os#Ls#|p:encode_spool", kwlist, &seq, &batch_id,
+                                     &bid_len, &created_ns, &sdk_version, &sdk_len, &with_trace))
+        return NULL;
+    PyObject *fast = PySequence_Fast(seq, "encode_spool() takes a sequence of Batch objects");
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t nb = PySequence_Fast_GET_SIZE(fast);
+    size_t guess = 256;
+    for (Py_ssize_t k = 0; k < nb; k++) {
+        PyObject *it = PySequence_Fast_GET_ITEM(fast, k);
+        if (!PyObject_TypeCheck(it, &Batch_Type)) {
+            Py_DECREF(fast);
+            PyErr_SetString(PyExc_TypeError, "encode_spool() takes a sequence of Batch objects");
+            return NULL;
+        }
+        BatchObject *b = (BatchObject *)it;
+        guess += b->n_marks * 240 + b->n_spans * 420 + b->nmids * 18 + b->arena.len;
+    }
+    buf_t o = {0};
+    buf_reserve(&o, guess);
+    Py_BEGIN_ALLOW_THREADS
+    BUF_LIT(&o, "{\"schema_version\":1,\"sdk_version\":");
+    json_escape_utf8(&o, sdk_version, sdk_len);
+    BUF_LIT(&o, ",\"batch_id\":");
+    json_escape_utf8(&o, batch_id, bid_len);
+    BUF_LIT(&o, ",\"created_ns\":");
+    buf_i64(&o, created_ns);
+    BUF_LIT(&o, ",\"spans\":[");
+    int first = 1;
+    for (Py_ssize_t k = 0; k < nb; k++) {
+        BatchObject *b = (BatchObject *)PySequence_Fast_GET_ITEM(fast, k);
+        for (size_t i = 0; i < b->nslots; i++) {
+            if (b->slots[i].type != R_SPAN)
+                continue;
+            if (!first)
+                BUF_LIT(&o, ",");
+            first = 0;
+            encode_span(&o, b, i, with_trace);
+        }
+    }
+    BUF_LIT(&o, "],\"marks\":[");
+    first = 1;
+    for (Py_ssize_t k = 0; k < nb; k++) {
+        BatchObject *b = (BatchObject *)PySequence_Fast_GET_ITEM(fast, k);
+        for (size_t i = 0; i < b->nslots; i++) {
+            if (b->slots[i].type != R_MARK)
+                continue;
+            if (!first)
+                BUF_LIT(&o, ",");
+            first = 0;
+            encode_mark(&o, b, i);
+        }
+    }
+    BUF_LIT(&o, "],\"snapshots\":[]}");
+    Py_END_ALLOW_THREADS
+    Py_DECREF(fast);
+    if (o.oom) {
+        free(o.data);
+        return PyErr_NoMemory();
+    }
+    PyObject *res = PyBytes_FromStringAndSize(o.data, (Py_ssize_t)o.len);
+    free(o.data);
+    return res;
+}
+
+static PyObject *
+tok_str(BatchObject *b, uint32_t off, uint32_t len)
+{
+    /* a JSON string token back to str (tokens are produced by json_escape_utf8) */
+    return PyUnicode_DecodeUTF8(arena_at(b, off), len, "replace");
+}
+
+/* Batch.spans() -> list of tuples, the span view the OpenTelemetry bridge reads. */
+static PyObject *
+Batch_error_info(BatchObject *b, PyObject *args)
+{
+    /* error_info(span_id_hex) is not needed on the hot path; return raw tokens per span */
+    PyObject *out = PyDict_New();
+    if (out == NULL)
+        return NULL;
+    for (size_t i = 0; i < b->nslots; i++) {
+        slot_t *s = &b->slots[i];
+        if (s->type != R_SPAN || !(s->flags & F_ERROR) || b->aux[i].ext < 0)
+            continue;
+        ext_t *e = &b->ext[b->aux[i].ext];
+        PyObject *key = hex128(s->span_hi, s->span_lo);
+        PyObject *val = Py_BuildValue("(NNN)", tok_str(b, e->etype_off, e->etype_len),
+                                      tok_str(b, e->emsg_off, e->emsg_len),
+                                      tok_str(b, e->estack_off, e->estack_len));
+        if (key == NULL || val == NULL || PyDict_SetItem(out, key, val) < 0) {
+            Py_XDECREF(key);
+            Py_XDECREF(val);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(key);
+        Py_DECREF(val);
+    }
+    return out;
+}
+
+static PyMethodDef Batch_methods[] = {
+    {"error_info", (PyCFunction)Batch_error_info, METH_NOARGS,
+     "{span_id: (type_json, message_json, stacktrace_json)} for spans closed by an exception"},
+    {NULL},
+};
+
+static PyGetSetDef Batch_getset[] = {
+    {"mark_count", (getter)Batch_get_counts, NULL, "marks in this batch", NULL},
+    {"span_count", (getter)Batch_get_counts, NULL, "spans in this batch", (void *)1},
+    {NULL},
+};
+
+static PySequenceMethods Batch_as_sequence = {
+    .sq_length = (lenfunc)Batch_len,
+};
+
+static PyTypeObject Batch_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cirron_otel.Batch",
+    .tp_basicsize = sizeof(BatchObject),
+    .tp_dealloc = (destructor)Batch_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Records collected from the rings, ready to encode. Holds no Python references.",
+    .tp_as_sequence = &Batch_as_sequence,
+    .tp_methods = Batch_methods,
+    .tp_getset = Batch_getset,
+};
+
+/* ======================================================================================
+ * 11. Module functions
+ * ==================================================================================== */
+
+static PyObject *
+mod_configure(PyObject *m, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"ring_capacity", "capture_cpu_time", "rank", "recording",
+                             "full_wait", "warning_category", "decorate", NULL};
+    Py_ssize_t cap = -1;
+    int cpu = -1, recording = -1;
+    long long rank = LLONG_MIN;
+    double full_wait = -1.0;
+    PyObject *cat = NULL, *decorate = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$npLpdOO:configure", kwlist, &cap, &cpu, &rank,
+                                     &recording, &full_wait, &cat, &decorate))
+        return NULL;
+    if (cap != -1) {
+        if (cap < 64 || cap > (1 << 26)) {
+            PyErr_SetString(PyExc_ValueError, "ring_capacity must be between 64 and 67108864");
+            return NULL;
+        }
+        g_ring_capacity = (uint64_t)cap; /* applies to rings created from now on */
+    }
+    if (cpu != -1)
+        g_capture_cpu = cpu;
+    if (rank != LLONG_MIN)
+        g_rank = rank;
+    if (recording != -1)
+        atomic_store(&g_recording, recording);
+    if (full_wait >= 0)
+        atomic_store(&g_full_wait_ns, (int64_t)(full_wait * 1e9));
+    if (cat != NULL) {
+        Py_INCREF(cat);
+        Py_XSETREF(g_warning_category, cat);
+    }
+    if (decorate != NULL) {
+        Py_INCREF(decorate);
+        Py_XSETREF(g_decorate, decorate);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_session_begin(PyObject *m, PyObject *args)
+{
+    PyObject *attrs = NULL, *parent = NULL;
+    if (!PyArg_ParseTuple(args, "|O!O:session_begin", &PyDict_Type, &attrs, &parent))
+        return NULL;
+    if (parent == Py_None)
+        parent = NULL;
+    if (parent != NULL && !PyObject_TypeCheck(parent, &Scope_Type)) {
+        PyErr_SetString(PyExc_TypeError, "session_begin(): parent must be a Scope");
+        return NULL;
+    }
+    if (g_session != NULL)
+        return Py_NewRef((PyObject *)g_session);
+    ring_t *r = get_ring();
+    if (r == NULL)
+        return NULL;
+    /* The root is not pushed on the context: every thread and task sees it as the parent
+     * of its outermost scope, and marks with no scope open attach to it. */
+    PyObject *cur = NULL;
+    if (PyContextVar_Get(g_scope_var, NULL, &cur) < 0)
+        return NULL;
+    ScopeObject *s = scope_make(g_session_name, NULL, attrs, r);
+    if (s == NULL) {
+        Py_XDECREF(cur);
+        return NULL;
+    }
+    s->depth = 0;
+    s->span_hi = rng_nonzero(&r->rng);
+    s->span_lo = rng_next(&r->rng);
+    if (parent != NULL || (cur != NULL && cur != Py_None)) {
+        /* a forked child's session nests under the parent's; profile() called inside a
+         * scope nests under that scope */
+        ScopeObject *p = parent != NULL ? (ScopeObject *)parent : (ScopeObject *)cur;
+        s->parent_hi = p->span_hi;
+        s->parent_lo = p->span_lo;
+        s->trace_hi = p->trace_hi;
+        s->trace_lo = p->trace_lo;
+    }
+    else {
+        s->trace_hi = rng_next(&r->rng);
+        s->trace_lo = rng_nonzero(&r->rng);
+    }
+    Py_XDECREF(cur);
+    s->pid = g_pid;
+    s->state = ST_OPEN;
+    if (g_capture_cpu)
+        s->cpu_start = thread_cpu_ns();
+    s->start_ns = wall_ns();
+    g_session = s;
+    return Py_NewRef((PyObject *)s);
+}
+
+static PyObject *
+mod_session_end(PyObject *m, PyObject *unused)
+{
+    ScopeObject *s = g_session;
+    if (s == NULL)
+        Py_RETURN_NONE;
+    g_session = NULL;
+    scope_close(s, NULL, NULL);
+    Py_DECREF(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_session(PyObject *m, PyObject *unused)
+{
+    if (g_session == NULL)
+        Py_RETURN_NONE;
+    return Py_NewRef((PyObject *)g_session);
+}
+
+static PyObject *
+mod_current_scope(PyObject *m, PyObject *unused)
+{
+    PyObject *cur = NULL;
+    if (PyContextVar_Get(g_scope_var, NULL, &cur) < 0)
+        return NULL;
+    if (cur == NULL)
+        Py_RETURN_NONE;
+    return cur;
+}
+
+/* wait(timeout) -> bool: sleep until a producer wakes the drainer or the timeout passes. */
+static PyObject *
+mod_wait(PyObject *m, PyObject *arg)
+{
+    double timeout = PyFloat_AsDouble(arg);
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    int woken;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&g_wake_mu);
+    atomic_store(&g_drainer_sleeping, 1);
+    if (!atomic_load(&g_wake_flag) && timeout > 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        double whole = floor(timeout);
+        ts.tv_sec += (time_t)whole;
+        ts.tv_nsec += (long)((timeout - whole) * 1e9);
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&g_wake_cv, &g_wake_mu, &ts);
+    }
+    atomic_store(&g_drainer_sleeping, 0);
+    woken = atomic_exchange(&g_wake_flag, 0);
+    pthread_mutex_unlock(&g_wake_mu);
+    Py_END_ALLOW_THREADS
+    if (woken)
+        atomic_fetch_add(&g_wakeups, 1);
+    return PyBool_FromLong(woken);
+}
+
+static PyObject *
+mod_wake(PyObject *m, PyObject *unused)
+{
+    wake_drainer();
+    Py_RETURN_NONE;
+}
+
+/* pending() -> records recorded but not yet collected, over all rings */
+static uint64_t
+pending_slots(void)
+{
+    uint64_t n = 0;
+    pthread_mutex_lock(&g_registry_mu);
+    for (ring_t *r = g_rings; r; r = r->next)
+        n += atomic_load(&r->head) - atomic_load(&r->tail);
+    pthread_mutex_unlock(&g_registry_mu);
+    return n;
+}
+
+static PyObject *
+mod_pending(PyObject *m, PyObject *unused)
+{
+    uint64_t n;
+    Py_BEGIN_ALLOW_THREADS
+    n = pending_slots();
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLongLong(n);
+}
+
+static PyObject *
+mod_stats(PyObject *m, PyObject *unused)
+{
+    uint64_t mr = atomic_load(&g_freed_marks_recorded), sr = atomic_load(&g_freed_spans_recorded),
+             dd = atomic_load(&g_freed_depth_drops), md = atomic_load(&g_freed_marks_dropped),
+             sd = atomic_load(&g_freed_spans_dropped), pend = 0, live = 0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&g_registry_mu);
+    for (ring_t *r = g_rings; r; r = r->next) {
+        mr += atomic_load(&r->marks_recorded);
+        sr += atomic_load(&r->spans_recorded);
+        dd += atomic_load(&r->depth_drops);
+        md += atomic_load(&r->marks_dropped);
+        sd += atomic_load(&r->spans_dropped);
+        pend += atomic_load(&r->head) - atomic_load(&r->tail);
+        live += !atomic_load(&r->orphaned);
+    }
+    pthread_mutex_unlock(&g_registry_mu);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue(
+        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:I,s:K}", "marks_recorded",
+        (unsigned long long)mr, "spans_recorded", (unsigned long long)sr, "scope_depth_drops",
+        (unsigned long long)dd, "marks_dropped", (unsigned long long)md, "spans_dropped",
+        (unsigned long long)sd, "pending_slots", (unsigned long long)pend, "marks_collected",
+        (unsigned long long)atomic_load(&g_marks_collected), "spans_collected",
+        (unsigned long long)atomic_load(&g_spans_collected), "rings_live", (unsigned long long)live,
+        "rings_created", (unsigned long long)atomic_load(&g_rings_created), "rings_freed",
+        (unsigned long long)atomic_load(&g_rings_freed), "wakeups",
+        (unsigned long long)atomic_load(&g_wakeups), "open_spans", (Py_ssize_t)g_open_n,
+        "names", (unsigned int)atomic_load(&g_name_count), "mark_id_overflow",
+        (unsigned long long)atomic_load(&g_open_overflow));
+}
+
+static PyObject *
+mod_name_of(PyObject *m, PyObject *arg)
+{
+    Py_ssize_t i = PyLong_AsSsize_t(arg);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    return PySequence_GetItem(g_name_objs, i);
+}
+
+/* fork(): the prepare/parent hooks keep the registry lock consistent; the child resets. */
+static void
+atfork_prepare(void)
+{
+    /* Only the registry lock: its holders never wait for the GIL while holding it, and the
+     * forking thread holds the GIL. The collector lock is simply re-made in the child. */
+    pthread_mutex_lock(&g_registry_mu);
+}
+
+static void
+atfork_parent(void)
+{
+    pthread_mutex_unlock(&g_registry_mu);
+}
+
+static void
+atfork_child(void)
+{
+    pthread_mutex_init(&g_registry_mu, NULL);
+    pthread_mutex_init(&g_collect_mu, NULL);
+    pthread_mutex_init(&g_wake_mu, NULL);
+    pthread_cond_init(&g_wake_cv, NULL);
+    atomic_store(&g_drainer_sleeping, 0);
+    atomic_store(&g_wake_flag, 0);
+    /* a collect() in flight in the parent may have left the open-span table mid-update:
+     * abandon it (a bounded leak, once per fork) rather than walk it */
+    g_open = NULL;
+    g_open_cap = 0;
+    g_open_n = 0;
+    g_pid = (int64_t)getpid();
+}
+
+/* after_fork_child(): called from os.register_at_fork in the child, GIL held. The child
+ * starts with empty rings (the parent still owns and writes what was pending), fresh
+ * random state and zeroed counters. */
+static PyObject *
+mod_after_fork_child(PyObject *m, PyObject *unused)
+{
+    g_pid = (int64_t)getpid();
+    ring_t *keep = tl_ring;
+    ring_t *r = g_rings;
+    g_rings = NULL;
+    while (r) {
+        ring_t *nx = r->next;
+        for (uint64_t t = atomic_load(&r->tail), h = atomic_load(&r->head); t < h; t++) {
+            slot_t *s = &r->slots[t & r->mask];
+            if (s->type != R_SPAN2 && (s->flags & F_REFS))
+                slot_release_refs(s);
+        }
+        if (r == keep) {
+            uint64_t h = atomic_load(&r->head);
+            atomic_store(&r->tail, h);
+            r->cached_tail = h;
+            atomic_store(&r->marks_recorded, 0);
+            atomic_store(&r->spans_recorded, 0);
+            atomic_store(&r->depth_drops, 0);
+            atomic_store(&r->marks_dropped, 0);
+            atomic_store(&r->spans_dropped, 0);
+            r->warned_full = r->warned_depth = 0;
+            rng_seed(&r->rng);
+            r->next = NULL;
+            r->thread_id = (uint64_t)PyThread_get_thread_ident();
+            g_rings = r;
+        }
+        else {
+            /* threads that do not exist in the child: their name caches are garbage to us */
+            for (int i = 0; i < NAME_CACHE_SIZE; i++)
+                Py_CLEAR(r->name_cache[i].key);
+            free(r->slots);
+            free(r);
+        }
+        r = nx;
+    }
+    atomic_store(&g_freed_marks_recorded, 0);
+    atomic_store(&g_freed_spans_recorded, 0);
+    atomic_store(&g_freed_depth_drops, 0);
+    atomic_store(&g_freed_marks_dropped, 0);
+    atomic_store(&g_freed_spans_dropped, 0);
+    atomic_store(&g_marks_collected, 0);
+    atomic_store(&g_spans_collected, 0);
+    atomic_store(&g_rings_freed, 0);
+    atomic_store(&g_rings_created, g_rings ? 1 : 0);
+    rng_seed(&g_collect_rng);
+    g_collect_rng_ready = 1;
+    Py_RETURN_NONE;
+}
+
+/* new_ids() -> (span_hi, span_lo, trace_hi, trace_lo) random ids, for the Python side */
+static PyObject *
+mod_random_u64(PyObject *m, PyObject *unused)
+{
+    ring_t *r = get_ring();
+    if (r == NULL)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(rng_next(&r->rng));
+}
+
+static PyMethodDef module_methods[] = {
+    {"mark", (PyCFunction)(void (*)(void))mod_mark, METH_FASTCALL | METH_KEYWORDS,
+     "mark(name, value, *, kind='point', **attrs)"},
+    {"scope", (PyCFunction)(void (*)(void))mod_scope, METH_FASTCALL | METH_KEYWORDS,
+     "scope(name, index=None, **attrs)"},
+    {"epochs", (PyCFunction)mod_epochs, METH_O, "epochs(iterable)"},
+    {"batches", (PyCFunction)mod_batches, METH_O, "batches(iterable)"},
+    {"scoped_iter", (PyCFunction)mod_scoped_iter, METH_VARARGS, "scoped_iter(iterable, name)"},
+    {"current_scope", (PyCFunction)mod_current_scope, METH_NOARGS, NULL},
+    {"session_begin", (PyCFunction)mod_session_begin, METH_VARARGS, NULL},
+    {"session_end", (PyCFunction)mod_session_end, METH_NOARGS, NULL},
+    {"session", (PyCFunction)mod_session, METH_NOARGS, NULL},
+    {"configure", (PyCFunction)(void (*)(void))mod_configure, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"collect", (PyCFunction)mod_collect, METH_VARARGS, NULL},
+    {"free_orphans", (PyCFunction)mod_free_orphans, METH_NOARGS, NULL},
+    {"encode_spool", (PyCFunction)(void (*)(void))mod_encode_spool, METH_VARARGS | METH_KEYWORDS,
+     NULL},
+    {"wait", (PyCFunction)mod_wait, METH_O, NULL},
+    {"wake", (PyCFunction)mod_wake, METH_NOARGS, NULL},
+    {"pending", (PyCFunction)mod_pending, METH_NOARGS, NULL},
+    {"stats", (PyCFunction)mod_stats, METH_NOARGS, NULL},
+    {"name_of", (PyCFunction)mod_name_of, METH_O, NULL},
+    {"after_fork_child", (PyCFunction)mod_after_fork_child, METH_NOARGS, NULL},
+    {"random_u64", (PyCFunction)mod_random_u64, METH_NOARGS, NULL},
+    {NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "cirron_otel._native",
+    "Native producer side of cirron-otel: rings, scopes, marks, collector, spool encoder.", -1,
+    module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__native(void)
+{
+    if (PyType_Ready(&Scope_Type) < 0 || PyType_Ready(&ScopeIter_Type) < 0 ||
+        PyType_Ready(&Batch_Type) < 0)
+        return NULL;
+    if (pthread_key_create(&g_ring_key, ring_thread_exit) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "cirron_otel: pthread_key_create failed");
+        return NULL;
+    }
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+    g_pid = (int64_t)getpid();
+    g_scope_var = PyContextVar_New("cirron_otel.current_scope", NULL);
+    g_name_ids = PyDict_New();
+    g_name_objs = PyList_New(0);
+    g_str_point = PyUnicode_InternFromString("point");
+    g_str_summary = PyUnicode_InternFromString("summary");
+    g_str_kind = PyUnicode_InternFromString("kind");
+    g_str_index = PyUnicode_InternFromString("index");
+    g_str_item = PyUnicode_InternFromString("item");
+    g_session_name = PyUnicode_InternFromString("cirron.session");
+    g_epoch_name = PyUnicode_InternFromString("epoch");
+    g_batch_name = PyUnicode_InternFromString("batch");
+    if (!g_scope_var || !g_name_ids || !g_name_objs || !g_str_point || !g_str_summary ||
+        !g_str_kind || !g_str_index || !g_str_item || !g_session_name || !g_epoch_name ||
+        !g_batch_name)
+        return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Scope", (PyObject *)&Scope_Type) < 0 ||
+        PyModule_AddObjectRef(m, "ScopeIterator", (PyObject *)&ScopeIter_Type) < 0 ||
+        PyModule_AddObjectRef(m, "Batch", (PyObject *)&Batch_Type) < 0 ||
+        PyModule_AddObjectRef(m, "scope_var", g_scope_var) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_DEPTH", MAX_DEPTH) < 0 ||
+        PyModule_AddIntConstant(m, "STR_VALUE_CAP", STR_VALUE_CAP) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
