@@ -51,6 +51,10 @@ class Sink(ABC):
     """
 
     name: str = "sink"
+    # True: when this sink falls behind, the collector stops claiming records, so the rings
+    # fill and producers wait briefly (the spool: durable data is never dropped for speed).
+    # False: what the sink cannot keep up with is dropped and counted.
+    backpressure: bool = False
 
     def __init__(self) -> None:
         self.stats = SinkStats(self.name)

@@ -59,6 +59,7 @@ class SpoolSink(Sink):
     """Writes collected batches into the Cirron spool v1."""
 
     name = "spool"
+    backpressure = True
 
     def __init__(
         self,

@@ -1,9 +1,14 @@
-"""The drainer: one background thread that moves records from the rings to the sinks.
+"""The drainer: moves records from the rings to the sinks, off the application's threads.
 
-Each cycle it sleeps in native code (no GIL) until a producer crosses its ring's high-water
-mark or the tick passes, collects (`_native.collect`, mostly without the GIL), and hands
-the batches to every sink once `flush_interval` has passed, a file's worth is waiting, or
-someone asked for a flush.
+Two kinds of thread:
+- the collector sleeps in native code (no GIL) until a producer crosses its ring's
+  high-water mark or the tick passes, then claims records (`_native.collect`, mostly without
+  the GIL) and hands them to every sink worker once `flush_interval` has passed, a file's
+  worth is waiting, or someone asked for a flush;
+- one worker per sink, so a slow or failing sink never holds up the collector or another
+  sink. A worker's queue is bounded: a sink with `backpressure` (the spool) makes the
+  collector stop claiming until it catches up, so the rings fill and producers wait briefly
+  rather than lose data; any other sink drops what it cannot take, and counts it.
 """
 
 from __future__ import annotations
@@ -42,7 +47,85 @@ class TraceStore:
             return list(self._batches)
 
 
+class SinkWorker(threading.Thread):
+    """Feeds one sink from a bounded queue of batch lists."""
+
+    def __init__(self, sink: Sink, *, max_queued_records: int, retry_interval: float) -> None:
+        super().__init__(name=f"cirron-otel-{sink.name}", daemon=True)
+        self.sink = sink
+        self.max_queued_records = max_queued_records
+        self.retry_interval = retry_interval
+        self._queue: deque[tuple[int, list[_native.Batch], int]] = deque()
+        self._queued_records = 0
+        self._submitted = 0
+        self._done = 0
+        self._cv = threading.Condition()
+        self._stopping = False
+
+    def full(self) -> bool:
+        return self._queued_records >= self.max_queued_records
+
+    def submit(self, batches: list[_native.Batch], records: int) -> int:
+        """Queue batches; returns a ticket for `wait_done`, or -1 if dropped (queue full)."""
+        with self._cv:
+            if self._queued_records and self._queued_records + records > self.max_queued_records \
+                    and not self.sink.backpressure:
+                with self.sink.stats.lock:
+                    self.sink.stats.dropped += records
+                self.sink.stats.error("queue full", f"{records} records dropped: the sink is behind")
+                return -1
+            self._submitted += 1
+            self._queue.append((self._submitted, batches, records))
+            self._queued_records += records
+            self._cv.notify_all()
+            return self._submitted
+
+    def wait_done(self, ticket: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._done < ticket:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.is_alive():
+                    return False
+                self._cv.wait(left)
+        return True
+
+    def stop(self, timeout: float) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if threading.current_thread() is not self:
+            self.join(timeout)
+
+    def run(self) -> None:
+        while True:
+            with self._cv:
+                if not self._queue and not self._stopping:
+                    self._cv.wait(self.retry_interval)
+                if not self._queue:
+                    if self._stopping:
+                        return
+                    item = None
+                else:
+                    item = self._queue[0]
+            try:
+                if item is None:
+                    self.sink.retry()
+                else:
+                    self.sink.export(item[1])
+            except Exception as exc:  # a sink bug must not kill its worker
+                self.sink.stats.error("export raised", exc)
+            if item is not None:
+                with self._cv:
+                    self._queue.popleft()
+                    self._queued_records -= item[2]
+                    self._done = item[0]
+                    self._cv.notify_all()
+
+
 class Drainer(threading.Thread):
+    """The collector thread (see the module docstring)."""
+
     def __init__(
         self,
         sinks: Sequence[Sink],
@@ -51,11 +134,13 @@ class Drainer(threading.Thread):
         max_records: int,
         trace_store: TraceStore,
     ) -> None:
-        super().__init__(name="cirron-otel-drainer", daemon=True)
-        self.sinks = list(sinks)
+        super().__init__(name="cirron-otel-collector", daemon=True)
         self.flush_interval = flush_interval
         self.max_records = max_records
         self.trace_store = trace_store
+        self.workers = [
+            SinkWorker(s, max_queued_records=8 * max_records, retry_interval=flush_interval) for s in sinks
+        ]
         self.cycle_errors = 0
         self.exports = 0
         self._pending: list[_native.Batch] = []
@@ -64,28 +149,47 @@ class Drainer(threading.Thread):
         self._requests_lock = threading.Lock()
         self._stopping = False
         self._last_export = time.monotonic()
+        self._tickets: dict[SinkWorker, int] = {}  # newest ticket per worker (FIFO queues)
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.start()
+        super().start()
 
     # -- called from other threads --------------------------------------------------------
 
     def flush(self, timeout: float) -> bool:
-        """Collect and export everything recorded before this call; False on timeout."""
+        """Deliver everything recorded before this call to every sink; False on timeout."""
+        deadline = time.monotonic() + timeout
         if threading.current_thread() is self:
             self._cycle(drain_all=True)
-            return True
-        if not self.is_alive():
-            return False
-        done = threading.Event()
-        with self._requests_lock:
-            self._requests.append(done)
-        _native.wake()
-        return done.wait(timeout)
+        else:
+            if not self.is_alive():
+                return False
+            done = threading.Event()
+            with self._requests_lock:
+                self._requests.append(done)
+            _native.wake()
+            if not done.wait(timeout):
+                return False
+        return self._wait_workers(deadline)
 
     def stop(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
         self._stopping = True
         _native.wake()
         if threading.current_thread() is not self:
             self.join(timeout)
+        self._wait_workers(deadline)
+        for w in self.workers:
+            w.stop(max(0.0, deadline - time.monotonic()))
         return not self.is_alive()
+
+    def _wait_workers(self, deadline: float) -> bool:
+        ok = True
+        for worker, ticket in list(self._tickets.items()):
+            ok = worker.wait_done(ticket, max(0.0, deadline - time.monotonic())) and ok
+        return ok
 
     # -- the thread -----------------------------------------------------------------------
 
@@ -105,24 +209,20 @@ class Drainer(threading.Thread):
         try:
             self._collect(drain_all)
             now = time.monotonic()
-            due = now - self._last_export >= self.flush_interval
-            if self._pending and (drain_all or due or self._pending_records >= self.max_records):
+            if self._pending and (drain_all or now - self._last_export >= self.flush_interval):
                 self._export()
-                self._last_export = now
-            elif due:
-                for sink in self.sinks:
-                    sink.retry()
-                self._last_export = now
             _native.free_orphans()
-        except Exception as exc:  # the drainer must outlive any bug in a sink
+        except Exception as exc:  # the collector must outlive any bug
             self.cycle_errors += 1
-            warn_once("drainer", f"cirron_otel: drainer cycle failed: {type(exc).__name__}: {exc}")
+            warn_once("collector", f"cirron_otel: collector cycle failed: {type(exc).__name__}: {exc}")
 
     def _collect(self, drain_all: bool) -> None:
-        # With drain_all, take everything recorded up to now, but not what producers keep
-        # adding while we work (a flat-out producer would keep us here forever).
+        # drain_all takes everything recorded up to now, but not what producers keep adding
+        # while we work (a flat-out producer would keep us here forever).
         rounds = _native.pending() // self.max_records + 2 if drain_all else 8
         for _ in range(rounds):
+            if not drain_all and any(w.full() and w.sink.backpressure for w in self.workers):
+                return  # the spool is behind: let the rings hold the records meanwhile
             batch = _native.collect(self.max_records)
             if batch is None:
                 return
@@ -130,15 +230,14 @@ class Drainer(threading.Thread):
             self._pending_records += len(batch)
             if self._pending_records >= self.max_records:
                 self._export()
-                self._last_export = time.monotonic()
 
     def _export(self) -> None:
-        batches, self._pending = self._pending, []
-        self._pending_records = 0
-        for sink in self.sinks:
-            try:
-                sink.export(batches)
-            except Exception as exc:
-                sink.stats.error("export raised", exc)
+        batches, records = self._pending, self._pending_records
+        self._pending, self._pending_records = [], 0
+        self._last_export = time.monotonic()
+        for w in self.workers:
+            ticket = w.submit(batches, records)
+            if ticket > 0:
+                self._tickets[w] = ticket
         self.trace_store.add(batches)
         self.exports += 1

@@ -1806,7 +1806,7 @@ typedef struct {
     PyObject_HEAD
     slot_t *slots;
     aux_t *aux;
-    size_t nslots, cap;
+    size_t nslots;
     ext_t *ext;
     size_t next, ext_cap;
     uint64_t *mids; /* pairs */
@@ -1907,15 +1907,14 @@ open_remove(open_span_t *target)
 }
 
 static BatchObject *
-batch_new(size_t cap)
+batch_new(void)
 {
     BatchObject *b = PyObject_New(BatchObject, &Batch_Type);
     if (b == NULL)
         return NULL;
-    b->slots = malloc(sizeof(slot_t) * (cap ? cap : 1));
+    b->slots = NULL;
     b->aux = NULL;
     b->nslots = 0;
-    b->cap = cap;
     b->ext = NULL;
     b->next = b->ext_cap = 0;
     b->mids = NULL;
@@ -1924,11 +1923,6 @@ batch_new(size_t cap)
     b->n_marks = b->n_spans = 0;
     b->pid = g_pid;
     b->rank = g_rank;
-    if (b->slots == NULL) {
-        Py_DECREF(b);
-        PyErr_NoMemory();
-        return NULL;
-    }
     return b;
 }
 
@@ -2096,59 +2090,11 @@ mids_push(BatchObject *b, uint64_t hi, uint64_t lo)
     return 0;
 }
 
-/* collect(max_records) -> Batch | None */
-static PyObject *
-mod_collect(PyObject *m, PyObject *args)
+/* Phase 3 (collect mutex held, no GIL): mark ids, and each closing span's mark ids. Marks
+ * go first, so a span closing in this batch sees every mark recorded before it. */
+static void
+assign_mark_ids(BatchObject *b)
 {
-    Py_ssize_t max_records = 100000;
-    if (!PyArg_ParseTuple(args, "|n:collect", &max_records))
-        return NULL;
-    if (max_records < 16)
-        max_records = 16;
-    size_t room_total = (size_t)max_records;
-    BatchObject *b = batch_new(room_total);
-    if (b == NULL)
-        return NULL;
-    int need_gil = 0;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&g_collect_mu);
-    if (!g_collect_rng_ready) {
-        rng_seed(&g_collect_rng);
-        g_collect_rng_ready = 1;
-    }
-    pthread_mutex_lock(&g_registry_mu);
-    ring_t **pp = &g_rings;
-    while (*pp) {
-        ring_t *r = *pp;
-        int orphaned = atomic_load_explicit(&r->orphaned, memory_order_acquire);
-        size_t got = claim_ring(r, b->slots + b->nslots, room_total - b->nslots);
-        b->nslots += got;
-        (void)orphaned; /* emptied orphan rings are freed by free_orphans() */
-        pp = &r->next;
-        if (b->nslots >= room_total)
-            break;
-    }
-    pthread_mutex_unlock(&g_registry_mu);
-    Py_END_ALLOW_THREADS
-    /* the collect mutex stays held until the batch is complete */
-    b->aux = calloc(b->nslots ? b->nslots : 1, sizeof(aux_t));
-    if (b->aux == NULL) {
-        pthread_mutex_unlock(&g_collect_mu);
-        Py_DECREF(b);
-        return PyErr_NoMemory();
-    }
-    for (size_t i = 0; i < b->nslots; i++) {
-        b->aux[i].ext = -1;
-        if (b->slots[i].type != R_SPAN2 && (b->slots[i].flags & F_REFS))
-            need_gil = 1;
-    }
-    if (need_gil) {
-        for (size_t i = 0; i < b->nslots; i++)
-            if (b->slots[i].type != R_SPAN2 && (b->slots[i].flags & F_REFS))
-                resolve_refs(b, i);
-    }
-    /* Phase 3: mark ids (marks first, so a span closing in this batch sees all of them) */
-    Py_BEGIN_ALLOW_THREADS
     for (size_t i = 0; i < b->nslots; i++) {
         slot_t *s = &b->slots[i];
         if (s->type != R_MARK)
@@ -2196,8 +2142,65 @@ mod_collect(PyObject *m, PyObject *args)
             open_remove(e);
         }
     }
-    pthread_mutex_unlock(&g_collect_mu);
+}
+
+/* collect(max_slots) -> Batch | None */
+static PyObject *
+mod_collect(PyObject *m, PyObject *args)
+{
+    Py_ssize_t max_slots = 100000;
+    if (!PyArg_ParseTuple(args, "|n:collect", &max_slots))
+        return NULL;
+    if (max_slots < 16)
+        max_slots = 16;
+    BatchObject *b = batch_new();
+    if (b == NULL)
+        return NULL;
+    int need_gil = 0, oom = 0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&g_collect_mu);
+    if (!g_collect_rng_ready) {
+        rng_seed(&g_collect_rng);
+        g_collect_rng_ready = 1;
+    }
+    pthread_mutex_lock(&g_registry_mu);
+    uint64_t avail = 0;
+    for (ring_t *r = g_rings; r; r = r->next)
+        avail += atomic_load(&r->head) - atomic_load(&r->tail);
+    size_t room = avail < (uint64_t)max_slots ? (size_t)avail : (size_t)max_slots;
+    if (room > 0) {
+        b->slots = malloc(sizeof(slot_t) * room);
+        b->aux = calloc(room, sizeof(aux_t));
+        if (b->slots == NULL || b->aux == NULL)
+            oom = 1;
+    }
+    for (ring_t *r = g_rings; r && !oom && b->nslots < room; r = r->next)
+        b->nslots += claim_ring(r, b->slots + b->nslots, room - b->nslots);
+    pthread_mutex_unlock(&g_registry_mu);
+    for (size_t i = 0; i < b->nslots; i++) {
+        b->aux[i].ext = -1;
+        if (b->slots[i].type != R_SPAN2 && (b->slots[i].flags & F_REFS))
+            need_gil = 1;
+    }
+    if (!need_gil) {
+        assign_mark_ids(b);
+        pthread_mutex_unlock(&g_collect_mu);
+    }
     Py_END_ALLOW_THREADS
+    if (need_gil) {
+        /* the collect mutex stays held: this batch's mark ids must be assigned in order */
+        for (size_t i = 0; i < b->nslots; i++)
+            if (b->slots[i].type != R_SPAN2 && (b->slots[i].flags & F_REFS))
+                resolve_refs(b, i);
+        Py_BEGIN_ALLOW_THREADS
+        assign_mark_ids(b);
+        pthread_mutex_unlock(&g_collect_mu);
+        Py_END_ALLOW_THREADS
+    }
+    if (oom) {
+        Py_DECREF(b);
+        return PyErr_NoMemory();
+    }
     atomic_fetch_add(&g_marks_collected, b->n_marks);
     atomic_fetch_add(&g_spans_collected, b->n_spans);
     if (b->nslots == 0) {

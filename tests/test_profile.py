@@ -1,0 +1,180 @@
+"""profile() / health() / flush() / shutdown() / trace(): contracts and argument checks."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+import cirron_otel as ci
+
+from .conftest import read_spool, run_script, spans_and_marks
+
+REFERENCE_KEYS = {
+    "enabled", "scope_drop_count", "mark_drop_count", "spool_drop_count", "spool_dir", "spool_bytes",
+    "flush_mode", "flush_restart_count", "transport", "installed_hooks", "platform_context",
+}
+
+
+def test_profile_is_idempotent_and_flush_shutdown_too(out):
+    p1 = ci.profile(output_dir=str(out), install_signal_handlers=False)
+    p2 = ci.profile(output_dir="/elsewhere")
+    assert p1 is p2
+    assert ci.flush() is True and ci.flush() is True
+    ci.shutdown()
+    ci.shutdown()
+    assert ci.flush() is True
+    assert ci.health()["flush_mode"] == "stopped"
+
+
+def test_health_has_reference_keys_and_counts(prof, out):
+    for i in range(10):
+        ci.mark("m", i)
+    with ci.scope("s"):
+        pass
+    ci.flush()
+    h = ci.health()
+    assert REFERENCE_KEYS <= set(h)
+    assert h["enabled"] is True and h["native"] is True
+    assert h["flush_mode"] == "background"
+    assert h["spool_dir"] == str(out / "spool")
+    assert h["spool_bytes"] > 0
+    assert h["records_pending"] == 0
+    spool = h["sinks"]["spool"]
+    assert spool["exported"] >= 11 and spool["failed"] == 0 and spool["last_error"] is None
+    assert h["platform_context"]["pid"] > 0
+    json.dumps(h)  # plain data
+
+
+def test_health_never_raises_without_profiler():
+    h = ci.health()
+    assert REFERENCE_KEYS <= set(h)
+
+
+def test_disabled_profiler_is_a_cheap_noop(out):
+    p = ci.profile(output_dir=str(out), enabled=False)
+    ci.mark("x", 1)
+    with ci.scope("s") as s:
+        assert s.name == "s"
+    for _ in ci.epochs(range(3)):
+        pass
+    ci.flush()
+    assert ci.health()["enabled"] is False
+    with pytest.raises(TypeError):
+        ci.mark("x", object())  # bad input is still an error at the call
+    ci.shutdown()
+    assert not (out / "spool").exists()
+    assert p.settings.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc"),
+    [
+        ({"output": "kafka"}, ValueError),
+        ({"output": 3}, TypeError),
+        ({"flush_interval": 0}, ValueError),
+        ({"flush_interval": "1"}, TypeError),
+        ({"ring_capacity": 10}, ValueError),
+        ({"ring_capacity": 1.5}, TypeError),
+        ({"spool_max_bytes": -1}, ValueError),
+        ({"nonsense": 1}, TypeError),
+    ],
+)
+def test_profile_argument_errors(out, kwargs, exc):
+    with pytest.raises(exc):
+        ci.profile(output_dir=str(out), **kwargs)
+
+
+def test_trace_formats(prof, out):
+    for _ in ci.epochs(range(2)):
+        for _ in ci.batches(range(2)):
+            ci.mark("loss", 0.25)
+        ci.mark("acc", 0.5, kind="summary")
+    tree = ci.trace()
+    lines = tree.splitlines()
+    assert lines[0].startswith("cirron.session")
+    assert any(line.startswith("  epoch[0]") and "acc=0.5" in line for line in lines)
+    assert any(line.startswith("    batch[1]") and "loss=0.25" in line for line in lines)
+    roots = ci.trace(format="dict")
+    assert roots[0]["name"] == "cirron.session" and roots[0]["end_ns"] is None
+    epochs = roots[0]["children"]
+    assert [e["index"] for e in epochs] == [0, 1]
+    assert epochs[0]["children"][0]["marks"][0]["value"] == 0.25
+    assert json.loads(ci.trace(format="json")) == roots
+    only = ci.trace(format="dict", name="batch")
+    assert len(only) == 4 and all(n["name"] == "batch" for n in only)
+    assert len(ci.trace(format="dict", name="batch", last=1)) == 1
+    with pytest.raises(ValueError):
+        ci.trace(format="xml")
+
+
+def test_at_exit_writes_everything_including_the_session(out):
+    r = run_script(
+        f"""
+        import cirron_otel as ci
+        ci.profile(output_dir={str(out)!r}, flush_interval=60)
+        for i in range(1000):
+            ci.mark("m", i)
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    spans, marks = spans_and_marks(out)
+    assert len(marks) == 1000
+    assert [s["name"] for s in spans] == ["cirron.session"]
+
+
+def test_sigterm_with_default_action_flushes_then_dies_by_the_signal(out):
+    r = run_script(
+        f"""
+        import os, signal, cirron_otel as ci
+        ci.profile(output_dir={str(out)!r}, flush_interval=60)
+        with ci.scope("work"):
+            ci.mark("m", 1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        import time; time.sleep(5)
+        print("survived")
+        """
+    )
+    assert r.returncode == -signal.SIGTERM
+    assert "survived" not in r.stdout
+    spans, marks = spans_and_marks(out)
+    assert {s["name"] for s in spans} == {"work", "cirron.session"}
+    assert len(marks) == 1
+
+
+def test_sigterm_chains_to_the_application_handler(out):
+    r = run_script(
+        f"""
+        import os, signal, cirron_otel as ci
+        got = []
+        signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+        ci.profile(output_dir={str(out)!r}, flush_interval=60)
+        ci.mark("m", 1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        import glob, json
+        n = sum(len(json.load(open(p))["marks"]) for p in glob.glob({str(out)!r} + "/spool/*.json"))
+        print(got, n)
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["[15]", "1"]
+
+
+def test_sigint_flushes_then_raises_keyboardinterrupt(out):
+    r = run_script(
+        f"""
+        import os, signal, cirron_otel as ci
+        ci.profile(output_dir={str(out)!r}, flush_interval=60)
+        ci.mark("m", 1)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            import time; time.sleep(5)
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt")
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    assert "KeyboardInterrupt" in r.stdout
+    assert len(spans_and_marks(out)[1]) == 1
+    assert read_spool(out)

@@ -1,0 +1,284 @@
+"""scope(), epochs(), batches(): nesting, parents, errors, decorators, tasks, depth limit."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import warnings
+
+import pytest
+
+import cirron_otel as ci
+
+from .conftest import spans_and_marks
+
+
+def _spans(out) -> list[dict]:
+    ci.flush()
+    return spans_and_marks(out)[0]
+
+
+def test_handle_properties_and_tree(prof, out):
+    session = ci._native.session()
+    with ci.scope("outer", 3, variant="fp16") as outer:
+        assert outer.name == "outer" and outer.index == 3
+        assert outer.attrs == {"variant": "fp16"}
+        assert outer.parent_id == session.id
+        assert len(outer.id) == 32 and int(outer.id, 16)
+        assert ci.current_scope() is outer
+        outer.attrs["late"] = 1
+        with ci.scope("inner") as inner:
+            assert inner.parent_id == outer.id and inner.index is None
+            ci.mark("x", 1)
+    assert ci.current_scope() is None
+    spans = {s["name"]: s for s in _spans(out)}
+    assert spans["outer"]["parent_id"] == session.id
+    assert spans["inner"]["parent_id"] == spans["outer"]["id"] == outer.id
+    assert spans["outer"]["attrs"] == {"variant": "fp16", "late": 1}
+    assert spans["outer"]["index"] == 3
+    assert spans["outer"]["start_ns"] <= spans["inner"]["start_ns"] <= spans["inner"]["end_ns"]
+    assert spans["inner"]["end_ns"] <= spans["outer"]["end_ns"]
+    assert spans["inner"]["trace_id"] == spans["outer"]["trace_id"]
+    assert spans["inner"]["id"][:16] == f"{outer_child_span_int(spans['inner']):016x}"
+
+
+def outer_child_span_int(span: dict) -> int:
+    return int(span["id"][:16], 16)
+
+
+def test_marks_attach_to_innermost_then_session_then_root(out):
+    ci.mark("before", 1)  # no profile yet: "root"
+    ci.profile(output_dir=str(out), flush_interval=0.05, install_signal_handlers=False)
+    session_id = ci._native.session().id
+    with ci.scope("a") as a:
+        ci.mark("in_a", 1)
+        with ci.scope("b") as b:
+            ci.mark("in_b", 1)
+        ci.mark("in_a_again", 1)
+    ci.mark("in_session", 1)
+    ci.shutdown()
+    ci.mark("after", 1)  # after shutdown: "root" again
+    ci.profile(output_dir=str(out), flush_interval=0.05, install_signal_handlers=False)
+    ci.shutdown()
+    spans, marks = spans_and_marks(out)
+    by = {m["name"]: m for m in marks}
+    assert by["before"]["span_id"] == "root" and by["after"]["span_id"] == "root"
+    assert by["in_a"]["span_id"] == by["in_a_again"]["span_id"] == a.id
+    assert by["in_b"]["span_id"] == b.id
+    assert by["in_session"]["span_id"] == session_id
+    span_by_id = {s["id"]: s for s in spans}
+    assert set(span_by_id[a.id]["mark_ids"]) == {by["in_a"]["id"], by["in_a_again"]["id"]}
+    assert span_by_id[b.id]["mark_ids"] == [by["in_b"]["id"]]
+    assert by["in_session"]["id"] in span_by_id[session_id]["mark_ids"]
+    sessions = [s for s in spans if s["name"] == "cirron.session"]
+    assert len(sessions) == 2 and all(s["parent_id"] is None for s in sessions)
+
+
+def test_exception_closes_scope_records_error_and_propagates(prof, out):
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom, match="kaput") as info, ci.scope("step", keep="me"):
+        raise Boom("kaput " + "x" * 400)
+    assert isinstance(info.value, Boom)
+    assert ci.current_scope() is None
+    (span,) = [s for s in _spans(out) if s["name"] == "step"]
+    assert span["attrs"]["error"] is True
+    assert span["attrs"]["error.type"].endswith("Boom")
+    assert span["attrs"]["keep"] == "me"
+    assert span["attrs"]["error.message"].startswith("kaput x")
+    assert len(span["attrs"]["error.message"].encode()) <= 256
+
+
+def test_epochs_and_batches_index_and_close(prof, out):
+    items = []
+    for e in ci.epochs(["a", "b"]):
+        for b in ci.batches(range(3)):
+            items.append((e, b))
+    assert items == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]
+    assert ci.current_scope() is None
+    spans = _spans(out)
+    epochs = sorted((s for s in spans if s["name"] == "epoch"), key=lambda s: s["index"])
+    assert [s["index"] for s in epochs] == [0, 1]
+    session_id = ci._native.session().id
+    assert all(s["parent_id"] == session_id for s in epochs)
+    batches = [s for s in spans if s["name"] == "batch"]
+    assert sorted(s["index"] for s in batches) == [0, 0, 1, 1, 2, 2]
+    assert {s["parent_id"] for s in batches} == {s["id"] for s in epochs}
+
+
+def test_epochs_close_on_break_exception_and_abandon(prof, out):
+    for i in ci.epochs(range(10)):
+        if i == 2:
+            break
+    assert ci.current_scope() is None
+    with pytest.raises(KeyError):
+        for _ in ci.batches(range(10)):
+            raise KeyError("x")
+    assert ci.current_scope() is None
+
+    def gen():
+        yield 1
+        raise ValueError("source failed")
+
+    with pytest.raises(ValueError):
+        for _ in ci.epochs(gen()):
+            pass
+    assert ci.current_scope() is None
+    it = ci.batches(range(5))
+    next(it)
+    assert ci.current_scope() is not None
+    del it
+    assert ci.current_scope() is None
+    spans = _spans(out)
+    epochs = [s for s in spans if s["name"] == "epoch"]
+    batches = [s for s in spans if s["name"] == "batch"]
+    assert sorted(s["index"] for s in epochs) == [0, 0, 1, 2]
+    failed = [s for s in batches if s["attrs"].get("error")]
+    assert len(failed) == 1 and failed[0]["index"] == 0
+    assert sorted(s["index"] for s in batches) == [0, 0]
+
+
+def test_decorator_sync_and_async(prof, out):
+    @ci.scope("work", kind_of="sync")
+    def work(x):
+        ci.mark("in_work", x)
+        return x * 2
+
+    @ci.scope("awork")
+    async def awork(x):
+        await asyncio.sleep(0)
+        ci.mark("in_awork", x)
+        return x + 1
+
+    assert work(2) == 4 and work(3) == 6
+    assert work.__name__ == "work"
+    assert asyncio.run(awork(1)) == 2
+    spans, marks = spans_and_marks(out) if ci.flush() else ([], [])
+    names = [s["name"] for s in spans]
+    assert names.count("work") == 2 and names.count("awork") == 1
+    work_ids = {s["id"] for s in spans if s["name"] == "work"}
+    assert {m["span_id"] for m in marks if m["name"] == "in_work"} == work_ids
+    assert all(s["attrs"] == {"kind_of": "sync"} for s in spans if s["name"] == "work")
+
+
+def test_asyncio_tasks_do_not_see_each_others_scopes(prof, out):
+    seen: dict[str, list[str | None]] = {}
+
+    async def worker(tag: str, delay: float) -> None:
+        with ci.scope(f"task-{tag}") as s:
+            seen[tag] = []
+            for i in range(5):
+                await asyncio.sleep(delay)
+                cur = ci.current_scope()
+                seen[tag].append(cur.id if cur else None)
+                assert cur is s
+                with ci.scope(f"step-{tag}", i) as inner:
+                    await asyncio.sleep(delay / 2)
+                    assert ci.current_scope() is inner
+                    ci.mark(f"m-{tag}", i)
+
+    async def main() -> None:
+        with ci.scope("request") as parent:
+            await asyncio.gather(worker("a", 0.001), worker("b", 0.0015), worker("c", 0.0005))
+            assert ci.current_scope() is parent
+
+    asyncio.run(main())
+    spans, marks = spans_and_marks(out) if ci.flush() else ([], [])
+    by_id = {s["id"]: s for s in spans}
+    request = next(s for s in spans if s["name"] == "request")
+    for tag in "abc":
+        task = next(s for s in spans if s["name"] == f"task-{tag}")
+        assert task["parent_id"] == request["id"]
+        steps = [s for s in spans if s["name"] == f"step-{tag}"]
+        assert len(steps) == 5 and all(s["parent_id"] == task["id"] for s in steps)
+        for m in (m for m in marks if m["name"] == f"m-{tag}"):
+            assert by_id[m["span_id"]]["name"] == f"step-{tag}"
+            assert by_id[m["span_id"]]["index"] == m["value"]
+
+
+def test_threads_get_their_own_stack_under_the_session(prof, out):
+    ids = {}
+
+    def run(tag):
+        assert ci.current_scope() is None
+        with ci.scope(tag) as s:
+            ids[tag] = s.parent_id
+
+    with ci.scope("main-scope"):
+        ts = [threading.Thread(target=run, args=(f"t{i}",)) for i in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    session_id = ci._native.session().id
+    assert set(ids.values()) == {session_id}
+
+
+def test_depth_limit_drops_counts_and_stays_balanced(prof, out):
+    before = ci.health()["scope_drop_count"]
+
+    def nest(n):
+        if n == 0:
+            ci.mark("deepest", 1)
+            return
+        with ci.scope("lvl", n):
+            nest(n - 1)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = threading.Thread(target=lambda: (nest(70), nest(70)))
+        t.start()
+        t.join()
+    msgs = [str(w.message) for w in caught if issubclass(w.category, ci.CirronWarning)]
+    assert sum("deeper than 64" in m for m in msgs) == 1  # once per thread
+    assert ci.health()["scope_drop_count"] - before == 12
+    spans = [s for s in _spans(out) if s["name"] == "lvl"]
+    assert len(spans) == 128
+    assert sorted({s["index"] for s in spans}) == list(range(7, 71))
+    marks = spans_and_marks(out)[1]
+    deepest = [m for m in marks if m["name"] == "deepest"]
+    by_id = {s["id"]: s for s in spans}
+    assert all(by_id[m["span_id"]]["index"] == 7 for m in deepest)
+
+
+def test_scope_argument_errors(prof):
+    with pytest.raises(TypeError, match="name"):
+        ci.scope()
+    with pytest.raises(TypeError, match="name must be a str"):
+        ci.scope(5)
+    with pytest.raises(ValueError, match="non-empty"):
+        ci.scope("")
+    with pytest.raises(TypeError, match="index must be an int"):
+        ci.scope("x", "3")
+    with pytest.raises(TypeError, match="index must be an int"):
+        ci.scope("x", True)
+    s = ci.scope("once")
+    with s:
+        pass
+    with pytest.raises(RuntimeError, match="entered once"), s:
+        pass
+
+
+def test_scope_by_keyword_and_index_keyword(prof, out):
+    with ci.scope(name="kw", index=4, a=1):
+        pass
+    (span,) = [s for s in _spans(out) if s["name"] == "kw"]
+    assert span["index"] == 4 and span["attrs"] == {"a": 1}
+
+
+def test_capture_cpu_time(out):
+    ci.profile(output_dir=str(out), capture_cpu_time=True, install_signal_handlers=False)
+    with ci.scope("busy"):
+        sum(i * i for i in range(200_000))
+    with ci.scope("idle"):
+        pass
+    spans = {s["name"]: s for s in _spans(out)}
+    assert spans["busy"]["cpu_ns"] > 1_000_000
+    assert spans["idle"]["cpu_ns"] is not None and spans["idle"]["cpu_ns"] < spans["busy"]["cpu_ns"]
+    ci.shutdown()
+    ci.profile(output_dir=str(out) + "2", install_signal_handlers=False)
+    with ci.scope("plain"):
+        pass
+    (plain,) = [s for s in _spans(str(out) + "2") if s["name"] == "plain"]
+    assert plain["cpu_ns"] is None

@@ -1,0 +1,124 @@
+"""The spool v1 writer: names, atomic durable writes, record caps, the byte cap."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+import cirron_otel as ci
+from cirron_otel.exporters import spool as spool_mod
+from cirron_otel.exporters.schema import loads_strict
+
+from .conftest import read_spool, spans_and_marks
+
+
+def test_batch_file_layout(prof, out):
+    with ci.scope("s"):
+        ci.mark("loss", 0.5)
+    ci.flush()
+    (doc,) = read_spool(out)
+    name = os.listdir(out / "spool")[0]
+    assert re.fullmatch(r"\d{20}-[0-9a-f]{32}\.json", name)
+    assert doc["schema_version"] == 1
+    assert doc["sdk_version"] == ci.__version__
+    assert doc["snapshots"] == []
+    assert list(doc) == ["schema_version", "sdk_version", "batch_id", "created_ns", "spans", "marks",
+                         "snapshots"]
+    mark = doc["marks"][0]
+    assert list(mark) == ["id", "span_id", "name", "value_type", "value", "attrs", "ts_ns", "kind"]
+    assert int(mark["id"][12], 16) == 4  # UUID4 layout: 122 random bits
+    span = doc["spans"][0]
+    assert span["mark_ids"] == [mark["id"]]
+    assert span["pid"] == os.getpid() and span["rank"] == 0
+    assert span["memory_peak_bytes"] is None and span["gpu_ns"] is None
+
+
+def test_write_is_tmp_fsync_replace_dirfsync(prof, out, monkeypatch):
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_open = os.fsync, os.replace, os.open
+    opened: dict[int, str] = {}
+
+    def spy_open(path, flags, *a, **kw):
+        fd = real_open(path, flags, *a, **kw)
+        opened[fd] = os.fspath(path)
+        return fd
+
+    def spy_fsync(fd):
+        events.append(("fsync", opened.get(fd, "?")))
+        return real_fsync(fd)
+
+    def spy_replace(src, dst):
+        events.append(("replace", os.fspath(src)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(spool_mod.os, "open", spy_open)
+    monkeypatch.setattr(spool_mod.os, "fsync", spy_fsync)
+    monkeypatch.setattr(spool_mod.os, "replace", spy_replace)
+    ci.mark("x", 1)
+    ci.flush()
+    monkeypatch.undo()
+    kinds = [(k, p.endswith(".json.tmp"), p.endswith("spool")) for k, p in events]
+    assert kinds[:3] == [("fsync", True, False), ("replace", True, False), ("fsync", False, True)]
+
+
+def test_at_most_100k_records_per_file(out):
+    ci.profile(output_dir=str(out), flush_interval=30, install_signal_handlers=False)
+    for i in range(23_000):
+        with ci.scope("step"):
+            for _ in range(10):
+                ci.mark("loss", i)
+    ci.shutdown()
+    docs = read_spool(out)
+    sizes = [len(d["spans"]) + len(d["marks"]) for d in docs]
+    assert max(sizes) <= 100_000
+    assert sum(len(d["marks"]) for d in docs) == 230_000
+    assert sum(len(d["spans"]) for d in docs) == 23_001
+    assert len(docs) >= 3
+    # every span lists exactly its marks, even when they landed in other files
+    spans = [s for d in docs for s in d["spans"]]
+    owner = {m["id"]: m["span_id"] for d in docs for m in d["marks"]}
+    for s in spans:
+        if s["name"] == "step":
+            assert len(s["mark_ids"]) == 10
+            assert all(owner[mid] == s["id"] for mid in s["mark_ids"])
+
+
+def test_byte_cap_evicts_oldest_first_and_counts(out):
+    ci.profile(output_dir=str(out), spool_max_bytes=30_000, flush_interval=30, install_signal_handlers=False)
+    written = []
+    for round_ in range(12):
+        for i in range(20):
+            ci.mark("r", round_ * 100 + i)
+        ci.flush()
+        written.append(round_)
+    h = ci.health()
+    files = sorted(os.listdir(out / "spool"))
+    total = sum(os.path.getsize(out / "spool" / f) for f in files)
+    assert total <= 30_000
+    assert h["spool_drop_count"] == 12 - len(files) > 0
+    assert h["spool_bytes"] == total
+    kept_rounds = sorted({m["value"] // 100 for d in read_spool(out) for m in d["marks"]})
+    assert kept_rounds == list(range(12 - len(files), 12))  # the newest survive
+
+
+def test_strict_json_with_nonfinite_everywhere(prof, out):
+    ci.mark("loss", float("nan"), bad=float("inf"))
+    with ci.scope("s", w=float("-inf")):
+        ci.mark("g", float("-inf"))
+    ci.flush()
+    raw = next((out / "spool").glob("*.json")).read_bytes()
+    assert b"NaN" not in raw and b"Infinity" not in raw
+    loads_strict(raw)
+    with pytest.raises(ValueError):
+        loads_strict(json.dumps({"v": float("nan")}))
+
+
+def test_output_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIRRON_OUTPUT_DIR", str(tmp_path / "from-env"))
+    ci.profile(install_signal_handlers=False)
+    ci.mark("e", 1)
+    ci.shutdown()
+    assert read_spool(tmp_path / "from-env")
