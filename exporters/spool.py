@@ -2,13 +2,14 @@
 
 Layout: `<output_dir>/spool/<created_ns:020d>-<batch_id>.json`. Each file is written to
 `<name>.json.tmp`, fsynced, renamed with `os.replace`, and the directory is fsynced, so a
-batch survives power loss once its name appears. The JSON itself comes from the native
-encoder (`_native.encode_spool`), which runs without the GIL.
+batch survives power loss once its name appears. The JSON is streamed into the file by the
+native encoder (`_native.write_spool`) without the GIL.
 
 Failures (missing or read-only directory, disk full) never reach the application: the
-encoded batch stays queued and is written on a later attempt, byte-identical, so mark ids
-never change; past `retry_bytes` of queued data the oldest batch is dropped and counted.
-Past `max_bytes` on disk the oldest files are deleted and counted (`spool_drop_count`).
+batch stays queued under its name and is written on a later attempt, byte-identical (the
+encoding is deterministic, so mark ids never change); past `retry_records` queued records
+the oldest file's worth is dropped and counted. Past `max_bytes` on disk the oldest files
+are deleted and counted (`spool_drop_count`).
 """
 
 from __future__ import annotations
@@ -30,10 +31,15 @@ SCHEMA_VERSION = 1
 
 @dataclass
 class _PendingFile:
-    name: str
-    data: bytes
+    created_ns: int
+    batch_id: str
+    batches: list[_native.Batch]
     marks: int
     spans: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.created_ns:020d}-{self.batch_id}.json"
 
     @property
     def records(self) -> int:
@@ -67,17 +73,17 @@ class SpoolSink(Sink):
         *,
         max_bytes: int = 1_000_000_000,
         max_records_per_file: int = 100_000,
-        retry_bytes: int = 256 * 1024 * 1024,
+        retry_records: int = 2_000_000,
     ) -> None:
         super().__init__()
         self.spool_dir = os.path.join(os.fspath(output_dir), "spool")
         self.max_bytes = max_bytes
         self.max_records_per_file = max_records_per_file
-        self.retry_bytes = retry_bytes
+        self.retry_records = retry_records
         self.evicted_files = 0
         self.dropped_files = 0
         self._queue: deque[_PendingFile] = deque()
-        self._queued_bytes = 0
+        self._queued_records = 0
         self._disk_bytes: int | None = None
         self._dir_ready = False
         extra = self.stats.extra
@@ -88,21 +94,15 @@ class SpoolSink(Sink):
 
     def export(self, batches: Sequence[_native.Batch]) -> None:
         for group in group_batches(batches, self.max_records_per_file):
-            created_ns = time.time_ns()
-            batch_id = uuid.uuid4().hex
-            try:
-                data = _native.encode_spool(group, batch_id, created_ns, __version__)
-            except MemoryError as exc:
-                self._drop(sum(len(b) for b in group), exc)
-                continue
             pending = _PendingFile(
-                name=f"{created_ns:020d}-{batch_id}.json",
-                data=data,
+                created_ns=time.time_ns(),
+                batch_id=uuid.uuid4().hex,
+                batches=group,
                 marks=sum(b.mark_count for b in group),
                 spans=sum(b.span_count for b in group),
             )
             self._queue.append(pending)
-            self._queued_bytes += len(data)
+            self._queued_records += pending.records
             with self.stats.lock:
                 self.stats.pending += pending.records
         self._trim_queue()
@@ -112,7 +112,7 @@ class SpoolSink(Sink):
         while self._queue:
             item = self._queue[0]
             try:
-                self._write(item)
+                size = self._write(item)
             except OSError as exc:
                 with self.stats.lock:
                     self.stats.failed += 1
@@ -120,13 +120,13 @@ class SpoolSink(Sink):
                 self._dir_ready = False
                 return
             self._queue.popleft()
-            self._queued_bytes -= len(item.data)
+            self._queued_records -= item.records
             with self.stats.lock:
                 self.stats.pending -= item.records
                 self.stats.exported += item.records
                 extra = self.stats.extra
                 extra["files_written"] += 1
-                extra["bytes_written"] += len(item.data)
+                extra["bytes_written"] += size
                 extra["marks_written"] += item.marks
                 extra["spans_written"] += item.spans
             self._enforce_cap(keep=item.name)
@@ -154,27 +154,25 @@ class SpoolSink(Sink):
 
     def _trim_queue(self) -> None:
         # Keep the newest data when the disk has been failing for long: drop oldest first.
-        while self._queued_bytes > self.retry_bytes and len(self._queue) > 1:
+        while self._queued_records > self.retry_records and len(self._queue) > 1:
             item = self._queue.popleft()
-            self._queued_bytes -= len(item.data)
+            self._queued_records -= item.records
             with self.stats.lock:
                 self.stats.pending -= item.records
-            self._drop(item.records, f"retry buffer over {self.retry_bytes} bytes")
+            self._drop(item.records, f"over {self.retry_records} records waiting for the disk")
 
     def _ensure_dir(self) -> None:
         if not self._dir_ready:
             os.makedirs(self.spool_dir, exist_ok=True)
             self._dir_ready = True
 
-    def _write(self, item: _PendingFile) -> None:
+    def _write(self, item: _PendingFile) -> int:
         self._ensure_dir()
         final = os.path.join(self.spool_dir, item.name)
         tmp = final + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            view = memoryview(item.data)
-            while view:
-                view = view[os.write(fd, view):]
+            size = _native.write_spool(fd, item.batches, item.batch_id, item.created_ns, __version__)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -194,7 +192,8 @@ class SpoolSink(Sink):
         if self._disk_bytes is None:
             self._disk_bytes = self._scan()[1]
         else:
-            self._disk_bytes += len(item.data)
+            self._disk_bytes += size
+        return size
 
     def _scan(self) -> tuple[list[tuple[str, int]], int]:
         """Sealed batches oldest first, and the bytes held by sealed and unsealed files."""

@@ -30,14 +30,15 @@ class Settings:
     enabled: bool = True
     capture_cpu_time: bool = False
     rank: int = 0
-    # How long a producer whose ring is full waits for the drainer before dropping the
-    # oldest record. Only applies while the drainer runs; 0 drops at once.
-    ring_full_wait: float = 0.1
+    # A producer whose ring is full waits (GIL released) while the drainer and the spool
+    # keep making progress, and drops the oldest record once they have made none for this
+    # many seconds. Only while the drainer runs; 0 drops at once.
+    ring_full_wait: float = 1.0
     max_records_per_file: int = MAX_RECORDS_PER_FILE
     # ci.trace() keeps the most recent records of the live session in memory, up to this.
     trace_buffer_records: int = 200_000
-    # Spool batches that could not be written are kept for retry up to this many bytes.
-    spool_retry_bytes: int = 256 * 1024 * 1024
+    # Records the spool could not write yet (disk failing) are kept for retry up to this.
+    spool_retry_records: int = 2_000_000
     install_signal_handlers: bool = True
     session_attrs: Mapping[str, Any] = field(default_factory=dict)
 
@@ -86,7 +87,7 @@ def resolve(
     spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
     enabled: bool = True,
     capture_cpu_time: bool = False,
-    ring_full_wait: float = 0.1,
+    ring_full_wait: float = 1.0,
     trace_buffer_records: int = 200_000,
     install_signal_handlers: bool = True,
     session_attrs: Mapping[str, Any] | None = None,

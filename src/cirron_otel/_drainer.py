@@ -113,6 +113,7 @@ class SinkWorker(threading.Thread):
                     self.sink.retry()
                 else:
                     self.sink.export(item[1])
+                    _native.progress()
             except Exception as exc:  # a sink bug must not kill its worker
                 self.sink.stats.error("export raised", exc)
             if item is not None:

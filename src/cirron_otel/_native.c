@@ -172,7 +172,6 @@ typedef struct {
 } buf_t;
 
 static int json_escape_utf8(buf_t *b, const char *s, Py_ssize_t n);
-static int buf_reserve(buf_t *b, size_t extra);
 
 static inline const name_entry_t *
 name_get(uint32_t id)
@@ -328,6 +327,7 @@ static _Atomic int g_recording = 1;
 static int64_t g_rank = 0;
 static int64_t g_pid = 0;
 static _Atomic int64_t g_full_wait_ns = 0; /* 0: drop at once (no drainer running) */
+static _Atomic int64_t g_progress_ns;       /* last time the drainer or a sink moved data */
 
 /* drainer wake-up */
 static pthread_mutex_t g_wake_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -444,7 +444,7 @@ ring_make_room(ring_t *r, uint64_t h, uint64_t need)
         /* Backpressure: the drainer is running but behind. Give it the GIL and a moment
          * rather than lose data; give up after wait_ns and drop from then on until it
          * catches up. */
-        int64_t deadline = wall_ns() + wait_ns;
+        int64_t start = wall_ns();
         Py_BEGIN_ALLOW_THREADS
         struct timespec pause = {0, 50000};
         for (;;) {
@@ -452,7 +452,9 @@ ring_make_room(ring_t *r, uint64_t h, uint64_t need)
             r->cached_tail = atomic_load_explicit(&r->tail, memory_order_acquire);
             if (h + need - r->cached_tail <= r->cap)
                 break;
-            if (wall_ns() > deadline) {
+            /* keep waiting while the pipeline moves; give up once it has stalled */
+            int64_t progress = atomic_load_explicit(&g_progress_ns, memory_order_relaxed);
+            if (wall_ns() - (progress > start ? progress : start) > wait_ns) {
                 r->no_wait = 1;
                 break;
             }
@@ -1490,12 +1492,10 @@ fail:
  * ==================================================================================== */
 
 static int
-buf_reserve(buf_t *b, size_t extra)
+buf_grow(buf_t *b, size_t extra)
 {
     if (b->oom)
         return -1;
-    if (b->len + extra <= b->cap)
-        return 0;
     size_t cap = b->cap ? b->cap : 4096;
     while (cap < b->len + extra)
         cap *= 2;
@@ -1507,6 +1507,14 @@ buf_reserve(buf_t *b, size_t extra)
     b->data = d;
     b->cap = cap;
     return 0;
+}
+
+static inline int
+buf_reserve(buf_t *b, size_t extra)
+{
+    if (b->len + extra <= b->cap)
+        return 0;
+    return buf_grow(b, extra);
 }
 
 static inline void
@@ -1521,14 +1529,28 @@ buf_put(buf_t *b, const char *s, size_t n)
 /* string literals only: sizeof a pointer would be wrong */
 #define BUF_LIT(b, s) buf_put((b), ("" s ""), sizeof(s) - 1)
 
-static const char HEX[] = "0123456789abcdef";
-
+/* 16 lowercase hex digits of v, most significant first, without a loop per digit: spread
+ * the nibbles one per byte, then add '0' or 'a'-10 to each byte at once. */
 static inline void
-buf_hex64(char *o, uint64_t v)
+hex64(char *o, uint64_t v)
 {
-    for (int i = 15; i >= 0; i--) {
-        o[i] = HEX[v & 15];
-        v >>= 4;
+    for (int half = 0; half < 2; half++) {
+        uint64_t x = half ? (v & 0xFFFFFFFFu) : (v >> 32);
+        x = ((x & 0xFFFF0000u) << 16) | (x & 0xFFFFu);
+        x = ((x & 0x0000FF000000FF00ULL) << 8) | (x & 0x000000FF000000FFULL);
+        x = ((x & 0x00F000F000F000F0ULL) << 4) | (x & 0x000F000F000F000FULL);
+        uint64_t letters = ((x + 0x0606060606060606ULL) >> 4) & 0x0101010101010101ULL;
+        x += 0x3030303030303030ULL + letters * 0x27;
+        /* byte i holds nibble i (least significant first): store most significant first */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && defined(__GNUC__)
+        x = __builtin_bswap64(x);
+        memcpy(o + half * 8, &x, 8);
+#elif defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        memcpy(o + half * 8, &x, 8);
+#else
+        for (int i = 0; i < 8; i++)
+            o[half * 8 + i] = (char)(x >> (8 * (7 - i)));
+#endif
     }
 }
 
@@ -1539,45 +1561,227 @@ buf_id(buf_t *b, uint64_t hi, uint64_t lo)
         return;
     char *o = b->data + b->len;
     o[0] = '"';
-    buf_hex64(o + 1, hi);
-    buf_hex64(o + 17, lo);
+    hex64(o + 1, hi);
+    hex64(o + 17, lo);
     o[33] = '"';
     b->len += 34;
 }
+
+static const char DIGIT_PAIRS[] =
+    "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+    "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+    "8081828384858687888990919293949596979899";
 
 static inline void
 buf_i64(buf_t *b, int64_t v)
 {
     char tmp[24];
-    int n = 0;
+    char *end = tmp + sizeof tmp, *p = end;
     uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
-    do {
-        tmp[n++] = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
-    if (buf_reserve(b, (size_t)n + 1) < 0)
-        return;
+    while (u >= 100) {
+        unsigned r = (unsigned)(u % 100);
+        u /= 100;
+        p -= 2;
+        memcpy(p, DIGIT_PAIRS + 2 * r, 2);
+    }
+    if (u >= 10) {
+        p -= 2;
+        memcpy(p, DIGIT_PAIRS + 2 * u, 2);
+    }
+    else {
+        *--p = (char)('0' + u);
+    }
     if (v < 0)
-        b->data[b->len++] = '-';
-    while (n)
-        b->data[b->len++] = tmp[--n];
+        *--p = '-';
+    buf_put(b, p, (size_t)(end - p));
 }
 
-/* Finite double, written so that it parses back to the same double. */
+/* --- Float printing: Grisu2 (Loitsch, "Printing floating-point numbers quickly and
+ * accurately with integers", PLDI 2010). The digits always read back to the same double and
+ * are the shortest such in all but rare cases; the layout follows Python's repr (fixed
+ * notation for 1e-4 <= |v| < 1e16, else d.ddde+XX). No GIL, no allocation, no locale. */
+
+#include "_pow10.h"
+
+typedef struct {
+    uint64_t f;
+    int e;
+} diyfp_t;
+
+static inline uint64_t
+mul_hi64(uint64_t a, uint64_t b)
+{
+    /* upper 64 bits of a*b, rounded (portable: no 128-bit type needed) */
+    uint64_t a_lo = a & 0xFFFFFFFFu, a_hi = a >> 32, b_lo = b & 0xFFFFFFFFu, b_hi = b >> 32;
+    uint64_t p0 = a_lo * b_lo, p1 = a_lo * b_hi, p2 = a_hi * b_lo, p3 = a_hi * b_hi;
+    uint64_t mid = (p0 >> 32) + (p1 & 0xFFFFFFFFu) + (p2 & 0xFFFFFFFFu) + (1u << 31);
+    return p3 + (p1 >> 32) + (p2 >> 32) + (mid >> 32);
+}
+
+static inline diyfp_t
+diy_mul(diyfp_t x, diyfp_t y)
+{
+    return (diyfp_t){mul_hi64(x.f, y.f), x.e + y.e + 64};
+}
+
+static inline diyfp_t
+diy_normalize(diyfp_t x)
+{
+    while (!(x.f >> 63)) {
+        x.f <<= 1;
+        x.e--;
+    }
+    return x;
+}
+
+static void
+grisu2_round(char *buf, int len, uint64_t dist, uint64_t delta, uint64_t rest, uint64_t ten_k)
+{
+    while (rest < dist && delta - rest >= ten_k &&
+           (rest + ten_k < dist || dist - rest > rest + ten_k - dist)) {
+        buf[len - 1]--;
+        rest += ten_k;
+    }
+}
+
+/* Digits of v into buf (no sign, no point); returns the count; *k: v = digits * 10^k. */
+static int
+grisu2(double v, char *buf, int *k)
+{
+    uint64_t bits;
+    memcpy(&bits, &v, 8);
+    uint64_t frac = bits & 0x000FFFFFFFFFFFFFULL;
+    int bexp = (int)((bits >> 52) & 0x7FF);
+    diyfp_t w = bexp ? (diyfp_t){frac | 0x0010000000000000ULL, bexp - 1075} : (diyfp_t){frac, -1074};
+    int lower_closer = frac == 0 && bexp > 1;
+    diyfp_t mp = diy_normalize((diyfp_t){(w.f << 1) + 1, w.e - 1});
+    diyfp_t mm = lower_closer ? (diyfp_t){(w.f << 2) - 1, w.e - 2} : (diyfp_t){(w.f << 1) - 1, w.e - 1};
+    mm.f <<= mm.e - mp.e;
+    mm.e = mp.e;
+    w = diy_normalize(w);
+    /* a cached power c = 10^-mk with the scaled exponent in [-60, -32] */
+    int f = -60 - mp.e - 1;
+    int kk = (f * 78913) / (1 << 18) + (f > 0);
+    int index = (-POW10_MIN_K + kk + (POW10_STEP - 1)) / POW10_STEP;
+    diyfp_t c = {POW10[index].f, POW10[index].e};
+    int mk = POW10[index].k;
+    diyfp_t W = diy_mul(w, c), Wp = diy_mul(mp, c), Wm = diy_mul(mm, c);
+    Wm.f += 1;
+    Wp.f -= 1;
+    uint64_t delta = Wp.f - Wm.f, dist = Wp.f - W.f;
+    int shift = -Wp.e;
+    uint64_t one = 1ULL << shift;
+    uint32_t p1 = (uint32_t)(Wp.f >> shift);
+    uint64_t p2 = Wp.f & (one - 1);
+    static const uint32_t P10[] = {1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000,
+                                   1000000000};
+    int n = 10;
+    while (n > 1 && p1 < P10[n - 1])
+        n--;
+    int len = 0;
+    *k = -mk;
+    while (n > 0) {
+        uint32_t pow = P10[n - 1];
+        buf[len++] = (char)('0' + p1 / pow);
+        p1 %= pow;
+        n--;
+        uint64_t rest = ((uint64_t)p1 << shift) + p2;
+        if (rest <= delta) {
+            *k += n;
+            grisu2_round(buf, len, dist, delta, rest, (uint64_t)pow << shift);
+            return len;
+        }
+    }
+    int m = 0;
+    for (;;) {
+        p2 *= 10;
+        delta *= 10;
+        dist *= 10;
+        buf[len++] = (char)('0' + (p2 >> shift));
+        p2 &= one - 1;
+        m++;
+        if (p2 <= delta)
+            break;
+    }
+    *k -= m;
+    grisu2_round(buf, len, dist, delta, p2, one);
+    return len;
+}
+
+/* Finite double as a JSON number that parses back to the same double (repr-like layout). */
+static int
+format_f64(double d, char *out)
+{
+    char *o = out;
+    uint64_t bits;
+    memcpy(&bits, &d, 8);
+    if (bits >> 63) {
+        *o++ = '-';
+        d = -d;
+    }
+    if (d == 0.0) {
+        memcpy(o, "0.0", 3);
+        return (int)(o - out) + 3;
+    }
+    char dig[24];
+    int k;
+    int n = grisu2(d, dig, &k);
+    while (n > 1 && dig[n - 1] == '0') { /* trailing zeros belong in the exponent */
+        n--;
+        k++;
+    }
+    int decpt = n + k; /* digits before the decimal point */
+    if (decpt > -4 && decpt <= 16) {
+        if (decpt <= 0) {
+            *o++ = '0';
+            *o++ = '.';
+            for (int i = 0; i < -decpt; i++)
+                *o++ = '0';
+            memcpy(o, dig, (size_t)n);
+            o += n;
+        }
+        else if (decpt < n) {
+            memcpy(o, dig, (size_t)decpt);
+            o += decpt;
+            *o++ = '.';
+            memcpy(o, dig + decpt, (size_t)(n - decpt));
+            o += n - decpt;
+        }
+        else {
+            memcpy(o, dig, (size_t)n);
+            o += n;
+            for (int i = n; i < decpt; i++)
+                *o++ = '0';
+            *o++ = '.';
+            *o++ = '0';
+        }
+    }
+    else {
+        *o++ = dig[0];
+        if (n > 1) {
+            *o++ = '.';
+            memcpy(o, dig + 1, (size_t)(n - 1));
+            o += n - 1;
+        }
+        int e = decpt - 1;
+        *o++ = 'e';
+        *o++ = e < 0 ? '-' : '+';
+        if (e < 0)
+            e = -e;
+        if (e >= 100)
+            *o++ = (char)('0' + e / 100);
+        *o++ = (char)('0' + (e / 10) % 10);
+        *o++ = (char)('0' + e % 10);
+    }
+    return (int)(o - out);
+}
+
 static void
 buf_f64(buf_t *b, double d)
 {
-    char tmp[40];
-    int n = snprintf(tmp, sizeof tmp, "%.17g", d);
-    if (n <= 0)
+    if (buf_reserve(b, 32) < 0)
         return;
-    int plain_int = 1;
-    for (int i = 0; i < n; i++)
-        if (tmp[i] == '.' || tmp[i] == 'e' || tmp[i] == 'n' || tmp[i] == 'i')
-            plain_int = 0;
-    buf_put(b, tmp, (size_t)n);
-    if (plain_int)
-        BUF_LIT(b, ".0");
+    b->len += (size_t)format_f64(d, b->data + b->len);
 }
 
 static int
@@ -2201,6 +2405,8 @@ mod_collect(PyObject *m, PyObject *args)
         Py_DECREF(b);
         return PyErr_NoMemory();
     }
+    if (b->nslots > 0)
+        atomic_store_explicit(&g_progress_ns, wall_ns(), memory_order_relaxed);
     atomic_fetch_add(&g_marks_collected, b->n_marks);
     atomic_fetch_add(&g_spans_collected, b->n_spans);
     if (b->nslots == 0) {
@@ -2404,79 +2610,158 @@ encode_mark(buf_t *o, BatchObject *b, size_t i)
         BUF_LIT(o, ",\"kind\":\"point\"}");
 }
 
+/* The encoder streams: with fd >= 0 the buffer is written out whenever it passes
+ * STREAM_CHUNK, so a 100,000-record file needs no 25 MB allocation and no copy. */
+#define STREAM_CHUNK (256 * 1024)
+
+typedef struct {
+    buf_t buf;
+    int fd;
+    int err; /* errno of a failed write */
+    uint64_t written;
+} sink_buf_t;
+
+static void
+stream_out(sink_buf_t *o, int final)
+{
+    if (o->fd < 0 || o->err || (!final && o->buf.len < STREAM_CHUNK))
+        return;
+    size_t off = 0;
+    while (off < o->buf.len) {
+        ssize_t n = write(o->fd, o->buf.data + off, o->buf.len - off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            o->err = errno;
+            return;
+        }
+        off += (size_t)n;
+    }
+    o->written += off;
+    o->buf.len = 0;
+}
+
+typedef struct {
+    PyObject *fast;
+    Py_ssize_t nb;
+    const char *batch_id, *sdk_version;
+    Py_ssize_t bid_len, sdk_len;
+    long long created_ns;
+    int with_trace;
+} spool_args_t;
+
+/* GIL released by the caller. */
+static void
+encode_spool_into(sink_buf_t *o, spool_args_t *a)
+{
+    buf_t *b0 = &o->buf;
+    BUF_LIT(b0, "{\"schema_version\":1,\"sdk_version\":");
+    json_escape_utf8(b0, a->sdk_version, a->sdk_len);
+    BUF_LIT(b0, ",\"batch_id\":");
+    json_escape_utf8(b0, a->batch_id, a->bid_len);
+    BUF_LIT(b0, ",\"created_ns\":");
+    buf_i64(b0, a->created_ns);
+    BUF_LIT(b0, ",\"spans\":[");
+    for (int pass = 0; pass < 2; pass++) {
+        int first = 1;
+        uint8_t want = pass == 0 ? R_SPAN : R_MARK;
+        for (Py_ssize_t k = 0; k < a->nb; k++) {
+            BatchObject *b = (BatchObject *)PySequence_Fast_GET_ITEM(a->fast, k);
+            for (size_t i = 0; i < b->nslots; i++) {
+                if (b->slots[i].type != want)
+                    continue;
+                if (!first)
+                    BUF_LIT(b0, ",");
+                first = 0;
+                if (want == R_SPAN)
+                    encode_span(b0, b, i, a->with_trace);
+                else
+                    encode_mark(b0, b, i);
+                stream_out(o, 0);
+            }
+        }
+        if (pass == 0)
+            BUF_LIT(b0, "],\"marks\":[");
+    }
+    BUF_LIT(b0, "],\"snapshots\":[]}");
+    stream_out(o, 1);
+}
+
+static int
+parse_spool_args(PyObject *args, PyObject *kw, int with_fd, int *fd, spool_args_t *a)
+{
+    static char *kw_bytes[] = {"batches", "batch_id", "created_ns", "sdk_version", "with_trace_id", NULL};
+    static char *kw_fd[] = {"fd", "batches", "batch_id", "created_ns", "sdk_version", "with_trace_id",
+                            NULL};
+    PyObject *seq;
+    a->with_trace = 1;
+    int ok = with_fd ? PyArg_ParseTupleAndKeywords(args, kw, "iOs#Ls#|p:write_spool", kw_fd, fd, &seq,
+                                                   &a->batch_id, &a->bid_len, &a->created_ns,
+                                                   &a->sdk_version, &a->sdk_len, &a->with_trace)
+                     : PyArg_ParseTupleAndKeywords(args, kw, "Os#Ls#|p:encode_spool", kw_bytes, &seq,
+                                                   &a->batch_id, &a->bid_len, &a->created_ns,
+                                                   &a->sdk_version, &a->sdk_len, &a->with_trace);
+    if (!ok)
+        return -1;
+    a->fast = PySequence_Fast(seq, "expected a sequence of Batch objects");
+    if (a->fast == NULL)
+        return -1;
+    a->nb = PySequence_Fast_GET_SIZE(a->fast);
+    for (Py_ssize_t k = 0; k < a->nb; k++) {
+        if (!PyObject_TypeCheck(PySequence_Fast_GET_ITEM(a->fast, k), &Batch_Type)) {
+            Py_CLEAR(a->fast);
+            PyErr_SetString(PyExc_TypeError, "expected a sequence of Batch objects");
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* encode_spool(batches, batch_id, created_ns, sdk_version, with_trace_id=True) -> bytes */
 static PyObject *
 mod_encode_spool(PyObject *m, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"batches", "batch_id", "created_ns", "sdk_version", "with_trace_id", NULL};
-    PyObject *seq;
-    const char *batch_id, *sdk_version;
-    Py_ssize_t bid_len, sdk_len;
-    long long created_ns;
-    int with_trace = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Os#Ls#|p:encode_spool", kwlist, &seq, &batch_id,
-                                     &bid_len, &created_ns, &sdk_version, &sdk_len, &with_trace))
+    spool_args_t a;
+    if (parse_spool_args(args, kw, 0, NULL, &a) < 0)
         return NULL;
-    PyObject *fast = PySequence_Fast(seq, "encode_spool() takes a sequence of Batch objects");
-    if (fast == NULL)
-        return NULL;
-    Py_ssize_t nb = PySequence_Fast_GET_SIZE(fast);
-    size_t guess = 256;
-    for (Py_ssize_t k = 0; k < nb; k++) {
-        PyObject *it = PySequence_Fast_GET_ITEM(fast, k);
-        if (!PyObject_TypeCheck(it, &Batch_Type)) {
-            Py_DECREF(fast);
-            PyErr_SetString(PyExc_TypeError, "encode_spool() takes a sequence of Batch objects");
-            return NULL;
-        }
-        BatchObject *b = (BatchObject *)it;
-        guess += b->n_marks * 240 + b->n_spans * 420 + b->nmids * 18 + b->arena.len;
-    }
-    buf_t o = {0};
-    buf_reserve(&o, guess);
+    sink_buf_t o = {.fd = -1};
     Py_BEGIN_ALLOW_THREADS
-    BUF_LIT(&o, "{\"schema_version\":1,\"sdk_version\":");
-    json_escape_utf8(&o, sdk_version, sdk_len);
-    BUF_LIT(&o, ",\"batch_id\":");
-    json_escape_utf8(&o, batch_id, bid_len);
-    BUF_LIT(&o, ",\"created_ns\":");
-    buf_i64(&o, created_ns);
-    BUF_LIT(&o, ",\"spans\":[");
-    int first = 1;
-    for (Py_ssize_t k = 0; k < nb; k++) {
-        BatchObject *b = (BatchObject *)PySequence_Fast_GET_ITEM(fast, k);
-        for (size_t i = 0; i < b->nslots; i++) {
-            if (b->slots[i].type != R_SPAN)
-                continue;
-            if (!first)
-                BUF_LIT(&o, ",");
-            first = 0;
-            encode_span(&o, b, i, with_trace);
-        }
-    }
-    BUF_LIT(&o, "],\"marks\":[");
-    first = 1;
-    for (Py_ssize_t k = 0; k < nb; k++) {
-        BatchObject *b = (BatchObject *)PySequence_Fast_GET_ITEM(fast, k);
-        for (size_t i = 0; i < b->nslots; i++) {
-            if (b->slots[i].type != R_MARK)
-                continue;
-            if (!first)
-                BUF_LIT(&o, ",");
-            first = 0;
-            encode_mark(&o, b, i);
-        }
-    }
-    BUF_LIT(&o, "],\"snapshots\":[]}");
+    encode_spool_into(&o, &a);
     Py_END_ALLOW_THREADS
-    Py_DECREF(fast);
-    if (o.oom) {
-        free(o.data);
+    Py_DECREF(a.fast);
+    if (o.buf.oom) {
+        free(o.buf.data);
         return PyErr_NoMemory();
     }
-    PyObject *res = PyBytes_FromStringAndSize(o.data, (Py_ssize_t)o.len);
-    free(o.data);
+    PyObject *res = PyBytes_FromStringAndSize(o.buf.data, (Py_ssize_t)o.buf.len);
+    free(o.buf.data);
     return res;
+}
+
+/* write_spool(fd, batches, batch_id, created_ns, sdk_version, with_trace_id=True) -> int
+ * Encode straight into an open file; returns the bytes written, raises OSError. */
+static PyObject *
+mod_write_spool(PyObject *m, PyObject *args, PyObject *kw)
+{
+    spool_args_t a;
+    int fd = -1;
+    if (parse_spool_args(args, kw, 1, &fd, &a) < 0)
+        return NULL;
+    sink_buf_t o = {.fd = fd};
+    Py_BEGIN_ALLOW_THREADS
+    buf_reserve(&o.buf, STREAM_CHUNK + 64 * 1024);
+    encode_spool_into(&o, &a);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(a.fast);
+    int oom = o.buf.oom;
+    free(o.buf.data);
+    if (oom)
+        return PyErr_NoMemory();
+    if (o.err) {
+        errno = o.err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromUnsignedLongLong(o.written);
 }
 
 static PyObject *
@@ -2701,6 +2986,14 @@ mod_wait(PyObject *m, PyObject *arg)
     return PyBool_FromLong(woken);
 }
 
+/* progress(): a sink delivered data; producers waiting for room keep waiting. */
+static PyObject *
+mod_progress(PyObject *m, PyObject *unused)
+{
+    atomic_store_explicit(&g_progress_ns, wall_ns(), memory_order_relaxed);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 mod_wake(PyObject *m, PyObject *unused)
 {
@@ -2869,7 +3162,24 @@ mod_random_u64(PyObject *m, PyObject *unused)
     return PyLong_FromUnsignedLongLong(rng_next(&r->rng));
 }
 
+/* format_float(x) -> str: the spool's float text, exposed for tests */
+static PyObject *
+mod_format_float(PyObject *m, PyObject *arg)
+{
+    double d = PyFloat_AsDouble(arg);
+    if (d == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (!isfinite(d)) {
+        PyErr_SetString(PyExc_ValueError, "format_float() takes a finite float");
+        return NULL;
+    }
+    char out[40];
+    int n = format_f64(d, out);
+    return PyUnicode_FromStringAndSize(out, n);
+}
+
 static PyMethodDef module_methods[] = {
+    {"format_float", (PyCFunction)mod_format_float, METH_O, NULL},
     {"mark", (PyCFunction)(void (*)(void))mod_mark, METH_FASTCALL | METH_KEYWORDS,
      "mark(name, value, *, kind='point', **attrs)"},
     {"scope", (PyCFunction)(void (*)(void))mod_scope, METH_FASTCALL | METH_KEYWORDS,
@@ -2886,8 +3196,10 @@ static PyMethodDef module_methods[] = {
     {"free_orphans", (PyCFunction)mod_free_orphans, METH_NOARGS, NULL},
     {"encode_spool", (PyCFunction)(void (*)(void))mod_encode_spool, METH_VARARGS | METH_KEYWORDS,
      NULL},
+    {"write_spool", (PyCFunction)(void (*)(void))mod_write_spool, METH_VARARGS | METH_KEYWORDS, NULL},
     {"wait", (PyCFunction)mod_wait, METH_O, NULL},
     {"wake", (PyCFunction)mod_wake, METH_NOARGS, NULL},
+    {"progress", (PyCFunction)mod_progress, METH_NOARGS, NULL},
     {"pending", (PyCFunction)mod_pending, METH_NOARGS, NULL},
     {"stats", (PyCFunction)mod_stats, METH_NOARGS, NULL},
     {"name_of", (PyCFunction)mod_name_of, METH_O, NULL},

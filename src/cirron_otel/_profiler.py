@@ -72,7 +72,7 @@ class Profiler:
                     s.output_dir,
                     max_bytes=s.spool_max_bytes,
                     max_records_per_file=s.max_records_per_file,
-                    retry_bytes=s.spool_retry_bytes,
+                    retry_records=s.spool_retry_records,
                 )
             )
         return sinks
