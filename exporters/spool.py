@@ -15,8 +15,6 @@ are deleted and counted (`spool_drop_count`).
 from __future__ import annotations
 
 import os
-import time
-import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from cirron_otel import _native
 from cirron_otel._version import __version__
 
 from .base import Sink
+from .spool_dir import SpoolDirectory, new_file_name
 
 SCHEMA_VERSION = 1
 
@@ -76,27 +75,24 @@ class SpoolSink(Sink):
         retry_records: int = 2_000_000,
     ) -> None:
         super().__init__()
-        self.spool_dir = os.path.join(os.fspath(output_dir), "spool")
-        self.max_bytes = max_bytes
+        self.directory = SpoolDirectory(output_dir, max_bytes)
+        self.spool_dir = self.directory.path
         self.max_records_per_file = max_records_per_file
         self.retry_records = retry_records
-        self.evicted_files = 0
         self.dropped_files = 0
         self._queue: deque[_PendingFile] = deque()
         self._queued_records = 0
-        self._disk_bytes: int | None = None
-        self._dir_ready = False
-        extra = self.stats.extra
-        extra.update(files_written=0, bytes_written=0, marks_written=0, spans_written=0,
-                     evicted_files=0, spool_dir=self.spool_dir)
+        self.stats.extra.update(files_written=0, bytes_written=0, marks_written=0, spans_written=0,
+                                evicted_files=0, spool_dir=self.spool_dir)
 
     # -- Sink interface ------------------------------------------------------------------
 
     def export(self, batches: Sequence[_native.Batch]) -> None:
         for group in group_batches(batches, self.max_records_per_file):
+            created_ns, batch_id, _ = new_file_name()
             pending = _PendingFile(
-                created_ns=time.time_ns(),
-                batch_id=uuid.uuid4().hex,
+                created_ns=created_ns,
+                batch_id=batch_id,
                 batches=group,
                 marks=sum(b.mark_count for b in group),
                 spans=sum(b.span_count for b in group),
@@ -112,12 +108,16 @@ class SpoolSink(Sink):
         while self._queue:
             item = self._queue[0]
             try:
-                size = self._write(item)
+                size = self.directory.write(
+                    item.name,
+                    lambda fd, item=item: _native.write_spool(
+                        fd, item.batches, item.batch_id, item.created_ns, __version__
+                    ),
+                )
             except OSError as exc:
                 with self.stats.lock:
                     self.stats.failed += 1
                 self.stats.error("write failed", exc)
-                self._dir_ready = False
                 return
             self._queue.popleft()
             self._queued_records -= item.records
@@ -129,7 +129,10 @@ class SpoolSink(Sink):
                 extra["bytes_written"] += size
                 extra["marks_written"] += item.marks
                 extra["spans_written"] += item.spans
-            self._enforce_cap(keep=item.name)
+            evicted = self.directory.enforce_cap(item.name, lambda e: self.stats.error("eviction failed", e))
+            if evicted:
+                with self.stats.lock:
+                    self.stats.extra["evicted_files"] += evicted
 
     def shutdown(self, timeout: float) -> None:
         self.retry()
@@ -139,18 +142,18 @@ class SpoolSink(Sink):
     @property
     def drop_count(self) -> int:
         """Batch files lost: evicted by the byte cap, or dropped while the disk failed."""
-        return self.evicted_files + self.dropped_files
+        return self.directory.evicted_files + self.dropped_files
 
     def disk_bytes(self) -> int:
-        return self._scan()[1]
+        return self.directory.scan()[1]
 
     # -- internals -----------------------------------------------------------------------
 
-    def _drop(self, records: int, exc: BaseException | str) -> None:
+    def _drop(self, records: int, reason: str) -> None:
         with self.stats.lock:
             self.stats.dropped += records
         self.dropped_files += 1
-        self.stats.error("batch dropped", exc)
+        self.stats.error("batch dropped", reason)
 
     def _trim_queue(self) -> None:
         # Keep the newest data when the disk has been failing for long: drop oldest first.
@@ -160,89 +163,3 @@ class SpoolSink(Sink):
             with self.stats.lock:
                 self.stats.pending -= item.records
             self._drop(item.records, f"over {self.retry_records} records waiting for the disk")
-
-    def _ensure_dir(self) -> None:
-        if not self._dir_ready:
-            os.makedirs(self.spool_dir, exist_ok=True)
-            self._dir_ready = True
-
-    def _write(self, item: _PendingFile) -> int:
-        self._ensure_dir()
-        final = os.path.join(self.spool_dir, item.name)
-        tmp = final + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            size = _native.write_spool(fd, item.batches, item.batch_id, item.created_ns, __version__)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            _unlink_quietly(tmp)
-            raise
-        os.close(fd)
-        try:
-            os.replace(tmp, final)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        dfd = os.open(self.spool_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        if self._disk_bytes is None:
-            self._disk_bytes = self._scan()[1]
-        else:
-            self._disk_bytes += size
-        return size
-
-    def _scan(self) -> tuple[list[tuple[str, int]], int]:
-        """Sealed batches oldest first, and the bytes held by sealed and unsealed files."""
-        files: list[tuple[str, int]] = []
-        total = 0
-        try:
-            entries = list(os.scandir(self.spool_dir))
-        except OSError:
-            return files, 0
-        for entry in entries:
-            name = entry.name
-            if not (name.endswith(".json") or name.endswith(".json.tmp")):
-                continue
-            try:
-                size = entry.stat(follow_symlinks=False).st_size
-            except OSError:
-                continue
-            total += size
-            if name.endswith(".json"):
-                files.append((name, size))
-        files.sort()
-        return files, total
-
-    def _enforce_cap(self, keep: str) -> None:
-        if self._disk_bytes is None or self._disk_bytes <= self.max_bytes:
-            return
-        files, total = self._scan()
-        for name, size in files:
-            if total <= self.max_bytes:
-                break
-            if name == keep:
-                continue
-            try:
-                os.unlink(os.path.join(self.spool_dir, name))
-            except FileNotFoundError:
-                total -= size
-                continue
-            except OSError as exc:
-                self.stats.error("eviction failed", exc)
-                break
-            total -= size
-            self.evicted_files += 1
-            with self.stats.lock:
-                self.stats.extra["evicted_files"] += 1
-        self._disk_bytes = total
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

@@ -12,9 +12,9 @@ from typing import Any
 import fastjsonschema
 import jsonschema
 import pytest
+from cirron_otel.exporters.schema import loads_strict, spool_v1_schema
 
 import cirron_otel as ci
-from cirron_otel.exporters.schema import loads_strict, spool_v1_schema
 
 jsonschema.Draft202012Validator.check_schema(spool_v1_schema())
 # fastjsonschema compiles the schema to Python: fast enough to check every record of

@@ -19,6 +19,9 @@ def _marks(out) -> dict[str, dict]:
     return {m["name"]: m for m in marks}
 
 
+TRICKY = 'quote " back \\ nl \n tab \t ctl \x01 é 漢 🎉'
+
+
 class MyFloat(float):
     pass
 
@@ -50,7 +53,7 @@ class Color(enum.IntEnum):
         (3.0, "float", 3.0),
         ("hello", "string", "hello"),
         ("", "string", ""),
-        ('quote " back \\ nl \n tab \t ctl \x01 é 漢 🎉', "string", 'quote " back \\ nl \n tab \t ctl \x01 é 漢 🎉'),
+        (TRICKY, "string", TRICKY),
         (MyFloat(1.25), "float", 1.25),
         (MyInt(7), "int", 7),
         (Color.RED, "int", 3),

@@ -35,7 +35,7 @@ def test_health_has_reference_keys_and_counts(prof, out):
         pass
     ci.flush()
     h = ci.health()
-    assert REFERENCE_KEYS <= set(h)
+    assert set(h) >= REFERENCE_KEYS
     assert h["enabled"] is True and h["native"] is True
     assert h["flush_mode"] == "background"
     assert h["spool_dir"] == str(out / "spool")
@@ -49,7 +49,7 @@ def test_health_has_reference_keys_and_counts(prof, out):
 
 def test_health_never_raises_without_profiler():
     h = ci.health()
-    assert REFERENCE_KEYS <= set(h)
+    assert set(h) >= REFERENCE_KEYS
 
 
 def test_disabled_profiler_is_a_cheap_noop(out):

@@ -6,9 +6,9 @@ import copy
 
 import jsonschema
 import pytest
+from cirron_otel.exporters.schema import spool_v1_schema
 
 import cirron_otel as ci
-from cirron_otel.exporters.schema import spool_v1_schema
 
 from .conftest import read_spool
 

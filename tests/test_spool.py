@@ -7,12 +7,12 @@ import os
 import re
 
 import pytest
-
-import cirron_otel as ci
 from cirron_otel.exporters import spool as spool_mod
 from cirron_otel.exporters.schema import loads_strict
 
-from .conftest import read_spool, spans_and_marks
+import cirron_otel as ci
+
+from .conftest import read_spool
 
 
 def test_batch_file_layout(prof, out):

@@ -18,8 +18,8 @@ from types import FrameType
 from typing import Any, Literal
 
 from . import _config, _native
-from ._warn import warn_once
 from ._warn import reset as _reset_warnings
+from ._warn import warn_once
 
 _SHUTDOWN_TIMEOUT = 10.0
 _SIGNAL_FLUSH_TIMEOUT = 5.0
@@ -344,7 +344,7 @@ def health() -> dict[str, Any]:
 
 
 def trace(
-    format: Literal["tree", "dict", "json"] = "tree",  # noqa: A002 - the Cirron API's name
+    format: Literal["tree", "dict", "json"] = "tree",
     name: str | None = None,
     last: int | None = None,
 ) -> Any:

@@ -126,7 +126,7 @@ def render(
     batches: Sequence[_native.Batch],
     session: _native.Scope | None,
     *,
-    format: str = "tree",  # noqa: A002
+    format: str = "tree",
     name: str | None = None,
     last: int | None = None,
 ) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 
@@ -20,10 +21,8 @@ def warn_once(key: str, message: str) -> None:
         if key in _warned:
             return
         _warned.add(key)
-    try:
+    with contextlib.suppress(Exception):
         warnings.warn(message, CirronWarning, stacklevel=3)
-    except Exception:
-        pass
 
 
 def reset() -> None:
