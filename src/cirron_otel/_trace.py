@@ -39,7 +39,9 @@ def _mark_text(mark: Node) -> str:
         return mark["value_nonfinite"]
     if isinstance(value, float):
         return f"{value:.4g}"
-    return repr(value) if isinstance(value, str) else str(value)
+    if isinstance(value, str):
+        return repr(value if len(value) <= 40 else value[:39] + "…")
+    return str(value)
 
 
 def _marks_suffix(marks: list[Node]) -> str:
@@ -97,7 +99,9 @@ def _find(roots: list[Node], name: str) -> list[Node]:
 
 def _tree_lines(node: Node, depth: int, out: list[str]) -> None:
     label = node["name"] if node.get("index") is None else f"{node['name']}[{node['index']}]"
-    out.append(f"{'  ' * depth}{label} — {_duration(node)}{_marks_suffix(node['marks'])}")
+    attrs = node.get("attrs") or {}
+    error = f" !{attrs.get('error.type', 'error')}: {attrs.get('error.message', '')}" if attrs.get("error") else ""
+    out.append(f"{'  ' * depth}{label} — {_duration(node)}{_marks_suffix(node['marks'])}{error}")
     for child in node["children"]:
         _tree_lines(child, depth + 1, out)
 
