@@ -61,7 +61,9 @@ def validate(net: TwoLayerNet, x: np.ndarray, y: np.ndarray, epoch: int) -> floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batches", type=int, default=4, help="batches per epoch")
     parser.add_argument("--batch-size", type=int, default=64)

@@ -100,7 +100,9 @@ def _find(roots: list[Node], name: str) -> list[Node]:
 def _tree_lines(node: Node, depth: int, out: list[str]) -> None:
     label = node["name"] if node.get("index") is None else f"{node['name']}[{node['index']}]"
     attrs = node.get("attrs") or {}
-    error = f" !{attrs.get('error.type', 'error')}: {attrs.get('error.message', '')}" if attrs.get("error") else ""
+    error = ""
+    if attrs.get("error"):
+        error = f" !{attrs.get('error.type', 'error')}: {attrs.get('error.message', '')}"
     out.append(f"{'  ' * depth}{label} — {_duration(node)}{_marks_suffix(node['marks'])}{error}")
     for child in node["children"]:
         _tree_lines(child, depth + 1, out)
