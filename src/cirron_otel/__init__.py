@@ -10,12 +10,20 @@
 Python layer in `_profiler.py`.
 """
 
+from typing import Any
+
 from . import _native
-from ._decorate import decorate as _decorate
 from ._native import Batch, Scope, batches, epochs, mark, scope
 from ._profiler import Profiler, flush, health, profile, shutdown, trace
 from ._version import __version__
 from ._warn import CirronWarning
+
+
+def _decorate(func: Any, name: str, index: int | None, attrs: dict[str, Any]) -> Any:
+    from ._decorate import decorate  # imports inspect: only when a scope decorates something
+
+    return decorate(func, name, index, attrs)
+
 
 _native.configure(warning_category=CirronWarning, decorate=_decorate)
 

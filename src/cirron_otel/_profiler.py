@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import atexit
 import os
-import platform
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from . import _config, _native
+from . import _native
 from ._warn import reset as _reset_warnings
 from ._warn import warn_once
+
+if TYPE_CHECKING:
+    from ._config import Settings
 
 _SHUTDOWN_TIMEOUT = 10.0
 _SIGNAL_FLUSH_TIMEOUT = 5.0
@@ -33,7 +35,7 @@ _hooks: list[str] = []
 class Profiler:
     """One profiling session: the `cirron.session` root span, a drainer, and its sinks."""
 
-    def __init__(self, settings: _config.Settings) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.running = False
         self.restarts = 0
@@ -196,6 +198,8 @@ def _safe(fn: Callable[[], Any], default: Any) -> Any:
 
 
 def _platform_context(rank: int) -> dict[str, Any]:
+    import platform
+
     return {
         "pid": os.getpid(),
         "rank": rank,
@@ -231,7 +235,7 @@ def _disabled_health() -> dict[str, Any]:
 # -- hooks ------------------------------------------------------------------------------
 
 
-def _install_hooks(settings: _config.Settings) -> None:
+def _install_hooks(settings: Settings) -> None:
     if "atexit" not in _hooks:
         atexit.register(_at_exit)
         _hooks.append("atexit")
@@ -307,7 +311,9 @@ def profile(**kwargs: Any) -> Profiler:
     with _lock:
         if _active is not None and _active.running:
             return _active
-        settings = _config.resolve(**kwargs)
+        from ._config import resolve
+
+        settings = resolve(**kwargs)
         prof = Profiler(settings)
         prof.start()
         _active = _last = prof
