@@ -15,18 +15,25 @@ import uuid
 from collections.abc import Callable
 
 
-def new_file_name() -> tuple[int, str, str]:
-    """(created_ns, batch_id, file name) for a batch sealed now."""
+def new_file_name(suffix: str = ".json") -> tuple[int, str, str]:
+    """(created_ns, batch_id, file name) for a batch sealed now; names sort by time."""
     created_ns = time.time_ns()
     batch_id = uuid.uuid4().hex
-    return created_ns, batch_id, f"{created_ns:020d}-{batch_id}.json"
+    return created_ns, batch_id, f"{created_ns:020d}-{batch_id}{suffix}"
 
 
 class SpoolDirectory:
-    """`<output_dir>/spool`: writes files atomically and keeps the total under `max_bytes`."""
+    """`<output_dir>/spool`: writes files atomically and keeps the total under `max_bytes`.
 
-    def __init__(self, output_dir: str | os.PathLike[str], max_bytes: int) -> None:
-        self.path = os.path.join(os.fspath(output_dir), "spool")
+    `subdir` and `suffix` let other durable queues (the OTLP outbox) use the same rules.
+    """
+
+    def __init__(
+        self, output_dir: str | os.PathLike[str], max_bytes: int, *, subdir: str = "spool",
+        suffix: str = ".json",
+    ) -> None:
+        self.path = os.path.join(os.fspath(output_dir), subdir)
+        self.suffix = suffix
         self.max_bytes = max_bytes
         self.evicted_files = 0
         self._disk_bytes: int | None = None
@@ -81,6 +88,17 @@ class SpoolDirectory:
 
         return self.write(name, fill)
 
+    def read(self, name: str) -> bytes:
+        with open(os.path.join(self.path, name), "rb") as f:
+            return f.read()
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            size = _size_or_zero(os.path.join(self.path, name))
+            os.unlink(os.path.join(self.path, name))
+            if self._disk_bytes is not None:
+                self._disk_bytes -= size
+
     def scan(self) -> tuple[list[tuple[str, int]], int]:
         """Sealed batches oldest first, and the bytes held by sealed and unsealed files."""
         files: list[tuple[str, int]] = []
@@ -91,8 +109,8 @@ class SpoolDirectory:
             return files, 0
         for entry in entries:
             name = entry.name
-            sealed = name.endswith(".json")
-            if not (sealed or name.endswith(".json.tmp")):
+            sealed = name.endswith(self.suffix)
+            if not (sealed or name.endswith(self.suffix + ".tmp")):
                 continue
             try:
                 size = entry.stat(follow_symlinks=False).st_size
@@ -129,6 +147,13 @@ class SpoolDirectory:
             self._disk_bytes = total
             self.evicted_files += evicted
             return evicted
+
+
+def _size_or_zero(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 def _unlink_quietly(path: str) -> None:

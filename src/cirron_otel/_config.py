@@ -15,7 +15,9 @@ DEFAULT_OUTPUT_DIR = "./.cirron"
 DEFAULT_RING_CAPACITY = 65536
 DEFAULT_SPOOL_MAX_BYTES = 1_000_000_000
 MAX_RECORDS_PER_FILE = 100_000
-VALID_OUTPUTS = frozenset({"spool"})
+VALID_OUTPUTS = frozenset({"spool", "otlp"})
+VALID_PROTOCOLS = ("grpc", "http/protobuf")
+VALID_TRACE_PER = ("child", "session")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,13 @@ class Settings:
     spool_retry_records: int = 2_000_000
     install_signal_handlers: bool = True
     session_attrs: Mapping[str, Any] = field(default_factory=dict)
+    # OpenTelemetry
+    otlp_endpoint: str | None = None  # None: the exporter reads OTEL_EXPORTER_OTLP_* itself
+    otlp_protocol: str = "grpc"
+    service_name: str | None = None
+    trace_per: str = "child"
+    otel_context: bool = True
+    otlp_outbox_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
 
 
 def _rank_from_env(env: Mapping[str, str]) -> int:
@@ -62,7 +71,13 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
         raise ValueError(f"cirron_otel.profile(): {name} must be > 0, got {value!r}")
 
 
-def _outputs(output: str | list[str] | tuple[str, ...] | set[str]) -> frozenset[str]:
+def _otlp_configured(env: Mapping[str, str]) -> bool:
+    return bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def _outputs(output: str | list[str] | tuple[str, ...] | set[str] | None, otlp: bool) -> frozenset[str]:
+    if output is None:  # the default: the spool always, OTLP when an endpoint is configured
+        return frozenset({"spool", "otlp"} if otlp else {"spool"})
     names = [output] if isinstance(output, str) else list(output)
     parts: set[str] = set()
     for item in names:
@@ -81,7 +96,7 @@ def _outputs(output: str | list[str] | tuple[str, ...] | set[str]) -> frozenset[
 def resolve(
     *,
     output_dir: str | os.PathLike[str] | None = None,
-    output: str | list[str] | tuple[str, ...] | set[str] = "spool",
+    output: str | list[str] | tuple[str, ...] | set[str] | None = None,
     flush_interval: float = 1.0,
     ring_capacity: int = DEFAULT_RING_CAPACITY,
     spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
@@ -91,6 +106,11 @@ def resolve(
     trace_buffer_records: int = 200_000,
     install_signal_handlers: bool = True,
     session_attrs: Mapping[str, Any] | None = None,
+    otlp_endpoint: str | None = None,
+    otlp_protocol: str | None = None,
+    service_name: str | None = None,
+    trace_per: str = "child",
+    otel_context: bool = True,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     """Validate `profile()` arguments and merge them with the environment."""
@@ -107,11 +127,27 @@ def resolve(
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"cirron_otel.profile(): {name} must be an int, not {type(value).__name__}")
         _positive(name, value)
+    protocol = (
+        otlp_protocol
+        or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
+    )
+    if protocol not in VALID_PROTOCOLS:
+        raise ValueError(f"cirron_otel.profile(): otlp_protocol must be one of {VALID_PROTOCOLS}, "
+                         f"got {protocol!r}")
+    if trace_per not in VALID_TRACE_PER:
+        raise ValueError(
+            f"cirron_otel.profile(): trace_per must be one of {VALID_TRACE_PER}, got {trace_per!r}"
+        )
+    for name, text in (("otlp_endpoint", otlp_endpoint), ("service_name", service_name)):
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"cirron_otel.profile(): {name} must be a str, not {type(text).__name__}")
     if not 64 <= ring_capacity <= 1 << 26:
         raise ValueError(f"cirron_otel.profile(): ring_capacity must be in [64, 2**26], got {ring_capacity}")
     return Settings(
         output_dir=os.fspath(output_dir),
-        outputs=_outputs(output),
+        outputs=_outputs(output, bool(otlp_endpoint) or _otlp_configured(env)),
         flush_interval=float(flush_interval),
         ring_capacity=ring_capacity,
         spool_max_bytes=spool_max_bytes,
@@ -122,4 +158,9 @@ def resolve(
         trace_buffer_records=trace_buffer_records,
         install_signal_handlers=bool(install_signal_handlers),
         session_attrs=dict(session_attrs or {}),
+        otlp_endpoint=otlp_endpoint,
+        otlp_protocol=protocol,
+        service_name=service_name,
+        trace_per=trace_per,
+        otel_context=bool(otel_context),
     )

@@ -210,7 +210,9 @@ class Drainer(threading.Thread):
         try:
             self._collect(drain_all)
             now = time.monotonic()
-            if self._pending and (drain_all or now - self._last_export >= self.flush_interval):
+            # drain_all also hands every sink an empty delivery when nothing is new, so a
+            # sink holding back records after a failure tries them again now.
+            if drain_all or (self._pending and now - self._last_export >= self.flush_interval):
                 self._export()
             _native.free_orphans()
         except Exception as exc:  # the collector must outlive any bug

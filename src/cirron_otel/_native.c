@@ -12,7 +12,8 @@
  *   8. JSON writing helpers (GIL-free) and attribute rendering (GIL held)
  *   9. Collector: claim records from the rings, resolve Python references, assign mark ids
  *  10. Batch objects and the spool v1 encoder
- *  11. Module functions and init
+ *  11. Module functions and init (defined after section 12, which they use)
+ *  12. OTLP: the OpenTelemetry mapping, encoded as protobuf
  *
  * Hot path rules: mark(), scope enter/exit and iterator steps take no lock, make no system
  * call (the wall clock is read through the vDSO) and allocate only what the caller hands
@@ -158,6 +159,8 @@ rng_seed(rng_t *r)
 typedef struct {
     char *tok; /* "quoted, escaped" JSON string */
     uint32_t len;
+    char *raw; /* the UTF-8 bytes, for OTLP */
+    uint32_t raw_len;
 } name_entry_t;
 
 static name_entry_t *g_name_chunks[NAME_CHUNKS];
@@ -192,30 +195,28 @@ name_intern_slow(PyObject *name)
     uint32_t id = atomic_load_explicit(&g_name_count, memory_order_relaxed);
     if (id >= NAME_CHUNK * NAME_CHUNKS)
         return UINT32_MAX - 1;
-    Py_ssize_t n;
-    const char *u = PyUnicode_AsUTF8AndSize(name, &n);
+    PyObject *enc = PyUnicode_AsEncodedString(name, "utf-8", "backslashreplace");
+    if (enc == NULL)
+        return UINT32_MAX;
     buf_t b = {0};
-    if (u == NULL) {
-        PyErr_Clear();
-        PyObject *enc = PyUnicode_AsEncodedString(name, "utf-8", "backslashreplace");
-        if (enc == NULL)
-            return UINT32_MAX;
-        json_escape_utf8(&b, PyBytes_AS_STRING(enc), PyBytes_GET_SIZE(enc));
-        Py_DECREF(enc);
-    }
-    else {
-        json_escape_utf8(&b, u, n);
-    }
-    if (b.oom) {
+    json_escape_utf8(&b, PyBytes_AS_STRING(enc), PyBytes_GET_SIZE(enc));
+    char *raw = malloc((size_t)PyBytes_GET_SIZE(enc) + 1);
+    if (b.oom || raw == NULL) {
         free(b.data);
+        free(raw);
+        Py_DECREF(enc);
         PyErr_NoMemory();
         return UINT32_MAX;
     }
+    uint32_t raw_len = (uint32_t)PyBytes_GET_SIZE(enc);
+    memcpy(raw, PyBytes_AS_STRING(enc), raw_len);
+    Py_DECREF(enc);
     name_entry_t *chunk = g_name_chunks[id / NAME_CHUNK];
     if (chunk == NULL) {
         chunk = calloc(NAME_CHUNK, sizeof(name_entry_t));
         if (chunk == NULL) {
             free(b.data);
+            free(raw);
             PyErr_NoMemory();
             return UINT32_MAX;
         }
@@ -223,6 +224,8 @@ name_intern_slow(PyObject *name)
     }
     chunk[id % NAME_CHUNK].tok = b.data;
     chunk[id % NAME_CHUNK].len = (uint32_t)b.len;
+    chunk[id % NAME_CHUNK].raw = raw;
+    chunk[id % NAME_CHUNK].raw_len = raw_len;
     PyObject *key = PyLong_FromUnsignedLong(id);
     if (key == NULL || PyDict_SetItem(g_name_ids, name, key) < 0 ||
         PyList_Append(g_name_objs, name) < 0) {
@@ -694,6 +697,12 @@ resolve_name(ring_t *r, PyObject *name, uint32_t *id_out, PyObject **ref_out, co
  * ==================================================================================== */
 
 enum { ST_NEW = 0, ST_OPEN = 1, ST_CLOSED = 2, ST_DROPPED = 3 };
+/* span-only flags, kept in the record's vtype byte */
+enum {
+    SF_UNSAMPLED = 1,   /* under a non-sampled OpenTelemetry parent: spool only */
+    SF_NEW_TRACE = 2,   /* a direct child of the session that starts its own trace */
+    SF_OTEL_PARENT = 4, /* the parent is a foreign OpenTelemetry span */
+};
 
 typedef struct ScopeObject {
     PyObject_HEAD
@@ -707,6 +716,7 @@ typedef struct ScopeObject {
     uint16_t depth;
     uint8_t state;
     uint8_t has_index;
+    uint8_t span_flags; /* SF_* below, copied into the span record */
     PyObject *name;
     PyObject *attrs;
     PyObject *token;
@@ -715,6 +725,9 @@ typedef struct ScopeObject {
 
 static PyTypeObject Scope_Type;
 static PyObject *g_scope_var;        /* ContextVar holding the innermost ScopeObject */
+static PyObject *g_otel_var;         /* ContextVar of the OpenTelemetry runtime context */
+static int g_otel_context;           /* consult g_otel_var when opening scopes */
+static int g_trace_per_child = 1;    /* each direct child of the session starts a trace */
 static ScopeObject *g_session;       /* the cirron.session root, or NULL */
 static PyObject *g_decorate;         /* Python helper that turns a scope into a decorator */
 
@@ -738,6 +751,7 @@ scope_alloc(void)
     s->name = s->attrs = s->token = s->exc = NULL;
     s->state = ST_NEW;
     s->has_index = 0;
+    s->span_flags = 0;
     s->index = 0;
     s->depth = 0;
     s->span_hi = s->span_lo = s->parent_hi = s->parent_lo = s->trace_hi = s->trace_lo = 0;
@@ -794,14 +808,45 @@ parse_index(PyObject *index, ScopeObject *s)
 }
 
 /* Open `s` (state NEW) as the innermost scope of the current thread/task. New ref or NULL. */
+/* The innermost OpenTelemetry span, when one is active in this thread/task and newer than
+ * the innermost Cirron scope `cur`. The OpenTelemetry runtime context installed by
+ * cirron_otel keeps (context, anchor, trace_hi, trace_lo, span_id, flags) in g_otel_var,
+ * where anchor is the Cirron scope that was innermost when the context was attached. */
+static int
+otel_parent(PyObject *cur, uint64_t *trace_hi, uint64_t *trace_lo, uint64_t *span_id, int *sampled)
+{
+    PyObject *o = NULL;
+    if (PyContextVar_Get(g_otel_var, NULL, &o) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    int found = 0;
+    if (o != NULL && PyTuple_CheckExact(o) && PyTuple_GET_SIZE(o) == 6 &&
+        PyTuple_GET_ITEM(o, 1) == (cur ? cur : Py_None)) {
+        uint64_t sid = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(o, 4));
+        if (sid != 0 && sid != (uint64_t)-1) {
+            *trace_hi = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(o, 2));
+            *trace_lo = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(o, 3));
+            *span_id = sid;
+            *sampled = (int)(PyLong_AsLong(PyTuple_GET_ITEM(o, 5)) & 1);
+            found = !PyErr_Occurred();
+        }
+        PyErr_Clear();
+    }
+    Py_XDECREF(o);
+    return found;
+}
+
 static int
 scope_open(ScopeObject *s, ring_t *r)
 {
     PyObject *cur = NULL;
     if (PyContextVar_Get(g_scope_var, NULL, &cur) < 0)
         return -1;
-    ScopeObject *parent = (cur != NULL && cur != Py_None) ? (ScopeObject *)cur : g_session;
-    int depth = parent ? parent->depth + 1 : 1;
+    if (cur == Py_None)
+        Py_CLEAR(cur);
+    ScopeObject *inner = (ScopeObject *)cur;
+    int depth = inner ? inner->depth + 1 : 1;
     if (depth > MAX_DEPTH) {
         s->state = ST_DROPPED;
         counter_inc(&r->depth_drops);
@@ -814,11 +859,36 @@ scope_open(ScopeObject *s, ring_t *r)
     s->depth = (uint16_t)depth;
     s->span_hi = rng_nonzero(&r->rng);
     s->span_lo = rng_next(&r->rng);
-    if (parent) {
-        s->parent_hi = parent->span_hi;
-        s->parent_lo = parent->span_lo;
-        s->trace_hi = parent->trace_hi;
-        s->trace_lo = parent->trace_lo;
+    s->span_flags = 0;
+    uint64_t ot_hi, ot_lo, ot_span;
+    int ot_sampled;
+    if (g_otel_context && otel_parent(cur, &ot_hi, &ot_lo, &ot_span, &ot_sampled)) {
+        /* a foreign span's spool id: its span id, then the first half of its trace id */
+        s->parent_hi = ot_span;
+        s->parent_lo = ot_hi;
+        s->trace_hi = ot_hi;
+        s->trace_lo = ot_lo;
+        s->span_flags = SF_OTEL_PARENT | (ot_sampled ? 0 : SF_UNSAMPLED);
+    }
+    else if (inner) {
+        s->parent_hi = inner->span_hi;
+        s->parent_lo = inner->span_lo;
+        s->trace_hi = inner->trace_hi;
+        s->trace_lo = inner->trace_lo;
+        s->span_flags = inner->span_flags & SF_UNSAMPLED;
+    }
+    else if (g_session) {
+        s->parent_hi = g_session->span_hi;
+        s->parent_lo = g_session->span_lo;
+        if (g_trace_per_child) {
+            s->trace_hi = rng_next(&r->rng);
+            s->trace_lo = rng_nonzero(&r->rng);
+            s->span_flags = SF_NEW_TRACE;
+        }
+        else {
+            s->trace_hi = g_session->trace_hi;
+            s->trace_lo = g_session->trace_lo;
+        }
     }
     else {
         s->trace_hi = rng_next(&r->rng);
@@ -922,6 +992,7 @@ scope_close(ScopeObject *self, PyObject *exc_type, PyObject *exc)
     uint64_t h = atomic_load_explicit(&r->head, memory_order_relaxed);
     slot2_t *s2 = (slot2_t *)&r->slots[(h + 1) & r->mask];
     s->type = R_SPAN;
+    s->vtype = self->span_flags;
     s->flags = (self->has_index ? F_HAS_INDEX : 0) | (cpu >= 0 ? F_HAS_CPU : 0);
     s->name_id = self->name_id;
     s->ts = self->start_ns;
@@ -1176,6 +1247,8 @@ Scope_get_ints(ScopeObject *self, void *which)
         return PyLong_FromUnsignedLongLong(self->trace_lo);
     case 3:
         return PyLong_FromLong(self->depth);
+    case 6:
+        return PyBool_FromLong(!(self->span_flags & SF_UNSAMPLED));
     case 4:
         return self->start_ns ? PyLong_FromLongLong(self->start_ns) : Py_NewRef(Py_None);
     default:
@@ -1211,6 +1284,8 @@ static PyGetSetDef Scope_getset[] = {
     {"trace_id_hi", (getter)Scope_get_ints, NULL, NULL, (void *)1},
     {"trace_id_lo", (getter)Scope_get_ints, NULL, NULL, (void *)2},
     {"depth", (getter)Scope_get_ints, NULL, "nesting depth (session root = 0)", (void *)3},
+    {"sampled", (getter)Scope_get_ints, NULL, "False under a non-sampled OpenTelemetry parent",
+     (void *)6},
     {"start_ns", (getter)Scope_get_ints, NULL, NULL, (void *)4},
     {"end_ns", (getter)Scope_get_ints, NULL, NULL, (void *)5},
     {NULL},
@@ -1998,12 +2073,17 @@ typedef struct {
 } aux_t;
 
 typedef struct {
-    uint32_t name_off, name_len;   /* fallback name token (F_NAME_REF) */
-    uint32_t val_off, val_len;     /* mark: string value token */
-    uint32_t attrs_off, attrs_len; /* attrs object */
-    uint32_t etype_off, etype_len; /* span: exception type (JSON string) */
-    uint32_t emsg_off, emsg_len;   /* span: exception message */
-    uint32_t estack_off, estack_len; /* span: formatted stack trace */
+    uint32_t off, len; /* bytes in the batch arena */
+} tok_t;
+
+/* What the GIL pass extracted from a record's Python objects. */
+typedef struct {
+    tok_t name;                    /* raw UTF-8 name (F_NAME_REF) */
+    tok_t val;                     /* mark: raw UTF-8 string value, capped */
+    tok_t attrs;                   /* attrs as a JSON object */
+    tok_t oattrs;                  /* attrs as OTLP KeyValues: [varint len][KeyValue]... */
+    uint32_t oattrs_n, oattrs_dropped;
+    tok_t etype, emsg, estack;     /* span: the exception, raw UTF-8 */
 } ext_t;
 
 typedef struct {
@@ -2176,12 +2256,56 @@ ring_free_locked(ring_t *r)
     free(r);
 }
 
-static uint32_t
-arena_token(BatchObject *b, size_t start, uint32_t *len)
+static tok_t
+arena_since(BatchObject *b, size_t start)
 {
-    *len = (uint32_t)(b->arena.len - start);
-    return (uint32_t)start;
+    return (tok_t){(uint32_t)start, (uint32_t)(b->arena.len - start)};
 }
+
+/* GIL held: a str's UTF-8 bytes (lone surrogates backslash-escaped), at most `cap` bytes
+ * (0: no cap) cut on a character boundary, copied into the arena. */
+static tok_t
+arena_utf8(BatchObject *b, PyObject *str, Py_ssize_t cap)
+{
+    size_t st = b->arena.len;
+    PyObject *enc = PyUnicode_Check(str) ? PyUnicode_AsEncodedString(str, "utf-8", "backslashreplace")
+                                         : NULL;
+    if (enc == NULL) {
+        PyErr_Clear();
+        BUF_LIT(&b->arena, "<unencodable>");
+        return arena_since(b, st);
+    }
+    const char *u = PyBytes_AS_STRING(enc);
+    Py_ssize_t n = PyBytes_GET_SIZE(enc);
+    if (cap > 0 && n > cap) {
+        n = cap;
+        while (n > 0 && ((unsigned char)u[n] & 0xC0) == 0x80)
+            n--;
+    }
+    buf_put(&b->arena, u, (size_t)n);
+    Py_DECREF(enc);
+    return arena_since(b, st);
+}
+
+static tok_t
+arena_str_of(BatchObject *b, PyObject *o)
+{
+    PyObject *str = PyObject_Str(o);
+    if (str == NULL) {
+        PyErr_Clear();
+        size_t st = b->arena.len;
+        BUF_LIT(&b->arena, "<unserializable>");
+        return arena_since(b, st);
+    }
+    tok_t t = arena_utf8(b, str, 0);
+    Py_DECREF(str);
+    return t;
+}
+
+static void otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_t *n, uint32_t *dropped);
+static int g_otlp;                          /* render OTLP attributes in the GIL pass */
+static uint32_t g_span_attr_limit = 128, g_event_attr_limit = 128;
+static int64_t g_value_len_limit = -1;      /* OTEL_*ATTRIBUTE_VALUE_LENGTH_LIMIT */
 
 /* Phase 2 for one slot (GIL held). */
 static void
@@ -2203,76 +2327,60 @@ resolve_refs(BatchObject *b, size_t i)
     memset(e, 0, sizeof *e);
     b->aux[i].ext = (int32_t)b->next++;
     buf_t *a = &b->arena;
-    size_t st;
-    if (s->name_ref) {
-        st = a->len;
-        json_pystr(a, s->name_ref, 0);
-        e->name_off = arena_token(b, st, &e->name_len);
-    }
-    if (s->type == R_MARK) {
-        if (s->obj) {
+    if (s->name_ref)
+        e->name = arena_utf8(b, s->name_ref, 0);
+    PyObject *attrs = s->type == R_MARK ? s->attrs : s->obj;
+    if (s->type == R_MARK && s->obj)
+        e->val = arena_utf8(b, s->obj, STR_VALUE_CAP);
+    if (attrs) {
+        seen_t seen = {.n = 0};
+        size_t st = a->len;
+        json_value(a, attrs, &seen);
+        e->attrs = arena_since(b, st);
+        if (g_otlp && PyDict_Check(attrs)) {
             st = a->len;
-            json_pystr(a, s->obj, STR_VALUE_CAP);
-            e->val_off = arena_token(b, st, &e->val_len);
-        }
-        if (s->attrs) {
-            seen_t seen = {.n = 0};
-            st = a->len;
-            json_value(a, s->attrs, &seen);
-            e->attrs_off = arena_token(b, st, &e->attrs_len);
+            uint32_t limit = s->type == R_MARK ? g_event_attr_limit : g_span_attr_limit;
+            otlp_attrs(a, attrs, limit, &e->oattrs_n, &e->oattrs_dropped);
+            e->oattrs = arena_since(b, st);
         }
     }
-    else {
-        if (s->obj) {
-            seen_t seen = {.n = 0};
-            st = a->len;
-            json_value(a, s->obj, &seen);
-            e->attrs_off = arena_token(b, st, &e->attrs_len);
+    if (s->type == R_SPAN && s->attrs) { /* the exception that closed the scope */
+        PyObject *exc = s->attrs;
+        PyObject *tp = (PyObject *)Py_TYPE(exc);
+        PyObject *qn = PyObject_GetAttrString(tp, "__qualname__");
+        PyObject *mod = PyObject_GetAttrString(tp, "__module__");
+        PyObject *full = NULL;
+        if (qn && mod && PyUnicode_Check(mod) && PyUnicode_Check(qn) &&
+            PyUnicode_CompareWithASCIIString(mod, "builtins"))
+            full = PyUnicode_FromFormat("%U.%U", mod, qn);
+        else if (qn && PyUnicode_Check(qn))
+            full = Py_NewRef(qn);
+        PyErr_Clear();
+        if (full) {
+            e->etype = arena_utf8(b, full, 0);
+            Py_DECREF(full);
         }
-        if (s->attrs) { /* exception object */
-            PyObject *exc = s->attrs;
-            PyObject *tp = (PyObject *)Py_TYPE(exc);
-            PyObject *qn = PyObject_GetAttrString(tp, "__qualname__");
-            PyObject *mod = PyObject_GetAttrString(tp, "__module__");
-            st = a->len;
-            if (qn && mod && PyUnicode_Check(mod) && PyUnicode_CompareWithASCIIString(mod, "builtins")) {
-                PyObject *full = PyUnicode_FromFormat("%U.%U", mod, qn);
-                if (full) {
-                    json_pystr(a, full, 0);
-                    Py_DECREF(full);
-                }
+        Py_XDECREF(qn);
+        Py_XDECREF(mod);
+        e->emsg = arena_str_of(b, exc);
+        if (g_format_exception == NULL) {
+            PyObject *tbm = PyImport_ImportModule("traceback");
+            if (tbm) {
+                g_format_exception = PyObject_GetAttrString(tbm, "format_exception");
+                Py_DECREF(tbm);
             }
-            else if (qn && PyUnicode_Check(qn))
-                json_pystr(a, qn, 0);
-            e->etype_off = arena_token(b, st, &e->etype_len);
-            Py_XDECREF(qn);
-            Py_XDECREF(mod);
             PyErr_Clear();
-            st = a->len;
-            json_str_of(a, exc);
-            e->emsg_off = arena_token(b, st, &e->emsg_len);
-            if (g_format_exception == NULL) {
-                PyObject *tbm = PyImport_ImportModule("traceback");
-                if (tbm) {
-                    g_format_exception = PyObject_GetAttrString(tbm, "format_exception");
-                    Py_DECREF(tbm);
-                }
-                PyErr_Clear();
-            }
-            if (g_format_exception) {
-                PyObject *lines = PyObject_CallOneArg(g_format_exception, exc);
-                PyObject *empty = lines ? PyUnicode_FromString("") : NULL;
-                PyObject *text = empty ? PyUnicode_Join(empty, lines) : NULL;
-                if (text) {
-                    st = a->len;
-                    json_pystr(a, text, 0);
-                    e->estack_off = arena_token(b, st, &e->estack_len);
-                }
-                Py_XDECREF(text);
-                Py_XDECREF(empty);
-                Py_XDECREF(lines);
-                PyErr_Clear();
-            }
+        }
+        if (g_format_exception) {
+            PyObject *lines = PyObject_CallOneArg(g_format_exception, exc);
+            PyObject *empty = lines ? PyUnicode_FromString("") : NULL;
+            PyObject *text = empty ? PyUnicode_Join(empty, lines) : NULL;
+            if (text)
+                e->estack = arena_utf8(b, text, 0);
+            Py_XDECREF(text);
+            Py_XDECREF(empty);
+            Py_XDECREF(lines);
+            PyErr_Clear();
         }
     }
     slot_release_refs(s);
@@ -2493,8 +2601,8 @@ encode_span(buf_t *o, BatchObject *b, size_t i, int with_trace)
     BUF_LIT(o, "{\"id\":");
     buf_id(o, s->span_hi, s->span_lo);
     BUF_LIT(o, ",\"name\":");
-    if ((s->flags & F_NAME_REF) && e && e->name_len)
-        buf_put(o, arena_at(b, e->name_off), e->name_len);
+    if ((s->flags & F_NAME_REF) && e && e->name.len)
+        json_escape_utf8(o, arena_at(b, e->name.off), e->name.len);
     else {
         const name_entry_t *ne = name_get(s->name_id);
         buf_put(o, ne->tok, ne->len);
@@ -2525,8 +2633,8 @@ encode_span(buf_t *o, BatchObject *b, size_t i, int with_trace)
     BUF_LIT(o, ",\"rank\":");
     buf_i64(o, b->rank);
     BUF_LIT(o, ",\"attrs\":");
-    if (e && e->attrs_len)
-        buf_put(o, arena_at(b, e->attrs_off), e->attrs_len);
+    if (e && e->attrs.len)
+        buf_put(o, arena_at(b, e->attrs.off), e->attrs.len);
     else
         BUF_LIT(o, "{}");
     BUF_LIT(o, ",\"mark_ids\":[");
@@ -2558,8 +2666,8 @@ encode_mark(buf_t *o, BatchObject *b, size_t i)
     else
         buf_id(o, s->span_hi, s->span_lo);
     BUF_LIT(o, ",\"name\":");
-    if ((s->flags & F_NAME_REF) && e && e->name_len)
-        buf_put(o, arena_at(b, e->name_off), e->name_len);
+    if ((s->flags & F_NAME_REF) && e && e->name.len)
+        json_escape_utf8(o, arena_at(b, e->name.off), e->name.len);
     else {
         const name_entry_t *ne = name_get(s->name_id);
         buf_put(o, ne->tok, ne->len);
@@ -2587,8 +2695,8 @@ encode_mark(buf_t *o, BatchObject *b, size_t i)
         break;
     default:
         BUF_LIT(o, ",\"value_type\":\"string\",\"value\":");
-        if (e && e->val_len)
-            buf_put(o, arena_at(b, e->val_off), e->val_len);
+        if (e)
+            json_escape_utf8(o, arena_at(b, e->val.off), e->val.len);
         else
             BUF_LIT(o, "\"\"");
     }
@@ -2598,8 +2706,8 @@ encode_mark(buf_t *o, BatchObject *b, size_t i)
         BUF_LIT(o, "\"");
     }
     BUF_LIT(o, ",\"attrs\":");
-    if (e && e->attrs_len)
-        buf_put(o, arena_at(b, e->attrs_off), e->attrs_len);
+    if (e && e->attrs.len)
+        buf_put(o, arena_at(b, e->attrs.off), e->attrs.len);
     else
         BUF_LIT(o, "{}");
     BUF_LIT(o, ",\"ts_ns\":");
@@ -2765,10 +2873,9 @@ mod_write_spool(PyObject *m, PyObject *args, PyObject *kw)
 }
 
 static PyObject *
-tok_str(BatchObject *b, uint32_t off, uint32_t len)
+tok_str(BatchObject *b, tok_t t)
 {
-    /* a JSON string token back to str (tokens are produced by json_escape_utf8) */
-    return PyUnicode_DecodeUTF8(arena_at(b, off), len, "replace");
+    return PyUnicode_DecodeUTF8(arena_at(b, t.off), t.len, "replace");
 }
 
 /* Batch.spans() -> list of tuples, the span view the OpenTelemetry bridge reads. */
@@ -2785,9 +2892,8 @@ Batch_error_info(BatchObject *b, PyObject *args)
             continue;
         ext_t *e = &b->ext[b->aux[i].ext];
         PyObject *key = hex128(s->span_hi, s->span_lo);
-        PyObject *val = Py_BuildValue("(NNN)", tok_str(b, e->etype_off, e->etype_len),
-                                      tok_str(b, e->emsg_off, e->emsg_len),
-                                      tok_str(b, e->estack_off, e->estack_len));
+        PyObject *val = Py_BuildValue("(NNN)", tok_str(b, e->etype), tok_str(b, e->emsg),
+                                      tok_str(b, e->estack));
         if (key == NULL || val == NULL || PyDict_SetItem(out, key, val) < 0) {
             Py_XDECREF(key);
             Py_XDECREF(val);
@@ -2828,6 +2934,795 @@ static PyTypeObject Batch_Type = {
 };
 
 /* ======================================================================================
+ * 12. OTLP: the mapping of spans and marks onto OpenTelemetry, encoded as protobuf
+ *
+ * otlp_encode() turns batches into one ExportTraceServiceRequest (bytes), applying the
+ * mapping documented in the README: a closed scope is a span, a point mark an event on its
+ * span, a summary mark the attribute cirron.summary.<name> (last wins). Marks arrive before
+ * their span closes (possibly batches earlier), so an OtlpState keeps, per open span, its
+ * last `event limit` events already encoded and its summaries, until the span closes.
+ * ==================================================================================== */
+
+enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5 };
+
+static inline void
+pb_varint(buf_t *b, uint64_t v)
+{
+    if (buf_reserve(b, 10) < 0)
+        return;
+    while (v >= 0x80) {
+        b->data[b->len++] = (char)(v | 0x80);
+        v >>= 7;
+    }
+    b->data[b->len++] = (char)v;
+}
+
+static inline void
+pb_tag(buf_t *b, int field, int wt)
+{
+    pb_varint(b, ((uint64_t)field << 3) | (uint64_t)wt);
+}
+
+static inline void
+pb_fixed(buf_t *b, uint64_t v, int nbytes)
+{
+    if (buf_reserve(b, 8) < 0)
+        return;
+    for (int i = 0; i < nbytes; i++)
+        b->data[b->len++] = (char)(v >> (8 * i));
+}
+
+static inline void
+pb_bytes(buf_t *b, int field, const void *p, size_t n)
+{
+    pb_tag(b, field, WT_LEN);
+    pb_varint(b, n);
+    buf_put(b, p, n);
+}
+
+static void
+pb_id(buf_t *b, int field, uint64_t hi, uint64_t lo, int nbytes)
+{
+    unsigned char raw[16];
+    for (int i = 0; i < 8; i++) {
+        raw[i] = (unsigned char)(hi >> (56 - 8 * i));
+        raw[8 + i] = (unsigned char)(lo >> (56 - 8 * i));
+    }
+    pb_bytes(b, field, raw, (size_t)nbytes);
+}
+
+/* Nested message: reserve a 5-byte length, then shrink it to its canonical size at end. */
+static size_t
+pb_begin(buf_t *b, int field)
+{
+    pb_tag(b, field, WT_LEN);
+    buf_reserve(b, 5);
+    b->len += 5;
+    return b->len;
+}
+
+static void
+pb_end(buf_t *b, size_t body)
+{
+    if (b->oom)
+        return;
+    size_t n = b->len - body;
+    unsigned char tmp[5];
+    int k = 0;
+    size_t v = n;
+    do {
+        tmp[k] = (unsigned char)(v & 0x7F);
+        v >>= 7;
+        if (v)
+            tmp[k] |= 0x80;
+        k++;
+    } while (v);
+    char *start = b->data + body - 5;
+    memcpy(start, tmp, (size_t)k);
+    if (k < 5)
+        memmove(start + k, b->data + body, n);
+    b->len -= (size_t)(5 - k);
+}
+
+static void
+pb_str_kv(buf_t *b, int field, const char *key, size_t klen, const char *val, size_t vlen)
+{
+    size_t kv = pb_begin(b, field);
+    pb_bytes(b, 1, key, klen);
+    size_t av = pb_begin(b, 2);
+    pb_bytes(b, 1, val, vlen);
+    pb_end(b, av);
+    pb_end(b, kv);
+}
+
+static void
+pb_int_kv(buf_t *b, int field, const char *key, int64_t v)
+{
+    size_t kv = pb_begin(b, field);
+    pb_bytes(b, 1, key, strlen(key));
+    size_t av = pb_begin(b, 2);
+    pb_tag(b, 3, WT_VARINT);
+    pb_varint(b, (uint64_t)v);
+    pb_end(b, av);
+    pb_end(b, kv);
+}
+
+static void
+pb_hex_kv(buf_t *b, int field, const char *key, uint64_t hi, uint64_t lo)
+{
+    char hex[32];
+    hex64(hex, hi);
+    hex64(hex + 16, lo);
+    pb_str_kv(b, field, key, strlen(key), hex, 32);
+}
+
+/* GIL held. One value as an OTLP AnyValue body (inside an open field). Returns 0, or -1
+ * for a value an attribute cannot hold at all (None), which is then left out. */
+static void otlp_str_value(buf_t *a, PyObject *str);
+
+static int
+otlp_scalar(buf_t *a, PyObject *v)
+{
+    if (PyBool_Check(v)) {
+        pb_tag(a, 2, WT_VARINT);
+        pb_varint(a, v == Py_True);
+        return 0;
+    }
+    if (PyLong_Check(v)) {
+        int overflow = 0;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (!overflow && !(x == -1 && PyErr_Occurred())) {
+            pb_tag(a, 3, WT_VARINT);
+            pb_varint(a, (uint64_t)x);
+            return 0;
+        }
+        PyErr_Clear();
+        return 1;
+    }
+    if (PyFloat_Check(v)) {
+        double d = PyFloat_AS_DOUBLE(v);
+        uint64_t bits;
+        memcpy(&bits, &d, 8);
+        pb_tag(a, 4, WT_I64);
+        pb_fixed(a, bits, 8);
+        return 0;
+    }
+    if (PyUnicode_Check(v)) {
+        otlp_str_value(a, v);
+        return 0;
+    }
+    return 1;
+}
+
+static void
+otlp_str_value(buf_t *a, PyObject *str)
+{
+    PyObject *enc = PyUnicode_AsEncodedString(str, "utf-8", "backslashreplace");
+    if (enc == NULL) {
+        PyErr_Clear();
+        pb_bytes(a, 1, "<unencodable>", 13);
+        return;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(enc);
+    const char *u = PyBytes_AS_STRING(enc);
+    if (g_value_len_limit >= 0 && n > g_value_len_limit) {
+        n = g_value_len_limit;
+        while (n > 0 && ((unsigned char)u[n] & 0xC0) == 0x80)
+            n--;
+    }
+    pb_bytes(a, 1, u, (size_t)n);
+    Py_DECREF(enc);
+}
+
+static void
+otlp_any_value(buf_t *a, PyObject *v)
+{
+    coerced_t cv = {.str = NULL};
+    if (!(PyBool_Check(v) || PyLong_Check(v) || PyFloat_Check(v) || PyUnicode_Check(v)) &&
+        numpy_types_ready() && PyObject_IsInstance(v, g_numpy_generic) == 1 &&
+        coerce_value_slow(v, &cv, 0) == 0) {
+        PyObject *conv = cv.str ? cv.str
+                         : cv.vtype == VT_FLOAT ? PyFloat_FromDouble(cv.v.d)
+                         : cv.vtype == VT_BOOL  ? PyBool_FromLong((long)cv.v.i)
+                                                : PyLong_FromLongLong(cv.v.i);
+        if (conv) {
+            otlp_scalar(a, conv);
+            Py_DECREF(conv);
+            return;
+        }
+    }
+    PyErr_Clear();
+    if (otlp_scalar(a, v) == 0)
+        return;
+    if (PyList_Check(v) || PyTuple_Check(v)) {
+        /* a homogeneous sequence of primitives is an array; anything else its str() */
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(v);
+        PyObject **items = PySequence_Fast_ITEMS(v);
+        PyTypeObject *t0 = n ? Py_TYPE(items[0]) : NULL;
+        int ok = 1;
+        for (Py_ssize_t k = 0; k < n && ok; k++)
+            ok = Py_TYPE(items[k]) == t0 && (t0 == &PyUnicode_Type || t0 == &PyBool_Type ||
+                                             t0 == &PyLong_Type || t0 == &PyFloat_Type);
+        if (ok) {
+            size_t arr = pb_begin(a, 5);
+            for (Py_ssize_t k = 0; k < n; k++) {
+                size_t el = pb_begin(a, 1);
+                if (otlp_scalar(a, items[k]) != 0) {
+                    PyObject *str = PyObject_Str(items[k]);
+                    if (str) {
+                        otlp_str_value(a, str);
+                        Py_DECREF(str);
+                    }
+                    PyErr_Clear();
+                }
+                pb_end(a, el);
+            }
+            pb_end(a, arr);
+            return;
+        }
+    }
+    PyObject *str = PyObject_Str(v);
+    if (str == NULL) {
+        PyErr_Clear();
+        pb_bytes(a, 1, "<unserializable>", 16);
+        return;
+    }
+    otlp_str_value(a, str);
+    Py_DECREF(str);
+}
+
+/* GIL held. A dict as [varint len][KeyValue]... (no field tags: the encoder adds them for
+ * span attributes or event attributes), at most `limit` entries. */
+static void
+otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_t *n, uint32_t *dropped)
+{
+    PyObject *items = PyDict_Items(dict);
+    *n = *dropped = 0;
+    if (items == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(items); k++) {
+        PyObject *kv = PyList_GET_ITEM(items, k);
+        PyObject *key = PyTuple_GET_ITEM(kv, 0), *val = PyTuple_GET_ITEM(kv, 1);
+        if (val == Py_None)
+            continue; /* OpenTelemetry attributes cannot be null */
+        if (*n >= limit) {
+            (*dropped)++;
+            continue;
+        }
+        size_t lenpos = a->len;
+        buf_reserve(a, 5);
+        a->len += 5;
+        size_t body = a->len;
+        PyObject *kstr = PyUnicode_Check(key) ? Py_NewRef(key) : PyObject_Str(key);
+        if (kstr == NULL) {
+            PyErr_Clear();
+            kstr = PyUnicode_FromString("<key>");
+        }
+        PyObject *kenc = kstr ? PyUnicode_AsEncodedString(kstr, "utf-8", "backslashreplace") : NULL;
+        if (kenc) {
+            pb_bytes(a, 1, PyBytes_AS_STRING(kenc), (size_t)PyBytes_GET_SIZE(kenc));
+            Py_DECREF(kenc);
+        }
+        Py_XDECREF(kstr);
+        PyErr_Clear();
+        size_t av = pb_begin(a, 2);
+        otlp_any_value(a, val);
+        pb_end(a, av);
+        /* the length prefix, canonical: reuse pb_end's shrinking on a fake tag-less field */
+        pb_end(a, body);
+        (void)lenpos;
+        (*n)++;
+    }
+    Py_DECREF(items);
+}
+
+/* Splice pre-rendered KeyValues [varint len][KeyValue]... as repeated `field`; at most max. */
+static uint32_t
+pb_splice_kvs(buf_t *b, int field, const char *p, size_t n, uint32_t max)
+{
+    size_t off = 0;
+    uint32_t count = 0;
+    while (off < n && count < max) {
+        uint64_t len = 0;
+        int shift = 0;
+        while (off < n) {
+            unsigned char c = (unsigned char)p[off++];
+            len |= (uint64_t)(c & 0x7F) << shift;
+            shift += 7;
+            if (!(c & 0x80))
+                break;
+        }
+        pb_bytes(b, field, p + off, (size_t)len);
+        off += (size_t)len;
+        count++;
+    }
+    return count;
+}
+
+/* -- open-span state ------------------------------------------------------------------- */
+
+typedef struct {
+    uint32_t name_id;
+    buf_t kv; /* one encoded KeyValue (no tag) */
+    char *name_raw;
+    uint32_t name_len;
+} summary_t;
+
+typedef struct ospan_s {
+    uint64_t hi, lo;
+    buf_t ev;            /* encoded events, each [varint len][Event] */
+    uint32_t *ev_off;    /* start offset of each kept event in ev */
+    uint32_t n_ev, ev_cap, first; /* kept events are [first, n_ev) */
+    uint64_t total_ev;
+    summary_t *sum;
+    uint32_t n_sum, sum_cap;
+    struct ospan_s *next;
+} ospan_t;
+
+typedef struct {
+    PyObject_HEAD
+    ospan_t **tab;
+    size_t cap, n;
+    uint32_t event_limit;
+    uint64_t root_marks, unsampled_spans, events_dropped;
+} OtlpStateObject;
+
+static PyTypeObject OtlpState_Type;
+
+static void
+ospan_free(ospan_t *e)
+{
+    free(e->ev.data);
+    free(e->ev_off);
+    for (uint32_t k = 0; k < e->n_sum; k++) {
+        free(e->sum[k].kv.data);
+        free(e->sum[k].name_raw);
+    }
+    free(e->sum);
+    free(e);
+}
+
+static ospan_t *
+ospan_find(OtlpStateObject *st, uint64_t hi, uint64_t lo, int create)
+{
+    if (st->cap == 0) {
+        if (!create)
+            return NULL;
+        st->cap = 256;
+        st->tab = calloc(st->cap, sizeof(ospan_t *));
+        if (st->tab == NULL) {
+            st->cap = 0;
+            return NULL;
+        }
+    }
+    size_t h = open_hash(hi, lo, st->cap);
+    for (ospan_t *e = st->tab[h]; e; e = e->next)
+        if (e->hi == hi && e->lo == lo)
+            return e;
+    if (!create)
+        return NULL;
+    if (st->n * 2 > st->cap) {
+        size_t ncap = st->cap * 2;
+        ospan_t **nt = calloc(ncap, sizeof(ospan_t *));
+        if (nt) {
+            for (size_t k = 0; k < st->cap; k++) {
+                for (ospan_t *e = st->tab[k], *nx; e; e = nx) {
+                    nx = e->next;
+                    size_t q = open_hash(e->hi, e->lo, ncap);
+                    e->next = nt[q];
+                    nt[q] = e;
+                }
+            }
+            free(st->tab);
+            st->tab = nt;
+            st->cap = ncap;
+            h = open_hash(hi, lo, st->cap);
+        }
+    }
+    ospan_t *e = calloc(1, sizeof(ospan_t));
+    if (e == NULL)
+        return NULL;
+    e->hi = hi;
+    e->lo = lo;
+    e->next = st->tab[h];
+    st->tab[h] = e;
+    st->n++;
+    return e;
+}
+
+static void
+ospan_remove(OtlpStateObject *st, ospan_t *target)
+{
+    size_t h = open_hash(target->hi, target->lo, st->cap);
+    ospan_t **pp = &st->tab[h];
+    while (*pp && *pp != target)
+        pp = &(*pp)->next;
+    if (*pp) {
+        *pp = target->next;
+        st->n--;
+    }
+    ospan_free(target);
+}
+
+static void
+OtlpState_dealloc(OtlpStateObject *st)
+{
+    for (size_t k = 0; k < st->cap; k++)
+        for (ospan_t *e = st->tab[k], *nx; e; e = nx) {
+            nx = e->next;
+            ospan_free(e);
+        }
+    free(st->tab);
+    PyObject_Free(st);
+}
+
+static PyObject *
+OtlpState_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"event_limit", NULL};
+    unsigned int limit = 128;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|I:OtlpState", kwlist, &limit))
+        return NULL;
+    OtlpStateObject *st = PyObject_New(OtlpStateObject, &OtlpState_Type);
+    if (st == NULL)
+        return NULL;
+    st->tab = NULL;
+    st->cap = st->n = 0;
+    st->event_limit = limit;
+    st->root_marks = st->unsampled_spans = st->events_dropped = 0;
+    return (PyObject *)st;
+}
+
+static PyObject *
+OtlpState_get(OtlpStateObject *st, void *which)
+{
+    switch ((intptr_t)which) {
+    case 0: return PyLong_FromSize_t(st->n);
+    case 1: return PyLong_FromUnsignedLongLong(st->root_marks);
+    case 2: return PyLong_FromUnsignedLongLong(st->unsampled_spans);
+    default: return PyLong_FromUnsignedLongLong(st->events_dropped);
+    }
+}
+
+static PyGetSetDef OtlpState_getset[] = {
+    {"open_spans", (getter)OtlpState_get, NULL, "spans with marks waiting for their close", (void *)0},
+    {"root_marks", (getter)OtlpState_get, NULL, "marks on \"root\": spool only", (void *)1},
+    {"unsampled_spans", (getter)OtlpState_get, NULL, "spans not exported (parent not sampled)", (void *)2},
+    {"events_dropped", (getter)OtlpState_get, NULL, "events over the event count limit", (void *)3},
+    {NULL},
+};
+
+static PyTypeObject OtlpState_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cirron_otel.OtlpState",
+    .tp_basicsize = sizeof(OtlpStateObject),
+    .tp_dealloc = (destructor)OtlpState_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Marks of spans that are still open, kept for the OTLP encoder.",
+    .tp_new = OtlpState_new,
+    .tp_getset = OtlpState_getset,
+};
+
+static inline const char *
+slot_name(BatchObject *b, size_t i, size_t *len)
+{
+    slot_t *s = &b->slots[i];
+    ext_t *e = b->aux[i].ext >= 0 ? &b->ext[b->aux[i].ext] : NULL;
+    if ((s->flags & F_NAME_REF) && e) {
+        *len = e->name.len;
+        return b->arena.data + e->name.off;
+    }
+    const name_entry_t *ne = name_get(s->name_id);
+    *len = ne->raw_len;
+    return ne->raw;
+}
+
+/* the mark's value as an AnyValue body */
+static void
+pb_mark_value(buf_t *o, BatchObject *b, size_t i)
+{
+    slot_t *s = &b->slots[i];
+    ext_t *e = b->aux[i].ext >= 0 ? &b->ext[b->aux[i].ext] : NULL;
+    switch (s->vtype) {
+    case VT_FLOAT: {
+        uint64_t bits;
+        memcpy(&bits, &s->v.d, 8);
+        pb_tag(o, 4, WT_I64);
+        pb_fixed(o, bits, 8);
+        break;
+    }
+    case VT_INT:
+        pb_tag(o, 3, WT_VARINT);
+        pb_varint(o, (uint64_t)s->v.i);
+        break;
+    case VT_BOOL:
+        pb_tag(o, 2, WT_VARINT);
+        pb_varint(o, (uint64_t)s->v.i);
+        break;
+    default:
+        pb_bytes(o, 1, e ? b->arena.data + e->val.off : "", e ? e->val.len : 0);
+    }
+}
+
+static void
+otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i)
+{
+    slot_t *s = &b->slots[i];
+    if (s->flags & F_ROOTLESS) {
+        st->root_marks++;
+        return;
+    }
+    ospan_t *e = ospan_find(st, s->span_hi, s->span_lo, 1);
+    if (e == NULL)
+        return;
+    ext_t *x = b->aux[i].ext >= 0 ? &b->ext[b->aux[i].ext] : NULL;
+    size_t nlen;
+    const char *name = slot_name(b, i, &nlen);
+    if (s->flags & F_SUMMARY) {
+        summary_t *sm = NULL;
+        for (uint32_t k = 0; k < e->n_sum; k++)
+            if (e->sum[k].name_len == nlen && memcmp(e->sum[k].name_raw, name, nlen) == 0)
+                sm = &e->sum[k];
+        if (sm == NULL) {
+            if (e->n_sum == e->sum_cap) {
+                uint32_t ncap = e->sum_cap ? e->sum_cap * 2 : 4;
+                summary_t *ns = realloc(e->sum, sizeof(summary_t) * ncap);
+                if (ns == NULL)
+                    return;
+                e->sum = ns;
+                e->sum_cap = ncap;
+            }
+            sm = &e->sum[e->n_sum++];
+            memset(sm, 0, sizeof *sm);
+            sm->name_raw = malloc(nlen ? nlen : 1);
+            if (sm->name_raw)
+                memcpy(sm->name_raw, name, nlen);
+            sm->name_len = (uint32_t)nlen;
+        }
+        sm->kv.len = 0; /* the last summary of a name wins */
+        BUF_LIT(&sm->kv, "cirron.summary.");
+        size_t keylen = sm->kv.len + nlen;
+        buf_put(&sm->kv, name, nlen);
+        /* rebuild as KeyValue{key, value} */
+        buf_t kv = {0};
+        pb_bytes(&kv, 1, sm->kv.data, keylen);
+        size_t av = pb_begin(&kv, 2);
+        pb_mark_value(&kv, b, i);
+        pb_end(&kv, av);
+        free(sm->kv.data);
+        sm->kv = kv;
+        return;
+    }
+    /* a point mark: one Event, kept among the span's last event_limit events */
+    if (e->n_ev == e->ev_cap) {
+        uint32_t ncap = e->ev_cap ? e->ev_cap * 2 : 16;
+        uint32_t *no = realloc(e->ev_off, sizeof(uint32_t) * ncap);
+        if (no == NULL)
+            return;
+        e->ev_off = no;
+        e->ev_cap = ncap;
+    }
+    buf_t *ev = &e->ev;
+    e->ev_off[e->n_ev++] = (uint32_t)ev->len;
+    size_t lenpos = ev->len;
+    buf_reserve(ev, 5);
+    ev->len += 5;
+    size_t body = ev->len;
+    (void)lenpos;
+    pb_tag(ev, 1, WT_I64);
+    pb_fixed(ev, (uint64_t)s->ts, 8);
+    pb_bytes(ev, 2, name, nlen);
+    size_t kv = pb_begin(ev, 3);
+    pb_bytes(ev, 1, "cirron.mark.value", 17);
+    size_t av = pb_begin(ev, 2);
+    pb_mark_value(ev, b, i);
+    pb_end(ev, av);
+    pb_end(ev, kv);
+    pb_str_kv(ev, 3, "cirron.mark.kind", 16, "point", 5);
+    pb_hex_kv(ev, 3, "cirron.mark.id", b->aux[i].id_hi, b->aux[i].id_lo);
+    uint32_t dropped = 0;
+    if (x && x->oattrs.len) {
+        uint32_t room = g_event_attr_limit > 3 ? g_event_attr_limit - 3 : 0;
+        uint32_t kept = pb_splice_kvs(ev, 3, b->arena.data + x->oattrs.off, x->oattrs.len, room);
+        dropped = x->oattrs_n - kept + x->oattrs_dropped;
+    }
+    if (dropped) {
+        pb_tag(ev, 4, WT_VARINT);
+        pb_varint(ev, dropped);
+    }
+    pb_end(ev, body);
+    e->total_ev++;
+    if (e->n_ev - e->first > st->event_limit) {
+        e->first++; /* drop the oldest, as the SDK does */
+        st->events_dropped++;
+        if (e->first > st->event_limit) { /* compact */
+            uint32_t base = e->ev_off[e->first];
+            memmove(ev->data, ev->data + base, ev->len - base);
+            ev->len -= base;
+            for (uint32_t k = e->first; k < e->n_ev; k++)
+                e->ev_off[k - e->first] = e->ev_off[k] - base;
+            e->n_ev -= e->first;
+            e->first = 0;
+        }
+    }
+}
+
+typedef struct {
+    uint64_t session_trace_hi, session_trace_lo;
+    uint32_t spans;
+} otlp_ctx_t;
+
+static void
+otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_t *c)
+{
+    slot_t *s = &b->slots[i];
+    slot2_t *s2 = (slot2_t *)&b->slots[i + 1];
+    ext_t *x = b->aux[i].ext >= 0 ? &b->ext[b->aux[i].ext] : NULL;
+    ospan_t *e = ospan_find(st, s->span_hi, s->span_lo, 0);
+    if (s->vtype & SF_UNSAMPLED) {
+        st->unsampled_spans++;
+        if (e)
+            ospan_remove(st, e);
+        return;
+    }
+    size_t sp = pb_begin(o, 2); /* ScopeSpans.spans */
+    pb_id(o, 1, s2->trace_hi, s2->trace_lo, 16);
+    pb_id(o, 2, s->span_hi, 0, 8);
+    int is_root = s2->parent_hi == 0 || (s->vtype & SF_NEW_TRACE);
+    if (!is_root)
+        pb_id(o, 4, s2->parent_hi, 0, 8);
+    size_t nlen;
+    const char *name = slot_name(b, i, &nlen);
+    pb_bytes(o, 5, name, nlen);
+    pb_tag(o, 6, WT_VARINT);
+    pb_varint(o, 1); /* SPAN_KIND_INTERNAL */
+    pb_tag(o, 7, WT_I64);
+    pb_fixed(o, (uint64_t)s->ts, 8);
+    pb_tag(o, 8, WT_I64);
+    pb_fixed(o, (uint64_t)s->v.i, 8);
+    /* attributes: the scope's own, then cirron.*, then summaries, up to the limit */
+    uint32_t limit = g_span_attr_limit, n = 0, dropped = 0;
+    if (x && x->oattrs.len) {
+        n = pb_splice_kvs(o, 9, b->arena.data + x->oattrs.off, x->oattrs.len, limit);
+        dropped += x->oattrs_n - n + x->oattrs_dropped;
+    }
+#define ROOM() (n < limit ? (n++, 1) : (dropped++, 0))
+    if ((s->flags & F_HAS_INDEX) && ROOM())
+        pb_int_kv(o, 9, "cirron.index", s2->index);
+    if (ROOM())
+        pb_hex_kv(o, 9, "cirron.span_id", s->span_hi, s->span_lo);
+    if (ROOM())
+        pb_int_kv(o, 9, "thread.id", (int64_t)s2->thread_id);
+    if (ROOM())
+        pb_int_kv(o, 9, "cirron.rank", b->rank);
+    if ((s->flags & F_HAS_CPU) && ROOM())
+        pb_int_kv(o, 9, "cirron.cpu_ns", s2->cpu_ns);
+    if ((s->vtype & SF_NEW_TRACE) && ROOM())
+        pb_hex_kv(o, 9, "cirron.session.id", s2->parent_hi, s2->parent_lo);
+    if (e)
+        for (uint32_t k = 0; k < e->n_sum; k++)
+            if (ROOM())
+                pb_bytes(o, 9, e->sum[k].kv.data, e->sum[k].kv.len);
+#undef ROOM
+    if (dropped) {
+        pb_tag(o, 10, WT_VARINT);
+        pb_varint(o, dropped);
+    }
+    /* events: the marks (already encoded), then the exception */
+    uint64_t ev_dropped = 0;
+    if (e) {
+        for (uint32_t k = e->first; k < e->n_ev; k++) {
+            uint32_t start = e->ev_off[k];
+            uint32_t end = k + 1 < e->n_ev ? e->ev_off[k + 1] : (uint32_t)e->ev.len;
+            /* stored as [varint len][Event]: add the field tag */
+            pb_tag(o, 11, WT_LEN);
+            buf_put(o, e->ev.data + start, end - start);
+        }
+        ev_dropped = e->total_ev - (e->n_ev - e->first);
+    }
+    if ((s->flags & F_ERROR) && x && x->etype.len) {
+        size_t ev = pb_begin(o, 11);
+        pb_tag(o, 1, WT_I64);
+        pb_fixed(o, (uint64_t)s->v.i, 8);
+        pb_bytes(o, 2, "exception", 9);
+        pb_str_kv(o, 3, "exception.type", 14, b->arena.data + x->etype.off, x->etype.len);
+        pb_str_kv(o, 3, "exception.message", 17, b->arena.data + x->emsg.off, x->emsg.len);
+        pb_str_kv(o, 3, "exception.stacktrace", 20, b->arena.data + x->estack.off, x->estack.len);
+        pb_end(o, ev);
+    }
+    if (ev_dropped) {
+        pb_tag(o, 12, WT_VARINT);
+        pb_varint(o, ev_dropped);
+    }
+    if ((s->vtype & SF_NEW_TRACE) && (c->session_trace_hi | c->session_trace_lo)) {
+        size_t ln = pb_begin(o, 13);
+        pb_id(o, 1, c->session_trace_hi, c->session_trace_lo, 16);
+        pb_id(o, 2, s2->parent_hi, 0, 8);
+        pb_str_kv(o, 4, "cirron.link", 11, "session", 7);
+        pb_end(o, ln);
+    }
+    if (s->flags & F_ERROR) {
+        size_t stt = pb_begin(o, 15);
+        if (x && x->emsg.len)
+            pb_bytes(o, 2, b->arena.data + x->emsg.off, x->emsg.len);
+        pb_tag(o, 3, WT_VARINT);
+        pb_varint(o, 2); /* STATUS_CODE_ERROR */
+        pb_end(o, stt);
+    }
+    pb_tag(o, 16, WT_I32);
+    pb_fixed(o, 0x101, 4); /* sampled; is_remote known (false) */
+    pb_end(o, sp);
+    if (e)
+        ospan_remove(st, e);
+    c->spans++;
+}
+
+/* otlp_encode(state, batches, resource, scope_name, scope_version, session_trace=(hi, lo))
+ *   -> (bytes | None, spans) */
+static PyObject *
+mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"state", "batches", "resource", "scope_name", "scope_version",
+                             "session_trace", NULL};
+    PyObject *state, *seq;
+    const char *res, *sname, *sver;
+    Py_ssize_t res_len, sname_len, sver_len;
+    unsigned long long th = 0, tl = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!Oy#s#s#|(KK):otlp_encode", kwlist,
+                                     &OtlpState_Type, &state, &seq, &res, &res_len, &sname,
+                                     &sname_len, &sver, &sver_len, &th, &tl))
+        return NULL;
+    PyObject *fast = PySequence_Fast(seq, "otlp_encode() takes a sequence of Batch objects");
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t nb = PySequence_Fast_GET_SIZE(fast);
+    for (Py_ssize_t k = 0; k < nb; k++)
+        if (!PyObject_TypeCheck(PySequence_Fast_GET_ITEM(fast, k), &Batch_Type)) {
+            Py_DECREF(fast);
+            PyErr_SetString(PyExc_TypeError, "otlp_encode() takes a sequence of Batch objects");
+            return NULL;
+        }
+    OtlpStateObject *st = (OtlpStateObject *)state;
+    otlp_ctx_t c = {.session_trace_hi = th, .session_trace_lo = tl};
+    buf_t o = {0};
+    Py_BEGIN_ALLOW_THREADS
+    size_t rs = pb_begin(&o, 1); /* ExportTraceServiceRequest.resource_spans */
+    pb_bytes(&o, 1, res, (size_t)res_len);
+    size_t ss = pb_begin(&o, 2); /* ResourceSpans.scope_spans */
+    size_t sc = pb_begin(&o, 1); /* ScopeSpans.scope */
+    pb_bytes(&o, 1, sname, (size_t)sname_len);
+    pb_bytes(&o, 2, sver, (size_t)sver_len);
+    pb_end(&o, sc);
+    for (Py_ssize_t k = 0; k < nb; k++) {
+        BatchObject *b = (BatchObject *)PySequence_Fast_GET_ITEM(fast, k);
+        /* in slot order: a span's marks precede its close in its thread's ring, and marks
+         * of other threads (on the session) precede the session's close */
+        for (size_t i = 0; i < b->nslots; i++) {
+            if (b->slots[i].type == R_MARK)
+                otlp_add_mark(st, b, i);
+        }
+        for (size_t i = 0; i < b->nslots; i++) {
+            if (b->slots[i].type == R_SPAN)
+                otlp_add_span(&o, st, b, i, &c);
+        }
+    }
+    pb_end(&o, ss);
+    pb_end(&o, rs);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(fast);
+    if (o.oom) {
+        free(o.data);
+        return PyErr_NoMemory();
+    }
+    PyObject *data = c.spans ? PyBytes_FromStringAndSize(o.data, (Py_ssize_t)o.len) : Py_NewRef(Py_None);
+    free(o.data);
+    if (data == NULL)
+        return NULL;
+    return Py_BuildValue("(NI)", data, c.spans);
+}
+
+/* ======================================================================================
  * 11. Module functions
  * ==================================================================================== */
 
@@ -2835,15 +3730,31 @@ static PyObject *
 mod_configure(PyObject *m, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"ring_capacity", "capture_cpu_time", "rank", "recording",
-                             "full_wait", "warning_category", "decorate", NULL};
+                             "full_wait", "warning_category", "decorate", "otel_context",
+                             "trace_per_child", "otlp", "span_attr_limit", "event_attr_limit",
+                             "value_len_limit", NULL};
     Py_ssize_t cap = -1;
-    int cpu = -1, recording = -1;
+    int cpu = -1, recording = -1, otel_context = -1, per_child = -1, otlp = -1;
+    long long span_limit = -1, event_limit = -1, value_limit = LLONG_MIN;
     long long rank = LLONG_MIN;
     double full_wait = -1.0;
     PyObject *cat = NULL, *decorate = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$npLpdOO:configure", kwlist, &cap, &cpu, &rank,
-                                     &recording, &full_wait, &cat, &decorate))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$npLpdOOpppLLL:configure", kwlist, &cap, &cpu,
+                                     &rank, &recording, &full_wait, &cat, &decorate, &otel_context,
+                                     &per_child, &otlp, &span_limit, &event_limit, &value_limit))
         return NULL;
+    if (otlp != -1)
+        g_otlp = otlp;
+    if (span_limit >= 0)
+        g_span_attr_limit = (uint32_t)span_limit;
+    if (event_limit >= 0)
+        g_event_attr_limit = (uint32_t)event_limit;
+    if (value_limit != LLONG_MIN)
+        g_value_len_limit = value_limit;
+    if (otel_context != -1)
+        g_otel_context = otel_context;
+    if (per_child != -1)
+        g_trace_per_child = per_child;
     if (cap != -1) {
         if (cap < 64 || cap > (1 << 26)) {
             PyErr_SetString(PyExc_ValueError, "ring_capacity must be between 64 and 67108864");
@@ -3180,6 +4091,7 @@ mod_format_float(PyObject *m, PyObject *arg)
 
 static PyMethodDef module_methods[] = {
     {"format_float", (PyCFunction)mod_format_float, METH_O, NULL},
+    {"otlp_encode", (PyCFunction)(void (*)(void))mod_otlp_encode, METH_VARARGS | METH_KEYWORDS, NULL},
     {"mark", (PyCFunction)(void (*)(void))mod_mark, METH_FASTCALL | METH_KEYWORDS,
      "mark(name, value, *, kind='point', **attrs)"},
     {"scope", (PyCFunction)(void (*)(void))mod_scope, METH_FASTCALL | METH_KEYWORDS,
@@ -3218,7 +4130,7 @@ PyMODINIT_FUNC
 PyInit__native(void)
 {
     if (PyType_Ready(&Scope_Type) < 0 || PyType_Ready(&ScopeIter_Type) < 0 ||
-        PyType_Ready(&Batch_Type) < 0)
+        PyType_Ready(&Batch_Type) < 0 || PyType_Ready(&OtlpState_Type) < 0)
         return NULL;
     if (pthread_key_create(&g_ring_key, ring_thread_exit) != 0) {
         PyErr_SetString(PyExc_RuntimeError, "cirron_otel: pthread_key_create failed");
@@ -3227,6 +4139,7 @@ PyInit__native(void)
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
     g_pid = (int64_t)getpid();
     g_scope_var = PyContextVar_New("cirron_otel.current_scope", NULL);
+    g_otel_var = PyContextVar_New("cirron_otel.otel_context", NULL);
     g_name_ids = PyDict_New();
     g_name_objs = PyList_New(0);
     g_str_point = PyUnicode_InternFromString("point");
@@ -3237,7 +4150,7 @@ PyInit__native(void)
     g_session_name = PyUnicode_InternFromString("cirron.session");
     g_epoch_name = PyUnicode_InternFromString("epoch");
     g_batch_name = PyUnicode_InternFromString("batch");
-    if (!g_scope_var || !g_name_ids || !g_name_objs || !g_str_point || !g_str_summary ||
+    if (!g_scope_var || !g_otel_var || !g_name_ids || !g_name_objs || !g_str_point || !g_str_summary ||
         !g_str_kind || !g_str_index || !g_str_item || !g_session_name || !g_epoch_name ||
         !g_batch_name)
         return NULL;
@@ -3247,7 +4160,9 @@ PyInit__native(void)
     if (PyModule_AddObjectRef(m, "Scope", (PyObject *)&Scope_Type) < 0 ||
         PyModule_AddObjectRef(m, "ScopeIterator", (PyObject *)&ScopeIter_Type) < 0 ||
         PyModule_AddObjectRef(m, "Batch", (PyObject *)&Batch_Type) < 0 ||
+        PyModule_AddObjectRef(m, "OtlpState", (PyObject *)&OtlpState_Type) < 0 ||
         PyModule_AddObjectRef(m, "scope_var", g_scope_var) < 0 ||
+        PyModule_AddObjectRef(m, "otel_var", g_otel_var) < 0 ||
         PyModule_AddIntConstant(m, "MAX_DEPTH", MAX_DEPTH) < 0 ||
         PyModule_AddIntConstant(m, "STR_VALUE_CAP", STR_VALUE_CAP) < 0) {
         Py_DECREF(m);

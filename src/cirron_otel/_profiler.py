@@ -17,7 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _native
-from ._warn import reset as _reset_warnings
+from ._warn import reset_in_forked_child as _reset_warnings
 from ._warn import warn_once
 
 if TYPE_CHECKING:
@@ -57,7 +57,9 @@ class Profiler:
             capture_cpu_time=s.capture_cpu_time,
             rank=s.rank,
             recording=True,
+            trace_per_child=s.trace_per == "child",
         )
+        self.otel_context = s.otel_context and _install_otel_context()
         self.sinks = self._make_sinks()
         self.session = _native.session_begin(dict(s.session_attrs))
         self._start_drainer()
@@ -77,7 +79,35 @@ class Profiler:
                     retry_records=s.spool_retry_records,
                 )
             )
+        if "otlp" in s.outputs:
+            try:
+                sinks.append(self._make_otlp_sink())
+            except Exception as exc:  # a broken OTLP setup must not stop profiling
+                warn_once("otlp-setup", f"cirron_otel: OTLP export disabled: {type(exc).__name__}: {exc}")
         return sinks
+
+    def _make_otlp_sink(self) -> Any:
+        from opentelemetry.sdk.trace import SpanLimits
+
+        from .exporters.otlp import OtlpSink, build_resource, make_transport
+
+        s = self.settings
+        limits = SpanLimits()  # OTEL_SPAN_*_LIMIT and OTEL_ATTRIBUTE_* from the environment
+        _native.configure(
+            otlp=True,
+            span_attr_limit=_limit(limits.max_span_attributes),
+            event_attr_limit=_limit(limits.max_event_attributes),
+            value_len_limit=-1 if limits.max_attribute_length is None else limits.max_attribute_length,
+        )
+        self.resource_attrs, resource = build_resource(s.service_name, s.rank)
+        return OtlpSink(
+            make_transport(s.otlp_protocol, s.otlp_endpoint),
+            resource=resource,
+            session_trace=_session_trace,
+            event_limit=_limit(limits.max_events),
+            outbox_dir=s.output_dir if "spool" in s.outputs else None,
+            outbox_max_bytes=s.otlp_outbox_max_bytes,
+        )
 
     def _start_drainer(self) -> None:
         from ._drainer import Drainer, TraceStore
@@ -105,7 +135,9 @@ class Profiler:
             if not self.running or self.drainer is None:
                 return True
             self._ensure_drainer()
-            return bool(self.drainer.flush(timeout))
+            done = bool(self.drainer.flush(timeout))
+            # True only when every sink holds nothing back (a failing disk keeps records pending)
+            return done and all(sink.stats.pending == 0 for sink in self.sinks)
         except Exception as exc:
             warn_once("flush", f"cirron_otel: flush failed: {type(exc).__name__}: {exc}")
             return False
@@ -149,7 +181,6 @@ class Profiler:
         native = _safe(_native.stats, {})
         spool = next((x for x in self.sinks if getattr(x, "name", "") == "spool"), None)
         sinks = {x.name: _safe(x.stats.as_dict, {}) for x in self.sinks}
-        written = sum(v.get("exported", 0) for v in sinks.values())
         s = self.settings
         return {
             "enabled": s.enabled and self.running,
@@ -162,15 +193,16 @@ class Profiler:
             "spool_bytes": _safe(spool.disk_bytes, 0) if spool else 0,
             "flush_mode": self._flush_mode(),
             "flush_restart_count": self.restarts,
-            "transport": None,
+            "transport": "otlp" if "otlp" in sinks else None,
             "installed_hooks": list(_hooks),
             "platform_context": _platform_context(s.rank),
+            "otel_context": bool(getattr(self, "otel_context", False)),
             "records_recorded": native.get("marks_recorded", 0) + native.get("spans_recorded", 0),
             "marks_recorded": native.get("marks_recorded", 0),
             "spans_recorded": native.get("spans_recorded", 0),
             "records_pending": native.get("pending_slots", 0),
             "records_collected": native.get("marks_collected", 0) + native.get("spans_collected", 0),
-            "records_written": written if spool else 0,
+            "records_written": sinks["spool"]["exported"] if spool else 0,
             "sinks": sinks,
             "drainer": {
                 "alive": bool(self.drainer is not None and self.drainer.is_alive()),
@@ -188,6 +220,23 @@ class Profiler:
         if self.running and self.drainer is not None and self.drainer.is_alive():
             return "background"
         return "stopped"
+
+
+def _limit(value: int | None) -> int:
+    return (1 << 31) - 1 if value is None else int(value)
+
+
+def _session_trace() -> tuple[int, int]:
+    session = _native.session()
+    return (session.trace_id_hi, session.trace_id_lo) if session is not None else (0, 0)
+
+
+def _install_otel_context() -> bool:
+    try:
+        from ._otel_context import install
+    except ImportError:  # OpenTelemetry is not installed: Cirron scopes only
+        return False
+    return install()
 
 
 def _safe(fn: Callable[[], Any], default: Any) -> Any:
@@ -291,10 +340,14 @@ def _after_fork_in_child() -> None:
 
 
 def _register_multiprocessing_finalizer() -> None:
-    # multiprocessing children leave through os._exit(), which skips atexit.
+    # multiprocessing children leave through os._exit(), which skips atexit, and their
+    # bootstrap clears the finalizers registered so far; its after-fork callbacks run after
+    # that, so register the finalizer from one of those.
     mp_util = sys.modules.get("multiprocessing.util")
-    if mp_util is not None:
-        mp_util.Finalize(None, shutdown, exitpriority=100)
+    if mp_util is not None and _active is not None:
+        mp_util.register_after_fork(
+            _active, lambda _prof: mp_util.Finalize(None, shutdown, exitpriority=100)
+        )
 
 
 # -- module-level API -------------------------------------------------------------------

@@ -26,6 +26,13 @@ def warn_once(key: str, message: str) -> None:
 
 
 def reset() -> None:
-    """Forget what was warned about (after fork, and for tests)."""
+    """Forget what was warned about (for tests)."""
     with _lock:
         _warned.clear()
+
+
+def reset_in_forked_child() -> None:
+    """After fork(): another thread of the parent may have held the lock; make a new one."""
+    global _lock
+    _lock = threading.Lock()
+    _warned.clear()

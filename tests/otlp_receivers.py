@@ -1,0 +1,391 @@
+"""Real OTLP trace receivers (gRPC and HTTP/protobuf) running in-process on loopback, for tests.
+
+Both store every accepted `ExportTraceServiceRequest` with its headers, decode them to plain dicts
+(`spans()`), can fail the next N requests (`fail_next`), answer slowly (`delay`), and can be stopped and
+restarted on the same port (`stop` / `start` / `restart`) to simulate a collector outage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import socket
+import threading
+import zlib
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self, TypedDict
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.rpc.error_details_pb2 import RetryInfo
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import (
+    TraceServiceServicer,
+    add_TraceServiceServicer_to_server,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+HOST = "127.0.0.1"
+
+
+class EventDict(TypedDict):
+    name: str
+    time_ns: int
+    attributes: dict[str, Any]
+
+
+class LinkDict(TypedDict):
+    trace_id: str
+    span_id: str
+    attributes: dict[str, Any]
+
+
+class StatusDict(TypedDict):
+    code: int
+    message: str
+
+
+class ScopeDict(TypedDict):
+    name: str
+    version: str
+
+
+class SpanDict(TypedDict):
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    name: str
+    kind: int
+    start_ns: int
+    end_ns: int
+    attributes: dict[str, Any]
+    events: list[EventDict]
+    links: list[LinkDict]
+    status: StatusDict
+    dropped_attributes_count: int
+    dropped_events_count: int
+    dropped_links_count: int
+    resource: dict[str, Any]
+    scope: ScopeDict
+
+
+def any_value(value: AnyValue) -> Any:
+    """An OTLP AnyValue as a Python value: str, int, float, bool, bytes, list, dict, or None."""
+    which = value.WhichOneof("value")
+    if which is None:
+        return None
+    if which == "array_value":
+        return [any_value(v) for v in value.array_value.values]
+    if which == "kvlist_value":
+        return attributes(value.kvlist_value.values)
+    return getattr(value, which)
+
+
+def attributes(kvs: Iterable[KeyValue]) -> dict[str, Any]:
+    return {kv.key: any_value(kv.value) for kv in kvs}
+
+
+def decode_spans(request: ExportTraceServiceRequest) -> list[SpanDict]:
+    out: list[SpanDict] = []
+    for rs in request.resource_spans:
+        resource = attributes(rs.resource.attributes)
+        for ss in rs.scope_spans:
+            scope = ScopeDict(name=ss.scope.name, version=ss.scope.version)
+            for s in ss.spans:
+                out.append(SpanDict(
+                    trace_id=s.trace_id.hex(), span_id=s.span_id.hex(), parent_span_id=s.parent_span_id.hex(),
+                    name=s.name, kind=s.kind, start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano,
+                    attributes=attributes(s.attributes),
+                    events=[EventDict(name=e.name, time_ns=e.time_unix_nano,
+                                      attributes=attributes(e.attributes)) for e in s.events],
+                    links=[LinkDict(trace_id=lk.trace_id.hex(), span_id=lk.span_id.hex(),
+                                    attributes=attributes(lk.attributes)) for lk in s.links],
+                    status=StatusDict(code=s.status.code, message=s.status.message),
+                    dropped_attributes_count=s.dropped_attributes_count,
+                    dropped_events_count=s.dropped_events_count,
+                    dropped_links_count=s.dropped_links_count,
+                    resource=resource, scope=scope,
+                ))
+    return out
+
+
+class _Receiver:
+    """Storage, failure injection and waiting, shared by both transports."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.requests: list[ExportTraceServiceRequest] = []  # accepted requests, in arrival order
+        self.headers: list[dict[str, str]] = []  # lower-cased headers of each accepted request
+        self.attempts = 0  # every export request received, accepted or failed
+        self.delay = 0.0  # seconds to wait before answering (a slow collector)
+        self._cond = threading.Condition()
+        self._span_total = 0
+        self._fail_left = 0
+        self._retry_after: float | None = None
+        self._stopping = threading.Event()
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.address}"
+
+    def _admit(self) -> tuple[bool, float | None]:
+        """Count one request; return (fail it?, retry-after seconds). Waits `delay` first."""
+        if self.delay:
+            self._stopping.wait(self.delay)
+        with self._cond:
+            self.attempts += 1
+            if self._fail_left > 0:
+                self._fail_left -= 1
+                return True, self._retry_after
+            return False, None
+
+    def _store(self, request: ExportTraceServiceRequest, headers: dict[str, str]) -> None:
+        with self._cond:
+            self.requests.append(request)
+            self.headers.append(headers)
+            self._span_total += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+            self._cond.notify_all()
+
+    def _set_failures(self, n: int, retry_after: float | None) -> None:
+        with self._cond:
+            self._fail_left, self._retry_after = n, retry_after
+
+    def spans(self) -> list[SpanDict]:
+        """Every span of every accepted request, flattened, in arrival order."""
+        with self._cond:
+            requests = list(self.requests)
+        return [span for request in requests for span in decode_spans(request)]
+
+    def span_count(self) -> int:
+        with self._cond:
+            return self._span_total
+
+    def wait_for_spans(self, n: int, timeout: float = 5.0) -> list[SpanDict]:
+        """Block until at least `n` spans arrived, then return `spans()`; AssertionError on timeout."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._span_total >= n, timeout):
+                raise AssertionError(f"{self._span_total} spans arrived within {timeout}s, wanted {n}")
+        return self.spans()
+
+    def clear(self) -> None:
+        with self._cond:
+            self.requests.clear()
+            self.headers.clear()
+            self.attempts = self._span_total = 0
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def restart(self) -> Self:
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class GrpcReceiver(_Receiver, TraceServiceServicer):
+    """OTLP/gRPC TraceService on 127.0.0.1. `endpoint` is "http://127.0.0.1:PORT" (insecure).
+
+    grpcio decompresses transparently and hides `grpc-encoding`, so to prove a client compresses, use
+    `accept_gzip=False`: gzip requests then fail with UNIMPLEMENTED before reaching `Export`.
+    """
+
+    def __init__(self, *, accept_gzip: bool = True) -> None:
+        super().__init__()
+        self.accept_gzip = accept_gzip
+        self._server: grpc.Server | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._fail_code = grpc.StatusCode.UNAVAILABLE
+
+    def fail_next(self, n: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+                  retry_after: float | None = None) -> None:
+        """Answer the next `n` requests with `code`; `retry_after` sends a google.rpc.RetryInfo delay."""
+        self._fail_code = code
+        self._set_failures(n, retry_after)
+
+    def Export(self, request: ExportTraceServiceRequest,
+               context: grpc.ServicerContext) -> ExportTraceServiceResponse:
+        fail, retry_after = self._admit()
+        if fail:
+            if retry_after is not None:
+                info = RetryInfo(retry_delay=Duration(seconds=int(retry_after),
+                                                      nanos=int(retry_after % 1 * 1e9)))
+                context.set_trailing_metadata((("google.rpc.retryinfo-bin", info.SerializeToString()),))
+            context.abort(self._fail_code, "injected failure")
+        headers = {k.lower(): v if isinstance(v, str) else v.decode("latin-1")
+                   for k, v in context.invocation_metadata()}
+        self._store(request, headers)
+        return ExportTraceServiceResponse()
+
+    def start(self) -> Self:
+        if self._server is not None:
+            return self
+        self._stopping.clear()
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="otlp-grpc-receiver")
+        # No SO_REUSEPORT: a restarted receiver must own its port alone.
+        options: list[tuple[str, int]] = [("grpc.so_reuseport", 0)]
+        if not self.accept_gzip:
+            options.append(("grpc.compression_enabled_algorithms_bitset", 1))  # identity only
+        server = grpc.server(self._pool, options=options)
+        add_TraceServiceServicer_to_server(self, server)
+        port = server.add_insecure_port(f"{HOST}:{self.port}")
+        if port == 0 or (self.port and port != self.port):
+            raise RuntimeError(f"cannot bind {HOST}:{self.port}")
+        self.port = port
+        server.start()
+        self._server = server
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and cancel in-flight calls; `start()` again binds the same port."""
+        if self._server is None:
+            return
+        self._stopping.set()
+        self._server.stop(grace=None).wait()
+        self._server = None
+        assert self._pool is not None
+        self._pool.shutdown(wait=True)
+        self._pool = None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like a real collector
+    timeout = 10
+    server: _HttpServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.track(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.untrack(self.connection)
+
+    def _reply(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path != "/v1/traces":
+            return self._reply(404)
+        if self.headers.get_content_type() != "application/x-protobuf":
+            return self._reply(415)
+        receiver = self.server.receiver
+        fail, retry_after = receiver._admit()
+        if fail:
+            extra = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
+            return self._reply(receiver._fail_status, headers=extra)
+        encoding = self.headers.get("Content-Encoding", "").lower()
+        try:
+            if encoding == "gzip":
+                body = gzip.decompress(body)
+            elif encoding == "deflate":
+                body = zlib.decompress(body)
+            request = ExportTraceServiceRequest.FromString(body)
+        except Exception:
+            return self._reply(400)
+        receiver._store(request, {k.lower(): v for k, v in self.headers.items()})
+        self._reply(200, ExportTraceServiceResponse().SerializeToString())
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _shut(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = False  # server_close() joins every handler thread: nothing leaks
+
+    def __init__(self, port: int, receiver: HttpReceiver) -> None:
+        self.receiver = receiver
+        self._conns: set[socket.socket] = set()
+        self._closing = False
+        self._lock = threading.Lock()
+        super().__init__((HOST, port), _Handler)
+
+    def track(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.add(conn)
+            if self._closing:
+                _shut(conn)
+
+    def untrack(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+
+    def drop_connections(self) -> None:
+        """Close kept-alive client connections, so a stopped receiver really is unreachable."""
+        with self._lock:
+            self._closing = True
+            for conn in self._conns:
+                _shut(conn)
+
+
+class HttpReceiver(_Receiver):
+    """OTLP/HTTP (protobuf) on 127.0.0.1: POST `traces_url` = endpoint + "/v1/traces"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._httpd: _HttpServer | None = None
+        self._thread: threading.Thread | None = None
+        self._fail_status = 503
+
+    @property
+    def traces_url(self) -> str:
+        return f"{self.endpoint}/v1/traces"
+
+    def fail_next(self, n: int, status: int = 503, retry_after: float | None = None) -> None:
+        """Answer the next `n` requests with HTTP `status`; `retry_after` sets a Retry-After header."""
+        self._fail_status = status
+        self._set_failures(n, retry_after)
+
+    def start(self) -> Self:
+        if self._httpd is not None:
+            return self
+        self._stopping.clear()
+        self._httpd = _HttpServer(self.port, self)
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="otlp-http-receiver", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening, drop open connections, join all threads; `start()` again binds the same port."""
+        if self._httpd is None:
+            return
+        self._stopping.set()
+        self._httpd.shutdown()
+        self._httpd.drop_connections()
+        self._httpd.server_close()
+        assert self._thread is not None
+        self._thread.join()
+        self._httpd = self._thread = None
+
