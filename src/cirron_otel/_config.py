@@ -50,6 +50,9 @@ class Settings:
     trace_per: str = "child"
     otel_context: bool = True
     otlp_outbox_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
+    # An SDK TracerProvider whose span processors receive Cirron spans; "global": the
+    # globally set one when it is an SDK provider; None: never.
+    tracer_provider: Any = "global"
 
 
 def _rank_from_env(env: Mapping[str, str]) -> int:
@@ -111,6 +114,7 @@ def resolve(
     service_name: str | None = None,
     trace_per: str = "child",
     otel_context: bool = True,
+    tracer_provider: Any = "global",
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     """Validate `profile()` arguments and merge them with the environment."""
@@ -163,4 +167,5 @@ def resolve(
         service_name=service_name,
         trace_per=trace_per,
         otel_context=bool(otel_context),
+        tracer_provider=tracer_provider,
     )

@@ -60,6 +60,7 @@ class Profiler:
             trace_per_child=s.trace_per == "child",
         )
         self.otel_context = s.otel_context and _install_otel_context()
+        _native.configure(otel_context=self.otel_context)
         self.sinks = self._make_sinks()
         self.session = _native.session_begin(dict(s.session_attrs))
         self._start_drainer()
@@ -79,19 +80,23 @@ class Profiler:
                     retry_records=s.spool_retry_records,
                 )
             )
-        if "otlp" in s.outputs:
+        provider = _sdk_tracer_provider(s.tracer_provider)
+        if provider is not None:
+            # The application's provider: Cirron spans go where its spans go.
+            from .exporters.provider import TracerProviderSink
+
+            self._configure_otlp_limits()
+            sinks.append(TracerProviderSink(provider, session_trace=_session_trace))
+        if "otlp" in s.outputs and (provider is None or s.otlp_endpoint):
             try:
                 sinks.append(self._make_otlp_sink())
             except Exception as exc:  # a broken OTLP setup must not stop profiling
                 warn_once("otlp-setup", f"cirron_otel: OTLP export disabled: {type(exc).__name__}: {exc}")
         return sinks
 
-    def _make_otlp_sink(self) -> Any:
+    def _configure_otlp_limits(self) -> int:
         from opentelemetry.sdk.trace import SpanLimits
 
-        from .exporters.otlp import OtlpSink, build_resource, make_transport
-
-        s = self.settings
         limits = SpanLimits()  # OTEL_SPAN_*_LIMIT and OTEL_ATTRIBUTE_* from the environment
         _native.configure(
             otlp=True,
@@ -99,12 +104,19 @@ class Profiler:
             event_attr_limit=_limit(limits.max_event_attributes),
             value_len_limit=-1 if limits.max_attribute_length is None else limits.max_attribute_length,
         )
+        return _limit(limits.max_events)
+
+    def _make_otlp_sink(self) -> Any:
+        from .exporters.otlp import OtlpSink, build_resource, make_transport
+
+        s = self.settings
+        event_limit = self._configure_otlp_limits()
         self.resource_attrs, resource = build_resource(s.service_name, s.rank)
         return OtlpSink(
             make_transport(s.otlp_protocol, s.otlp_endpoint),
             resource=resource,
             session_trace=_session_trace,
-            event_limit=_limit(limits.max_events),
+            event_limit=event_limit,
             outbox_dir=s.output_dir if "spool" in s.outputs else None,
             outbox_max_bytes=s.otlp_outbox_max_bytes,
         )
@@ -193,7 +205,8 @@ class Profiler:
             "spool_bytes": _safe(spool.disk_bytes, 0) if spool else 0,
             "flush_mode": self._flush_mode(),
             "flush_restart_count": self.restarts,
-            "transport": "otlp" if "otlp" in sinks else None,
+            "transport": "otlp" if "otlp" in sinks else ("tracer_provider" if sinks.get("tracer_provider")
+                                                          is not None else None),
             "installed_hooks": list(_hooks),
             "platform_context": _platform_context(s.rank),
             "otel_context": bool(getattr(self, "otel_context", False)),
@@ -224,6 +237,19 @@ class Profiler:
 
 def _limit(value: int | None) -> int:
     return (1 << 31) - 1 if value is None else int(value)
+
+
+def _sdk_tracer_provider(choice: Any) -> Any:
+    """The SDK TracerProvider Cirron spans should join, if any (see Settings.tracer_provider)."""
+    if choice is None:
+        return None
+    try:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+    except ImportError:
+        return None
+    provider = trace.get_tracer_provider() if choice == "global" else choice
+    return provider if isinstance(provider, TracerProvider) else None
 
 
 def _session_trace() -> tuple[int, int]:
