@@ -170,7 +170,7 @@ class OtlpSink(Sink):
 
     def export(self, batches: Sequence[_native.Batch]) -> None:
         try:
-            request, spans = _native.otlp_encode(
+            requests = _native.otlp_encode(
                 self.state, batches, self.resource, SCOPE_NAME, __version__, self.session_trace()
             )
         except Exception as exc:
@@ -179,9 +179,10 @@ class OtlpSink(Sink):
             self.stats.error("encoding failed", exc)
             return
         self._update_counters()
-        if request is None:
+        if not requests:
             return
-        self._enqueue(request, spans)
+        for request, spans in requests:
+            self._enqueue(request, spans)
         if self._healthy or time.monotonic() >= self._next_attempt:
             self.retry()
 

@@ -98,10 +98,10 @@ class TracerProviderSink(Sink):
 
     def export(self, batches: Sequence[_native.Batch]) -> None:
         try:
-            request, _ = _native.otlp_encode(
+            requests = _native.otlp_encode(
                 self.state, batches, self._resource_bytes, SCOPE_NAME, __version__, self.session_trace()
             )
-            spans = readable_spans(request, self.resource) if request is not None else []
+            spans = [span for request, _ in requests for span in readable_spans(request, self.resource)]
         except Exception as exc:
             with self.stats.lock:
                 self.stats.dropped += sum(b.span_count for b in batches)

@@ -3658,20 +3658,41 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
     c->spans++;
 }
 
-/* otlp_encode(state, batches, resource, scope_name, scope_version, session_trace=(hi, lo))
- *   -> (bytes | None, spans) */
+typedef struct {
+    buf_t o;
+    size_t rs, ss;
+    uint32_t spans;
+} otlp_req_t;
+
+static void
+otlp_req_open(otlp_req_t *r, const char *res, size_t res_len, const char *sname, size_t sname_len,
+              const char *sver, size_t sver_len)
+{
+    memset(r, 0, sizeof *r);
+    r->rs = pb_begin(&r->o, 1); /* ExportTraceServiceRequest.resource_spans */
+    pb_bytes(&r->o, 1, res, res_len);
+    r->ss = pb_begin(&r->o, 2); /* ResourceSpans.scope_spans */
+    size_t sc = pb_begin(&r->o, 1); /* ScopeSpans.scope */
+    pb_bytes(&r->o, 1, sname, sname_len);
+    pb_bytes(&r->o, 2, sver, sver_len);
+    pb_end(&r->o, sc);
+}
+
+/* otlp_encode(state, batches, resource, scope_name, scope_version, session_trace=(hi, lo),
+ *             max_request_bytes=1 MiB) -> [(request bytes, spans), ...]
+ * Requests are cut near max_request_bytes (collectors refuse messages over 4 MiB). */
 static PyObject *
 mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"state", "batches", "resource", "scope_name", "scope_version",
-                             "session_trace", NULL};
+                             "session_trace", "max_request_bytes", NULL};
     PyObject *state, *seq;
     const char *res, *sname, *sver;
-    Py_ssize_t res_len, sname_len, sver_len;
+    Py_ssize_t res_len, sname_len, sver_len, max_bytes = 1 << 20;
     unsigned long long th = 0, tl = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!Oy#s#s#|(KK):otlp_encode", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!Oy#s#s#|(KK)n:otlp_encode", kwlist,
                                      &OtlpState_Type, &state, &seq, &res, &res_len, &sname,
-                                     &sname_len, &sver, &sver_len, &th, &tl))
+                                     &sname_len, &sver, &sver_len, &th, &tl, &max_bytes))
         return NULL;
     PyObject *fast = PySequence_Fast(seq, "otlp_encode() takes a sequence of Batch objects");
     if (fast == NULL)
@@ -3685,41 +3706,62 @@ mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
         }
     OtlpStateObject *st = (OtlpStateObject *)state;
     otlp_ctx_t c = {.session_trace_hi = th, .session_trace_lo = tl};
-    buf_t o = {0};
+    otlp_req_t *reqs = NULL;
+    size_t nreq = 0, capreq = 0;
+    int oom = 0;
     Py_BEGIN_ALLOW_THREADS
-    size_t rs = pb_begin(&o, 1); /* ExportTraceServiceRequest.resource_spans */
-    pb_bytes(&o, 1, res, (size_t)res_len);
-    size_t ss = pb_begin(&o, 2); /* ResourceSpans.scope_spans */
-    size_t sc = pb_begin(&o, 1); /* ScopeSpans.scope */
-    pb_bytes(&o, 1, sname, (size_t)sname_len);
-    pb_bytes(&o, 2, sver, (size_t)sver_len);
-    pb_end(&o, sc);
-    for (Py_ssize_t k = 0; k < nb; k++) {
+    for (Py_ssize_t k = 0; k < nb && !oom; k++) {
         BatchObject *b = (BatchObject *)PySequence_Fast_GET_ITEM(fast, k);
         /* in slot order: a span's marks precede its close in its thread's ring, and marks
          * of other threads (on the session) precede the session's close */
-        for (size_t i = 0; i < b->nslots; i++) {
+        for (size_t i = 0; i < b->nslots; i++)
             if (b->slots[i].type == R_MARK)
                 otlp_add_mark(st, b, i);
-        }
-        for (size_t i = 0; i < b->nslots; i++) {
-            if (b->slots[i].type == R_SPAN)
-                otlp_add_span(&o, st, b, i, &c);
+        for (size_t i = 0; i < b->nslots && !oom; i++) {
+            if (b->slots[i].type != R_SPAN)
+                continue;
+            if (nreq == 0 || reqs[nreq - 1].o.len >= (size_t)max_bytes) {
+                if (nreq == capreq) {
+                    size_t ncap = capreq ? capreq * 2 : 4;
+                    otlp_req_t *nr = realloc(reqs, sizeof(otlp_req_t) * ncap);
+                    if (nr == NULL) {
+                        oom = 1;
+                        break;
+                    }
+                    reqs = nr;
+                    capreq = ncap;
+                }
+                otlp_req_open(&reqs[nreq++], res, (size_t)res_len, sname, (size_t)sname_len, sver,
+                              (size_t)sver_len);
+            }
+            otlp_req_t *r = &reqs[nreq - 1];
+            uint32_t before = c.spans;
+            otlp_add_span(&r->o, st, b, i, &c);
+            r->spans += c.spans - before;
         }
     }
-    pb_end(&o, ss);
-    pb_end(&o, rs);
+    for (size_t q = 0; q < nreq; q++) {
+        pb_end(&reqs[q].o, reqs[q].ss);
+        pb_end(&reqs[q].o, reqs[q].rs);
+        oom |= reqs[q].o.oom;
+    }
     Py_END_ALLOW_THREADS
     Py_DECREF(fast);
-    if (o.oom) {
-        free(o.data);
-        return PyErr_NoMemory();
+    PyObject *out = oom ? NULL : PyList_New(0);
+    for (size_t q = 0; q < nreq; q++) {
+        if (out != NULL && reqs[q].spans > 0) {
+            PyObject *item = Py_BuildValue("(y#I)", reqs[q].o.data, (Py_ssize_t)reqs[q].o.len,
+                                           reqs[q].spans);
+            if (item == NULL || PyList_Append(out, item) < 0)
+                Py_CLEAR(out);
+            Py_XDECREF(item);
+        }
+        free(reqs[q].o.data);
     }
-    PyObject *data = c.spans ? PyBytes_FromStringAndSize(o.data, (Py_ssize_t)o.len) : Py_NewRef(Py_None);
-    free(o.data);
-    if (data == NULL)
-        return NULL;
-    return Py_BuildValue("(NI)", data, c.spans);
+    free(reqs);
+    if (oom)
+        return PyErr_NoMemory();
+    return out;
 }
 
 /* ======================================================================================
