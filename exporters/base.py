@@ -67,5 +67,9 @@ class Sink(ABC):
     def retry(self) -> None:  # noqa: B027 - optional hook
         """Try again what earlier exports could not deliver."""
 
+    def wait_idle(self, timeout: float) -> bool:
+        """After a flush: wait until what was handed over is delivered, or it fails."""
+        return True
+
     def shutdown(self, timeout: float) -> None:  # noqa: B027 - optional hook
         """Deliver what is pending, within `timeout` seconds, and release resources."""

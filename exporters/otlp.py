@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -129,7 +130,12 @@ def encode_resource(attrs: dict[str, Any]) -> bytes:
 
 
 class OtlpSink(Sink):
-    """Maps batches to OTLP and delivers them, durably when it has an outbox directory."""
+    """Maps batches to OTLP requests and delivers them from a durable queue.
+
+    `export` (on the sink's worker) only encodes and queues, so it keeps pace with the
+    collector thread whatever the network does; a sender thread of its own delivers the
+    queue, oldest first, backing off while the collector fails.
+    """
 
     name = "otlp"
     backpressure = False
@@ -143,8 +149,7 @@ class OtlpSink(Sink):
         event_limit: int = 128,
         outbox_dir: str | os.PathLike[str] | None = None,
         outbox_max_bytes: int = 1_000_000_000,
-        memory_queue_requests: int = 64,
-        send_budget: float = 5.0,
+        memory_queue_requests: int = 256,
     ) -> None:
         super().__init__()
         self.transport = transport
@@ -155,16 +160,22 @@ class OtlpSink(Sink):
             SpoolDirectory(outbox_dir, outbox_max_bytes, subdir=OUTBOX_DIR, suffix=".pb")
             if outbox_dir is not None else None
         )
-        self._memory: deque[tuple[bytes, int]] = deque(maxlen=memory_queue_requests)
-        self.send_budget = send_budget
-        self._healthy = True
-        self._backoff = 0.5
-        self._next_attempt = 0.0
+        # The queue: (outbox file name or None, request bytes or None when on disk, spans)
+        self._queue: deque[tuple[str | None, bytes | None, int]] = deque()
+        self._memory_limit = memory_queue_requests
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._backoff = 0.0
+        self._retry_at = 0.0
         self.stats.extra.update(requests_sent=0, outbox=self.outbox.path if self.outbox else None,
                                 root_marks=0, unsampled_spans=0, events_dropped=0)
-        if self.outbox is not None:  # requests a previous run could not deliver
-            with self.stats.lock:
-                self.stats.pending += sum(_spans_in(name) for name, _ in self.outbox.scan()[0])
+        if self.outbox is not None:  # requests a previous run could not deliver, oldest first
+            for name, _ in self.outbox.scan()[0]:
+                self._queue.append((name, None, _spans_in(name)))
+                self.stats.pending += _spans_in(name)
+        self._sender = threading.Thread(target=self._send_loop, name="cirron-otel-otlp-sender",
+                                        daemon=True)
+        self._sender.start()
 
     # -- Sink interface ------------------------------------------------------------------
 
@@ -179,92 +190,125 @@ class OtlpSink(Sink):
             self.stats.error("encoding failed", exc)
             return
         self._update_counters()
-        if not requests:
-            return
         for request, spans in requests:
             self._enqueue(request, spans)
-        if self._healthy or time.monotonic() >= self._next_attempt:
-            self.retry()
 
     def retry(self) -> None:
-        deadline = time.monotonic() + self.send_budget
-        while time.monotonic() < deadline:
-            item = self._oldest()
-            if item is None:
-                self._healthy = True
-                self._backoff = 0.5
-                return
-            name, request, spans = item
-            try:
-                error = self.transport.send(request)
-            except Exception as exc:  # a transport bug must not stop the worker
-                error = f"{type(exc).__name__}: {exc}"
-            if error is not None:
-                # new requests wait in the queue; the next attempt comes after a backoff
-                self._healthy = False
-                self._next_attempt = time.monotonic() + self._backoff
-                self._backoff = min(self._backoff * 2, 10.0)
-                with self.stats.lock:
-                    self.stats.failed += 1
-                self.stats.error("export failed", error)
-                return
-            self._forget(name)
-            with self.stats.lock:
-                self.stats.exported += spans
-                self.stats.pending -= spans
-                self.stats.extra["requests_sent"] += 1
-            _native.progress()
+        with self._cv:
+            self._retry_at = 0.0
+            self._cv.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Try now, and wait until the queue is delivered; False as soon as an attempt fails
+        (the queue then waits for the collector) or at the timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            failed = self.stats.failed
+            self._retry_at = 0.0
+            self._cv.notify_all()
+            while self._queue:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.stats.failed != failed or not self._sender.is_alive():
+                    return False
+                self._cv.wait(min(left, 0.1))
+        return True
 
     def shutdown(self, timeout: float) -> None:
-        self.send_budget = max(0.0, timeout)
-        self.retry()
+        """Deliver what is queued within `timeout`; what is left stays in the outbox."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            self._retry_at = 0.0
+            self._cv.notify_all()
+            while self._queue and self._sender.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(min(left, 0.1))
+            self._stopping = True
+            self._cv.notify_all()
+        self._sender.join(max(0.0, deadline - time.monotonic()) + 0.5)
         with contextlib.suppress(Exception):
             self.transport.shutdown()  # type: ignore[attr-defined]
 
-    # -- queue: the outbox on disk, or memory ---------------------------------------------
+    # -- the queue ------------------------------------------------------------------------
 
     def _enqueue(self, request: bytes, spans: int) -> None:
-        with self.stats.lock:
-            self.stats.pending += spans
+        name = None
         if self.outbox is not None:
             _, _, name = new_file_name(f"-{spans}.pb")
             try:
                 self.outbox.write_bytes(name, request)
-                evicted = self.outbox.enforce_cap(name, lambda e: self.stats.error("outbox eviction", e))
-                if evicted:
-                    self.stats.error("outbox full", f"{evicted} oldest requests dropped")
-                return
             except OSError as exc:
                 self.stats.error("outbox write failed", exc)
-        if len(self._memory) == self._memory.maxlen:
-            _, lost = self._memory.popleft()
-            with self.stats.lock:
-                self.stats.dropped += lost
-                self.stats.pending -= lost
-            self.stats.error("queue full", f"{lost} spans dropped while the collector is unreachable")
-        self._memory.append((request, spans))
+                name = None
+        with self._cv:
+            self.stats.pending += spans
+            self._queue.append((name, None if name else request, spans))
+            self._trim_locked()
+            self._cv.notify_all()
 
-    def _oldest(self) -> tuple[str | None, bytes, int] | None:
-        if self._memory:
-            request, spans = self._memory[0]
-            return None, request, spans
-        if self.outbox is None:
-            return None
-        files = self.outbox.scan()[0]
-        while files:
-            name = files.pop(0)[0]
-            try:
-                return name, self.outbox.read(name), _spans_in(name)
-            except OSError:
-                continue  # evicted or removed meanwhile
-        return None
+    def _trim_locked(self) -> None:
+        """Past the outbox's byte cap or the memory limit, drop the oldest (counted)."""
+        while True:
+            in_memory = sum(1 for name, _, _ in self._queue if name is None)
+            over_memory = in_memory > self._memory_limit
+            over_disk = self.outbox is not None and self.outbox.over_cap()
+            if not (over_memory or over_disk) or len(self._queue) <= 1:
+                return
+            index = next(i for i, item in enumerate(self._queue) if (item[0] is None) == over_memory)
+            name, _, spans = self._queue[index]
+            del self._queue[index]
+            if name is not None:
+                self._remove(name)
+            self.stats.pending -= spans
+            self.stats.dropped += spans
+            self.stats.error("queue full", f"{spans} spans dropped: the collector is too far behind")
 
-    def _forget(self, name: str | None) -> None:
-        if name is None:
-            self._memory.popleft()
-            return
+    def _send_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping:
+                    now = time.monotonic()
+                    if self._queue and now >= self._retry_at:
+                        break
+                    self._cv.wait(max(0.0, self._retry_at - now) if self._queue else None)
+                if self._stopping:
+                    return
+                name, request, spans = self._queue[0]
+            error = self._send(name, request)
+            with self._cv:
+                if error is None:
+                    if self._queue and self._queue[0][0] == name:
+                        self._queue.popleft()
+                    self.stats.pending -= spans
+                    self.stats.exported += spans
+                    self.stats.extra["requests_sent"] += 1
+                    self._backoff = 0.0
+                else:
+                    self.stats.failed += 1
+                    self._backoff = min(max(self._backoff * 2, 0.5), 10.0)
+                self._retry_at = time.monotonic() + self._backoff
+                self._cv.notify_all()
+            if error is None:
+                if name is not None:
+                    self._remove(name)
+                _native.progress()
+            else:
+                self.stats.error("export failed", error)
+
+    def _send(self, name: str | None, request: bytes | None) -> str | None:
+        try:
+            if request is None:
+                request = self.outbox.read(name)  # type: ignore[union-attr,arg-type]
+            return self.transport.send(request)
+        except Exception as exc:  # a transport bug must not stop the sender
+            return f"{type(exc).__name__}: {exc}"
+
+    def _remove(self, name: str) -> None:
         try:
             self.outbox.remove(name)  # type: ignore[union-attr]
+        except FileNotFoundError:
+            pass
         except OSError as exc:
             self.stats.error("outbox cleanup failed", exc)
 

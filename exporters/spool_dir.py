@@ -88,6 +88,9 @@ class SpoolDirectory:
 
         return self.write(name, fill)
 
+    def over_cap(self) -> bool:
+        return self._disk_bytes is not None and self._disk_bytes > self.max_bytes
+
     def read(self, name: str) -> bytes:
         with open(os.path.join(self.path, name), "rb") as f:
             return f.read()

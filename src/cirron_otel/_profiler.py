@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal
@@ -147,8 +148,12 @@ class Profiler:
             if not self.running or self.drainer is None:
                 return True
             self._ensure_drainer()
+            deadline = time.monotonic() + timeout
             done = bool(self.drainer.flush(timeout))
-            # True only when every sink holds nothing back (a failing disk keeps records pending)
+            for sink in self.sinks:
+                done = sink.wait_idle(max(0.0, deadline - time.monotonic())) and done
+            # True only when every sink holds nothing back (a failing disk or collector keeps
+            # records pending)
             return done and all(sink.stats.pending == 0 for sink in self.sinks)
         except Exception as exc:
             warn_once("flush", f"cirron_otel: flush failed: {type(exc).__name__}: {exc}")
