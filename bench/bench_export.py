@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 
 RECEIVER = r"""
 import sys, threading, signal, http.server
@@ -73,8 +72,8 @@ with lock:
 WORKER = r"""
 import json, resource, sys, time
 import cirron_otel as ci
-mode, seconds, out, endpoint, protocol = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-rate = float(sys.argv[6])
+mode, seconds, out, endpoint, protocol, rate = sys.argv[1:7]
+seconds, rate = float(seconds), float(rate)
 options = dict(output_dir=out, spool_max_bytes=1 << 40, install_signal_handlers=False, tracer_provider=None)
 if mode == "both":
     ci.profile(output="spool,otlp", otlp_endpoint=endpoint, otlp_protocol=protocol, **options)
@@ -108,8 +107,9 @@ h = ci.health()
 ci.shutdown()
 drain = time.perf_counter() - t1
 h = ci.health()
-print(json.dumps({"emit": emit, "drain": drain, "busy": busy, "marks": emitted, "spans": emitted // 10 + 1, "health": h,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"emit": emit, "drain": drain, "busy": busy, "marks": emitted, "spans": emitted // 10 + 1,
+                  "health": h, "rss_mb": rss_mb}))
 """
 
 
@@ -173,7 +173,8 @@ def main() -> None:
     elapsed = both["emit"] + both["drain"]
     spool_records = both["spool_records"]
     otlp_records = got_spans + got_events
-    drops = h["mark_drop_count"] + h["span_drop_count"] + otlp.get("dropped", 0) + h["sinks"]["spool"]["dropped"]
+    drops = (h["mark_drop_count"] + h["span_drop_count"] + otlp.get("dropped", 0)
+             + h["sinks"]["spool"]["dropped"])
     rows = [
         ("producer busy ns/record, profiler disabled", f"{per_record_ns(rings):.0f}"),
         ("producer busy ns/record, spool on", f"{per_record_ns(spool):.0f}"),
@@ -197,8 +198,9 @@ def main() -> None:
     print(f"required: >= 200,000 records/s delivered to both, zero drops -> {'PASS' if ok else 'FAIL'}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rings": rings, "spool": spool, "both": both, "received": [got_spans, got_events, requests],
-                       "pass": ok}, f, indent=1, default=str)
+            results = {"rings": rings, "spool": spool, "both": both,
+                       "received": [got_spans, got_events, requests], "pass": ok}
+            json.dump(results, f, indent=1, default=str)
 
 
 if __name__ == "__main__":

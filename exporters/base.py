@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cirron_otel._native import Batch
-
 from cirron_otel._warn import warn_once
 
 
