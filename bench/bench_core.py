@@ -145,7 +145,7 @@ CONTENDERS: tuple[Contender, ...] = (
         install="pip install -e <repository root>",
         setup="""
             import cirron_otel as ci
-            ci.profile(output_dir=OUT_DIR, spool_max_bytes=SPOOL_MAX_BYTES)
+            ci.profile(output_dir=OUT_DIR, spool_max_bytes=SPOOL_MAX_BYTES, otel_context=OTEL_CONTEXT)
         """,
         flush="ci.flush()",
         teardown="ci.shutdown()",
@@ -266,6 +266,8 @@ def _worker_namespace(out_dir: str) -> dict[str, Any]:
         "OUT_DIR": out_dir,
         "SPOOL_MAX_BYTES": BIG_SPOOL_BYTES,
         "OTEL_QUEUE_SIZE": OTEL_QUEUE_SIZE,
+        # --otel-context off: cirron-otel's leanest path (scopes ignore OpenTelemetry's context)
+        "OTEL_CONTEXT": os.environ.get("CIRRON_BENCH_OTEL_CONTEXT", "on") == "on",
         "_perf_counter_ns": time.perf_counter_ns,
         "_emitted": 0,
     }
@@ -734,6 +736,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="write all results as JSON",
     )
     p.add_argument("--check", action="store_true", help="exit 1 when any requirement fails")
+    p.add_argument(
+        "--otel-context",
+        choices=["on", "off"],
+        default="on",
+        help="cirron-otel with its OpenTelemetry context integration on (the default) or off",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = set(args.only.split(",")) - set(SECTIONS)
@@ -760,6 +768,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker_main(args.worker)
         return 0
     settings = settings_from(args)
+    os.environ["CIRRON_BENCH_OTEL_CONTEXT"] = args.otel_context  # inherited by the workers
+    print(f"cirron-otel OpenTelemetry context integration: {args.otel_context}")
     only = args.only.split(",")
     info = machine_info()
     print_header(info, settings)
