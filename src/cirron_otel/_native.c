@@ -837,6 +837,33 @@ otel_parent(PyObject *cur, uint64_t *trace_hi, uint64_t *trace_lo, uint64_t *spa
     return found;
 }
 
+static inline void
+scope_new_trace(ScopeObject *s, ring_t *r)
+{
+    s->trace_hi = rng_next(&r->rng);
+    s->trace_lo = rng_nonzero(&r->rng);
+}
+
+static inline void
+scope_inherit(ScopeObject *s, const ScopeObject *parent)
+{
+    s->parent_hi = parent->span_hi;
+    s->parent_lo = parent->span_lo;
+    s->trace_hi = parent->trace_hi;
+    s->trace_lo = parent->trace_lo;
+}
+
+/* The scope is open from now on (its clock starts last, so setup is not counted). */
+static inline void
+scope_start(ScopeObject *s)
+{
+    s->pid = g_pid;
+    s->state = ST_OPEN;
+    if (g_capture_cpu)
+        s->cpu_start = thread_cpu_ns();
+    s->start_ns = wall_ns();
+}
+
 static int
 scope_open(ScopeObject *s, ring_t *r)
 {
@@ -871,38 +898,24 @@ scope_open(ScopeObject *s, ring_t *r)
         s->span_flags = SF_OTEL_PARENT | (ot_sampled ? 0 : SF_UNSAMPLED);
     }
     else if (inner) {
-        s->parent_hi = inner->span_hi;
-        s->parent_lo = inner->span_lo;
-        s->trace_hi = inner->trace_hi;
-        s->trace_lo = inner->trace_lo;
+        scope_inherit(s, inner);
         s->span_flags = inner->span_flags & SF_UNSAMPLED;
     }
     else if (g_session) {
-        s->parent_hi = g_session->span_hi;
-        s->parent_lo = g_session->span_lo;
+        scope_inherit(s, g_session);
         if (g_trace_per_child) {
-            s->trace_hi = rng_next(&r->rng);
-            s->trace_lo = rng_nonzero(&r->rng);
+            scope_new_trace(s, r);
             s->span_flags = SF_NEW_TRACE;
-        }
-        else {
-            s->trace_hi = g_session->trace_hi;
-            s->trace_lo = g_session->trace_lo;
         }
     }
     else {
-        s->trace_hi = rng_next(&r->rng);
-        s->trace_lo = rng_nonzero(&r->rng);
+        scope_new_trace(s, r);
     }
     Py_XDECREF(cur);
     s->token = PyContextVar_Set(g_scope_var, (PyObject *)s);
     if (s->token == NULL)
         return -1;
-    s->pid = g_pid;
-    s->state = ST_OPEN;
-    if (g_capture_cpu)
-        s->cpu_start = thread_cpu_ns();
-    s->start_ns = wall_ns();
+    scope_start(s);
     return 0;
 }
 
@@ -3024,13 +3037,31 @@ pb_end(buf_t *b, size_t body)
     b->len -= (size_t)(5 - k);
 }
 
+/* OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT counts characters: the byte length of the first
+ * g_value_len_limit characters of UTF-8 text (all of it without a limit). */
+static inline size_t
+limited_utf8(const char *p, size_t n)
+{
+    if (g_value_len_limit < 0)
+        return n;
+    size_t chars = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (((unsigned char)p[i] & 0xC0) != 0x80) {
+            if (chars == (size_t)g_value_len_limit)
+                return i;
+            chars++;
+        }
+    }
+    return n;
+}
+
 static void
 pb_str_kv(buf_t *b, int field, const char *key, size_t klen, const char *val, size_t vlen)
 {
     size_t kv = pb_begin(b, field);
     pb_bytes(b, 1, key, klen);
     size_t av = pb_begin(b, 2);
-    pb_bytes(b, 1, val, vlen);
+    pb_bytes(b, 1, val, limited_utf8(val, vlen));
     pb_end(b, av);
     pb_end(b, kv);
 }
@@ -3103,14 +3134,8 @@ otlp_str_value(buf_t *a, PyObject *str)
         pb_bytes(a, 1, "<unencodable>", 13);
         return;
     }
-    Py_ssize_t n = PyBytes_GET_SIZE(enc);
     const char *u = PyBytes_AS_STRING(enc);
-    if (g_value_len_limit >= 0 && n > g_value_len_limit) {
-        n = g_value_len_limit;
-        while (n > 0 && ((unsigned char)u[n] & 0xC0) == 0x80)
-            n--;
-    }
-    pb_bytes(a, 1, u, (size_t)n);
+    pb_bytes(a, 1, u, limited_utf8(u, (size_t)PyBytes_GET_SIZE(enc)));
     Py_DECREF(enc);
 }
 
@@ -3441,7 +3466,10 @@ pb_mark_value(buf_t *o, BatchObject *b, size_t i)
         pb_varint(o, (uint64_t)s->v.i);
         break;
     default:
-        pb_bytes(o, 1, e ? b->arena.data + e->val.off : "", e ? e->val.len : 0);
+        if (e)
+            pb_bytes(o, 1, b->arena.data + e->val.off, limited_utf8(b->arena.data + e->val.off, e->val.len));
+        else
+            pb_bytes(o, 1, "", 0);
     }
 }
 
@@ -3611,17 +3639,24 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
     }
     /* events: the marks (already encoded), then the exception */
     uint64_t ev_dropped = 0;
+    int has_exception = (s->flags & F_ERROR) && x && x->etype.len;
     if (e) {
-        for (uint32_t k = e->first; k < e->n_ev; k++) {
+        /* the exception event counts toward the limit too: like the SDK, the oldest go */
+        uint32_t first = e->first;
+        if (has_exception && e->n_ev - first >= st->event_limit && first < e->n_ev)
+            first += (e->n_ev - first) - (st->event_limit ? st->event_limit - 1 : 0);
+        for (uint32_t k = first; k < e->n_ev; k++) {
             uint32_t start = e->ev_off[k];
             uint32_t end = k + 1 < e->n_ev ? e->ev_off[k + 1] : (uint32_t)e->ev.len;
             /* stored as [varint len][Event]: add the field tag */
             pb_tag(o, 11, WT_LEN);
             buf_put(o, e->ev.data + start, end - start);
         }
-        ev_dropped = e->total_ev - (e->n_ev - e->first);
+        ev_dropped = e->total_ev - (e->n_ev - first);
     }
-    if ((s->flags & F_ERROR) && x && x->etype.len) {
+    if (has_exception && st->event_limit == 0)
+        ev_dropped++;
+    else if (has_exception) {
         size_t ev = pb_begin(o, 11);
         pb_tag(o, 1, WT_I64);
         pb_fixed(o, (uint64_t)s->v.i, 8);
@@ -3856,22 +3891,13 @@ mod_session_begin(PyObject *m, PyObject *args)
     if (parent != NULL || (cur != NULL && cur != Py_None)) {
         /* a forked child's session nests under the parent's; profile() called inside a
          * scope nests under that scope */
-        ScopeObject *p = parent != NULL ? (ScopeObject *)parent : (ScopeObject *)cur;
-        s->parent_hi = p->span_hi;
-        s->parent_lo = p->span_lo;
-        s->trace_hi = p->trace_hi;
-        s->trace_lo = p->trace_lo;
+        scope_inherit(s, parent != NULL ? (ScopeObject *)parent : (ScopeObject *)cur);
     }
     else {
-        s->trace_hi = rng_next(&r->rng);
-        s->trace_lo = rng_nonzero(&r->rng);
+        scope_new_trace(s, r);
     }
     Py_XDECREF(cur);
-    s->pid = g_pid;
-    s->state = ST_OPEN;
-    if (g_capture_cpu)
-        s->cpu_start = thread_cpu_ns();
-    s->start_ns = wall_ns();
+    scope_start(s);
     g_session = s;
     return Py_NewRef((PyObject *)s);
 }
