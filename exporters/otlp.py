@@ -16,12 +16,13 @@ next run of the program. Without a directory, a bounded in-memory queue plays th
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from cirron_otel import _native
@@ -31,6 +32,7 @@ from .base import Sink
 from .spool_dir import SpoolDirectory, new_file_name
 
 OUTBOX_DIR = "otlp-outbox"
+_GONE = "gone"  # an outbox file another process already delivered
 SCOPE_NAME = "cirron_otel"
 
 
@@ -275,8 +277,17 @@ class OtlpSink(Sink):
                 if self._stopping:
                     return
                 name, request, spans = self._queue[0]
-            error = self._send(name, request)
+            with self._outbox_lock():
+                error = self._send(name, request)
+                if error is None and name is not None:
+                    self._remove(name)
             with self._cv:
+                if error is _GONE:  # another process sharing the outbox delivered it
+                    if self._queue and self._queue[0][0] == name:
+                        self._queue.popleft()
+                    self.stats.pending -= spans
+                    self._cv.notify_all()
+                    continue
                 if error is None:
                     if self._queue and self._queue[0][0] == name:
                         self._queue.popleft()
@@ -290,16 +301,37 @@ class OtlpSink(Sink):
                 self._retry_at = time.monotonic() + self._backoff
                 self._cv.notify_all()
             if error is None:
-                if name is not None:
-                    self._remove(name)
                 _native.progress()
             else:
                 self.stats.error("export failed", error)
 
+    @contextlib.contextmanager
+    def _outbox_lock(self) -> Iterator[None]:
+        """Processes sharing an output directory (ranks, forked children) send and delete
+        outbox files one at a time, so none is delivered twice."""
+        if self.outbox is None:
+            yield
+            return
+        fd = None
+        try:
+            path = os.path.join(self.outbox.path, ".lock")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # no directory yet (nothing on disk to share) or no locking: go on
+        try:
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)
+
     def _send(self, name: str | None, request: bytes | None) -> str | None:
         try:
             if request is None:
-                request = self.outbox.read(name)  # type: ignore[union-attr,arg-type]
+                try:
+                    request = self.outbox.read(name)  # type: ignore[union-attr,arg-type]
+                except FileNotFoundError:
+                    return _GONE
             return self.transport.send(request)
         except Exception as exc:  # a transport bug must not stop the sender
             return f"{type(exc).__name__}: {exc}"
