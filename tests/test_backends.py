@@ -118,7 +118,7 @@ def run_demo(tmp: Path, label: str, protocol: str, endpoint: str, jaeger: Jaeger
     assert r.returncode == 0, f"the demo failed:\n{r.stdout}\n{r.stderr}"
     assert not r.stderr.strip(), f"the demo wrote to stderr (export trouble?):\n{r.stderr}"
     outbox = output_dir / "otlp-outbox"
-    assert outbox.is_dir() and not list(outbox.iterdir()), "OTLP requests left undelivered in the outbox"
+    assert outbox.is_dir() and not list(outbox.glob("*.pb")), "OTLP requests left undelivered in the outbox"
     traces = jaeger.wait_for_traces(service, _complete)
     spool_spans, spool_marks = spans_and_marks(output_dir)
     return DemoRun(service, protocol, output_dir, r.stdout, traces, spool_spans, spool_marks)
