@@ -124,8 +124,9 @@ def run_worker(mode: str, seconds: float, endpoint: str, protocol: str, rate: fl
             raise SystemExit(f"worker {mode} failed:\n{r.stderr}")
         result = json.loads(r.stdout.strip().splitlines()[-1])
         result["spool_records"] = count_spool(out)
-        result["outbox_left"] = len(os.listdir(os.path.join(out, "otlp-outbox"))) if os.path.isdir(
-            os.path.join(out, "otlp-outbox")) else 0
+        outbox = os.path.join(out, "otlp-outbox")
+        left = os.listdir(outbox) if os.path.isdir(outbox) else []
+        result["outbox_left"] = sum(1 for name in left if name.endswith(".pb"))
         return result
 
 

@@ -727,6 +727,7 @@ static PyTypeObject Scope_Type;
 static PyObject *g_scope_var;        /* ContextVar holding the innermost ScopeObject */
 static PyObject *g_otel_var;         /* ContextVar of the OpenTelemetry runtime context */
 static int g_otel_context;           /* consult g_otel_var when opening scopes */
+static int g_otel_attached;          /* the runtime context has attached a context at least once */
 static int g_trace_per_child = 1;    /* each direct child of the session starts a trace */
 static ScopeObject *g_session;       /* the cirron.session root, or NULL */
 static PyObject *g_decorate;         /* Python helper that turns a scope into a decorator */
@@ -762,6 +763,7 @@ scope_alloc(void)
 }
 
 static int scope_close(ScopeObject *self, PyObject *exc_type, PyObject *exc);
+static int scope_close_at(ScopeObject *self, PyObject *exc_type, PyObject *exc, int64_t end);
 
 static void
 Scope_dealloc(ScopeObject *self)
@@ -853,34 +855,40 @@ scope_inherit(ScopeObject *s, const ScopeObject *parent)
     s->trace_lo = parent->trace_lo;
 }
 
-/* The scope is open from now on (its clock starts last, so setup is not counted). */
+/* The scope is open from now on (its clock starts last, so setup is not counted);
+ * ts == 0: read the clock now. */
 static inline void
-scope_start(ScopeObject *s)
+scope_start(ScopeObject *s, int64_t ts)
 {
     s->pid = g_pid;
     s->state = ST_OPEN;
     if (g_capture_cpu)
         s->cpu_start = thread_cpu_ns();
-    s->start_ns = wall_ns();
+    s->start_ns = ts ? ts : wall_ns();
 }
 
+enum { PUSH_TOKEN = 1, PUSH_REPLACE = 2 };
+
+/* Open `s` under `cur` (borrowed: the innermost scope, or NULL). PUSH_TOKEN makes it the
+ * context's current scope and keeps the token to restore at close; PUSH_REPLACE (iterators)
+ * replaces the current value and lets the iterator restore the context once at the end. */
 static int
-scope_open(ScopeObject *s, ring_t *r)
+scope_open_under(ScopeObject *s, ring_t *r, int64_t ts, PyObject *cur, int push)
 {
-    PyObject *cur = NULL;
-    if (PyContextVar_Get(g_scope_var, NULL, &cur) < 0)
-        return -1;
-    if (cur == Py_None)
-        Py_CLEAR(cur);
     ScopeObject *inner = (ScopeObject *)cur;
     int depth = inner ? inner->depth + 1 : 1;
     if (depth > MAX_DEPTH) {
         s->state = ST_DROPPED;
         counter_inc(&r->depth_drops);
-        Py_XDECREF(cur);
         warn_once(&r->warned_depth,
                   "cirron_otel: scopes nested deeper than 64 on this thread are dropped "
                   "(counted in health()['scope_drop_count']).");
+        if (push == PUSH_REPLACE) { /* the previous item's scope must not stay current */
+            PyObject *tok = PyContextVar_Set(g_scope_var, cur ? cur : Py_None);
+            if (tok == NULL)
+                return -1;
+            Py_DECREF(tok);
+        }
         return 0;
     }
     s->depth = (uint16_t)depth;
@@ -889,7 +897,7 @@ scope_open(ScopeObject *s, ring_t *r)
     s->span_flags = 0;
     uint64_t ot_hi, ot_lo, ot_span;
     int ot_sampled;
-    if (g_otel_context && otel_parent(cur, &ot_hi, &ot_lo, &ot_span, &ot_sampled)) {
+    if (g_otel_context && g_otel_attached && otel_parent(cur, &ot_hi, &ot_lo, &ot_span, &ot_sampled)) {
         /* a foreign span's spool id: its span id, then the first half of its trace id */
         s->parent_hi = ot_span;
         s->parent_lo = ot_hi;
@@ -911,12 +919,28 @@ scope_open(ScopeObject *s, ring_t *r)
     else {
         scope_new_trace(s, r);
     }
-    Py_XDECREF(cur);
-    s->token = PyContextVar_Set(g_scope_var, (PyObject *)s);
-    if (s->token == NULL)
+    PyObject *tok = PyContextVar_Set(g_scope_var, (PyObject *)s);
+    if (tok == NULL)
         return -1;
-    scope_start(s);
+    if (push == PUSH_TOKEN)
+        s->token = tok;
+    else
+        Py_DECREF(tok);
+    scope_start(s, ts);
     return 0;
+}
+
+static int
+scope_open(ScopeObject *s, ring_t *r, int64_t ts)
+{
+    PyObject *cur = NULL;
+    if (PyContextVar_Get(g_scope_var, NULL, &cur) < 0)
+        return -1;
+    if (cur == Py_None)
+        Py_CLEAR(cur);
+    int rc = scope_open_under(s, r, ts, cur, PUSH_TOKEN);
+    Py_XDECREF(cur);
+    return rc;
 }
 
 static void
@@ -969,15 +993,25 @@ fill_error(ScopeObject *self, PyObject *exc_type, PyObject *exc)
 }
 
 /* Close an open scope: restore the context and write the span record. Never raises. */
+static int scope_close_at(ScopeObject *self, PyObject *exc_type, PyObject *exc, int64_t end);
+
 static int
 scope_close(ScopeObject *self, PyObject *exc_type, PyObject *exc)
+{
+    return scope_close_at(self, exc_type, exc, 0);
+}
+
+/* end == 0: read the clock now */
+static int
+scope_close_at(ScopeObject *self, PyObject *exc_type, PyObject *exc, int64_t end)
 {
     if (self->state != ST_OPEN) {
         if (self->state == ST_DROPPED)
             self->state = ST_CLOSED;
         return 0;
     }
-    int64_t end = wall_ns();
+    if (end == 0)
+        end = wall_ns();
     int64_t cpu = -1;
     if (self->cpu_start >= 0)
         cpu = thread_cpu_ns() - self->cpu_start;
@@ -1143,7 +1177,7 @@ Scope_enter(ScopeObject *self, PyObject *Py_UNUSED(ignored))
         return NULL;
     }
     ring_t *r = get_ring();
-    if (r == NULL || scope_open(self, r) < 0)
+    if (r == NULL || scope_open(self, r, 0) < 0)
         return NULL;
     Py_INCREF(self);
     return (PyObject *)self;
@@ -1325,13 +1359,15 @@ typedef struct {
     PyObject *it;
     PyObject *name;
     ScopeObject *cur;
+    PyObject *outer;  /* the innermost scope when iteration began (NULL: none) */
+    PyObject *token0; /* restores the context when iteration ends */
     int64_t n;
 } ScopeIterObject;
 
 static PyTypeObject ScopeIter_Type;
 
 static void
-scopeiter_close_current(ScopeIterObject *self, int error)
+scopeiter_close_current(ScopeIterObject *self, int error, int64_t end)
 {
     ScopeObject *cur = self->cur;
     if (cur == NULL)
@@ -1341,35 +1377,67 @@ scopeiter_close_current(ScopeIterObject *self, int error)
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb);
         PyErr_NormalizeException(&et, &ev, &tb);
-        scope_close(cur, et, ev);
+        scope_close_at(cur, et, ev, end);
         PyErr_Restore(et, ev, tb);
     }
     else {
-        scope_close(cur, NULL, NULL);
+        scope_close_at(cur, NULL, NULL, end);
     }
     Py_DECREF(cur);
+}
+
+/* Iteration is over: restore the scope stack as it was before the first item. */
+static void
+scopeiter_finish(ScopeIterObject *self)
+{
+    if (self->token0 != NULL) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        if (PyContextVar_Reset(g_scope_var, self->token0) < 0)
+            PyErr_Clear(); /* abandoned in another context: leave that one be */
+        PyErr_Restore(et, ev, tb);
+        Py_CLEAR(self->token0);
+    }
+    Py_CLEAR(self->outer);
 }
 
 static PyObject *
 ScopeIter_next(ScopeIterObject *self)
 {
-    scopeiter_close_current(self, 0);
+    /* one clock read: the previous item's scope ends where the next one's begins (so the
+     * next item's loading counts in its own scope) */
+    int64_t now = wall_ns();
+    scopeiter_close_current(self, 0, now);
     if (self->it == NULL)
         return NULL;
     PyObject *item = PyIter_Next(self->it);
     if (item == NULL) {
         Py_CLEAR(self->it);
+        scopeiter_finish(self);
         return NULL;
     }
     ring_t *r = get_ring();
     if (r == NULL)
         goto fail;
+    if (self->token0 == NULL) {
+        /* first item: remember the enclosing scope, and how to restore the context */
+        PyObject *cur = NULL;
+        if (PyContextVar_Get(g_scope_var, NULL, &cur) < 0)
+            goto fail;
+        if (cur == Py_None)
+            Py_CLEAR(cur);
+        self->outer = cur;
+        self->token0 = PyContextVar_Set(g_scope_var, cur ? cur : Py_None);
+        if (self->token0 == NULL)
+            goto fail;
+    }
     ScopeObject *s = scope_make(self->name, NULL, NULL, r);
     if (s == NULL)
         goto fail;
     s->index = self->n++;
     s->has_index = 1;
-    if (scope_open(s, r) < 0) {
+    /* items' scopes replace each other in the context: no reset per item */
+    if (scope_open_under(s, r, now, self->outer, PUSH_REPLACE) < 0) {
         Py_DECREF(s);
         goto fail;
     }
@@ -1384,6 +1452,7 @@ static int
 ScopeIter_traverse(ScopeIterObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->it);
+    Py_VISIT(self->token0);
     return 0;
 }
 
@@ -1391,6 +1460,7 @@ static int
 ScopeIter_clear(ScopeIterObject *self)
 {
     Py_CLEAR(self->it);
+    Py_CLEAR(self->token0);
     return 0;
 }
 
@@ -1400,7 +1470,8 @@ ScopeIter_dealloc(ScopeIterObject *self)
     PyObject_GC_UnTrack(self);
     /* break, an exception in the loop body, or an abandoned iterator: close the scope; an
      * exception in flight marks it as failed. */
-    scopeiter_close_current(self, PyErr_Occurred() != NULL);
+    scopeiter_close_current(self, PyErr_Occurred() != NULL, 0);
+    scopeiter_finish(self);
     Py_CLEAR(self->it);
     Py_CLEAR(self->name);
     PyObject_GC_Del(self);
@@ -1409,7 +1480,8 @@ ScopeIter_dealloc(ScopeIterObject *self)
 static PyObject *
 ScopeIter_close(ScopeIterObject *self, PyObject *Py_UNUSED(ignored))
 {
-    scopeiter_close_current(self, 0);
+    scopeiter_close_current(self, 0, 0);
+    scopeiter_finish(self);
     Py_CLEAR(self->it);
     Py_RETURN_NONE;
 }
@@ -1446,6 +1518,8 @@ make_scope_iter(PyObject *iterable, PyObject *name)
     Py_INCREF(name);
     self->name = name;
     self->cur = NULL;
+    self->outer = NULL;
+    self->token0 = NULL;
     self->n = 0;
     PyObject_GC_Track(self);
     return (PyObject *)self;
@@ -3809,17 +3883,20 @@ mod_configure(PyObject *m, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"ring_capacity", "capture_cpu_time", "rank", "recording",
                              "full_wait", "warning_category", "decorate", "otel_context",
                              "trace_per_child", "otlp", "span_attr_limit", "event_attr_limit",
-                             "value_len_limit", NULL};
+                             "value_len_limit", "otel_attached", NULL};
     Py_ssize_t cap = -1;
-    int cpu = -1, recording = -1, otel_context = -1, per_child = -1, otlp = -1;
+    int cpu = -1, recording = -1, otel_context = -1, per_child = -1, otlp = -1, attached = -1;
     long long span_limit = -1, event_limit = -1, value_limit = LLONG_MIN;
     long long rank = LLONG_MIN;
     double full_wait = -1.0;
     PyObject *cat = NULL, *decorate = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$npLpdOOpppLLL:configure", kwlist, &cap, &cpu,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$npLpdOOpppLLLp:configure", kwlist, &cap, &cpu,
                                      &rank, &recording, &full_wait, &cat, &decorate, &otel_context,
-                                     &per_child, &otlp, &span_limit, &event_limit, &value_limit))
+                                     &per_child, &otlp, &span_limit, &event_limit, &value_limit,
+                                     &attached))
         return NULL;
+    if (attached != -1)
+        g_otel_attached = attached;
     if (otlp != -1)
         g_otlp = otlp;
     if (span_limit >= 0)
@@ -3897,7 +3974,7 @@ mod_session_begin(PyObject *m, PyObject *args)
         scope_new_trace(s, r);
     }
     Py_XDECREF(cur);
-    scope_start(s);
+    scope_start(s, 0);
     g_session = s;
     return Py_NewRef((PyObject *)s);
 }

@@ -113,8 +113,12 @@ class CirronRuntimeContext(_RuntimeContext):
         # contexts attached before (tasks and threads that were running then).
         self._previous = previous
         self._var = _native.otel_var
+        self._attached = False
 
     def attach(self, context: Context) -> object:
+        if not self._attached:  # until now, scopes had no OpenTelemetry context to consult
+            self._attached = True
+            _native.configure(otel_attached=True)
         return self._var.set(_anchor_value(context))
 
     def get_current(self) -> Context:
@@ -143,6 +147,8 @@ def install() -> bool:
     current = otel_context._RUNTIME_CONTEXT
     if not isinstance(current, CirronRuntimeContext):
         otel_context._RUNTIME_CONTEXT = CirronRuntimeContext(previous=current)
+        if current.get_current():  # contexts attached before: scopes must consult them
+            _native.configure(otel_attached=True)
     _native.configure(otel_context=True)
     return True
 
