@@ -1679,6 +1679,24 @@ buf_reserve(buf_t *b, size_t extra)
     return buf_grow(b, extra);
 }
 
+/* Room for one more element in a malloc'd array that doubles (first size `first`).
+ * ARRAY_GROW evaluates to 0, or -1 when out of memory (the array is left as it was). */
+static int
+array_grow_impl(void *arrp, size_t *cap, size_t elem, size_t first)
+{
+    void **arr = (void **)arrp;
+    size_t ncap = *cap ? *cap * 2 : first;
+    void *grown = realloc(*arr, elem * ncap);
+    if (grown == NULL)
+        return -1;
+    *arr = grown;
+    *cap = ncap;
+    return 0;
+}
+
+#define ARRAY_GROW(arr, cap, used, first) \
+    ((size_t)(used) < (cap) ? 0 : array_grow_impl((void *)&(arr), &(cap), sizeof *(arr), (first)))
+
 static inline void
 buf_put(buf_t *b, const char *s, size_t n)
 {
@@ -2193,8 +2211,9 @@ static PyTypeObject Batch_Type;
 /* open-span table: span id -> mark ids seen so far */
 typedef struct open_span {
     uint64_t hi, lo;
-    uint64_t *ids;
-    uint32_t n, cap;
+    uint64_t *ids; /* pairs */
+    uint32_t n;    /* pairs */
+    size_t cap;    /* uint64 entries */
     struct open_span *next;
 } open_span_t;
 
@@ -2399,16 +2418,10 @@ static void
 resolve_refs(BatchObject *b, size_t i)
 {
     slot_t *s = &b->slots[i];
-    if (b->next == b->ext_cap) {
-        size_t ncap = b->ext_cap ? b->ext_cap * 2 : 64;
-        ext_t *ne = realloc(b->ext, sizeof(ext_t) * ncap);
-        if (ne == NULL) {
-            slot_release_refs(s);
-            s->flags &= ~F_REFS;
-            return;
-        }
-        b->ext = ne;
-        b->ext_cap = ncap;
+    if (ARRAY_GROW(b->ext, b->ext_cap, b->next, 64) < 0) {
+        slot_release_refs(s);
+        s->flags &= ~F_REFS;
+        return;
     }
     ext_t *e = &b->ext[b->next];
     memset(e, 0, sizeof *e);
@@ -2476,14 +2489,8 @@ resolve_refs(BatchObject *b, size_t i)
 static int
 mids_push(BatchObject *b, uint64_t hi, uint64_t lo)
 {
-    if (b->nmids + 2 > b->mids_cap) {
-        size_t ncap = b->mids_cap ? b->mids_cap * 2 : 256;
-        uint64_t *nm = realloc(b->mids, sizeof(uint64_t) * ncap);
-        if (nm == NULL)
-            return -1;
-        b->mids = nm;
-        b->mids_cap = ncap;
-    }
+    if (ARRAY_GROW(b->mids, b->mids_cap, b->nmids + 1, 256) < 0) /* a pair: 2 entries */
+        return -1;
     b->mids[b->nmids++] = hi;
     b->mids[b->nmids++] = lo;
     return 0;
@@ -2512,15 +2519,9 @@ assign_mark_ids(BatchObject *b)
             atomic_fetch_add(&g_open_overflow, 1);
             continue;
         }
-        if (e->n == e->cap) {
-            uint32_t ncap = e->cap ? e->cap * 2 : 8;
-            uint64_t *ni = realloc(e->ids, sizeof(uint64_t) * 2 * ncap);
-            if (ni == NULL) {
-                atomic_fetch_add(&g_open_overflow, 1);
-                continue;
-            }
-            e->ids = ni;
-            e->cap = ncap;
+        if (ARRAY_GROW(e->ids, e->cap, 2 * e->n + 1, 16) < 0) { /* pairs: 2 entries each */
+            atomic_fetch_add(&g_open_overflow, 1);
+            continue;
         }
         e->ids[2 * e->n] = hi;
         e->ids[2 * e->n + 1] = lo;
@@ -3353,10 +3354,12 @@ typedef struct ospan_s {
     uint64_t hi, lo;
     buf_t ev;            /* encoded events, each [varint len][Event] */
     uint32_t *ev_off;    /* start offset of each kept event in ev */
-    uint32_t n_ev, ev_cap, first; /* kept events are [first, n_ev) */
+    uint32_t n_ev, first; /* kept events are [first, n_ev) */
+    size_t ev_cap;
     uint64_t total_ev;
     summary_t *sum;
-    uint32_t n_sum, sum_cap;
+    uint32_t n_sum;
+    size_t sum_cap;
     struct ospan_s *next;
 } ospan_t;
 
@@ -3567,14 +3570,8 @@ otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i)
             if (e->sum[k].name_len == nlen && memcmp(e->sum[k].name_raw, name, nlen) == 0)
                 sm = &e->sum[k];
         if (sm == NULL) {
-            if (e->n_sum == e->sum_cap) {
-                uint32_t ncap = e->sum_cap ? e->sum_cap * 2 : 4;
-                summary_t *ns = realloc(e->sum, sizeof(summary_t) * ncap);
-                if (ns == NULL)
-                    return;
-                e->sum = ns;
-                e->sum_cap = ncap;
-            }
+            if (ARRAY_GROW(e->sum, e->sum_cap, e->n_sum, 4) < 0)
+                return;
             sm = &e->sum[e->n_sum++];
             memset(sm, 0, sizeof *sm);
             sm->name_raw = malloc(nlen ? nlen : 1);
@@ -3597,14 +3594,8 @@ otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i)
         return;
     }
     /* a point mark: one Event, kept among the span's last event_limit events */
-    if (e->n_ev == e->ev_cap) {
-        uint32_t ncap = e->ev_cap ? e->ev_cap * 2 : 16;
-        uint32_t *no = realloc(e->ev_off, sizeof(uint32_t) * ncap);
-        if (no == NULL)
-            return;
-        e->ev_off = no;
-        e->ev_cap = ncap;
-    }
+    if (ARRAY_GROW(e->ev_off, e->ev_cap, e->n_ev, 16) < 0)
+        return;
     buf_t *ev = &e->ev;
     e->ev_off[e->n_ev++] = (uint32_t)ev->len;
     size_t lenpos = ev->len;
@@ -3830,15 +3821,9 @@ mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
             if (b->slots[i].type != R_SPAN)
                 continue;
             if (nreq == 0 || reqs[nreq - 1].o.len >= (size_t)max_bytes) {
-                if (nreq == capreq) {
-                    size_t ncap = capreq ? capreq * 2 : 4;
-                    otlp_req_t *nr = realloc(reqs, sizeof(otlp_req_t) * ncap);
-                    if (nr == NULL) {
-                        oom = 1;
-                        break;
-                    }
-                    reqs = nr;
-                    capreq = ncap;
+                if (ARRAY_GROW(reqs, capreq, nreq, 4) < 0) {
+                    oom = 1;
+                    break;
                 }
                 otlp_req_open(&reqs[nreq++], res, (size_t)res_len, sname, (size_t)sname_len, sver,
                               (size_t)sver_len);
