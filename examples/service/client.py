@@ -14,7 +14,6 @@ service answered unexpectedly.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
@@ -23,21 +22,10 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.requests import RequestsInstrumentor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from otel_setup import otlp_exporter
 
 SERVICE_NAME = "cirron-demo-client"
-
-
-def otlp_exporter() -> SpanExporter:
-    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    elif protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    else:
-        raise SystemExit(f"unsupported OTLP protocol {protocol!r}: use grpc or http/protobuf")
-    return OTLPSpanExporter()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,8 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from otel_setup import otlp_exporter
 from pydantic import BaseModel
 
 import cirron_otel as ci
@@ -41,20 +42,6 @@ import cirron_otel as ci
 DEFAULT_SERVICE_NAME = "cirron-demo-server"
 MODEL_NAME = "ridge"
 N_FEATURES = 4
-
-
-def otlp_exporter() -> SpanExporter:
-    """The official OTLP exporter for the protocol the standard variables select (it reads the
-    endpoint, headers, timeout, compression and TLS settings from them itself)."""
-    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    elif protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    else:
-        raise SystemExit(f"unsupported OTLP protocol {protocol!r}: use grpc or http/protobuf")
-    return OTLPSpanExporter()
 
 
 def setup_tracing(default_service_name: str) -> TracerProvider:
