@@ -6,6 +6,7 @@ environment, then to the defaults below. Nothing else in the package reads `os.e
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ MAX_RECORDS_PER_FILE = 100_000
 VALID_OUTPUTS = frozenset({"spool", "otlp"})
 VALID_PROTOCOLS = ("grpc", "http/protobuf")
 VALID_TRACE_PER = ("child", "session")
+FILE_MODES = ("user", "group")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,9 @@ class Settings:
     trace_buffer_records: int = 200_000
     # Records the spool could not write yet (disk failing) are kept for retry up to this.
     spool_retry_records: int = 2_000_000
+    # "user": spool and outbox files 0600, their directories 0700 (they hold exception
+    # messages, attributes, whole requests); "group": 0640 / 0750.
+    file_mode: str = "user"
     install_signal_handlers: bool = True
     session_attrs: Mapping[str, Any] = field(default_factory=dict)
     # OpenTelemetry
@@ -55,23 +60,70 @@ class Settings:
     tracer_provider: Any = "global"
 
 
+# Ranks come from launchers (torchrun, mpirun, SLURM wrappers): an unparsable value is a
+# misconfiguration worth stopping for, not something to replace silently by rank 0.
+MAX_RANK = (1 << 31) - 1
+
+
 def _rank_from_env(env: Mapping[str, str]) -> int:
     for key in ("RANK", "LOCAL_RANK"):
         raw = env.get(key)
         if raw is None or raw.strip() == "":
             continue
         try:
-            return int(raw)
+            rank = int(raw.strip())
         except ValueError:
-            continue
+            raise ValueError(f"cirron_otel.profile(): environment variable {key} must be an integer "
+                             f"in [0, {MAX_RANK}], got {raw!r}") from None
+        if not 0 <= rank <= MAX_RANK:
+            raise ValueError(f"cirron_otel.profile(): environment variable {key} must be in "
+                             f"[0, {MAX_RANK}], got {raw!r}")
+        return rank
     return 0
 
 
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"cirron_otel.profile(): {name} must be a number, not {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"cirron_otel.profile(): {name} must be > 0, got {value!r}")
+# Numeric options of profile() and their accepted ranges: (low, high, low is inclusive).
+# Non-finite values are refused everywhere: inf and nan compare in ways that silently turn a
+# wait into "drop at once" or a flush period into "never" (issue 7).
+MAX_SECONDS = 3600.0
+RANGES: dict[str, tuple[int | float, int | float, bool]] = {
+    "flush_interval": (0.0, MAX_SECONDS, False),
+    "ring_full_wait": (0.0, MAX_SECONDS, True),
+    "ring_capacity": (64, 1 << 26, True),
+    "spool_max_bytes": (0, 1 << 60, False),
+    "trace_buffer_records": (0, 1 << 40, False),
+    "spool_retry_records": (0, 1 << 40, False),
+}
+
+
+def _number(name: str, value: object, *, integer: bool = False) -> None:
+    """Check `value` against RANGES[name]: a TypeError / ValueError naming the option."""
+    wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else int | float)
+    if wrong_type:
+        kind = "an int" if integer else "a number"
+        raise TypeError(f"cirron_otel.profile(): {name} must be {kind}, not {type(value).__name__}")
+    low, high, low_inclusive = RANGES[name]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"cirron_otel.profile(): {name} must be a finite number, got {value!r}")
+    assert isinstance(value, int | float)
+    if value > high or value < low or (value == low and not low_inclusive):
+        bracket = "[" if low_inclusive else "("
+        raise ValueError(
+            f"cirron_otel.profile(): {name} must be in {bracket}{low!r}, {high!r}], got {value!r}"
+        )
+
+
+def _file_mode(value: Any, env: Mapping[str, str]) -> str:
+    if value is None:
+        raw = env.get("CIRRON_FILE_MODE")
+        if raw is None or raw.strip() == "":
+            return "user"
+        value, name = raw.strip(), "environment variable CIRRON_FILE_MODE"
+    else:
+        name = "file_mode"
+    if value not in FILE_MODES:
+        raise ValueError(f"cirron_otel.profile(): {name} must be one of {FILE_MODES}, got {value!r}")
+    return str(value)
 
 
 def _otlp_configured(env: Mapping[str, str]) -> bool:
@@ -107,6 +159,8 @@ def resolve(
     capture_cpu_time: bool = False,
     ring_full_wait: float = 1.0,
     trace_buffer_records: int = 200_000,
+    spool_retry_records: int = 2_000_000,
+    file_mode: str | None = None,
     install_signal_handlers: bool = True,
     session_attrs: Mapping[str, Any] | None = None,
     otlp_endpoint: str | None = None,
@@ -121,16 +175,15 @@ def resolve(
     env = os.environ if env is None else env
     if output_dir is None:
         output_dir = env.get("CIRRON_OUTPUT_DIR") or DEFAULT_OUTPUT_DIR
-    _positive("flush_interval", flush_interval)
-    _positive("ring_full_wait", ring_full_wait, allow_zero=True)
+    _number("flush_interval", flush_interval)
+    _number("ring_full_wait", ring_full_wait)
     for name, value in (
         ("ring_capacity", ring_capacity),
         ("spool_max_bytes", spool_max_bytes),
         ("trace_buffer_records", trace_buffer_records),
+        ("spool_retry_records", spool_retry_records),
     ):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"cirron_otel.profile(): {name} must be an int, not {type(value).__name__}")
-        _positive(name, value)
+        _number(name, value, integer=True)
     protocol = (
         otlp_protocol
         or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
@@ -147,8 +200,6 @@ def resolve(
     for name, text in (("otlp_endpoint", otlp_endpoint), ("service_name", service_name)):
         if text is not None and not isinstance(text, str):
             raise TypeError(f"cirron_otel.profile(): {name} must be a str, not {type(text).__name__}")
-    if not 64 <= ring_capacity <= 1 << 26:
-        raise ValueError(f"cirron_otel.profile(): ring_capacity must be in [64, 2**26], got {ring_capacity}")
     return Settings(
         output_dir=os.fspath(output_dir),
         outputs=_outputs(output, bool(otlp_endpoint) or _otlp_configured(env)),
@@ -160,6 +211,8 @@ def resolve(
         rank=_rank_from_env(env),
         ring_full_wait=float(ring_full_wait),
         trace_buffer_records=trace_buffer_records,
+        spool_retry_records=spool_retry_records,
+        file_mode=_file_mode(file_mode, env),
         install_signal_handlers=bool(install_signal_handlers),
         session_attrs=dict(session_attrs or {}),
         otlp_endpoint=otlp_endpoint,
