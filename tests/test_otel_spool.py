@@ -377,6 +377,7 @@ def _entry_point_registered() -> bool:
     return any(ep.name == "cirron_spool" for ep in entry_points(group="opentelemetry_traces_exporter"))
 
 
+@pytest.mark.real_backend
 @pytest.mark.skipif(not _entry_point_registered(),
                     reason="entry point opentelemetry_traces_exporter:cirron_spool is not registered "
                            "(add it to pyproject.toml and reinstall)")
