@@ -8,13 +8,22 @@ native encoder (`_native.write_spool`) without the GIL.
 Failures (missing or read-only directory, disk full) never reach the application: the
 batch stays queued under its name and is written on a later attempt, byte-identical (the
 encoding is deterministic, so mark ids never change); past `retry_records` queued records
-the oldest file's worth is dropped and counted. Past `max_bytes` on disk the oldest files
-are deleted and counted (`spool_drop_count`).
+the oldest file's worth is dropped and counted, with the disk's error as the reason. Past
+`max_bytes` on disk the oldest files are deleted and counted (`spool_drop_count`).
+
+While writes fail the spool stops applying backpressure (a failing disk must not slow the
+program down; the retry bound applies instead) and tries the oldest file again on each
+delivery, each flush, and every `flush_interval` when idle. When a write fails
+for lack of space and the batch is larger than the space left, the batch is split into
+smaller files (same records, same ids), so whatever space comes back is used at once.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +35,10 @@ from .base import Sink
 from .spool_dir import SpoolDirectory, new_file_name
 
 SCHEMA_VERSION = 1
+# Splitting a batch after ENOSPC: no piece smaller than this (many tiny files cost more than
+# they save), and no split while less than twice this is free (the disk is simply full).
+MIN_PIECE_BYTES = 16 * 1024
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -35,6 +48,7 @@ class _PendingFile:
     batches: list[_native.Batch]
     marks: int
     spans: int
+    data: bytes | None = None  # the encoded file, once it was split out of a larger one
 
     @property
     def name(self) -> str:
@@ -64,7 +78,6 @@ class SpoolSink(Sink):
     """Writes collected batches into the Cirron spool v1."""
 
     name = "spool"
-    backpressure = True
 
     def __init__(
         self,
@@ -73,17 +86,29 @@ class SpoolSink(Sink):
         max_bytes: int = 1_000_000_000,
         max_records_per_file: int = 100_000,
         retry_records: int = 2_000_000,
+        file_mode: str | None = None,
     ) -> None:
         super().__init__()
-        self.directory = SpoolDirectory(output_dir, max_bytes)
+        self.directory = SpoolDirectory(output_dir, max_bytes, file_mode=file_mode)
         self.spool_dir = self.directory.path
         self.max_records_per_file = max_records_per_file
         self.retry_records = retry_records
         self.dropped_files = 0
         self._queue: deque[_PendingFile] = deque()
         self._queued_records = 0
+        self._failing = False
+        self._last_write_error = ""
         self.stats.extra.update(files_written=0, bytes_written=0, marks_written=0, spans_written=0,
-                                evicted_files=0, spool_dir=self.spool_dir)
+                                evicted_files=0, split_files=0, spool_dir=self.spool_dir,
+                                stale_tmp_removed=self.directory.stale_tmp_removed)
+        if self.directory.last_cleanup_error:
+            self.stats.error("stale .tmp cleanup failed", self.directory.last_cleanup_error)
+
+    @property  # type: ignore[override]
+    def backpressure(self) -> bool:
+        """Normally the spool slows producers rather than lose data; while the disk fails,
+        waiting would not help, so producers run free and the retry bound applies."""
+        return not self._failing
 
     # -- Sink interface ------------------------------------------------------------------
 
@@ -108,17 +133,13 @@ class SpoolSink(Sink):
         while self._queue:
             item = self._queue[0]
             try:
-                size = self.directory.write(
-                    item.name,
-                    lambda fd, item=item: _native.write_spool(
-                        fd, item.batches, item.batch_id, item.created_ns, __version__
-                    ),
-                )
+                size = self._write(item)
             except OSError as exc:
-                with self.stats.lock:
-                    self.stats.failed += 1
-                self.stats.error("write failed", exc)
+                if exc.errno in _NO_SPACE and self._split_head(item):
+                    continue  # try the first, smaller piece now
+                self._failed(exc)
                 return
+            self._failing = False
             self._queue.popleft()
             self._queued_records -= item.records
             with self.stats.lock:
@@ -137,6 +158,63 @@ class SpoolSink(Sink):
     def shutdown(self, timeout: float) -> None:
         self.retry()
 
+    def _write(self, item: _PendingFile) -> int:
+        data = item.data
+        if data is not None:
+            return self.directory.write_bytes(item.name, data)
+        return self.directory.write(
+            item.name,
+            lambda fd: _native.write_spool(fd, item.batches, item.batch_id, item.created_ns, __version__),
+        )
+
+    def _failed(self, exc: OSError) -> None:
+        with self.stats.lock:
+            self.stats.failed += 1
+        self._failing = True
+        self._last_write_error = f"{type(exc).__name__}: {exc}"
+        self.stats.error("write failed", exc)
+
+    def _split_head(self, item: _PendingFile) -> bool:
+        """The head file did not fit: if it is larger than the space left (and some is left),
+        replace it by pieces that fit. Same records and ids; each piece is a valid batch
+        of its own (new batch id, created_ns + i to keep the order)."""
+        if item.records < 2:
+            return False
+        try:
+            st = os.statvfs(self.directory.path)
+        except OSError:
+            return False
+        free = st.f_bavail * st.f_frsize
+        if free < 2 * MIN_PIECE_BYTES:
+            return False  # the disk is full: wait for space, then decide
+        data = item.data
+        if data is None:
+            data = _native.encode_spool(item.batches, item.batch_id, item.created_ns, __version__)
+        if len(data) <= free:
+            item.data = data  # it should fit now: keep the encoding, retry as is later
+            return False
+        doc = json.loads(data)
+        records = [("spans", r) for r in doc["spans"]] + [("marks", r) for r in doc["marks"]]
+        per_piece = max(1, len(records) * (free // 2) // len(data))
+        pieces: list[_PendingFile] = []
+        for i, start in enumerate(range(0, len(records), per_piece)):
+            chunk = records[start:start + per_piece]
+            piece_doc = {**doc, "batch_id": uuid.uuid4().hex, "created_ns": item.created_ns + i,
+                         "spans": [r for kind, r in chunk if kind == "spans"],
+                         "marks": [r for kind, r in chunk if kind == "marks"]}
+            spans = len(piece_doc["spans"])
+            pieces.append(_PendingFile(
+                created_ns=piece_doc["created_ns"], batch_id=piece_doc["batch_id"], batches=[],
+                marks=len(chunk) - spans, spans=spans,
+                # ASCII escapes: lone surrogates in strings survive the round trip.
+                data=json.dumps(piece_doc, allow_nan=False, separators=(",", ":")).encode("ascii"),
+            ))
+        self._queue.popleft()
+        self._queue.extendleft(reversed(pieces))
+        with self.stats.lock:
+            self.stats.extra["split_files"] += len(pieces)
+        return True
+
     # -- health --------------------------------------------------------------------------
 
     @property
@@ -153,7 +231,7 @@ class SpoolSink(Sink):
         with self.stats.lock:
             self.stats.dropped += records
         self.dropped_files += 1
-        self.stats.error("batch dropped", reason)
+        self.stats.error("batch dropped", f"{reason} (last write error: {self._last_write_error})")
 
     def _trim_queue(self) -> None:
         # Keep the newest data when the disk has been failing for long: drop oldest first.

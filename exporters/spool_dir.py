@@ -1,13 +1,22 @@
 """A spool directory on disk: durable atomic batch files, the byte cap, the byte count.
 
 Shared by every writer of the spool (`SpoolSink` for Cirron records, `SpoolSpanExporter`
-for spans from any OpenTelemetry instrumentation), so they agree on names, durability and
-eviction.
+for spans from any OpenTelemetry instrumentation) and the OTLP outbox, so they agree on
+names, durability, permissions and eviction.
+
+Temporary files: a batch is written as `<name>.tmp` while its writer holds an exclusive
+`flock` on it. A process killed mid-write leaves the `.tmp` behind, but the kernel releases
+its lock; so at start-up every `.tmp` whose lock can be taken belongs to nobody and is
+removed, while one another live process (several may share an output directory) is still
+writing stays locked and is left alone. A lock, unlike a pid in the name, cannot be fooled
+by pid reuse or by processes in other pid namespaces sharing the directory, and keeps the
+`<name>.json.tmp` naming of the spool v1. Temporary files never count toward the byte cap.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import threading
 import time
@@ -22,6 +31,40 @@ def new_file_name(suffix: str = ".json") -> tuple[int, str, str]:
     return created_ns, batch_id, f"{created_ns:020d}-{batch_id}{suffix}"
 
 
+# file_mode: permissions of created files and directories. Spool and outbox files hold
+# exception messages, attributes and whole requests, so by default only the user reads them.
+FILE_MODES: dict[str, tuple[int, int]] = {"user": (0o600, 0o700), "group": (0o640, 0o750)}
+_default_file_mode = "user"
+
+
+def set_default_file_mode(mode: str) -> None:
+    """The mode of SpoolDirectory objects created without an explicit `file_mode`
+    (`profile(file_mode=...)` sets it, so the OTLP outbox follows the spool)."""
+    global _default_file_mode
+    if mode not in FILE_MODES:
+        raise ValueError(f"file_mode must be one of {tuple(FILE_MODES)}, got {mode!r}")
+    _default_file_mode = mode
+
+
+def make_dirs(path: str, dir_mode: int) -> None:
+    """Create `path` and missing parents with exactly `dir_mode` (whatever the umask); a
+    directory that already exists keeps its mode."""
+    missing: list[str] = []
+    head = os.path.abspath(path)
+    while not os.path.isdir(head):
+        missing.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, dir_mode)
+        except FileExistsError:
+            continue  # another process made it first: its mode is its creator's choice
+        os.chmod(directory, dir_mode)  # mkdir's mode is masked by the umask
+
+
 class SpoolDirectory:
     """`<output_dir>/spool`: writes files atomically and keeps the total under `max_bytes`.
 
@@ -30,15 +73,63 @@ class SpoolDirectory:
 
     def __init__(
         self, output_dir: str | os.PathLike[str], max_bytes: int, *, subdir: str = "spool",
-        suffix: str = ".json",
+        suffix: str = ".json", file_mode: str | None = None,
     ) -> None:
         self.path = os.path.join(os.fspath(output_dir), subdir)
         self.suffix = suffix
         self.max_bytes = max_bytes
+        self.file_mode = _default_file_mode if file_mode is None else file_mode
+        if self.file_mode not in FILE_MODES:
+            raise ValueError(f"file_mode must be one of {tuple(FILE_MODES)}, got {self.file_mode!r}")
+        self._file_perm, self._dir_perm = FILE_MODES[self.file_mode]
         self.evicted_files = 0
+        self.stale_tmp_removed = 0
+        self.last_cleanup_error: str | None = None
         self._disk_bytes: int | None = None
         self._ready = False
         self._lock = threading.Lock()
+        self.remove_stale_tmp()
+
+    def remove_stale_tmp(self) -> int:
+        """Delete `.tmp` files no live process is writing (see the module docstring).
+        Never raises: a failure is kept in `last_cleanup_error`. Returns how many."""
+        removed = 0
+        try:
+            entries = [e.name for e in os.scandir(self.path) if e.name.endswith(self.suffix + ".tmp")]
+        except (FileNotFoundError, NotADirectoryError):
+            return 0  # nothing written here yet (a write will report why the path is unusable)
+        except OSError as exc:
+            self.last_cleanup_error = f"{type(exc).__name__}: {exc}"
+            return 0
+        for name in entries:
+            path = os.path.join(self.path, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                continue  # renamed or removed meanwhile
+            except OSError as exc:
+                self.last_cleanup_error = f"{type(exc).__name__}: {exc}"
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue  # a live writer holds it
+            try:
+                # Unlink only if the name still is this inode (its writer may have renamed it
+                # to the final name before we got the lock). A writer that opened it just
+                # before us notices the unlink once it gets the lock, and starts over.
+                if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self.last_cleanup_error = f"{type(exc).__name__}: {exc}"
+            finally:
+                os.close(fd)  # releases the lock
+        self.stale_tmp_removed += removed
+        return removed
 
     def write(self, name: str, fill: Callable[[int], int]) -> int:
         """Create `name` durably: `fill(fd)` writes the content into `<name>.tmp` and returns its
@@ -46,12 +137,12 @@ class SpoolDirectory:
         OSError (and leaves no temporary file) on failure."""
         with self._lock:
             if not self._ready:
-                os.makedirs(self.path, exist_ok=True)
+                make_dirs(self.path, self._dir_perm)
                 self._ready = True
             final = os.path.join(self.path, name)
             tmp = final + ".tmp"
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                fd = self._open_locked(tmp)
             except OSError:
                 self._ready = False  # the directory may have gone: look again next time
                 raise
@@ -59,15 +150,17 @@ class SpoolDirectory:
                 size = fill(fd)
                 os.fsync(fd)
             except BaseException:
-                os.close(fd)
+                # Unlink while still holding the lock, so a cleaner never sees it unlocked.
                 _unlink_quietly(tmp)
+                os.close(fd)
                 raise
-            os.close(fd)
             try:
                 os.replace(tmp, final)
             except BaseException:
                 _unlink_quietly(tmp)
+                os.close(fd)
                 raise
+            os.close(fd)  # the lock goes with it, after the rename
             dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 os.fsync(dfd)
@@ -78,6 +171,23 @@ class SpoolDirectory:
             else:
                 self._disk_bytes += size
             return size
+
+    def _open_locked(self, tmp: str) -> int:
+        """Create `tmp` with this directory's file mode and hold an exclusive flock on it."""
+        for _ in range(100):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self._file_perm)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.fstat(fd).st_nlink == 0:
+                    # A cleaner unlinked it between our open and our lock: make a new one.
+                    os.close(fd)
+                    continue
+                os.fchmod(fd, self._file_perm)  # os.open's mode is masked by the umask
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        raise OSError(f"could not create {tmp}: removed by concurrent cleaners 100 times")
 
     def write_bytes(self, name: str, data: bytes) -> int:
         def fill(fd: int) -> int:
@@ -103,7 +213,9 @@ class SpoolDirectory:
                 self._disk_bytes -= size
 
     def scan(self) -> tuple[list[tuple[str, int]], int]:
-        """Sealed batches oldest first, and the bytes held by sealed and unsealed files."""
+        """Sealed batches oldest first, and the bytes they hold. `.tmp` files are neither:
+        they are being written (and counted once sealed) or stale (and removed at start-up);
+        counting them let a killed run's leftovers evict new batches."""
         files: list[tuple[str, int]] = []
         total = 0
         try:
@@ -112,16 +224,14 @@ class SpoolDirectory:
             return files, 0
         for entry in entries:
             name = entry.name
-            sealed = name.endswith(self.suffix)
-            if not (sealed or name.endswith(self.suffix + ".tmp")):
+            if not name.endswith(self.suffix):
                 continue
             try:
                 size = entry.stat(follow_symlinks=False).st_size
             except OSError:
                 continue
             total += size
-            if sealed:
-                files.append((name, size))
+            files.append((name, size))
         files.sort()
         return files, total
 

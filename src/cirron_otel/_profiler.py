@@ -69,8 +69,10 @@ class Profiler:
 
     def _make_sinks(self) -> list[Any]:
         from .exporters.spool import SpoolSink
+        from .exporters.spool_dir import set_default_file_mode
 
         s = self.settings
+        set_default_file_mode(s.file_mode)  # the OTLP outbox's SpoolDirectory follows it too
         sinks: list[Any] = []
         if "spool" in s.outputs:
             sinks.append(
@@ -79,6 +81,7 @@ class Profiler:
                     max_bytes=s.spool_max_bytes,
                     max_records_per_file=s.max_records_per_file,
                     retry_records=s.spool_retry_records,
+                    file_mode=s.file_mode,
                 )
             )
         provider = _sdk_tracer_provider(s.tracer_provider)
@@ -148,6 +151,8 @@ class Profiler:
             if not self.running or self.drainer is None:
                 return True
             self._ensure_drainer()
+            if self.drainer.on_own_thread():
+                return bool(self.drainer.flush(timeout))  # False at once (and warns): see there
             deadline = time.monotonic() + timeout
             done = bool(self.drainer.flush(timeout))
             for sink in self.sinks:
@@ -388,8 +393,8 @@ def profile(**kwargs: Any) -> Profiler:
     """Start profiling (idempotent: a running profiler is returned as it is).
 
     Keyword arguments: output_dir, output, flush_interval, ring_capacity, spool_max_bytes,
-    enabled, capture_cpu_time, ring_full_wait, trace_buffer_records,
-    install_signal_handlers, session_attrs. See README for each.
+    enabled, capture_cpu_time, ring_full_wait, trace_buffer_records, spool_retry_records,
+    file_mode, install_signal_handlers, session_attrs. See README for each.
     """
     global _active, _last
     with _lock:
