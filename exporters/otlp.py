@@ -1,16 +1,26 @@
-"""OTLP export of Cirron spans and marks, through the official OpenTelemetry exporters.
+"""OTLP export of Cirron spans and marks, with a durable outbox that never stalls.
 
 The mapping itself is native (`_native.otlp_encode`, see the README's mapping table): the
 collector's batches become one `ExportTraceServiceRequest` without building Python span
-objects. The request bytes then travel through the official `opentelemetry-exporter-otlp`
-transports (gRPC by default, HTTP/protobuf on request), so endpoints, headers, timeouts,
-compression and TLS follow the standard `OTEL_EXPORTER_OTLP_*` variables.
+objects. Requests travel through `otlp_transport` (gRPC or HTTP/protobuf on public APIs; the
+standard `OTEL_EXPORTER_OTLP_*` variables, resolved in `_config`), one attempt per send.
 
 Durability: when an output directory is available, each request is first written to the
 outbox (`<output_dir>/otlp-outbox/`, atomic and fsynced like the spool) and deleted only
 once the collector has accepted it. A collector outage therefore loses nothing: requests
 wait in the outbox and are sent again, oldest first, when it is back, including by the
 next run of the program. Without a directory, a bounded in-memory queue plays that role.
+
+Never stalls: failures are classified as the OTLP specification says. A retryable one
+(collector down, UNAVAILABLE, 503, ...) keeps the request at the head of the queue and backs
+off exponentially with jitter, or as long as the collector asked (Retry-After, RetryInfo). A
+permanent one (400, INVALID_ARGUMENT, ...) drops the request, counted, and the queue moves on.
+An outbox file that cannot be read or parsed is renamed `*.pb.corrupt` (counted) and skipped.
+No request is larger than `max_request_bytes` (see `otlp_fit`).
+
+Counters (`health()["sinks"]["otlp"]`) count spans: `exported`, `dropped` and `pending`, so
+that exported + dropped + pending = spans handed to the sink. Marks travel as span events
+and are not counted separately.
 """
 
 from __future__ import annotations
@@ -18,83 +28,41 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import random
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 from cirron_otel import _native
 from cirron_otel._version import __version__
 
 from .base import Sink
+from .otlp_fit import fit_request, span_count
+from .otlp_transport import (
+    MAX_SERVER_DELAY,
+    GrpcTransport,
+    HttpTransport,
+    SendError,
+    Transport,
+    make_transport,
+)
 from .spool_dir import SpoolDirectory, new_file_name
 
+__all__ = ["GrpcTransport", "HttpTransport", "OtlpSink", "SendError", "Transport", "build_resource",
+           "make_transport"]
+
 OUTBOX_DIR = "otlp-outbox"
-_GONE = "gone"  # an outbox file another process already delivered
+QUARANTINE_SUFFIX = ".corrupt"
 SCOPE_NAME = "cirron_otel"
-
-
-class Transport(Protocol):
-    def send(self, request: bytes) -> str | None:
-        """Deliver one serialized ExportTraceServiceRequest; None on success, else the error."""
-
-
-class GrpcTransport:
-    """OTLP/gRPC through the official exporter (its retries, headers, TLS, compression)."""
-
-    def __init__(self, endpoint: str | None) -> None:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-        class _PreEncoded(OTLPSpanExporter):
-            # The request is already built natively: hand it to the exporter's send path.
-            def _translate_data(self, data: Any) -> Any:
-                return data
-
-            def _count_data(self, data: Any) -> int:
-                return sum(len(ss.spans) for rs in data.resource_spans for ss in rs.scope_spans)
-
-        self._parse = ExportTraceServiceRequest.FromString
-        self._exporter = _PreEncoded(endpoint=endpoint) if endpoint else _PreEncoded()
-
-    def send(self, request: bytes) -> str | None:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
-        result = self._exporter._export(self._parse(request))
-        return None if result == SpanExportResult.SUCCESS else "the collector did not accept the request"
-
-    def shutdown(self) -> None:
-        self._exporter.shutdown(timeout_millis=1000)
-
-
-class HttpTransport:
-    """OTLP/HTTP (protobuf) through the official exporter's client."""
-
-    def __init__(self, endpoint: str | None) -> None:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        if endpoint and not endpoint.rstrip("/").endswith("/v1/traces"):
-            endpoint = endpoint.rstrip("/") + "/v1/traces"
-        self._exporter = OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()
-
-    def send(self, request: bytes) -> str | None:
-        result = self._exporter._client.export(request)
-        if result.success:
-            return None
-        return f"HTTP {result.status_code}" if result.status_code else str(result.error)
-
-    def shutdown(self) -> None:
-        self._exporter.shutdown()
-
-
-def make_transport(protocol: str, endpoint: str | None) -> Transport:
-    if protocol == "grpc":
-        return GrpcTransport(endpoint)
-    if protocol == "http/protobuf":
-        return HttpTransport(endpoint)
-    raise ValueError(f"OTLP protocol must be 'grpc' or 'http/protobuf', got {protocol!r}")
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024 - 64 * 1024
+# Exponential backoff between retryable failures: BASE * 2**n, at most CAP, times a random
+# factor in [0.5, 1] so processes sharing a collector do not retry in lockstep.
+BACKOFF_BASE = 0.25
+BACKOFF_CAP = 10.0
 
 
 def build_resource(service_name: str | None, rank: int) -> tuple[dict[str, Any], bytes]:
@@ -131,6 +99,19 @@ def encode_resource(attrs: dict[str, Any]) -> bytes:
                       ).SerializeToString()
 
 
+@dataclass
+class _Request:
+    """A queued request: on disk (`name`) or in memory (`data`), with its span count."""
+
+    name: str | None
+    data: bytes | None
+    spans: int
+
+
+# Outcomes of one delivery attempt other than a SendError.
+_SENT, _GONE, _CORRUPT, _RESHAPED = "sent", "gone", "corrupt", "reshaped"
+
+
 class OtlpSink(Sink):
     """Maps batches to OTLP requests and delivers them from a durable queue.
 
@@ -152,28 +133,36 @@ class OtlpSink(Sink):
         outbox_dir: str | os.PathLike[str] | None = None,
         outbox_max_bytes: int = 1_000_000_000,
         memory_queue_requests: int = 256,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
         super().__init__()
         self.transport = transport
         self.resource = resource
         self.session_trace = session_trace
+        self.max_request_bytes = max_request_bytes
         self.state = _native.OtlpState(event_limit)
         self.outbox = (
             SpoolDirectory(outbox_dir, outbox_max_bytes, subdir=OUTBOX_DIR, suffix=".pb")
             if outbox_dir is not None else None
         )
-        # The queue: (outbox file name or None, request bytes or None when on disk, spans)
-        self._queue: deque[tuple[str | None, bytes | None, int]] = deque()
+        self._queue: deque[_Request] = deque()
         self._memory_limit = memory_queue_requests
         self._cv = threading.Condition()
         self._stopping = False
-        self._backoff = 0.0
-        self._retry_at = 0.0
-        self.stats.extra.update(requests_sent=0, outbox=self.outbox.path if self.outbox else None,
-                                root_marks=0, unsampled_spans=0, events_dropped=0)
+        self._inflight: _Request | None = None  # never evicted while on the wire
+        self._attempt = 0  # retryable failures in a row
+        self._retry_at = 0.0  # own backoff: flush() may cut it short
+        self._not_before = 0.0  # the collector's Retry-After / RetryInfo: always honoured
+        self._retryable_failures = 0
+        self._process_lock = threading.Lock()
+        self.stats.extra.update(
+            requests_sent=0, requests_rejected=0, outbox=self.outbox.path if self.outbox else None,
+            outbox_quarantined=0, requests_split=0, values_truncated=0,
+            root_marks=0, unsampled_spans=0, events_dropped=0,
+        )
         if self.outbox is not None:  # requests a previous run could not deliver, oldest first
             for name, _ in self.outbox.scan()[0]:
-                self._queue.append((name, None, _spans_in(name)))
+                self._queue.append(_Request(name, None, _spans_in(name)))
                 self.stats.pending += _spans_in(name)
         self._sender = threading.Thread(target=self._send_loop, name="cirron-otel-otlp-sender",
                                         daemon=True)
@@ -193,24 +182,25 @@ class OtlpSink(Sink):
             return
         self._update_counters()
         for request, spans in requests:
-            self._enqueue(request, spans)
+            for part, part_spans in self._fit(request, spans):
+                self._enqueue(part, part_spans)
 
     def retry(self) -> None:
+        # The sender keeps its own backoff schedule: an idle poke must not shorten it.
         with self._cv:
-            self._retry_at = 0.0
             self._cv.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         """Try now, and wait until the queue is delivered; False as soon as an attempt fails
-        (the queue then waits for the collector) or at the timeout."""
+        in a way worth retrying (the queue then waits for the collector) or at the timeout."""
         deadline = time.monotonic() + timeout
         with self._cv:
-            failed = self.stats.failed
-            self._retry_at = 0.0
+            failures = self._retryable_failures
+            self._retry_at = 0.0  # our own backoff yields to an explicit flush; Retry-After does not
             self._cv.notify_all()
             while self._queue:
                 left = deadline - time.monotonic()
-                if left <= 0 or self.stats.failed != failed or not self._sender.is_alive():
+                if left <= 0 or self._retryable_failures != failures or not self._sender.is_alive():
                     return False
                 self._cv.wait(min(left, 0.1))
         return True
@@ -230,9 +220,26 @@ class OtlpSink(Sink):
             self._cv.notify_all()
         self._sender.join(max(0.0, deadline - time.monotonic()) + 0.5)
         with contextlib.suppress(Exception):
-            self.transport.shutdown()  # type: ignore[attr-defined]
+            self.transport.shutdown()
 
     # -- the queue ------------------------------------------------------------------------
+
+    def _fit(self, request: bytes, spans: int) -> list[tuple[bytes, int]]:
+        """The request, or its pieces when it is over `max_request_bytes` (counted)."""
+        if len(request) <= self.max_request_bytes:
+            return [(request, spans)]
+        try:
+            fitted = fit_request(request, self.max_request_bytes)
+        except Exception as exc:
+            self._drop(spans, "oversized request could not be split", exc)
+            return []
+        with self.stats.lock:
+            self.stats.extra["requests_split"] += 1
+            self.stats.extra["values_truncated"] += fitted.truncated_values
+        if fitted.dropped_spans:
+            self._drop(fitted.dropped_spans, "span too large",
+                       f"{fitted.dropped_spans} spans over {self.max_request_bytes} bytes even truncated")
+        return fitted.parts
 
     def _enqueue(self, request: bytes, spans: int) -> None:
         name = None
@@ -244,97 +251,181 @@ class OtlpSink(Sink):
                 self.stats.error("outbox write failed", exc)
                 name = None
         with self._cv:
-            self.stats.pending += spans
-            self._queue.append((name, None if name else request, spans))
+            with self.stats.lock:
+                self.stats.pending += spans
+            self._queue.append(_Request(name, None if name else request, spans))
             self._trim_locked()
             self._cv.notify_all()
 
     def _trim_locked(self) -> None:
-        """Past the outbox's byte cap or the memory limit, drop the oldest (counted)."""
+        """Past the outbox's byte cap or the memory limit, drop the oldest (counted), never
+        the request on the wire."""
         while True:
-            in_memory = sum(1 for name, _, _ in self._queue if name is None)
+            in_memory = sum(1 for item in self._queue if item.name is None)
             over_memory = in_memory > self._memory_limit
             over_disk = self.outbox is not None and self.outbox.over_cap()
-            if not (over_memory or over_disk) or len(self._queue) <= 1:
+            if not (over_memory or over_disk):
                 return
-            index = next(i for i, item in enumerate(self._queue) if (item[0] is None) == over_memory)
-            name, _, spans = self._queue[index]
-            del self._queue[index]
-            if name is not None:
-                self._remove(name)
-            self.stats.pending -= spans
+            victim = next((item for item in self._queue if item is not self._inflight
+                           and (item.name is None) == over_memory), None)
+            if victim is None or (over_disk and not over_memory and victim is self._queue[-1]):
+                return  # keep the newest request: the cap evicts older ones only
+            self._queue.remove(victim)
+            if victim.name is not None:
+                self._remove(victim.name)
+            with self.stats.lock:
+                self.stats.pending -= victim.spans
+                self.stats.dropped += victim.spans
+            self.stats.error("queue full", f"{victim.spans} spans dropped: the collector is too far behind")
+
+    def _drop(self, spans: int, kind: str, why: BaseException | str) -> None:
+        with self.stats.lock:
             self.stats.dropped += spans
-            self.stats.error("queue full", f"{spans} spans dropped: the collector is too far behind")
+        self.stats.error(kind, why)
 
     def _send_loop(self) -> None:
         while True:
             with self._cv:
                 while not self._stopping:
                     now = time.monotonic()
-                    if self._queue and now >= self._retry_at:
+                    due = max(self._retry_at, self._not_before)
+                    if self._queue and now >= due:
                         break
-                    self._cv.wait(max(0.0, self._retry_at - now) if self._queue else None)
+                    self._cv.wait(max(0.0, due - now) if self._queue else None)
                 if self._stopping:
                     return
-                name, request, spans = self._queue[0]
-            with self._outbox_lock():
-                error = self._send(name, request)
-                if error is None and name is not None:
-                    self._remove(name)
-            with self._cv:
-                if error is _GONE:  # another process sharing the outbox delivered it
-                    if self._queue and self._queue[0][0] == name:
-                        self._queue.popleft()
-                    self.stats.pending -= spans
-                    self._cv.notify_all()
-                    continue
-                if error is None:
-                    if self._queue and self._queue[0][0] == name:
-                        self._queue.popleft()
-                    self.stats.pending -= spans
-                    self.stats.exported += spans
-                    self.stats.extra["requests_sent"] += 1
-                    self._backoff = 0.0
-                else:
-                    self.stats.failed += 1
-                    self._backoff = min(max(self._backoff * 2, 0.5), 10.0)
-                self._retry_at = time.monotonic() + self._backoff
-                self._cv.notify_all()
-            if error is None:
-                _native.progress()
+                head = self._inflight = self._queue[0]
+            try:
+                with self._outbox_lock():
+                    outcome = self._deliver(head)
+            except Exception as exc:  # a bug here must not stop the sender: drop the head, counted
+                outcome = SendError(f"{type(exc).__name__}: {exc}", retryable=False)
+            self._settle(head, outcome)
+
+    def _settle(self, head: _Request, outcome: SendError | str | list[_Request]) -> None:
+        """Account for one attempt at the head of the queue and pick the next retry time."""
+        error: SendError | None = outcome if isinstance(outcome, SendError) else None
+        with self._cv:
+            self._inflight = None
+            now = time.monotonic()
+            if error is not None and error.retryable:
+                self.stats.failed += 1
+                self._retryable_failures += 1
+                self._attempt += 1
+                backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (self._attempt - 1))
+                self._retry_at = now + backoff * random.uniform(0.5, 1.0)
+                delay = min(error.retry_after, MAX_SERVER_DELAY) if error.retry_after is not None else 0.0
+                self._not_before = now + delay
             else:
-                self.stats.error("export failed", error)
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(head)
+                if isinstance(outcome, list):  # split: the pieces take the head's place, in order
+                    self._queue.extendleft(reversed(outcome))
+                else:
+                    with self.stats.lock:
+                        self.stats.pending -= head.spans
+                        if outcome == _SENT:
+                            self.stats.exported += head.spans
+                            self.stats.extra["requests_sent"] += 1
+                        elif outcome == _CORRUPT:
+                            self.stats.dropped += head.spans
+                            self.stats.extra["outbox_quarantined"] += 1
+                        elif error is not None:
+                            self.stats.failed += 1
+                            self.stats.dropped += head.spans
+                            self.stats.extra["requests_rejected"] += 1
+                self._attempt = 0
+                self._retry_at = self._not_before = 0.0
+            self._cv.notify_all()
+        if outcome == _SENT:
+            _native.progress()
+        elif error is not None:
+            kind = "export failed" if error.retryable else "request rejected"
+            self.stats.error(kind, error.message if error.retryable
+                             else f"{error.message} ({head.spans} spans dropped)")
+
+    def _deliver(self, head: _Request) -> SendError | str | list[_Request]:
+        """One attempt at the head, under the outbox lock: read, check, send, then delete."""
+        data = head.data
+        if head.name is not None:
+            try:
+                data = self.outbox.read(head.name)  # type: ignore[union-attr]
+            except FileNotFoundError:
+                return _GONE  # another process sharing the outbox delivered it
+            except OSError as exc:
+                return self._quarantine(head, f"unreadable: {exc}")
+            problem = _check(data, head.spans)
+            if problem is not None:
+                return self._quarantine(head, problem)
+        assert data is not None
+        if len(data) > self.max_request_bytes:  # from a run that did not split: split it now
+            pieces = [_Request(None, part, spans) for part, spans in self._fit(data, head.spans)]
+            for piece in pieces:
+                piece.name = self._store(piece.data, piece.spans)  # type: ignore[arg-type]
+                if piece.name is not None:
+                    piece.data = None
+            if head.name is not None:
+                self._remove(head.name)
+            with self.stats.lock:  # the pieces carry the spans that are still pending
+                self.stats.pending -= head.spans - sum(p.spans for p in pieces)
+            return pieces
+        error = self.transport.send(data)
+        if head.name is not None and (error is None or not error.retryable):
+            self._remove(head.name)  # accepted, or never will be
+        return _SENT if error is None else error
+
+    def _store(self, data: bytes, spans: int) -> str | None:
+        if self.outbox is None:
+            return None
+        _, _, name = new_file_name(f"-{spans}.pb")
+        try:
+            self.outbox.write_bytes(name, data)
+        except OSError as exc:
+            self.stats.error("outbox write failed", exc)
+            return None
+        return name
+
+    def _quarantine(self, head: _Request, why: str) -> str:
+        """Rename a bad outbox file aside (no longer `*.pb`: not re-read, not under the cap)."""
+        assert head.name is not None and self.outbox is not None
+        path = os.path.join(self.outbox.path, head.name)
+        try:
+            # A link then the outbox's own remove, so the byte count forgets the file too.
+            with contextlib.suppress(FileExistsError):
+                os.link(path, path + QUARANTINE_SUFFIX)
+            self.outbox.remove(head.name)
+        except FileNotFoundError:
+            return _GONE
+        except OSError as exc:  # no hard links here: rename it (the byte count catches up later)
+            try:
+                os.replace(path, path + QUARANTINE_SUFFIX)
+            except OSError as exc2:
+                why += f"; could not rename it aside: {exc}; {exc2}"
+        self.stats.error("corrupt outbox file quarantined",
+                         f"{head.name}: {why} ({head.spans} spans dropped)")
+        return _CORRUPT
 
     @contextlib.contextmanager
     def _outbox_lock(self) -> Iterator[None]:
         """Processes sharing an output directory (ranks, forked children) send and delete
-        outbox files one at a time, so none is delivered twice."""
+        outbox files one at a time, so none is delivered twice. A POSIX record lock (lockf),
+        not flock: a child forked while the lock is held does not inherit it."""
         if self.outbox is None:
             yield
             return
-        fd = None
-        try:
-            path = os.path.join(self.outbox.path, ".lock")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass  # no directory yet (nothing on disk to share) or no locking: go on
-        try:
-            yield
-        finally:
-            if fd is not None:
-                os.close(fd)
-
-    def _send(self, name: str | None, request: bytes | None) -> str | None:
-        try:
-            if request is None:
-                try:
-                    request = self.outbox.read(name)  # type: ignore[union-attr,arg-type]
-                except FileNotFoundError:
-                    return _GONE
-            return self.transport.send(request)
-        except Exception as exc:  # a transport bug must not stop the sender
-            return f"{type(exc).__name__}: {exc}"
+        with self._process_lock:
+            fd = None
+            try:
+                path = os.path.join(self.outbox.path, ".lock")
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+            except OSError:
+                pass  # no directory yet (nothing on disk to share) or no locking: go on
+            try:
+                yield
+            finally:
+                if fd is not None:
+                    os.close(fd)
 
     def _remove(self, name: str) -> None:
         try:
@@ -349,6 +440,20 @@ class OtlpSink(Sink):
             self.stats.extra["root_marks"] = self.state.root_marks
             self.stats.extra["unsampled_spans"] = self.state.unsampled_spans
             self.stats.extra["events_dropped"] = self.state.events_dropped
+
+
+def _check(data: bytes, spans: int) -> str | None:
+    """Why an outbox file is not the request its name says, or None when it is."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    try:
+        request = ExportTraceServiceRequest.FromString(data)
+    except Exception as exc:
+        return f"not an ExportTraceServiceRequest ({type(exc).__name__})"
+    found = span_count(request)
+    if found != spans or not found:
+        return f"holds {found} spans, its name says {spans}"
+    return None
 
 
 def _spans_in(name: str) -> int:

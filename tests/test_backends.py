@@ -535,7 +535,6 @@ def test_ports_and_endpoints_agree_across_compose_and_configs():
 
 def test_the_library_defaults_match_the_stack(monkeypatch: pytest.MonkeyPatch):
     from cirron_otel.exporters.otlp import GrpcTransport, HttpTransport
-    from opentelemetry.exporter.otlp.proto.http import trace_exporter as http_exporter
 
     from cirron_otel import _config
 
@@ -545,12 +544,12 @@ def test_the_library_defaults_match_the_stack(monkeypatch: pytest.MonkeyPatch):
     for name in [k for k in os.environ if k.startswith("OTEL_")]:
         monkeypatch.delenv(name)
 
-    # nothing set: the official exporters' defaults are the collector's published ports
-    grpc, http = GrpcTransport(None), HttpTransport(None)
+    # nothing set: the OTLP specification's defaults are the collector's published ports
+    grpc = GrpcTransport(_config.otlp_transport_config("grpc", None))
+    http = HttpTransport(_config.otlp_transport_config("http/protobuf", None))
     try:
-        assert host_port(grpc._exporter._endpoint) == ("localhost", 4317)
-        assert host_port(http._exporter._endpoint) == ("localhost", 4318)
-        assert host_port(http_exporter.DEFAULT_ENDPOINT) == ("localhost", 4318)
+        assert host_port(grpc.target) == ("localhost", 4317)
+        assert host_port(http.url) == ("localhost", 4318)
     finally:
         grpc.shutdown()
         http.shutdown()
@@ -561,10 +560,10 @@ def test_the_library_defaults_match_the_stack(monkeypatch: pytest.MonkeyPatch):
     assert "otlp" in settings.outputs and "spool" in settings.outputs
     assert settings.otlp_protocol == "grpc"
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4317")
-    grpc = GrpcTransport(None)
+    grpc = GrpcTransport(_config.otlp_transport_config("grpc", None))
     try:
-        assert host_port(grpc._exporter._endpoint) == ("localhost", grpc_port)
-        assert grpc._exporter._insecure is True  # http:// means plaintext, as the collector serves it
+        assert host_port(grpc.target) == ("localhost", grpc_port)
+        assert grpc.config.insecure is True  # http:// means plaintext, as the collector serves it
     finally:
         grpc.shutdown()
 

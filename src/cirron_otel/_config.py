@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 DEFAULT_OUTPUT_DIR = "./.cirron"
 DEFAULT_RING_CAPACITY = 65536
@@ -20,6 +21,10 @@ VALID_OUTPUTS = frozenset({"spool", "otlp"})
 VALID_PROTOCOLS = ("grpc", "http/protobuf")
 VALID_TRACE_PER = ("child", "session")
 FILE_MODES = ("user", "group")
+# The OpenTelemetry Collector's gRPC receiver refuses messages over 4 MiB by default; stay under
+# it with room for gRPC framing and the resource/scope a split request repeats.
+DEFAULT_OTLP_MAX_REQUEST_BYTES = 4 * 1024 * 1024 - 64 * 1024
+DEFAULT_OTLP_QUEUE_REQUESTS = 256
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,11 @@ class Settings:
     trace_per: str = "child"
     otel_context: bool = True
     otlp_outbox_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
+    # No OTLP request is larger: bigger ones are split between spans, and a span too big on
+    # its own has its largest attribute values truncated.
+    otlp_max_request_bytes: int = DEFAULT_OTLP_MAX_REQUEST_BYTES
+    # Requests waiting in memory (no outbox, or the outbox could not be written).
+    otlp_queue_requests: int = DEFAULT_OTLP_QUEUE_REQUESTS
     # An SDK TracerProvider whose span processors receive Cirron spans; "global": the
     # globally set one when it is an SDK provider; None: never.
     tracer_provider: Any = "global"
@@ -93,6 +103,9 @@ RANGES: dict[str, tuple[int | float, int | float, bool]] = {
     "spool_max_bytes": (0, 1 << 60, False),
     "trace_buffer_records": (0, 1 << 40, False),
     "spool_retry_records": (0, 1 << 40, False),
+    "otlp_outbox_max_bytes": (0, 1 << 60, False),
+    "otlp_max_request_bytes": (64 * 1024, 1 << 31, True),
+    "otlp_queue_requests": (0, 1 << 20, False),
 }
 
 
@@ -169,6 +182,9 @@ def resolve(
     trace_per: str = "child",
     otel_context: bool = True,
     tracer_provider: Any = "global",
+    otlp_outbox_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
+    otlp_max_request_bytes: int = DEFAULT_OTLP_MAX_REQUEST_BYTES,
+    otlp_queue_requests: int = DEFAULT_OTLP_QUEUE_REQUESTS,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     """Validate `profile()` arguments and merge them with the environment."""
@@ -182,6 +198,9 @@ def resolve(
         ("spool_max_bytes", spool_max_bytes),
         ("trace_buffer_records", trace_buffer_records),
         ("spool_retry_records", spool_retry_records),
+        ("otlp_outbox_max_bytes", otlp_outbox_max_bytes),
+        ("otlp_max_request_bytes", otlp_max_request_bytes),
+        ("otlp_queue_requests", otlp_queue_requests),
     ):
         _number(name, value, integer=True)
     protocol = (
@@ -221,4 +240,109 @@ def resolve(
         trace_per=trace_per,
         otel_context=bool(otel_context),
         tracer_provider=tracer_provider,
+        otlp_outbox_max_bytes=otlp_outbox_max_bytes,
+        otlp_max_request_bytes=otlp_max_request_bytes,
+        otlp_queue_requests=otlp_queue_requests,
+    )
+
+
+# -- OTLP transport: the standard OTEL_EXPORTER_OTLP_* variables, as the specification reads them --
+
+DEFAULT_OTLP_TIMEOUT_MS = 10_000
+OTLP_COMPRESSIONS = ("gzip", "none")
+
+
+@dataclass(frozen=True)
+class OtlpTransportConfig:
+    """Where and how the OTLP sink sends, resolved from `profile()` and the environment."""
+
+    protocol: str  # "grpc" | "http/protobuf"
+    endpoint: str  # gRPC: the channel target "host:port"; HTTP: the full URL requests are POSTed to
+    insecure: bool  # gRPC only: plaintext instead of TLS
+    headers: tuple[tuple[str, str], ...] = ()
+    timeout: float = DEFAULT_OTLP_TIMEOUT_MS / 1000  # seconds
+    compression: str = "none"
+    certificate: str | None = None  # CA bundle to verify the collector
+    client_key: str | None = None  # mTLS
+    client_certificate: str | None = None
+
+
+def _otlp_var(env: Mapping[str, str], name: str) -> tuple[str, str] | None:
+    """(variable, value) of OTEL_EXPORTER_OTLP_TRACES_<name>, else OTEL_EXPORTER_OTLP_<name>:
+    the signal-specific variable wins whole (values are not merged)."""
+    for key in (f"OTEL_EXPORTER_OTLP_TRACES_{name}", f"OTEL_EXPORTER_OTLP_{name}"):
+        raw = env.get(key)
+        if raw is not None and raw.strip() != "":
+            return key, raw.strip()
+    return None
+
+
+def parse_otlp_headers(raw: str) -> tuple[tuple[str, str], ...]:
+    """`k=v,k2=v2` (W3C baggage style), keys and values URL-decoded; entries without `=`
+    or with an empty key are skipped, as the specification allows."""
+    out: list[tuple[str, str]] = []
+    for item in raw.split(","):
+        key, sep, value = item.partition("=")
+        key = unquote(key).strip().lower()  # gRPC metadata keys must be lower case
+        if sep and key:
+            out.append((key, unquote(value).strip()))
+    return tuple(out)
+
+
+def otlp_transport_config(protocol: str, endpoint: str | None,
+                          env: Mapping[str, str] | None = None) -> OtlpTransportConfig:
+    """Resolve the transport exactly as the OTLP exporter specification says; ValueError naming
+    the variable for a value it cannot use."""
+    env = os.environ if env is None else env
+    specific = _otlp_var(env, "ENDPOINT") if endpoint is None else None
+    if endpoint is not None:
+        url, from_generic = endpoint, protocol == "http/protobuf" and not endpoint.rstrip("/").endswith(
+            "/v1/traces")
+    elif specific is not None:
+        url, from_generic = specific[1], specific[0] == "OTEL_EXPORTER_OTLP_ENDPOINT"
+    else:
+        url = "http://localhost:4318" if protocol == "http/protobuf" else "http://localhost:4317"
+        from_generic = True
+    if protocol == "http/protobuf":
+        # A per-signal endpoint is used as is; the generic one (and the default) get /v1/traces.
+        target, insecure = (url.rstrip("/") + "/v1/traces") if from_generic else url, False
+        if "://" not in target:
+            raise ValueError(f"OTLP/HTTP endpoint must be a URL with http:// or https://, got {url!r}")
+    else:
+        scheme, has_scheme, rest = url.partition("://")
+        if has_scheme:
+            if scheme.lower() not in ("http", "https"):
+                raise ValueError(f"OTLP/gRPC endpoint scheme must be http or https, got {url!r}")
+            insecure = scheme.lower() == "http"
+        else:
+            rest = url
+            flag = _otlp_var(env, "INSECURE")
+            insecure = flag is not None and flag[1].lower() == "true"
+        target = rest.split("/", 1)[0]
+    headers = _otlp_var(env, "HEADERS")
+    timeout_ms: float = DEFAULT_OTLP_TIMEOUT_MS
+    raw_timeout = _otlp_var(env, "TIMEOUT")
+    if raw_timeout is not None:
+        try:
+            timeout_ms = float(raw_timeout[1])
+        except ValueError:
+            timeout_ms = math.nan
+        if not (math.isfinite(timeout_ms) and timeout_ms > 0):
+            raise ValueError(f"{raw_timeout[0]} must be a positive number of milliseconds, "
+                             f"got {raw_timeout[1]!r}")
+    compression = _otlp_var(env, "COMPRESSION")
+    if compression is not None and compression[1].lower() not in OTLP_COMPRESSIONS:
+        raise ValueError(f"{compression[0]} must be one of {OTLP_COMPRESSIONS}, got {compression[1]!r}")
+    files = {name: (_otlp_var(env, name) or (None, None))[1]
+             for name in ("CERTIFICATE", "CLIENT_KEY", "CLIENT_CERTIFICATE")}
+    return OtlpTransportConfig(
+        protocol=protocol,
+        endpoint=target,
+        insecure=insecure,
+        headers=parse_otlp_headers(headers[1]) if headers else (),
+        timeout=timeout_ms / 1000,
+        compression=compression[1].lower() if compression else "none",
+        certificate=files["CERTIFICATE"],
+        client_key=files["CLIENT_KEY"],
+        client_certificate=files["CLIENT_CERTIFICATE"],
     )

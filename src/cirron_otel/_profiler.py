@@ -111,18 +111,22 @@ class Profiler:
         return _limit(limits.max_events)
 
     def _make_otlp_sink(self) -> Any:
+        from ._config import otlp_transport_config
         from .exporters.otlp import OtlpSink, build_resource, make_transport
 
         s = self.settings
+        transport = make_transport(otlp_transport_config(s.otlp_protocol, s.otlp_endpoint))
         event_limit = self._configure_otlp_limits()
         self.resource_attrs, resource = build_resource(s.service_name, s.rank)
         return OtlpSink(
-            make_transport(s.otlp_protocol, s.otlp_endpoint),
+            transport,
             resource=resource,
             session_trace=_session_trace,
             event_limit=event_limit,
             outbox_dir=s.output_dir if "spool" in s.outputs else None,
             outbox_max_bytes=s.otlp_outbox_max_bytes,
+            memory_queue_requests=s.otlp_queue_requests,
+            max_request_bytes=s.otlp_max_request_bytes,
         )
 
     def _start_drainer(self) -> None:

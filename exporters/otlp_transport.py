@@ -1,0 +1,212 @@
+"""OTLP transports on public APIs: one attempt per `send`, and the outcome classified.
+
+The official exporters retry internally and reduce every outcome to SUCCESS/FAILURE, which
+hides what the OTLP sink must know: whether a rejected request may ever succeed. Here each
+`send` makes exactly one attempt and returns None (accepted) or a `SendError` saying whether
+the OTLP specification calls the failure retryable and how long the collector asked to wait.
+The sink's queue does the retrying.
+
+- gRPC: `grpc` and the generated `TraceServiceStub`.
+- HTTP/protobuf: a `requests.Session` POSTing `application/x-protobuf`.
+
+Both take an `OtlpTransportConfig` (endpoint, headers, timeout, compression, TLS files),
+resolved from `profile()` and the standard `OTEL_EXPORTER_OTLP_*` variables in `_config`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import gzip
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cirron_otel._config import OtlpTransportConfig
+from cirron_otel._version import __version__
+
+# A collector may ask for any delay; past this we try again anyway (the request is on disk).
+MAX_SERVER_DELAY = 300.0
+
+# OTLP specification, "Failures": the gRPC codes worth retrying. RESOURCE_EXHAUSTED only when
+# the server says when (RetryInfo); every other code is permanent.
+GRPC_RETRYABLE = frozenset({"UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "OUT_OF_RANGE",
+                            "DATA_LOSS"})
+HTTP_RETRYABLE = frozenset({429, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class SendError:
+    """Why a request was not accepted."""
+
+    message: str
+    retryable: bool
+    retry_after: float | None = None  # seconds the collector asked us to wait, if it said
+
+
+class Transport(Protocol):
+    def send(self, request: bytes) -> SendError | None:
+        """One attempt to deliver a serialized ExportTraceServiceRequest; None when accepted."""
+
+    def shutdown(self) -> None:
+        """Release connections."""
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def grpc_retry_delay(trailing_metadata: Any) -> float | None:
+    """The RetryInfo delay a gRPC status carries, either as `google.rpc.retryinfo-bin` or inside
+    the rich status (`grpc-status-details-bin`); None when there is none."""
+    from google.rpc.error_details_pb2 import RetryInfo
+    from google.rpc.status_pb2 import Status
+
+    info: RetryInfo | None = None
+    for key, value in trailing_metadata or ():
+        try:
+            if key == "google.rpc.retryinfo-bin":
+                info = RetryInfo.FromString(value)
+            elif key == "grpc-status-details-bin":
+                for detail in Status.FromString(value).details:
+                    if detail.Is(RetryInfo.DESCRIPTOR):
+                        info = RetryInfo()
+                        detail.Unpack(info)
+        except Exception:  # a malformed detail is no RetryInfo
+            continue
+    if info is None or not info.HasField("retry_delay"):
+        return None
+    return max(0.0, info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+
+
+def classify_grpc(code_name: str, details: str | None, trailing_metadata: Any) -> SendError:
+    delay = grpc_retry_delay(trailing_metadata)
+    retryable = code_name in GRPC_RETRYABLE or (code_name == "RESOURCE_EXHAUSTED" and delay is not None)
+    text = f"gRPC {code_name}" + (f": {details}" if details else "")
+    return SendError(text, retryable, delay if retryable else None)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP-date; None if absent or unreadable."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+class GrpcTransport:
+    """OTLP/gRPC: one unary `Export` call per `send`, with the configured deadline."""
+
+    def __init__(self, config: OtlpTransportConfig) -> None:
+        import grpc
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
+
+        self.config = config
+        self._grpc = grpc
+        gzipped = config.compression == "gzip"
+        compression = grpc.Compression.Gzip if gzipped else grpc.Compression.NoCompression
+        # The sink backs off on its own; the channel must not add minutes of reconnect backoff
+        # after a long outage (gRPC's default grows to 120 s).
+        options = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                   ("grpc.max_reconnect_backoff_ms", 2000),
+                   ("grpc.primary_user_agent", f"cirron-otel/{__version__}")]
+        if config.insecure:
+            self._channel = grpc.insecure_channel(config.endpoint, options=options, compression=compression)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(config.certificate),
+                private_key=_read(config.client_key),
+                certificate_chain=_read(config.client_certificate),
+            )
+            self._channel = grpc.secure_channel(config.endpoint, credentials, options=options,
+                                                compression=compression)
+        self._stub = TraceServiceStub(self._channel)
+        self._parse = ExportTraceServiceRequest.FromString
+        self._metadata = tuple(config.headers) or None
+
+    @property
+    def target(self) -> str:
+        return self.config.endpoint
+
+    def send(self, request: bytes) -> SendError | None:
+        try:
+            self._stub.Export(self._parse(request), timeout=self.config.timeout, metadata=self._metadata)
+        except self._grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            name = code.name if code is not None else "UNKNOWN"
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+            return classify_grpc(name, details, trailing)
+        return None
+
+    def shutdown(self) -> None:
+        self._channel.close()
+
+
+class HttpTransport:
+    """OTLP/HTTP with protobuf bodies: one POST per `send`."""
+
+    def __init__(self, config: OtlpTransportConfig) -> None:
+        import requests
+
+        self.config = config
+        self._requests = requests
+        self._session = requests.Session()
+        self._session.headers.update({"Content-Type": "application/x-protobuf",
+                                      "User-Agent": f"cirron-otel/{__version__}"})
+        if config.compression == "gzip":
+            self._session.headers["Content-Encoding"] = "gzip"
+        self._session.headers.update(dict(config.headers))
+        self._verify: bool | str = config.certificate or True
+        cert = config.client_certificate
+        key = config.client_key
+        self._cert: tuple[str, str] | str | None = (cert, key) if cert and key else cert
+
+    @property
+    def url(self) -> str:
+        return self.config.endpoint
+
+    def send(self, request: bytes) -> SendError | None:
+        body = gzip.compress(request, compresslevel=6) if self.config.compression == "gzip" else request
+        exceptions = self._requests.exceptions
+        try:
+            response = self._session.post(self.config.endpoint, data=body, timeout=self.config.timeout,
+                                          verify=self._verify, cert=self._cert)
+        except (exceptions.ConnectionError, exceptions.Timeout, exceptions.ChunkedEncodingError) as exc:
+            return SendError(f"{type(exc).__name__}: {exc}", retryable=True)
+        except exceptions.RequestException as exc:  # a bad URL, a bad certificate path: never succeeds
+            return SendError(f"{type(exc).__name__}: {exc}", retryable=False)
+        status = response.status_code
+        _ = response.content  # read it all, so the connection goes back to the pool
+        if 200 <= status < 300:
+            return None
+        retryable = status in HTTP_RETRYABLE
+        delay = parse_retry_after(response.headers.get("Retry-After")) if retryable else None
+        return SendError(f"HTTP {status} {response.reason or ''}".rstrip(), retryable, delay)
+
+    def shutdown(self) -> None:
+        self._session.close()
+
+
+def make_transport(config: OtlpTransportConfig) -> Transport:
+    if config.protocol == "grpc":
+        return GrpcTransport(config)
+    if config.protocol == "http/protobuf":
+        return HttpTransport(config)
+    raise ValueError(f"OTLP protocol must be 'grpc' or 'http/protobuf', got {config.protocol!r}")
