@@ -204,6 +204,21 @@ def test_round_trip_every_spool_span_and_mark_arrives_as_the_mapping_says(out: P
         assert (o["start_ns"], o["end_ns"]) == (s["start_ns"], s["end_ns"]), where
         assert o["name"] == s["name"], where
         assert o["kind"] == SPAN_KIND_INTERNAL, where
+        # parents and links (trace_per="child"): the session is a root; each direct child of it
+        # roots a trace of its own, linked to the session span; deeper spans name their parent
+        if s["id"] == session["id"]:
+            assert (o["parent_span_id"], o["links"]) == ("", []), where
+        elif s["parent_id"] == session["id"]:
+            assert o["parent_span_id"] == "", where
+            assert o["trace_id"] != session["trace_id"], where
+            assert o["links"] == [{"trace_id": session["trace_id"], "span_id": otel_id(session["id"]),
+                                   "attributes": {"cirron.link": "session"}}], where
+        else:
+            parent = table[otel_id(s["parent_id"])]
+            assert o["parent_span_id"] == parent["span_id"], where
+            assert o["trace_id"] == parent["trace_id"], where
+            assert o["links"] == [], where
+        assert o["dropped_links_count"] == 0, where
         # attributes: the scope's own, then cirron.*, then the summaries (last of a name wins)
         expected: Record = dict(own_attrs[s["name"]])
         if s["index"] is not None:
