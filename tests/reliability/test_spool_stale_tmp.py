@@ -18,10 +18,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-import cirron_otel as ci
 from cirron_otel.exporters import spool_dir as spool_dir_mod
 from cirron_otel.exporters.spool_dir import SpoolDirectory
+
+import cirron_otel as ci
 
 from ..conftest import read_spool
 
