@@ -159,20 +159,29 @@ class Drainer(threading.Thread):
 
     # -- called from other threads --------------------------------------------------------
 
+    def on_own_thread(self) -> bool:
+        """True on the collector or a sink worker: user code reached from there (an attr's
+        `__str__`, a span processor) must not wait for those threads, nor re-enter collect()."""
+        me = threading.current_thread()
+        return me is self or any(me is w for w in self.workers)
+
     def flush(self, timeout: float) -> bool:
         """Deliver everything recorded before this call to every sink; False on timeout."""
         deadline = time.monotonic() + timeout
-        if threading.current_thread() is self:
-            self._cycle(drain_all=True)
-        else:
-            if not self.is_alive():
-                return False
-            done = threading.Event()
-            with self._requests_lock:
-                self._requests.append(done)
-            _native.wake()
-            if not done.wait(timeout):
-                return False
+        if self.on_own_thread():
+            # the collector may be inside collect() (holding its native mutex) and a worker
+            # would wait for itself: either deadlocks, so refuse at once
+            warn_once("reentrant-flush", "cirron_otel: flush() called from cirron_otel's own thread "
+                      "(e.g. inside an attribute's __str__); ignored")
+            return False
+        if not self.is_alive():
+            return False
+        done = threading.Event()
+        with self._requests_lock:
+            self._requests.append(done)
+        _native.wake()
+        if not done.wait(timeout):
+            return False
         return self._wait_workers(deadline)
 
     def stop(self, timeout: float) -> bool:

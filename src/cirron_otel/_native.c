@@ -200,23 +200,31 @@ name_intern_slow(PyObject *name)
         return UINT32_MAX;
     buf_t b = {0};
     json_escape_utf8(&b, PyBytes_AS_STRING(enc), PyBytes_GET_SIZE(enc));
-    char *raw = malloc((size_t)PyBytes_GET_SIZE(enc) + 1);
-    if (b.oom || raw == NULL) {
+    uint32_t raw_len = (uint32_t)PyBytes_GET_SIZE(enc);
+    /* One exact-size block per name: the scratch buffer's 4 KiB capacity must not stay
+     * allocated for every distinct name. When nothing needed escaping the raw bytes are
+     * the token without its quotes, so they share the block. */
+    int same = !b.oom && b.len == (size_t)raw_len + 2 &&
+               memcmp(b.data + 1, PyBytes_AS_STRING(enc), raw_len) == 0;
+    char *tok = b.oom ? NULL : malloc(b.len + (same ? 0 : (size_t)raw_len + 1));
+    if (tok == NULL) {
         free(b.data);
-        free(raw);
         Py_DECREF(enc);
         PyErr_NoMemory();
         return UINT32_MAX;
     }
-    uint32_t raw_len = (uint32_t)PyBytes_GET_SIZE(enc);
-    memcpy(raw, PyBytes_AS_STRING(enc), raw_len);
+    memcpy(tok, b.data, b.len);
+    char *raw = same ? tok + 1 : tok + b.len;
+    if (!same)
+        memcpy(raw, PyBytes_AS_STRING(enc), raw_len);
+    free(b.data);
+    b.data = tok;
     Py_DECREF(enc);
     name_entry_t *chunk = g_name_chunks[id / NAME_CHUNK];
     if (chunk == NULL) {
         chunk = calloc(NAME_CHUNK, sizeof(name_entry_t));
         if (chunk == NULL) {
             free(b.data);
-            free(raw);
             PyErr_NoMemory();
             return UINT32_MAX;
         }
@@ -692,6 +700,118 @@ resolve_name(ring_t *r, PyObject *name, uint32_t *id_out, PyObject **ref_out, co
     return 0;
 }
 
+/* Attribute values are captured at the call: the collector renders them later, so a list
+ * or dict the caller mutates afterwards must not change what is written. Built-in mutable
+ * containers are copied (lists, dicts and tuples structurally, recursively; sets and
+ * bytearrays as the str() they are rendered as anyway). Scalars and other objects are kept
+ * by reference (other objects are rendered by their str() at collection). */
+#define ATTR_COPY_BUDGET 100000 /* items examined per call; past it, values are kept as is */
+
+typedef struct {
+    PyObject *path[ATTR_MAX_DEPTH + 1];
+    int n;
+    Py_ssize_t budget;
+} capture_t;
+
+static inline int
+attr_needs_copy(PyObject *v)
+{
+    PyTypeObject *t = Py_TYPE(v);
+    if (t == &PyFloat_Type || t == &PyLong_Type || t == &PyUnicode_Type || t == &PyBool_Type)
+        return 0;
+    return PyList_Check(v) || PyDict_Check(v) || PyTuple_Check(v) || PySet_Check(v) ||
+           PyByteArray_Check(v);
+}
+
+static PyObject *
+attr_str_now(PyObject *v)
+{
+    PyObject *str = PyObject_Str(v);
+    if (str == NULL) {
+        PyErr_Clear();
+        return Py_NewRef(v); /* rendered (as str() or "<unserializable>") at collection */
+    }
+    return str;
+}
+
+static int
+tuple_needs_copy(PyObject *t)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(t); i++)
+        if (attr_needs_copy(PyTuple_GET_ITEM(t, i)))
+            return 1;
+    return 0;
+}
+
+/* New reference: v itself, or its snapshot. Never fails (falls back to v). */
+static PyObject *
+attr_capture(PyObject *v, capture_t *c)
+{
+    if (!attr_needs_copy(v) || c->budget <= 0)
+        return Py_NewRef(v);
+    c->budget--;
+    if (PySet_Check(v) || PyByteArray_Check(v))
+        return attr_str_now(v);
+    for (int i = 0; i < c->n; i++)
+        if (c->path[i] == v)
+            return attr_str_now(v); /* a cycle: what the renderer writes for it */
+    if (c->n >= ATTR_MAX_DEPTH)
+        return attr_str_now(v);
+    PyObject *out = NULL;
+    c->path[c->n++] = v;
+    if (PyDict_Check(v)) {
+        /* over a list of the items: a str() run below may be user code that changes v */
+        PyObject *items = PyDict_Items(v);
+        out = items ? PyDict_New() : NULL;
+        for (Py_ssize_t i = 0; out != NULL && i < PyList_GET_SIZE(items); i++) {
+            PyObject *kv = PyList_GET_ITEM(items, i);
+            c->budget--;
+            PyObject *cx = attr_capture(PyTuple_GET_ITEM(kv, 1), c);
+            if (PyDict_SetItem(out, PyTuple_GET_ITEM(kv, 0), cx) < 0)
+                Py_CLEAR(out);
+            Py_DECREF(cx);
+        }
+        Py_XDECREF(items);
+    }
+    else if (PyTuple_Check(v) && !tuple_needs_copy(v)) {
+        out = Py_NewRef(v);
+    }
+    else {
+        /* list or tuple: a list is copied, a tuple only when one of its items was */
+        PyObject *seq = PySequence_List(v);
+        Py_ssize_t n = seq ? PyList_GET_SIZE(seq) : 0;
+        int changed = PyList_Check(v);
+        for (Py_ssize_t i = 0; seq != NULL && i < n; i++) {
+            PyObject *x = PyList_GET_ITEM(seq, i);
+            c->budget--;
+            if (!attr_needs_copy(x))
+                continue;
+            PyObject *cx = attr_capture(x, c);
+            changed |= cx != x;
+            PyList_SetItem(seq, i, cx); /* steals cx, releases x */
+        }
+        if (seq != NULL)
+            out = changed ? (PyList_Check(v) ? Py_NewRef(seq) : PyList_AsTuple(seq)) : Py_NewRef(v);
+        Py_XDECREF(seq);
+    }
+    c->n--;
+    if (out == NULL) {
+        PyErr_Clear();
+        return Py_NewRef(v);
+    }
+    return out;
+}
+
+/* the value to store for one attribute (new reference; never fails) */
+static inline PyObject *
+attr_value(PyObject *v)
+{
+    if (!attr_needs_copy(v))
+        return Py_NewRef(v);
+    capture_t c = {.n = 0, .budget = ATTR_COPY_BUDGET};
+    return attr_capture(v, &c);
+}
+
 /* ======================================================================================
  * 5. Scopes
  * ==================================================================================== */
@@ -717,6 +837,7 @@ typedef struct ScopeObject {
     uint8_t state;
     uint8_t has_index;
     uint8_t span_flags; /* SF_* below, copied into the span record */
+    uint8_t attrs_shared; /* attrs was handed out (or came from outside): copy it at close */
     PyObject *name;
     PyObject *attrs;
     PyObject *token;
@@ -753,6 +874,7 @@ scope_alloc(void)
     s->state = ST_NEW;
     s->has_index = 0;
     s->span_flags = 0;
+    s->attrs_shared = 0;
     s->index = 0;
     s->depth = 0;
     s->span_hi = s->span_lo = s->parent_hi = s->parent_lo = s->trace_hi = s->trace_lo = 0;
@@ -1035,6 +1157,13 @@ scope_close_at(ScopeObject *self, PyObject *exc_type, PyObject *exc, int64_t end
         PyErr_Clear();
         return 0;
     }
+    PyObject *rec_attrs = NULL;
+    if (self->attrs != NULL && PyDict_GET_SIZE(self->attrs) > 0) {
+        /* A dict only scope() saw holds values captured at the call: the record shares it.
+         * One the caller could reach (scope.attrs) is captured now, before the slot is
+         * reserved (a str() run here may be user code that marks). */
+        rec_attrs = self->attrs_shared ? attr_value(self->attrs) : Py_NewRef(self->attrs);
+    }
     slot_t *s = ring_reserve(r, 2);
     uint64_t h = atomic_load_explicit(&r->head, memory_order_relaxed);
     slot2_t *s2 = (slot2_t *)&r->slots[(h + 1) & r->mask];
@@ -1054,9 +1183,8 @@ scope_close_at(ScopeObject *self, PyObject *exc_type, PyObject *exc, int64_t end
         s->name_ref = self->name;
         s->flags |= F_NAME_REF | F_REFS;
     }
-    if (self->attrs != NULL && PyDict_GET_SIZE(self->attrs) > 0) {
-        Py_INCREF(self->attrs);
-        s->obj = self->attrs;
+    if (rec_attrs != NULL) {
+        s->obj = rec_attrs;
         s->flags |= F_REFS;
     }
     if (self->exc != NULL) {
@@ -1105,6 +1233,7 @@ scope_make(PyObject *name, PyObject *index, PyObject *attrs, ring_t *r)
     if (attrs != NULL) {
         Py_INCREF(attrs);
         s->attrs = attrs;
+        s->attrs_shared = 1;
     }
     return s;
 }
@@ -1144,7 +1273,10 @@ mod_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwname
             }
             if (attrs == NULL && (attrs = PyDict_New()) == NULL)
                 return NULL;
-            if (PyDict_SetItem(attrs, k, v) < 0) {
+            PyObject *cv = attr_value(v); /* captured now, rendered later */
+            int rc = PyDict_SetItem(attrs, k, cv);
+            Py_DECREF(cv);
+            if (rc < 0) {
                 Py_DECREF(attrs);
                 return NULL;
             }
@@ -1272,6 +1404,14 @@ Scope_get_attrs(ScopeObject *self, void *c)
 {
     if (self->attrs == NULL && (self->attrs = PyDict_New()) == NULL)
         return NULL;
+    if (!self->attrs_shared && self->state == ST_CLOSED && PyDict_GET_SIZE(self->attrs) > 0) {
+        /* the record may share this dict (see scope_close_at): the handle gets its own */
+        PyObject *own = PyDict_Copy(self->attrs);
+        if (own == NULL)
+            return NULL;
+        Py_SETREF(self->attrs, own);
+    }
+    self->attrs_shared = 1;
     return Py_NewRef(self->attrs);
 }
 
@@ -1585,7 +1725,10 @@ mod_mark(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
             }
             if (attrs == NULL && (attrs = PyDict_New()) == NULL)
                 return NULL;
-            if (PyDict_SetItem(attrs, k, v) < 0) {
+            PyObject *cv = attr_value(v); /* captured now, rendered later */
+            int rc = PyDict_SetItem(attrs, k, cv);
+            Py_DECREF(cv);
+            if (rc < 0) {
                 Py_DECREF(attrs);
                 return NULL;
             }
@@ -2041,6 +2184,68 @@ typedef struct {
     int n;
 } seen_t;
 
+/* GIL held. A dict key as the UTF-8 bytes it is written as: a str as is, anything else its
+ * str(); lone surrogates backslash-escaped. New reference; NULL only when out of memory. */
+static PyObject *
+key_utf8(PyObject *key)
+{
+    PyObject *str = PyUnicode_Check(key) ? Py_NewRef(key) : PyObject_Str(key);
+    PyObject *enc = str ? PyUnicode_AsEncodedString(str, "utf-8", "backslashreplace") : NULL;
+    Py_XDECREF(str);
+    if (enc == NULL) {
+        PyErr_Clear();
+        enc = PyBytes_FromString("<unserializable>");
+    }
+    return enc;
+}
+
+/* GIL held. Which keys of a dict's item list to leave out so that no two are written alike
+ * (str(1) and "1" are both "1"; JSON objects and OpenTelemetry attributes need unique
+ * keys): a str key wins over a non-str key written the same, otherwise the first in the
+ * dict's order wins. NULL: keep all, the usual case of plain str keys, which a dict keeps
+ * distinct (a lone surrogate could still collide with its escaped spelling: checked). */
+static char *
+dup_key_mask(PyObject *items)
+{
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    int plain = 1;
+    for (Py_ssize_t i = 0; i < n && plain; i++) {
+        PyObject *k = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
+        plain = PyUnicode_CheckExact(k) && (PyUnicode_IS_ASCII(k) || PyUnicode_AsUTF8AndSize(k, NULL));
+    }
+    PyErr_Clear();
+    if (plain || n < 2)
+        return NULL;
+    char *skip = calloc((size_t)n, 1);
+    PyObject **tok = calloc((size_t)n, sizeof(PyObject *));
+    PyObject *strs = PySet_New(NULL), *seen = PySet_New(NULL);
+    int ok = skip && tok && strs && seen;
+    for (Py_ssize_t i = 0; i < n && ok; i++) {
+        PyObject *k = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
+        ok = (tok[i] = key_utf8(k)) != NULL && (!PyUnicode_Check(k) || PySet_Add(strs, tok[i]) == 0);
+    }
+    for (Py_ssize_t i = 0; i < n && ok; i++) {
+        PyObject *k = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
+        int dup = PySet_Contains(seen, tok[i]);
+        if (dup == 0 && !PyUnicode_Check(k))
+            dup = PySet_Contains(strs, tok[i]);
+        if (dup < 0 || (dup == 0 && PySet_Add(seen, tok[i]) < 0))
+            ok = 0;
+        skip[i] = dup > 0;
+    }
+    for (Py_ssize_t i = 0; tok && i < n; i++)
+        Py_XDECREF(tok[i]);
+    free(tok);
+    Py_XDECREF(strs);
+    Py_XDECREF(seen);
+    if (!ok) { /* out of memory: write every key rather than fail */
+        PyErr_Clear();
+        free(skip);
+        return NULL;
+    }
+    return skip;
+}
+
 static void json_value(buf_t *b, PyObject *o, seen_t *seen);
 
 static void
@@ -2123,9 +2328,14 @@ json_value(buf_t *b, PyObject *o, seen_t *seen)
         seen->items[seen->n++] = o;
         buf_put(b, is_dict ? "{" : "[", 1);
         Py_ssize_t n = PyList_GET_SIZE(items);
+        char *skip = is_dict ? dup_key_mask(items) : NULL;
+        int first = 1;
         for (Py_ssize_t i = 0; i < n; i++) {
-            if (i)
+            if (skip && skip[i])
+                continue;
+            if (!first)
                 BUF_LIT(b, ",");
+            first = 0;
             PyObject *it = PyList_GET_ITEM(items, i);
             if (is_dict) {
                 PyObject *k = PyTuple_GET_ITEM(it, 0);
@@ -2141,6 +2351,7 @@ json_value(buf_t *b, PyObject *o, seen_t *seen)
             }
         }
         buf_put(b, is_dict ? "}" : "]", 1);
+        free(skip);
         seen->n--;
         Py_DECREF(items);
         return;
@@ -2172,7 +2383,12 @@ json_value(buf_t *b, PyObject *o, seen_t *seen)
  * ==================================================================================== */
 
 typedef struct {
-    uint64_t id_hi, id_lo; /* mark id */
+    union {
+        struct {
+            uint64_t id_hi, id_lo; /* mark: its id */
+        };
+        uint64_t mids_omitted; /* span: mark ids over the list's cap, not listed */
+    };
     uint32_t mids_off, mids_cnt;
     int32_t ext;
 } aux_t;
@@ -2208,14 +2424,24 @@ typedef struct {
 
 static PyTypeObject Batch_Type;
 
-/* open-span table: span id -> mark ids seen so far */
+/* open-span table: span id -> mark ids seen so far. A span lists at most a bounded number
+ * of its mark ids (the first ones) and counts the rest, so a span that stays open for the
+ * life of a process (the session root, a server's outer scope) keeps a constant size;
+ * every mark record still names its span_id, which is how readers join. */
+#define SESSION_MARK_IDS_MAX 1000u
+#define SPAN_MARK_IDS_MAX 1000000u
 typedef struct open_span {
     uint64_t hi, lo;
     uint64_t *ids; /* pairs */
     uint32_t n;    /* pairs */
+    uint32_t max;  /* pairs kept at most */
+    uint64_t omitted;
     size_t cap;    /* uint64 entries */
     struct open_span *next;
 } open_span_t;
+
+/* the current session root's id: its marks get the small cap */
+static _Atomic uint64_t g_session_hi, g_session_lo;
 
 static open_span_t **g_open;
 static size_t g_open_cap, g_open_n;
@@ -2275,6 +2501,10 @@ open_find(uint64_t hi, uint64_t lo, int create)
         return NULL;
     e->hi = hi;
     e->lo = lo;
+    e->max = hi == atomic_load_explicit(&g_session_hi, memory_order_relaxed) &&
+                     lo == atomic_load_explicit(&g_session_lo, memory_order_relaxed)
+                 ? SESSION_MARK_IDS_MAX
+                 : SPAN_MARK_IDS_MAX;
     e->next = g_open[h];
     g_open[h] = e;
     g_open_n++;
@@ -2519,6 +2749,10 @@ assign_mark_ids(BatchObject *b)
             atomic_fetch_add(&g_open_overflow, 1);
             continue;
         }
+        if (e->n >= e->max) {
+            e->omitted++;
+            continue;
+        }
         if (ARRAY_GROW(e->ids, e->cap, 2 * e->n + 1, 16) < 0) { /* pairs: 2 entries each */
             atomic_fetch_add(&g_open_overflow, 1);
             continue;
@@ -2535,7 +2769,9 @@ assign_mark_ids(BatchObject *b)
         open_span_t *e = open_find(s->span_hi, s->span_lo, 0);
         b->aux[i].mids_off = (uint32_t)(b->nmids / 2);
         b->aux[i].mids_cnt = 0;
+        b->aux[i].mids_omitted = 0;
         if (e != NULL) {
+            b->aux[i].mids_omitted = e->omitted;
             for (uint32_t k = 0; k < e->n; k++)
                 if (mids_push(b, e->ids[2 * k], e->ids[2 * k + 1]) == 0)
                     b->aux[i].mids_cnt++;
@@ -2733,6 +2969,10 @@ encode_span(buf_t *o, BatchObject *b, size_t i, int with_trace)
         buf_id(o, b->mids[p], b->mids[p + 1]);
     }
     BUF_LIT(o, "]");
+    if (ax->mids_omitted) { /* optional field: only on a span over its mark_ids cap */
+        BUF_LIT(o, ",\"mark_ids_omitted\":");
+        buf_i64(o, (int64_t)ax->mids_omitted);
+    }
     if (with_trace) {
         BUF_LIT(o, ",\"trace_id\":");
         buf_id(o, s2->trace_hi, s2->trace_lo);
@@ -3282,7 +3522,10 @@ otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_t *n, uint32_t *drop
         PyErr_Clear();
         return;
     }
+    char *skip = dup_key_mask(items); /* the same key as the spool keeps */
     for (Py_ssize_t k = 0; k < PyList_GET_SIZE(items); k++) {
+        if (skip && skip[k])
+            continue;
         PyObject *kv = PyList_GET_ITEM(items, k);
         PyObject *key = PyTuple_GET_ITEM(kv, 0), *val = PyTuple_GET_ITEM(kv, 1);
         if (val == Py_None)
@@ -3295,17 +3538,11 @@ otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_t *n, uint32_t *drop
         buf_reserve(a, 5);
         a->len += 5;
         size_t body = a->len;
-        PyObject *kstr = PyUnicode_Check(key) ? Py_NewRef(key) : PyObject_Str(key);
-        if (kstr == NULL) {
-            PyErr_Clear();
-            kstr = PyUnicode_FromString("<key>");
-        }
-        PyObject *kenc = kstr ? PyUnicode_AsEncodedString(kstr, "utf-8", "backslashreplace") : NULL;
+        PyObject *kenc = key_utf8(key);
         if (kenc) {
             pb_bytes(a, 1, PyBytes_AS_STRING(kenc), (size_t)PyBytes_GET_SIZE(kenc));
             Py_DECREF(kenc);
         }
-        Py_XDECREF(kstr);
         PyErr_Clear();
         size_t av = pb_begin(a, 2);
         otlp_any_value(a, val);
@@ -3315,6 +3552,7 @@ otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_t *n, uint32_t *drop
         (void)lenpos;
         (*n)++;
     }
+    free(skip);
     Py_DECREF(items);
 }
 
@@ -3960,6 +4198,8 @@ mod_session_begin(PyObject *m, PyObject *args)
     }
     Py_XDECREF(cur);
     scope_start(s, 0);
+    atomic_store_explicit(&g_session_hi, s->span_hi, memory_order_relaxed);
+    atomic_store_explicit(&g_session_lo, s->span_lo, memory_order_relaxed);
     g_session = s;
     return Py_NewRef((PyObject *)s);
 }
