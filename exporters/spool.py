@@ -99,8 +99,8 @@ class SpoolSink(Sink):
         self._failing = False
         self._last_write_error = ""
         self.stats.extra.update(files_written=0, bytes_written=0, marks_written=0, spans_written=0,
-                                evicted_files=0, split_files=0, spool_dir=self.spool_dir,
-                                stale_tmp_removed=self.directory.stale_tmp_removed)
+                                evicted_files=0, split_files=0, last_drop_reason=None,
+                                spool_dir=self.spool_dir, stale_tmp_removed=self.directory.stale_tmp_removed)
         if self.directory.last_cleanup_error:
             self.stats.error("stale .tmp cleanup failed", self.directory.last_cleanup_error)
 
@@ -231,7 +231,11 @@ class SpoolSink(Sink):
         with self.stats.lock:
             self.stats.dropped += records
         self.dropped_files += 1
-        self.stats.error("batch dropped", f"{reason} (last write error: {self._last_write_error})")
+        reason = f"{records} records: {reason} (last write error: {self._last_write_error})"
+        # Kept apart from last_error, which the next failing write overwrites.
+        with self.stats.lock:
+            self.stats.extra["last_drop_reason"] = reason
+        self.stats.error("batch dropped", reason)
 
     def _trim_queue(self) -> None:
         # Keep the newest data when the disk has been failing for long: drop oldest first.
