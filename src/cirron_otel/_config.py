@@ -52,6 +52,8 @@ class Settings:
     # messages, attributes, whole requests); "group": 0640 / 0750.
     file_mode: str = "user"
     install_signal_handlers: bool = True
+    # The exit hook's shutdown takes at most this long in all (a signal's: min(5 s, this)).
+    shutdown_timeout: float = 10.0
     session_attrs: Mapping[str, Any] = field(default_factory=dict)
     # OpenTelemetry
     otlp_endpoint: str | None = None  # None: the exporter reads OTEL_EXPORTER_OTLP_* itself
@@ -98,6 +100,7 @@ def _rank_from_env(env: Mapping[str, str]) -> int:
 MAX_SECONDS = 3600.0
 RANGES: dict[str, tuple[int | float, int | float, bool]] = {
     "flush_interval": (0.0, MAX_SECONDS, False),
+    "shutdown_timeout": (0.0, MAX_SECONDS, False),
     "ring_full_wait": (0.0, MAX_SECONDS, True),
     "ring_capacity": (64, 1 << 26, True),
     "spool_max_bytes": (0, 1 << 60, False),
@@ -175,6 +178,7 @@ def resolve(
     spool_retry_records: int = 2_000_000,
     file_mode: str | None = None,
     install_signal_handlers: bool = True,
+    shutdown_timeout: float = 10.0,
     session_attrs: Mapping[str, Any] | None = None,
     otlp_endpoint: str | None = None,
     otlp_protocol: str | None = None,
@@ -192,6 +196,7 @@ def resolve(
     if output_dir is None:
         output_dir = env.get("CIRRON_OUTPUT_DIR") or DEFAULT_OUTPUT_DIR
     _number("flush_interval", flush_interval)
+    _number("shutdown_timeout", shutdown_timeout)
     _number("ring_full_wait", ring_full_wait)
     for name, value in (
         ("ring_capacity", ring_capacity),
@@ -233,6 +238,7 @@ def resolve(
         spool_retry_records=spool_retry_records,
         file_mode=_file_mode(file_mode, env),
         install_signal_handlers=bool(install_signal_handlers),
+        shutdown_timeout=float(shutdown_timeout),
         session_attrs=dict(session_attrs or {}),
         otlp_endpoint=otlp_endpoint,
         otlp_protocol=protocol,
@@ -346,3 +352,39 @@ def otlp_transport_config(protocol: str, endpoint: str | None,
         client_key=files["CLIENT_KEY"],
         client_certificate=files["CLIENT_CERTIFICATE"],
     )
+
+
+# -- child processes: what a profiled program passes on to the programs it starts ------------
+# profile() exports these; a child's profile() (and a multiprocessing spawn/forkserver child,
+# which starts profiling by itself) writes into the same output directory, its session
+# carrying the parent's session id and pid. shutdown() puts the previous values back.
+ENV_OUTPUT_DIR = "CIRRON_OUTPUT_DIR"
+ENV_PARENT_SESSION = "CIRRON_PARENT_SESSION"  # "<session span id>:<pid>"
+_saved_env: dict[str, str | None] | None = None
+
+
+def inherited_parent(env: Mapping[str, str] | None = None) -> tuple[str, int] | None:
+    """(session id, pid) of the profiled process that started this one, if any."""
+    raw = (os.environ if env is None else env).get(ENV_PARENT_SESSION, "")
+    session_id, _, pid = raw.partition(":")
+    if len(session_id) != 32 or not pid.isdigit():
+        return None
+    return session_id, int(pid)
+
+
+def export_to_children(output_dir: str, session_id: str, pid: int) -> None:
+    global _saved_env
+    if _saved_env is None:
+        _saved_env = {k: os.environ.get(k) for k in (ENV_OUTPUT_DIR, ENV_PARENT_SESSION)}
+    os.environ[ENV_OUTPUT_DIR] = output_dir
+    os.environ[ENV_PARENT_SESSION] = f"{session_id}:{pid}"
+
+
+def restore_children_env() -> None:
+    global _saved_env
+    saved, _saved_env = _saved_env, None
+    for key, value in (saved or {}).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

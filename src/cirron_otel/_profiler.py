@@ -32,6 +32,17 @@ _active: Profiler | None = None
 _last: Profiler | None = None  # kept after shutdown so trace()/health() still answer
 _hooks: list[str] = []
 
+# Signals and shutdown. Python runs signal handlers on the main thread between bytecodes, so
+# a second SIGTERM lands inside our own flush/shutdown (in its waits). While the main thread
+# is in one (_busy > 0) signals are held, not acted on: the third since the flush began ends
+# the process at once by that signal (the way out), others are acted on once it is done.
+_busy = 0
+_held: list[int] = []
+_signals_seen = 0  # since the current busy period began, counting the one that began it
+_shutdown_owner: int | None = None  # thread ident running shutdown()
+_shutdown_done = threading.Event()
+_shutdown_done.set()
+
 
 class Profiler:
     """One profiling session: the `cirron.session` root span, a drainer, and its sinks."""
@@ -63,7 +74,7 @@ class Profiler:
         self.otel_context = s.otel_context and _install_otel_context()
         _native.configure(otel_context=self.otel_context)
         self.sinks = self._make_sinks()
-        self.session = _native.session_begin(dict(s.session_attrs))
+        self.session = _native.session_begin(_session_attrs(s.session_attrs))
         self._start_drainer()
         self.running = True
 
@@ -168,22 +179,39 @@ class Profiler:
             warn_once("flush", f"cirron_otel: flush failed: {type(exc).__name__}: {exc}")
             return False
 
-    def shutdown(self, timeout: float = _SHUTDOWN_TIMEOUT) -> None:
-        """Close the session root, drain, stop the drainer and the sinks. Never raises."""
+    def shutdown(self, timeout: float = _SHUTDOWN_TIMEOUT, *, exiting: bool = False) -> None:
+        """Close the session root, drain, stop the drainer and the sinks. Never raises.
+
+        Takes at most `timeout` in all (one deadline for every stage). `exiting` (the exit
+        hook, a terminating signal, a multiprocessing child's finalizer): threads still
+        running (daemon threads) stop recording first, so what they recorded up to now is
+        written and a flat-out producer can neither overwrite it nor keep the drain going.
+        """
         if not self.running:
             return
         self.running = False
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
         try:
             if self.drainer is None:  # enabled=False
                 _native.configure(recording=True)
                 return
             _native.configure(full_wait=0.0)
-            self.drainer.flush(timeout)
+            if exiting:
+                _native.configure(recording=False)
+            self.drainer.flush(left())
+            if exiting:  # closing the session writes its record: recording must be on for it
+                _native.configure(recording=True)
             _native.session_end()
-            self.drainer.stop(timeout)
+            if exiting:
+                _native.configure(recording=False)
+            self.drainer.stop(left())
             for sink in self.sinks:
                 try:
-                    sink.shutdown(timeout)
+                    sink.shutdown(left())
                 except Exception as exc:
                     sink.stats.error("shutdown failed", exc)
         except Exception as exc:
@@ -200,6 +228,7 @@ class Profiler:
         self.sinks = self._make_sinks()
         self.session = _native.session_begin(dict(self.settings.session_attrs), parent_session)
         self._start_drainer()
+        _export_to_children(self)  # this child's own children link to this child's session
 
     # -- health ---------------------------------------------------------------------------
 
@@ -326,8 +355,7 @@ def _disabled_health() -> dict[str, Any]:
 
 def _install_hooks(settings: Settings) -> None:
     if "atexit" not in _hooks:
-        atexit.register(_at_exit)
-        _hooks.append("atexit")
+        _hooks.append("atexit")  # registered at import (see the end of this module)
     if "fork" not in _hooks and hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=_after_fork_in_child)
         _hooks.append("fork")
@@ -345,25 +373,71 @@ def _install_hooks(settings: Settings) -> None:
 
 def _chain_handler(sig: int, previous: Any) -> Callable[[int, FrameType | None], Any]:
     def handler(signum: int, frame: FrameType | None) -> Any:
-        if callable(previous):
-            flush(timeout=_SIGNAL_FLUSH_TIMEOUT)
-            return previous(signum, frame)
-        if previous == signal.SIG_IGN:
-            flush(timeout=_SIGNAL_FLUSH_TIMEOUT)
+        global _busy, _signals_seen
+        if _busy:  # inside our own flush or shutdown: hold it (or, the third, die)
+            if previous != signal.SIG_IGN:  # ignored before us: stays ignored, never fatal
+                _hold(signum)
             return None
-        # Default action (terminate): finish the session, then die by the same signal so
-        # the exit status is what it would have been without us.
-        shutdown(timeout=_SIGNAL_FLUSH_TIMEOUT)
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        _busy += 1
+        _held.clear()
+        _signals_seen = 1
+        try:
+            if callable(previous) or previous == signal.SIG_IGN:
+                flush(timeout=_signal_timeout())
+            else:
+                _shutdown(_signal_timeout(), exiting=True)
+        finally:
+            _busy -= 1
+            # the same signal again is coalesced into this one, as the kernel does
+            later = [s for s in dict.fromkeys(_held) if s != signum]
+            _held.clear()
+            _signals_seen = 0
+        if previous == signal.SIG_IGN:
+            _replay(later)
+            return None
+        if callable(previous):
+            result = previous(signum, frame)
+            _replay(later)
+            return result
+        # Default action (terminate): the session is finished; die by the same signal so the
+        # exit status is what it would have been without us.
+        _die(signum)
         return None
 
     handler.cirron_previous = previous  # type: ignore[attr-defined]
     return handler
 
 
+def _hold(signum: int) -> None:
+    global _signals_seen
+    _signals_seen += 1
+    if _signals_seen >= 3:  # the way out for someone who really means it
+        _die(signum)
+    _held.append(signum)
+
+
+def _replay(signals: list[int]) -> None:
+    # Act on signals held during a flush or shutdown, now that it is done: their handler
+    # (ours, then the application's or the default action) runs before raise_signal returns.
+    for signum in signals:
+        signal.raise_signal(signum)
+
+
+def _die(signum: int) -> None:
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _signal_timeout() -> float:
+    prof = _active
+    limit = prof.settings.shutdown_timeout if prof is not None else _SHUTDOWN_TIMEOUT
+    return min(_SIGNAL_FLUSH_TIMEOUT, limit)
+
+
 def _at_exit() -> None:
-    shutdown()
+    """The exit hook (atexit, and multiprocessing children's finalizer)."""
+    prof = _active
+    _shutdown(prof.settings.shutdown_timeout if prof is not None else _SHUTDOWN_TIMEOUT, exiting=True)
 
 
 def _after_fork_in_child() -> None:
@@ -386,8 +460,75 @@ def _register_multiprocessing_finalizer() -> None:
     mp_util = sys.modules.get("multiprocessing.util")
     if mp_util is not None and _active is not None:
         mp_util.register_after_fork(
-            _active, lambda _prof: mp_util.Finalize(None, shutdown, exitpriority=100)
+            _active, lambda _prof: mp_util.Finalize(None, _at_exit, exitpriority=100)
         )
+
+
+# -- children started by spawn / forkserver (or any program the profiled one starts) ----------
+
+
+def _session_attrs(attrs: Any) -> dict[str, Any]:
+    """The session's attributes, plus the link to the parent process's session, if any."""
+    from ._config import inherited_parent
+
+    out = dict(attrs)
+    parent = inherited_parent()
+    if parent is not None and parent[1] != os.getpid():
+        out.setdefault("cirron.parent_session_id", parent[0])
+        out.setdefault("cirron.parent_pid", parent[1])
+    return out
+
+
+def _export_to_children(prof: Profiler) -> None:
+    from ._config import export_to_children
+
+    if prof.session is not None and prof.session.id is not None:
+        export_to_children(os.path.abspath(prof.settings.output_dir), prof.session.id, os.getpid())
+
+
+def _start_inherited() -> None:
+    """Profile this multiprocessing child into its profiled parent's output directory."""
+    if _active is not None and _active.running:
+        return  # a fork child: already restarted by the fork hook
+    try:
+        profile()  # output_dir from CIRRON_OUTPUT_DIR, the parent link from the environment
+        mp_util = sys.modules.get("multiprocessing.util")
+        if mp_util is not None:  # the child leaves through os._exit(): atexit does not run
+            mp_util.Finalize(None, _at_exit, exitpriority=100)
+    except Exception as exc:
+        warn_once("child", f"cirron_otel: could not profile this child process: {type(exc).__name__}: {exc}")
+
+
+def _start_if_multiprocessing_child() -> None:
+    from ._config import inherited_parent
+
+    parent = inherited_parent()
+    if parent is None or parent[1] == os.getpid():
+        return
+    mp_process = sys.modules.get("multiprocessing.process")
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_process is None or mp_util is None:
+        return  # not a multiprocessing child: such a program profiles itself with ci.profile()
+    inheriting = getattr(mp_process.current_process(), "_inheriting", False)
+    if inheriting and _in_forkserver():
+        # the forkserver preloading the main module: not in the server itself, but in each
+        # child it forks (their bootstrap runs the after-fork callbacks; spawn's does not)
+        mp_util.register_after_fork(_start_inherited, lambda _fn: _start_inherited())
+    elif inheriting or mp_process.parent_process() is not None:
+        # a spawn child importing the main module, or a running child importing us later
+        _start_inherited()
+
+
+def _in_forkserver() -> bool:
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    if forkserver is None:
+        return False
+    frame: FrameType | None = sys._getframe()
+    while frame is not None:  # are we imported from the server's main()?
+        if frame.f_code is forkserver.main.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 # -- module-level API -------------------------------------------------------------------
@@ -412,6 +553,7 @@ def profile(**kwargs: Any) -> Profiler:
         _active = _last = prof
         if settings.enabled:
             _install_hooks(settings)
+            _export_to_children(prof)
         return prof
 
 
@@ -423,12 +565,50 @@ def flush(timeout: float = _SHUTDOWN_TIMEOUT) -> bool:
 
 def shutdown(timeout: float = _SHUTDOWN_TIMEOUT) -> None:
     """Close the session root, flush, and stop. Idempotent; never raises."""
-    global _active
-    with _lock:
-        prof = _active
-        _active = None
-    if prof is not None:
-        prof.shutdown(timeout)
+    _shutdown(timeout)
+
+
+def _shutdown(timeout: float, *, exiting: bool = False) -> None:
+    global _active, _busy, _signals_seen, _shutdown_owner
+    on_main = threading.current_thread() is threading.main_thread()
+    if on_main:  # a signal arriving meanwhile is held until this is done (see _chain_handler)
+        if _busy == 0:
+            _held.clear()
+            _signals_seen = 0
+        _busy += 1
+    try:
+        me = threading.get_ident()
+        with _lock:
+            prof, _active = _active, None
+            owner = _shutdown_owner
+            if prof is not None:
+                _shutdown_owner = me
+                _shutdown_done.clear()
+        if prof is None:
+            if owner is not None and owner != me:
+                # another thread is shutting down: a signal's exit must wait for it, not cut it
+                _shutdown_done.wait(timeout)
+            return
+        try:
+            prof.shutdown(timeout, exiting=exiting)
+        finally:
+            _restore_children_env()
+            _shutdown_owner = None
+            _shutdown_done.set()
+    finally:
+        if on_main:
+            _busy -= 1
+            if _busy == 0 and _held:
+                later = list(dict.fromkeys(_held))
+                _held.clear()
+                _signals_seen = 0
+                _replay(later)
+
+
+def _restore_children_env() -> None:
+    from ._config import restore_children_env
+
+    _safe(restore_children_env, None)  # a broken environment must not stop a shutdown
 
 
 def health() -> dict[str, Any]:
@@ -456,3 +636,10 @@ def trace(
     batches = prof.trace_store.snapshot() if prof is not None and prof.trace_store else []
     session = _native.session() if prof is not None and prof.running else None
     return _trace.render(batches, session, format=format, name=name, last=last)
+
+
+# The exit hook is registered at import, not in profile(): atexit runs handlers last-in
+# first-out, so every exit handler the application registers after importing cirron_otel
+# (including before profile()) runs before ours and its marks are written.
+atexit.register(_at_exit)
+_start_if_multiprocessing_child()
