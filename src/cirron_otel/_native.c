@@ -1405,11 +1405,9 @@ Scope_get_attrs(ScopeObject *self, void *c)
     if (self->attrs == NULL && (self->attrs = PyDict_New()) == NULL)
         return NULL;
     if (!self->attrs_shared && self->state == ST_CLOSED && PyDict_GET_SIZE(self->attrs) > 0) {
-        /* the record may share this dict (see scope_close_at): the handle gets its own */
-        PyObject *own = PyDict_Copy(self->attrs);
-        if (own == NULL)
-            return NULL;
-        Py_SETREF(self->attrs, own);
+        /* the record may share this dict and its values (see scope_close_at): the handle
+         * gets its own copy */
+        Py_SETREF(self->attrs, attr_value(self->attrs));
     }
     self->attrs_shared = 1;
     return Py_NewRef(self->attrs);
