@@ -11,6 +11,7 @@ import contextlib
 import gzip
 import socket
 import threading
+import time
 import zlib
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -122,11 +123,13 @@ class _Receiver:
         self.requests: list[ExportTraceServiceRequest] = []  # accepted requests, in arrival order
         self.headers: list[dict[str, str]] = []  # lower-cased headers of each accepted request
         self.attempts = 0  # every export request received, accepted or failed
+        self.arrival_times: list[float] = []  # time.monotonic() as each request arrived, before `delay`
+        self.failed_times: list[float] = []  # arrival times of the requests answered with a failure
         self.delay = 0.0  # seconds to wait before answering (a slow collector)
         self._cond = threading.Condition()
         self._span_total = 0
         self._fail_left = 0
-        self._retry_after: float | None = None
+        self._retry_after: float | str | None = None
         self._stopping = threading.Event()
 
     @property
@@ -137,14 +140,19 @@ class _Receiver:
     def endpoint(self) -> str:
         return f"http://{self.address}"
 
-    def _admit(self) -> tuple[bool, float | None]:
+    def _admit(self) -> tuple[bool, float | str | None]:
         """Count one request; return (fail it?, retry-after seconds). Waits `delay` first."""
+        arrived = time.monotonic()
+        with self._cond:
+            self.arrival_times.append(arrived)
+            self._cond.notify_all()
         if self.delay:
             self._stopping.wait(self.delay)
         with self._cond:
             self.attempts += 1
             if self._fail_left > 0:
                 self._fail_left -= 1
+                self.failed_times.append(arrived)
                 return True, self._retry_after
             return False, None
 
@@ -155,7 +163,7 @@ class _Receiver:
             self._span_total += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
             self._cond.notify_all()
 
-    def _set_failures(self, n: int, retry_after: float | None) -> None:
+    def _set_failures(self, n: int, retry_after: float | str | None) -> None:
         with self._cond:
             self._fail_left, self._retry_after = n, retry_after
 
@@ -176,10 +184,19 @@ class _Receiver:
                 raise AssertionError(f"{self._span_total} spans arrived within {timeout}s, wanted {n}")
         return self.spans()
 
+    def wait_for_arrivals(self, n: int, timeout: float = 5.0) -> None:
+        """Block until at least `n` requests arrived (accepted, failed or still being answered)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.arrival_times) >= n, timeout):
+                got = len(self.arrival_times)
+                raise AssertionError(f"{got} requests arrived within {timeout}s, wanted {n}")
+
     def clear(self) -> None:
         with self._cond:
             self.requests.clear()
             self.headers.clear()
+            self.arrival_times.clear()
+            self.failed_times.clear()
             self.attempts = self._span_total = 0
 
     def start(self) -> Self:
@@ -224,6 +241,7 @@ class GrpcReceiver(_Receiver, TraceServiceServicer):
         fail, retry_after = self._admit()
         if fail:
             if retry_after is not None:
+                assert isinstance(retry_after, int | float)
                 info = RetryInfo(retry_delay=Duration(seconds=int(retry_after),
                                                       nanos=int(retry_after % 1 * 1e9)))
                 context.set_trailing_metadata((("google.rpc.retryinfo-bin", info.SerializeToString()),))
@@ -297,7 +315,10 @@ class _Handler(BaseHTTPRequestHandler):
         receiver = self.server.receiver
         fail, retry_after = receiver._admit()
         if fail:
-            extra = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
+            if retry_after is None:
+                extra = {}
+            else:  # seconds, or a ready-made value such as an HTTP-date
+                extra = {"Retry-After": retry_after if isinstance(retry_after, str) else f"{retry_after:g}"}
             return self._reply(receiver._fail_status, headers=extra)
         encoding = self.headers.get("Content-Encoding", "").lower()
         try:
@@ -361,8 +382,9 @@ class HttpReceiver(_Receiver):
     def traces_url(self) -> str:
         return f"{self.endpoint}/v1/traces"
 
-    def fail_next(self, n: int, status: int = 503, retry_after: float | None = None) -> None:
-        """Answer the next `n` requests with HTTP `status`; `retry_after` sets a Retry-After header."""
+    def fail_next(self, n: int, status: int = 503, retry_after: float | str | None = None) -> None:
+        """Answer the next `n` requests with HTTP `status`; `retry_after` sets a Retry-After header
+        (seconds, or a string sent as it is, e.g. an HTTP-date)."""
         self._fail_status = status
         self._set_failures(n, retry_after)
 
