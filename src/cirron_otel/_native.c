@@ -2446,6 +2446,7 @@ static size_t g_open_cap, g_open_n;
 static rng_t g_collect_rng;
 static int g_collect_rng_ready;
 static pthread_mutex_t g_collect_mu = PTHREAD_MUTEX_INITIALIZER;
+static _Thread_local int tl_collecting; /* this thread is inside collect() */
 static _Atomic uint64_t g_marks_collected, g_spans_collected, g_open_overflow;
 static PyObject *g_format_exception; /* traceback.format_exception, loaded lazily */
 
@@ -2787,9 +2788,15 @@ mod_collect(PyObject *m, PyObject *args)
         return NULL;
     if (max_slots < 16)
         max_slots = 16;
+    /* Called again from inside itself (user code run by the GIL pass, e.g. an attribute's
+     * __str__, reaching collect()): the collect mutex is ours already, waiting would hang
+     * this thread for good. Nothing to hand out. */
+    if (tl_collecting)
+        Py_RETURN_NONE;
     BatchObject *b = batch_new();
     if (b == NULL)
         return NULL;
+    tl_collecting = 1;
     int need_gil = 0, oom = 0;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&g_collect_mu);
@@ -2831,6 +2838,7 @@ mod_collect(PyObject *m, PyObject *args)
         pthread_mutex_unlock(&g_collect_mu);
         Py_END_ALLOW_THREADS
     }
+    tl_collecting = 0;
     if (oom) {
         Py_DECREF(b);
         return PyErr_NoMemory();

@@ -107,3 +107,34 @@ def test_span_processor_calling_flush_on_the_sink_worker_returns_at_once(out: Pa
     assert all(c[2] < 30 for c in steps), res
     _, marks = spans_and_marks(out)
     assert sorted(m["value"] for m in marks if m["name"] == "x") == [0, 1, 2]
+
+
+def test_collect_reentered_from_the_gil_pass_returns_nothing(out: Path) -> None:
+    # The native guard under the Python one: collect() reached from inside itself (user code
+    # run while it holds its mutex) returns None instead of waiting for itself.
+    r = run_script(
+        f"""
+        import json, cirron_otel as ci
+        from cirron_otel import _native
+        ci.profile(output_dir={str(out)!r}, flush_interval=0.05, install_signal_handlers=False)
+        got = []
+
+        class Collects:
+            def __str__(self):
+                got.append(_native.collect())
+                return "collects"
+
+        ci.mark("evil", 1, obj=Collects())
+        ok1 = ci.flush(timeout=10)
+        ci.mark("after", 2)
+        ok2 = ci.flush(timeout=10)
+        ci.shutdown()
+        print(json.dumps({{"ok": [ok1, ok2], "got": got}}))
+        """,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res == {"ok": [True, True], "got": [None]}
+    _, marks = spans_and_marks(out)
+    assert sorted(m["name"] for m in marks) == ["after", "evil"]
