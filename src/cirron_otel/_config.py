@@ -129,6 +129,27 @@ def _number(name: str, value: object, *, integer: bool = False) -> None:
         )
 
 
+# Span limits the OpenTelemetry SDK reads for OTLP export; checked here, so a bad value is
+# a ValueError from profile() naming the variable instead of OTLP export turned off.
+OTEL_LIMIT_VARIABLES = (
+    "OTEL_SPAN_EVENT_COUNT_LIMIT", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_ATTRIBUTE_COUNT_LIMIT", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+    "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_SPAN_LINK_COUNT_LIMIT", "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT",
+)
+MAX_OTEL_LIMIT = (1 << 31) - 1
+
+
+def _check_otel_limits(env: Mapping[str, str]) -> None:
+    for key in OTEL_LIMIT_VARIABLES:
+        raw = env.get(key)
+        if raw is None or raw.strip() == "":
+            continue
+        text = raw.strip()
+        if not (text.isascii() and text.isdigit() and int(text) <= MAX_OTEL_LIMIT):
+            raise ValueError(f"cirron_otel.profile(): environment variable {key} must be an integer "
+                             f"in [0, {MAX_OTEL_LIMIT}], got {raw!r}")
+
+
 def _file_mode(value: Any, env: Mapping[str, str]) -> str:
     if value is None:
         raw = env.get("CIRRON_FILE_MODE")
@@ -224,9 +245,12 @@ def resolve(
     for name, text in (("otlp_endpoint", otlp_endpoint), ("service_name", service_name)):
         if text is not None and not isinstance(text, str):
             raise TypeError(f"cirron_otel.profile(): {name} must be a str, not {type(text).__name__}")
+    outputs = _outputs(output, bool(otlp_endpoint) or _otlp_configured(env))
+    if "otlp" in outputs:
+        _check_otel_limits(env)
     return Settings(
         output_dir=os.fspath(output_dir),
-        outputs=_outputs(output, bool(otlp_endpoint) or _otlp_configured(env)),
+        outputs=outputs,
         flush_interval=float(flush_interval),
         ring_capacity=ring_capacity,
         spool_max_bytes=spool_max_bytes,
@@ -333,9 +357,9 @@ def otlp_transport_config(protocol: str, endpoint: str | None,
             timeout_ms = float(raw_timeout[1])
         except ValueError:
             timeout_ms = math.nan
-        if not (math.isfinite(timeout_ms) and timeout_ms > 0):
-            raise ValueError(f"{raw_timeout[0]} must be a positive number of milliseconds, "
-                             f"got {raw_timeout[1]!r}")
+        if not (math.isfinite(timeout_ms) and 0 < timeout_ms <= MAX_SECONDS * 1000):
+            raise ValueError(f"{raw_timeout[0]} must be a number of milliseconds in "
+                             f"(0, {MAX_SECONDS * 1000:.0f}], got {raw_timeout[1]!r}")
     compression = _otlp_var(env, "COMPRESSION")
     if compression is not None and compression[1].lower() not in OTLP_COMPRESSIONS:
         raise ValueError(f"{compression[0]} must be one of {OTLP_COMPRESSIONS}, got {compression[1]!r}")

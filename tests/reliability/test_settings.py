@@ -25,6 +25,10 @@ NUMERIC_OPTIONS: list[tuple[str, list[object], object]] = [
     ("spool_max_bytes", [0, -1, (1 << 60) + 1], 1),
     ("trace_buffer_records", [0, -5, (1 << 40) + 1], 1),
     ("spool_retry_records", [0, -5, (1 << 40) + 1], 1),
+    ("shutdown_timeout", [INF, NAN, 0, -1, 3601], 3600),
+    ("otlp_outbox_max_bytes", [0, -1, (1 << 60) + 1], 1),
+    ("otlp_max_request_bytes", [0, 65535, (1 << 31) + 1], 65536),
+    ("otlp_queue_requests", [0, -1, (1 << 20) + 1], 1),
 ]
 
 
@@ -49,14 +53,15 @@ def test_bounds_themselves_are_accepted(option, good):
 
 
 @pytest.mark.parametrize("option", ["ring_capacity", "spool_max_bytes", "trace_buffer_records",
-                                    "spool_retry_records"])
+                                    "spool_retry_records", "otlp_outbox_max_bytes",
+                                    "otlp_max_request_bytes", "otlp_queue_requests"])
 @pytest.mark.parametrize("bad", [64.0, "64", True, None])
 def test_integer_options_refuse_other_types(option, bad):
     with pytest.raises(TypeError, match=rf"{option} must be an int, not {type(bad).__name__}"):
         _config.resolve(**{option: bad}, env={})
 
 
-@pytest.mark.parametrize("option", ["flush_interval", "ring_full_wait"])
+@pytest.mark.parametrize("option", ["flush_interval", "ring_full_wait", "shutdown_timeout"])
 @pytest.mark.parametrize("bad", ["1", True, None, [1]])
 def test_second_options_refuse_other_types(option, bad):
     with pytest.raises(TypeError, match=rf"{option} must be a number"):
@@ -103,3 +108,30 @@ def test_largest_finite_settings_still_record_and_flush(out):
     assert ci.flush(timeout=10)
     ci.shutdown()
     assert os.listdir(out / "spool")
+
+
+@pytest.mark.parametrize("raw", ["inf", "nan", "0", "-5", "1e300", "3600001", "soon"])
+def test_bad_otlp_timeout_environment_variable_names_the_variable(raw):
+    env = {"OTEL_EXPORTER_OTLP_TIMEOUT": raw}
+    with pytest.raises(ValueError, match=r"^OTEL_EXPORTER_OTLP_TIMEOUT must be a number of milliseconds"):
+        _config.otlp_transport_config("grpc", None, env)
+    top = _config.otlp_transport_config("grpc", None, {"OTEL_EXPORTER_OTLP_TIMEOUT": "3600000"})
+    assert top.timeout == 3600
+
+
+@pytest.mark.parametrize("key", _config.OTEL_LIMIT_VARIABLES)
+@pytest.mark.parametrize("raw", ["inf", "nan", "-1", "1e3", "²", str(1 << 31)])
+def test_bad_span_limit_variable_is_refused_when_exporting_otlp(key, raw):
+    env = {key: raw, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://localhost:4317"}
+    with pytest.raises(ValueError, match=rf"environment variable {key} must be an integer"):
+        _config.resolve(env=env)
+    # Without OTLP export nothing reads it: the spool alone still starts.
+    assert _config.resolve(output="spool", env=env).outputs == frozenset({"spool"})
+    assert _config.resolve(env={**env, key: "0"}).outputs == frozenset({"spool", "otlp"})
+
+
+def test_bad_span_limit_reaches_profile_as_value_error(out, monkeypatch):
+    monkeypatch.setenv("OTEL_SPAN_EVENT_COUNT_LIMIT", "inf")
+    with pytest.raises(ValueError, match="OTEL_SPAN_EVENT_COUNT_LIMIT"):
+        ci.profile(output_dir=str(out), output="spool,otlp", install_signal_handlers=False)
+    assert ci.health()["enabled"] is False
