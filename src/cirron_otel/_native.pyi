@@ -29,7 +29,8 @@ class Scope:
     @property
     def index(self) -> int | None: ...
     @property
-    def attrs(self) -> dict[str, Any]: ...
+    def attrs(self) -> dict[str, Any]:
+        """Mutable until the scope closes; captured then (later changes are not recorded)."""
     @property
     def state(self) -> Literal["new", "open", "closed", "dropped"]: ...
     @property
