@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cirron_otel.exporters.otlp import BACKOFF_BASE, BACKOFF_CAP
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import TracerProvider
@@ -745,11 +746,17 @@ def _received_ids(receiver: Receiver) -> Counter[str]:
     return Counter(s["span_id"] for s in receiver.spans())
 
 
+OUTAGE_RING, OUTAGE_CHUNKS = 1024, 40
+
+
 @pytest.mark.parametrize("mode", ["stopped", "failing"])
 def test_outage_then_recovery_delivers_every_span_exactly_once(
         out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, mode: str):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")  # a failed send returns within a second
-    start(out, receiver)
+    # ring_full_wait=0: a producer whose ring is full drops the oldest record at once (counted)
+    # instead of waiting, so a drop count of 0 below means no ring ever filled up: the only
+    # moment a producer waits.
+    start(out, receiver, ring_capacity=OUTAGE_RING, ring_full_wait=0)
     with ci.scope("before"):
         ci.mark("m", 0)
     assert ci.flush()
@@ -767,14 +774,18 @@ def test_outage_then_recovery_delivers_every_span_exactly_once(
     assert health["last_error"]
     assert health["pending"] >= 1
 
-    # the program is not blocked while the sink keeps failing and retrying
-    t0 = time.perf_counter()
-    for i in range(200):
-        with ci.scope("during", index=i + 1):
-            for j in range(50):
+    # The program never waits on the failing sink: the collector keeps claiming every ring for
+    # the spool. Chunks of a quarter ring each, OUTAGE_CHUNKS / 4 rings in all: were the OTLP
+    # sink holding the pipeline back, the rings would fill (and a producer would wait).
+    for i in range(OUTAGE_CHUNKS):
+        with ci.scope("during", index=i + 1):  # 2 slots
+            for j in range(OUTAGE_RING // 4 - 2):
                 ci.mark("loss", j * 0.5)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 0.5, f"10,200 records took {elapsed:.3f}s during the outage"
+        wait_until(lambda: ci.health()["records_pending"] == 0, timeout=10,
+                   what="the collector to claim the rings while the OTLP sink fails")
+    health = ci.health()
+    assert (health["mark_drop_count"], health["span_drop_count"]) == (0, 0)
+    assert health["records_recorded"] >= OUTAGE_CHUNKS * (OUTAGE_RING // 4 - 1)  # a scope: 1 record, 2 slots
     assert ci.flush(timeout=5) is False  # everything reached the spool, OTLP still holds spans back
     health = otlp_health()
     assert health["pending"] > 0 and health["failed"] >= 1 and health["last_error"]
@@ -789,7 +800,7 @@ def test_outage_then_recovery_delivers_every_span_exactly_once(
     assert otlp_health()["pending"] == 0
     ci.shutdown()
     spool = _spool_ids(out)
-    assert len(spool) == 1 + 1 + 1 + 200
+    assert len(spool) == 1 + 1 + 1 + OUTAGE_CHUNKS
     receiver.wait_for_spans(len(spool))
     assert _received_ids(receiver) == spool  # every span, exactly once
     health = otlp_health()
@@ -804,12 +815,15 @@ def test_flush_after_recovery_delivers_what_the_outbox_holds(
     receiver.fail_next(10**6)
     with ci.scope("work"):
         ci.mark("m", 1)
-    assert ci.flush(timeout=5) is False
+    # Each flush() tries at once and fails, and the sink's own backoff doubles up to its cap:
+    # then its next attempt of its own is at least half the cap away (jitter 0.5 to 1).
+    while otlp_health()["failed"] <= math.log2(BACKOFF_CAP / BACKOFF_BASE) + 1:
+        assert ci.flush(timeout=5) is False
     health = otlp_health()
-    assert health["failed"] >= 1 and health["pending"] == 1
+    assert health["pending"] == 1
     receiver.fail_next(0)  # the collector accepts again
-    time.sleep(0.6)  # past the sink's own first backoff (0.5 s)
-    assert ci.flush(timeout=5) is True
+    # only flush() trying at once can deliver before the sink would try again
+    assert ci.flush(timeout=BACKOFF_CAP / 4) is True
     assert receiver.span_count() == 1
     assert otlp_health()["pending"] == 0
     ci.shutdown()  # while the receiver still runs
