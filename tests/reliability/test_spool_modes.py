@@ -17,7 +17,7 @@ import cirron_otel as ci
 
 from ..conftest import read_spool, run_script
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning")]
 
 
 def _mode(path: Path | str) -> int:
@@ -102,3 +102,25 @@ def test_environment_variable_selects_group_mode(tmp_path):
     assert r.returncode == 0, r.stderr
     assert oct(_mode(out)) == oct(0o750) and oct(_mode(out / "spool")) == oct(0o750)
     assert {oct(_mode(f)) for f in (out / "spool").iterdir()} == {oct(0o640)}
+
+
+@pytest.mark.parametrize(("mode", "file_perm", "dir_perm"), [("user", 0o600, 0o700), ("group", 0o640, 0o750)])
+def test_real_otlp_outbox_files_and_directory(tmp_path, mode, file_perm, dir_perm, monkeypatch):
+    # A collector that is not there: requests stay in the outbox, with the profile's mode.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "500")
+    old = os.umask(0o002)
+    try:
+        out = tmp_path / "cirron"
+        ci.profile(output_dir=str(out), output="spool,otlp", otlp_endpoint="http://127.0.0.1:9",
+                   file_mode=mode, flush_interval=60, install_signal_handlers=False, shutdown_timeout=2)
+        with ci.scope("s"):
+            ci.mark("m", 1)
+        ci.flush(timeout=2)
+        ci.shutdown(timeout=2)
+    finally:
+        os.umask(old)
+    outbox = out / "otlp-outbox"
+    requests = list(outbox.glob("*.pb"))
+    assert requests, sorted(os.listdir(outbox))
+    assert oct(_mode(outbox)) == oct(dir_perm) and oct(_mode(out)) == oct(dir_perm)
+    assert {oct(_mode(p)) for p in requests} == {oct(file_perm)}
