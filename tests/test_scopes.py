@@ -7,6 +7,10 @@ import threading
 import warnings
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import cirron_otel as ci
 
@@ -21,29 +25,99 @@ def _spans(out) -> list[dict]:
 def test_handle_properties_and_tree(prof, out):
     session = ci._native.session()
     with ci.scope("outer", 3, variant="fp16") as outer:
-        assert outer.name == "outer" and outer.index == 3
-        assert outer.attrs == {"variant": "fp16"}
         assert outer.parent_id == session.id
-        assert len(outer.id) == 32 and int(outer.id, 16)
         assert ci.current_scope() is outer
-        outer.attrs["late"] = 1
+        outer.attrs["late"] = 1  # attrs stay mutable while the scope is open
         with ci.scope("inner") as inner:
             assert inner.parent_id == outer.id and inner.index is None
+            assert ci.current_scope() is inner
             ci.mark("x", 1)
+        assert ci.current_scope() is outer
     assert ci.current_scope() is None
     spans = {s["name"]: s for s in _spans(out)}
+    assert spans["outer"]["id"] == outer.id and spans["inner"]["id"] == inner.id
     assert spans["outer"]["parent_id"] == session.id
-    assert spans["inner"]["parent_id"] == spans["outer"]["id"] == outer.id
+    assert spans["inner"]["parent_id"] == outer.id
     assert spans["outer"]["attrs"] == {"variant": "fp16", "late": 1}
     assert spans["outer"]["index"] == 3
     assert spans["outer"]["start_ns"] <= spans["inner"]["start_ns"] <= spans["inner"]["end_ns"]
     assert spans["inner"]["end_ns"] <= spans["outer"]["end_ns"]
-    assert spans["inner"]["trace_id"] == spans["outer"]["trace_id"]
-    assert spans["inner"]["id"][:16] == f"{outer_child_span_int(spans['inner']):016x}"
+    assert spans["inner"]["trace_id"] == spans["outer"]["trace_id"] == outer.trace_id
 
 
-def outer_child_span_int(span: dict) -> int:
-    return int(span["id"][:16], 16)
+def test_attrs_changed_after_the_scope_closed_do_not_reach_the_spool(out):
+    # flush_interval=30: the closed scope's record waits in the ring until flush()
+    ci.profile(output_dir=str(out), flush_interval=30.0, install_signal_handlers=False)
+    with ci.scope("step", a=1) as step:
+        step.attrs["b"] = 2
+    step.attrs["after_close"] = 3
+    (record,) = [s for s in _spans(out) if s["name"] == "step"]
+    assert record["attrs"] == {"a": 1, "b": 2}
+
+
+def test_span_id_starts_with_the_otel_span_id(out):
+    """The first 16 hex of a scope's id are its OpenTelemetry span id: the one the current span
+    shows inside it, the parent of an SDK span started in it, and the id its spool record has."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()  # the test's own, not the global one
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    ci.profile(output_dir=str(out), flush_interval=0.05, install_signal_handlers=False, tracer_provider=None)
+    with ci.scope("outer") as outer:
+        current = trace.get_current_span().get_span_context()
+        with provider.get_tracer("t").start_as_current_span("sdk-child"):
+            pass
+    (child,) = memory.get_finished_spans()
+    assert child.parent is not None
+    assert f"{current.span_id:016x}" == outer.id[:16] == f"{child.parent.span_id:016x}"
+    assert f"{current.trace_id:032x}" == outer.trace_id == f"{child.context.trace_id:032x}"
+    (record,) = [s for s in _spans(out) if s["name"] == "outer"]
+    assert record["id"] == outer.id
+
+
+ID_SAMPLE = 2048
+
+
+def assert_unique_and_random(ids: list[str]) -> None:
+    """All distinct, and each of the 128 bits set in about half of them (binomial: with 2048 ids
+    the standard deviation is 23, the bounds are 9 of it away): a counter, a clock or a fixed
+    half would leave whole bit ranges constant."""
+    values = [int(i, 16) for i in ids]
+    assert len(set(values)) == len(values), "a span id repeats"
+    n = len(values)
+    for bit in range(128):
+        ones = sum((v >> bit) & 1 for v in values)
+        assert 0.4 * n < ones < 0.6 * n, f"bit {bit} of the span ids is set in {ones} of {n}"
+
+
+def test_span_ids_are_unique_and_random_across_threads(prof):
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        mine = []
+        for _ in range(ID_SAMPLE // 4):
+            with ci.scope("s") as s:
+                mine.append(s.id)
+        with lock:
+            ids.extend(mine)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    work()
+    for t in threads:
+        t.join()
+    assert len(ids) == ID_SAMPLE
+    assert_unique_and_random(ids)
+
+
+def test_the_id_check_rejects_ids_that_are_not_random():
+    """The check above fails for ids from a counter or a clock (the generator itself is native)."""
+    counter = [f"{i:032x}" for i in range(1, ID_SAMPLE + 1)]
+    clock = [f"{(1_700_000_000_000_000_000 + 977 * i) << 64 | i:032x}" for i in range(ID_SAMPLE)]
+    for ids in (counter, clock, counter[:-1] + counter[:1]):
+        with pytest.raises(AssertionError):
+            assert_unique_and_random(ids)
 
 
 def test_marks_attach_to_innermost_then_session_then_root(out):
