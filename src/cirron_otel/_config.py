@@ -385,6 +385,7 @@ def otlp_transport_config(protocol: str, endpoint: str | None,
 ENV_OUTPUT_DIR = "CIRRON_OUTPUT_DIR"
 ENV_PARENT_SESSION = "CIRRON_PARENT_SESSION"  # "<session span id>:<pid>"
 _saved_env: dict[str, str | None] | None = None
+_exported_env: dict[str, str] = {}
 
 
 def inherited_parent(env: Mapping[str, str] | None = None) -> tuple[str, int] | None:
@@ -400,14 +401,16 @@ def export_to_children(output_dir: str, session_id: str, pid: int) -> None:
     global _saved_env
     if _saved_env is None:
         _saved_env = {k: os.environ.get(k) for k in (ENV_OUTPUT_DIR, ENV_PARENT_SESSION)}
-    os.environ[ENV_OUTPUT_DIR] = output_dir
-    os.environ[ENV_PARENT_SESSION] = f"{session_id}:{pid}"
+    _exported_env.update({ENV_OUTPUT_DIR: output_dir, ENV_PARENT_SESSION: f"{session_id}:{pid}"})
+    os.environ.update(_exported_env)
 
 
 def restore_children_env() -> None:
     global _saved_env
     saved, _saved_env = _saved_env, None
     for key, value in (saved or {}).items():
+        if os.environ.get(key) != _exported_env.get(key):
+            continue  # changed by someone else since: theirs now
         if value is None:
             os.environ.pop(key, None)
         else:
