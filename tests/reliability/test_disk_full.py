@@ -20,7 +20,9 @@ from cirron_otel import _native, _warn
 
 from ..conftest import read_spool
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning")]
+# real_backend: needs root for the tmpfs; with CI set, a skip fails the run (tests/conftest.py).
+pytestmark = [pytest.mark.timeout(300), pytest.mark.real_backend,
+              pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning")]
 
 FS_BYTES = 24 << 20
 PAD = "x" * 100  # about 300 bytes of JSON per mark
