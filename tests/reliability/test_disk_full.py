@@ -130,6 +130,8 @@ def test_disk_full_counts_explains_and_recovers_with_split(tmpfs):
     assert spool["split_files"] > 1
     assert 0 < spool["pending"] < 40_000
     partial = spool["exported"]
+    print(f"after partial space: {spool['split_files']} pieces, {partial} written, "
+          f"{spool['pending']} pending")
 
     # All space back: everything left is written.
     os.unlink(tmpfs / "filler")
@@ -137,6 +139,8 @@ def test_disk_full_counts_explains_and_recovers_with_split(tmpfs):
     h = ci.health()
     spool = h["sinks"]["spool"]
     assert spool["pending"] == 0 and spool["exported"] > partial
+    print(f"recovered: {spool['exported']} written, {spool['dropped']} dropped, "
+          f"{spool['files_written']} files")
     assert sink.backpressure is True
     # Every loss is explained: recorded = written + dropped, exactly.
     recorded, ring_drops = _recorded_and_ring_drops(base)
