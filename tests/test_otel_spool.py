@@ -134,8 +134,15 @@ def test_error_without_exception_event_uses_the_status(out: Path) -> None:
     assert record["attrs"] == {"error": True, "error.message": "é" * 128}  # 256 UTF-8 bytes
 
 
+def test_a_file_holds_at_most_100_000_records(out: Path) -> None:
+    # one span and 100,000 of its events: 100,001 records
+    big = _span("big", 1, 1, events=[Event("e", None, timestamp=10 + i) for i in range(100_000)])
+    assert SpoolSpanExporter(out).export([big]) is SpanExportResult.SUCCESS
+    batches = read_spool(out)
+    assert [len(b["spans"]) + len(b["marks"]) for b in batches] == [100_000, 1]
+
+
 def test_more_than_max_records_are_split_across_files(out: Path) -> None:
-    assert SpoolSpanExporter.max_records_per_file == 100_000
     events = [Event(f"e{i}", {"i": i}, timestamp=10 + i) for i in range(25)]
     big = _span("big", 1, 1, events=events)
     small = [_span(f"s{i}", 1, 100 + i) for i in range(3)]
@@ -166,12 +173,28 @@ def test_shutdown_force_flush_and_default_output_dir(tmp_path: Path, monkeypatch
     assert SpoolSpanExporter().directory.path == os.path.join(tmp_path / "env", "spool")
     monkeypatch.delenv("CIRRON_OUTPUT_DIR")
     assert SpoolSpanExporter().directory.path == os.path.join(DEFAULT_OUTPUT_DIR, "spool")
-    exporter = SpoolSpanExporter(tmp_path / "x", max_bytes=123)
-    assert exporter.directory.max_bytes == 123
+    exporter = SpoolSpanExporter(tmp_path / "x")
     assert exporter.force_flush() is True
     exporter.shutdown()
     assert exporter.export(_plain_sdk_spans()) is SpanExportResult.FAILURE
     assert read_spool(tmp_path / "x") == []
+
+
+def test_max_bytes_evicts_the_oldest_files(tmp_path: Path) -> None:
+    spans = _plain_sdk_spans()
+    assert SpoolSpanExporter(tmp_path / "probe").export(spans) is SpanExportResult.SUCCESS
+    (probe,) = (tmp_path / "probe" / "spool").glob("*.json")
+    cap = probe.stat().st_size * 5 // 2  # room for two such files, not three
+    exporter = SpoolSpanExporter(tmp_path / "capped", max_bytes=cap)
+    spool = tmp_path / "capped" / "spool"
+    newest = []
+    for _ in range(4):
+        assert exporter.export(spans) is SpanExportResult.SUCCESS
+        files = sorted(spool.glob("*.json"))  # <created_ns>-<id>.json: oldest first
+        assert sum(f.stat().st_size for f in files) <= cap
+        newest.append(files[-1].name)
+    assert sorted(f.name for f in spool.glob("*.json")) == newest[-2:]  # the two oldest went
+    assert len(read_spool(tmp_path / "capped")) == 2
 
 
 # -- (b) round trip: spans shaped exactly as the Cirron mapping makes them -----------------
