@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 
 import pytest
 
@@ -52,20 +53,29 @@ def test_health_never_raises_without_profiler():
     assert set(h) >= REFERENCE_KEYS
 
 
+def _recorded() -> tuple[int, int]:
+    stats = ci._native.stats()
+    return stats["marks_recorded"], stats["spans_recorded"]
+
+
 def test_disabled_profiler_is_a_cheap_noop(out):
-    p = ci.profile(output_dir=str(out), enabled=False)
+    threads_before = set(threading.enumerate())
+    recorded_before = _recorded()
+    ci.profile(output_dir=str(out), enabled=False)
     ci.mark("x", 1)
-    with ci.scope("s") as s:
-        assert s.name == "s"
+    with ci.scope("s"):
+        ci.mark("in_scope", 2)
     for _ in ci.epochs(range(3)):
         pass
     ci.flush()
+    assert _recorded() == recorded_before  # nothing reached a ring
+    assert ci._native.session() is None  # no session span
     assert ci.health()["enabled"] is False
+    assert [t.name for t in set(threading.enumerate()) - threads_before] == []  # no collector, no sinks
     with pytest.raises(TypeError):
         ci.mark("x", object())  # bad input is still an error at the call
     ci.shutdown()
     assert not (out / "spool").exists()
-    assert p.settings.enabled is False
 
 
 @pytest.mark.parametrize(
