@@ -441,8 +441,12 @@ def _at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lock
+    global _lock, _shutdown_done, _shutdown_owner
     _lock = threading.RLock()  # the parent's lock may have been held by another thread
+    if _shutdown_owner != threading.get_ident():  # a shutdown on a thread the child lacks
+        _shutdown_owner = None
+        _shutdown_done = threading.Event()
+        _shutdown_done.set()
     try:
         _native.after_fork_child()
         _reset_warnings()
