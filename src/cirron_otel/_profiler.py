@@ -646,4 +646,7 @@ def trace(
 # first-out, so every exit handler the application registers after importing cirron_otel
 # (including before profile()) runs before ours and its marks are written.
 atexit.register(_at_exit)
-_start_if_multiprocessing_child()
+try:
+    _start_if_multiprocessing_child()
+except Exception as _exc:  # importing cirron_otel must never fail because of this
+    warn_once("child", f"cirron_otel: could not profile this child process: {type(_exc).__name__}: {_exc}")
