@@ -157,38 +157,34 @@ def test_set_status_on_the_current_span_marks_the_scope_failed_in_the_spool(prov
     assert spans[outer.id]["attrs"] == {"phase": "eval"}
 
 
-def test_record_exception_on_the_current_span_marks_the_scope_as_the_exception_would(provider, out):
-    error = ValueError("boom")
-    with ci.scope("recorded") as recorded:
-        trace.get_current_span().record_exception(error)  # handled: the scope goes on
-        ci.mark("after", 1)
-    with contextlib.suppress(ValueError), ci.scope("raised") as raised:
-        raise error
-    ci.flush()
-    spans, marks = spans_and_marks(out)
-    by_id = {s["id"]: s for s in spans}
-    assert by_id[recorded.id]["attrs"]["error"] is True
-    assert by_id[recorded.id]["attrs"] == by_id[raised.id]["attrs"]  # error, error.type, error.message
-    assert [m["span_id"] for m in marks if m["name"] == "after"] == [recorded.id]
+def test_record_exception_on_the_current_span_is_an_exception_event_in_the_spool(provider, out):
+    """As in OpenTelemetry's SDK: record_exception adds an `exception` event (here a point mark
+    on the scope) and leaves the status alone; set_status(ERROR) is what marks the span failed."""
 
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "product: ScopeSpan.record_exception writes type(e).__qualname__ (no module) and caps the "
-    "message at 256 characters; a scope closed by the exception gets module.qualname and a "
-    "256-byte cap (README)"))
-def test_record_exception_of_any_exception_matches_the_exception_closing_a_scope(provider, out):
     class Boom(Exception):
         pass
 
     error = Boom("é" * 300)
     with ci.scope("recorded") as recorded:
-        trace.get_current_span().record_exception(error)
+        trace.get_current_span().record_exception(error, {"retry": 2})  # handled: the scope goes on
+        ci.mark("after", 1)
     with contextlib.suppress(Boom), ci.scope("raised") as raised:
         raise error
     ci.flush()
-    by_id = {s["id"]: s for s in spans_and_marks(out)[0]}
-    assert len(by_id[raised.id]["attrs"]["error.message"].encode()) <= 256
-    assert by_id[recorded.id]["attrs"] == by_id[raised.id]["attrs"]
+    spans, marks = spans_and_marks(out)
+    by_id = {s["id"]: s for s in spans}
+    assert "error" not in by_id[recorded.id]["attrs"]  # the status was not set
+    (event,) = [m for m in marks if m["name"] == "exception"]
+    assert event["span_id"] == recorded.id and event["kind"] == "point"
+    assert event["id"] in by_id[recorded.id]["mark_ids"]
+    # named as the exception that closes a scope is named; the full message in the attribute
+    assert event["attrs"]["exception.type"] == by_id[raised.id]["attrs"]["error.type"]
+    assert event["attrs"]["exception.type"].endswith("Boom") and "." in event["attrs"]["exception.type"]
+    assert event["attrs"]["exception.message"] == str(error)
+    assert "Boom" in event["attrs"]["exception.stacktrace"]
+    assert event["attrs"]["retry"] == 2
+    assert len(event["value"].encode()) <= 256  # the mark value keeps the string cap
+    assert [m["span_id"] for m in marks if m["name"] == "after"] == [recorded.id]
 
 
 def _exported(out, receiver: GrpcReceiver) -> dict[str, SpanDict]:
@@ -203,12 +199,6 @@ def _profile_to(out, receiver: GrpcReceiver) -> None:
                flush_interval=0.05, install_signal_handlers=False, tracer_provider=None)
 
 
-_NOT_EXPORTED = ("product: the OTLP mapping (otlp_encode) sets status ERROR and the exception event only "
-                 "for a scope closed by an exception (F_ERROR); ScopeSpan.set_status / record_exception "
-                 "only write the scope's attrs, so the exported span stays UNSET")
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_NOT_EXPORTED)
 def test_set_status_on_the_current_span_reaches_the_exported_span(out, grpc_receiver):
     _profile_to(out, grpc_receiver)
     with contextlib.suppress(ValueError), ci.scope("raised") as raised:
@@ -221,7 +211,6 @@ def test_set_status_on_the_current_span_reaches_the_exported_span(out, grpc_rece
     assert exported[rejected.id[:16]]["status"] == {"code": STATUS_ERROR, "message": "bad input"}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_NOT_EXPORTED)
 def test_record_exception_on_the_current_span_reaches_the_exported_span(out, grpc_receiver):
     _profile_to(out, grpc_receiver)
     with ci.scope("recorded") as recorded:
@@ -231,7 +220,8 @@ def test_record_exception_on_the_current_span_reaches_the_exported_span(out, grp
     assert len(events) == 1
     assert events[0]["attributes"]["exception.type"] == "KeyError"
     assert events[0]["attributes"]["exception.message"] == "'k'"
-    assert exported["status"]["code"] == STATUS_ERROR  # failed, as the spool says (error=True)
+    assert "KeyError" in events[0]["attributes"]["exception.stacktrace"]
+    assert exported["status"]["code"] != STATUS_ERROR  # as in the SDK: recording is not failing
 
 
 def test_scope_under_unsampled_parent_is_marked_unsampled(out):

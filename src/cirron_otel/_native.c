@@ -1451,8 +1451,28 @@ Scope_repr(ScopeObject *self)
     return PyUnicode_FromFormat("<cirron_otel.Scope %R %s>", self->name, names[self->state & 3]);
 }
 
+/* _set_error_status(description: str) — OpenTelemetry's span.set_status(ERROR, description)
+ * on the open scope: the span record is flagged as failed, so the OTLP mapping gives it
+ * status ERROR with this description, as for a scope closed by an exception (which wins:
+ * fill_error replaces what is stored here). The description travels in the slot that
+ * otherwise holds the exception. */
+static PyObject *
+Scope_set_error_status(ScopeObject *self, PyObject *description)
+{
+    if (!PyUnicode_Check(description)) {
+        PyErr_Format(PyExc_TypeError, "description must be a str, not %.100s",
+                     Py_TYPE(description)->tp_name);
+        return NULL;
+    }
+    if (self->state == ST_OPEN && (self->exc == NULL || PyUnicode_Check(self->exc)))
+        Py_XSETREF(self->exc, Py_NewRef(description));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Scope_methods[] = {
     {"__enter__", (PyCFunction)Scope_enter, METH_NOARGS, NULL},
+    {"_set_error_status", (PyCFunction)Scope_set_error_status, METH_O,
+     "mark the open scope as failed with this status description (OpenTelemetry's set_status)"},
     {"__exit__", (PyCFunction)(void (*)(void))Scope_exit, METH_FASTCALL, NULL},
     {NULL},
 };
@@ -2673,7 +2693,12 @@ resolve_refs(BatchObject *b, size_t i)
             e->oattrs = arena_since(b, st);
         }
     }
-    if (s->type == R_SPAN && s->attrs) { /* the exception that closed the scope */
+    if (s->type == R_SPAN && s->attrs && PyUnicode_Check(s->attrs)) {
+        /* an error status set through OpenTelemetry (Scope._set_error_status): its description */
+        e->emsg = arena_utf8(b, s->attrs, 0);
+        PyErr_Clear();
+    }
+    else if (s->type == R_SPAN && s->attrs) { /* the exception that closed the scope */
         PyObject *exc = s->attrs;
         PyObject *tp = (PyObject *)Py_TYPE(exc);
         PyObject *qn = PyObject_GetAttrString(tp, "__qualname__");

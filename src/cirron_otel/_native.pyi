@@ -33,6 +33,8 @@ class Scope:
         """Mutable until the scope closes; captured then (later changes are not recorded)."""
     @property
     def state(self) -> Literal["new", "open", "closed", "dropped"]: ...
+    def _set_error_status(self, description: str, /) -> None:
+        """OpenTelemetry's set_status(ERROR, description) on the open scope (else a no-op)."""
     @property
     def span_id_int(self) -> int: ...
     @property

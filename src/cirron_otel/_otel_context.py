@@ -19,6 +19,7 @@ before OpenTelemetry is imported with `OTEL_PYTHON_CONTEXT=cirron_otel`.
 from __future__ import annotations
 
 import contextvars
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,6 +35,13 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
 
 
+def exception_type_name(exception: BaseException) -> str:
+    """`module.QualName` (builtins: `QualName`), as the native side names the exception that
+    closes a scope."""
+    cls = type(exception)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
 def span_context_of(scope: _native.Scope) -> SpanContext:
     return SpanContext(
         trace_id=(scope.trace_id_hi << 64) | scope.trace_id_lo,
@@ -47,8 +55,9 @@ class ScopeSpan(NonRecordingSpan):
     """An open Cirron scope seen as an OpenTelemetry span.
 
     Attributes set through it land in the scope's attrs (while the scope is open), events
-    become string marks on it, and an ERROR status or a recorded exception marks it as
-    failed, so instrumentation that decorates "the current span" decorates the scope.
+    (and a recorded exception, as an `exception` event) become string marks on it, and an
+    ERROR status marks it as failed (status ERROR when exported), so instrumentation that
+    decorates "the current span" decorates the scope.
     """
 
     def __init__(self, scope: _native.Scope) -> None:
@@ -75,10 +84,12 @@ class ScopeSpan(NonRecordingSpan):
     def set_status(self, status: Any, description: str | None = None) -> None:
         code = getattr(status, "status_code", status)
         if self.is_recording() and code == trace.StatusCode.ERROR:
+            message = description or getattr(status, "description", None) or ""
             self.scope.attrs["error"] = True
-            message = description or getattr(status, "description", None)
             if message:
                 self.scope.attrs["error.message"] = message
+            # the exported span gets status ERROR with this description
+            self.scope._set_error_status(str(message))
 
     def record_exception(
         self,
@@ -87,10 +98,18 @@ class ScopeSpan(NonRecordingSpan):
         timestamp: int | None = None,
         escaped: bool = False,
     ) -> None:
-        if self.is_recording():
-            self.scope.attrs["error"] = True
-            self.scope.attrs["error.type"] = type(exception).__qualname__
-            self.scope.attrs["error.message"] = str(exception)[:256]
+        # As OpenTelemetry's SDK does: an `exception` event (a point mark on the scope, so
+        # the spool has it too) with the exception.* attributes. The status is the caller's
+        # to set (instrumentations call set_status(ERROR) beside it).
+        if self.is_recording() and _native.current_scope() is self.scope:
+            attrs = {
+                "exception.type": exception_type_name(exception),
+                "exception.message": str(exception),
+                "exception.stacktrace": "".join(traceback.format_exception(exception)),
+                "exception.escaped": str(escaped),
+                **dict(attributes or {}),
+            }
+            _native.mark("exception", str(exception), **attrs)
 
     def __repr__(self) -> str:
         return f"ScopeSpan({self.scope!r})"
