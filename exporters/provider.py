@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cirron_otel import _native
+from cirron_otel._otel_private import span_processor
 from cirron_otel._version import __version__
 
 from .base import Sink
@@ -95,6 +96,8 @@ class TracerProviderSink(Sink):
         self._resource_bytes = encode_resource(dict(provider.resource.attributes))
         self.session_trace = session_trace
         self.state = _native.OtlpState(event_limit)
+        # no public API hands ended spans to a provider's processors: see _otel_private
+        self._processor = span_processor(provider)
 
     def export(self, batches: Sequence[_native.Batch]) -> None:
         try:
@@ -107,7 +110,7 @@ class TracerProviderSink(Sink):
                 self.stats.dropped += sum(b.span_count for b in batches)
             self.stats.error("encoding failed", exc)
             return
-        processor = self.provider._active_span_processor
+        processor = self._processor
         for span in spans:
             try:
                 processor.on_end(span)

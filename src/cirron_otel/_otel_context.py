@@ -14,120 +14,95 @@ that also knows the innermost Cirron scope:
 
 It is installed by `profile()` (`otel_context=True`, the default), and can be selected
 before OpenTelemetry is imported with `OTEL_PYTHON_CONTEXT=cirron_otel`.
+
+This module imports nothing from OpenTelemetry at its top, for two reasons:
+
+- `OTEL_PYTHON_CONTEXT` makes OpenTelemetry load `CirronRuntimeContext` while
+  `opentelemetry.context` (and usually `opentelemetry.trace`, which imported it) is still
+  half-initialised; the trace API and `ScopeSpan` are bound on first use instead.
+- A program that does not use OpenTelemetry must not pay for importing it (tens of ms). When
+  `profile()` runs before `opentelemetry.context` was imported, `install()` puts a one-shot
+  finder on `sys.meta_path` that installs the runtime right after that module has executed
+  (before anything can attach a context through it) and then removes itself. Until then
+  the finder costs one Python call per import of a new module; the scope and mark hot paths
+  are unchanged (the native side consults the runtime's ContextVar only once a context has
+  been attached).
 """
 
 from __future__ import annotations
 
 import contextvars
-import traceback
-from collections.abc import Mapping, Sequence
-from typing import Any
-
-from opentelemetry import trace
-from opentelemetry.context.context import Context, _RuntimeContext
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
-from opentelemetry.util import types
+import importlib.util
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _native
 
+if TYPE_CHECKING:
+    from opentelemetry.context.context import Context
+
 _MASK64 = (1 << 64) - 1
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_OTEL_CONTEXT = "opentelemetry.context"
+
+# Bound on first use (see the module docstring).
+_get_current_span: Callable[[Any], Any] | None = None
+_set_span_in_context: Callable[[Any, Any], Any] | None = None
+_scope_span: Callable[[_native.Scope], Any] | None = None
+_context_class: Callable[[], Any] | None = None
 
 
-def exception_type_name(exception: BaseException) -> str:
-    """`module.QualName` (builtins: `QualName`), as the native side names the exception that
-    closes a scope."""
-    cls = type(exception)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+def _bind_trace() -> None:
+    global _get_current_span, _set_span_in_context, _scope_span
+    from opentelemetry import trace
+
+    from ._otel_span import ScopeSpan
+
+    _get_current_span, _set_span_in_context = trace.get_current_span, trace.set_span_in_context
+    _scope_span = ScopeSpan
 
 
-def span_context_of(scope: _native.Scope) -> SpanContext:
-    return SpanContext(
-        trace_id=(scope.trace_id_hi << 64) | scope.trace_id_lo,
-        span_id=scope.span_id_int,
-        is_remote=False,
-        trace_flags=_SAMPLED if scope.sampled else _UNSAMPLED,
-    )
+def _empty_context() -> Context:
+    global _context_class
+    if _context_class is None:
+        # always fully imported before any runtime context is loaded or installed
+        from opentelemetry.context.context import Context
+
+        _context_class = Context
+    return _context_class()
 
 
-class ScopeSpan(NonRecordingSpan):
-    """An open Cirron scope seen as an OpenTelemetry span.
+class _Runtime(Protocol):
+    """What OpenTelemetry's API calls on a runtime context (its base class is private)."""
 
-    Attributes set through it land in the scope's attrs (while the scope is open), events
-    (and a recorded exception, as an `exception` event) become string marks on it, and an
-    ERROR status marks it as failed (status ERROR when exported), so instrumentation that
-    decorates "the current span" decorates the scope.
-    """
-
-    def __init__(self, scope: _native.Scope) -> None:
-        super().__init__(span_context_of(scope))
-        self.scope = scope
-
-    def is_recording(self) -> bool:
-        return self.scope.state == "open"
-
-    def set_attribute(self, key: str, value: types.AttributeValue) -> None:
-        if self.is_recording():
-            self.scope.attrs[key] = value
-
-    def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
-        if self.is_recording():
-            self.scope.attrs.update(attributes)
-
-    def add_event(
-        self, name: str, attributes: types.Attributes = None, timestamp: int | None = None
-    ) -> None:
-        if self.is_recording() and _native.current_scope() is self.scope:
-            _native.mark(name, name, **dict(attributes or {}))
-
-    def set_status(self, status: Any, description: str | None = None) -> None:
-        code = getattr(status, "status_code", status)
-        if self.is_recording() and code == trace.StatusCode.ERROR:
-            message = description or getattr(status, "description", None) or ""
-            self.scope.attrs["error"] = True
-            if message:
-                self.scope.attrs["error.message"] = message
-            # the exported span gets status ERROR with this description
-            self.scope._set_error_status(str(message))
-
-    def record_exception(
-        self,
-        exception: BaseException,
-        attributes: types.Attributes = None,
-        timestamp: int | None = None,
-        escaped: bool = False,
-    ) -> None:
-        # As OpenTelemetry's SDK does: an `exception` event (a point mark on the scope, so
-        # the spool has it too) with the exception.* attributes. The status is the caller's
-        # to set (instrumentations call set_status(ERROR) beside it).
-        if self.is_recording() and _native.current_scope() is self.scope:
-            attrs = {
-                "exception.type": exception_type_name(exception),
-                "exception.message": str(exception),
-                "exception.stacktrace": "".join(traceback.format_exception(exception)),
-                "exception.escaped": str(escaped),
-                **dict(attributes or {}),
-            }
-            _native.mark("exception", str(exception), **attrs)
-
-    def __repr__(self) -> str:
-        return f"ScopeSpan({self.scope!r})"
+    def attach(self, context: Context) -> object: ...
+    def get_current(self) -> Context: ...
+    def detach(self, token: object) -> None: ...
 
 
 def _anchor_value(context: Context) -> tuple[Any, ...]:
+    if _get_current_span is None:
+        _bind_trace()
+    assert _get_current_span is not None
     anchor = _native.current_scope()
-    span = trace.get_current_span(context)
-    sc = span.get_span_context()
+    sc = _get_current_span(context).get_span_context()
     if not sc.is_valid:
         return (context, anchor, 0, 0, 0, 0)
     return (context, anchor, sc.trace_id >> 64, sc.trace_id & _MASK64, sc.span_id, int(sc.trace_flags))
 
 
-class CirronRuntimeContext(_RuntimeContext):
-    """OpenTelemetry's runtime context, aware of Cirron scopes (see the module docstring)."""
+class CirronRuntimeContext:
+    """OpenTelemetry's runtime context, aware of Cirron scopes (see the module docstring).
 
-    def __init__(self, previous: _RuntimeContext | None = None) -> None:
+    It implements the interface of OpenTelemetry's runtime contexts (`attach`,
+    `get_current`, `detach`) without inheriting their private base class, which importing
+    would also import `opentelemetry.context` (see the module docstring).
+    """
+
+    def __init__(self, previous: _Runtime | None = None) -> None:
         # A runtime installed after OpenTelemetry was already in use keeps answering for
         # contexts attached before (tasks and threads that were running then).
         self._previous = previous
@@ -143,14 +118,17 @@ class CirronRuntimeContext(_RuntimeContext):
     def get_current(self) -> Context:
         value = self._var.get(None)
         if value is None:
-            context = self._previous.get_current() if self._previous is not None else Context()
+            context = self._previous.get_current() if self._previous is not None else _empty_context()
             anchor = None
         else:
             context, anchor = value[0], value[1]
         scope = _native.current_scope()
         if scope is None or scope is anchor:
             return context
-        return trace.set_span_in_context(ScopeSpan(scope), context)
+        if _scope_span is None:
+            _bind_trace()
+        assert _set_span_in_context is not None and _scope_span is not None
+        return _set_span_in_context(_scope_span(scope), context)
 
     def detach(self, token: object) -> None:
         if isinstance(token, contextvars.Token) and token.var is self._var:
@@ -159,22 +137,131 @@ class CirronRuntimeContext(_RuntimeContext):
             self._previous.detach(token)
 
 
-def install() -> bool:
-    """Make OpenTelemetry's context Cirron-aware in this process; idempotent."""
-    import opentelemetry.context as otel_context
+# -- installing it ------------------------------------------------------------------------
 
-    current = otel_context._RUNTIME_CONTEXT
+_lock = threading.Lock()
+_wanted = False  # a profiler asked for the context: the finder installs it when it fires
+_finder: _InstallOnImport | None = None
+
+
+class _InstallOnImport:
+    """One-shot `sys.meta_path` finder: installs the runtime right after `opentelemetry.context`
+    has executed. It finds the module's real spec through the other finders and stands in
+    as its loader only to run code after the real loader's `exec_module`."""
+
+    def __init__(self) -> None:
+        self._loader: Any = None
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+                  ) -> ModuleSpec | None:
+        if fullname != _OTEL_CONTEXT:
+            return None
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        self._loader = spec.loader
+        spec.loader = self  # type: ignore[assignment]
+        return spec
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        result: ModuleType | None = self._loader.create_module(spec)
+        return result
+
+    def exec_module(self, module: ModuleType) -> None:
+        # the module sees its real loader, as if we had never been there
+        module.__loader__ = self._loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        _on_otel_context_imported()
+
+
+def _remove_finder() -> None:
+    global _finder
+    if _finder is not None:
+        if _finder in sys.meta_path:
+            sys.meta_path.remove(_finder)
+        _finder = None
+
+
+def _on_otel_context_imported() -> None:
+    with _lock:
+        _remove_finder()
+        if not _wanted:
+            return
+        try:
+            _install_now()
+        except Exception as exc:  # never break the application's import
+            from ._warn import warn_once
+
+            warn_once("otel-context", f"cirron_otel: scopes will not join OpenTelemetry's context: "
+                                      f"{type(exc).__name__}: {exc}")
+            _native.configure(otel_context=False)
+
+
+def _install_now() -> None:
+    from . import _otel_private
+
+    current = _otel_private.runtime_context()
     if not isinstance(current, CirronRuntimeContext):
-        otel_context._RUNTIME_CONTEXT = CirronRuntimeContext(previous=current)
+        _otel_private.set_runtime_context(CirronRuntimeContext(previous=current))
         if current.get_current():  # contexts attached before: scopes must consult them
             _native.configure(otel_attached=True)
     _native.configure(otel_context=True)
-    return True
+
+
+def install() -> bool:
+    """Make OpenTelemetry's context Cirron-aware in this process; idempotent.
+
+    Now if `opentelemetry.context` has been imported, else right after it is. False when
+    OpenTelemetry is not installed at all.
+    """
+    global _wanted, _finder
+    with _lock:
+        _wanted = True
+        module = sys.modules.get(_OTEL_CONTEXT)
+        if module is not None:
+            if not hasattr(module, "get_current"):
+                # Imported from inside that module's own start: it is loading this runtime
+                # for OTEL_PYTHON_CONTEXT=cirron_otel (e.g. a child process started by
+                # importing us); the runtime will be ours.
+                _native.configure(otel_context=True)
+                return True
+            _remove_finder()
+            _install_now()
+            return True
+        if _finder is None:
+            if importlib.util.find_spec("opentelemetry") is None:
+                return False  # not installed: Cirron scopes only
+            _finder = _InstallOnImport()
+            sys.meta_path.insert(0, _finder)
+        return True
 
 
 def uninstall() -> None:
     """Stop consulting OpenTelemetry's context when opening scopes (the runtime stays)."""
+    global _wanted
+    with _lock:
+        _wanted = False
+        _remove_finder()
     _native.configure(otel_context=False)
 
 
-__all__: Sequence[str] = ["CirronRuntimeContext", "ScopeSpan", "install", "span_context_of"]
+def __getattr__(name: str) -> Any:
+    # ScopeSpan and its helpers moved to _otel_span (they import opentelemetry.trace)
+    if name in ("ScopeSpan", "exception_type_name", "span_context_of"):
+        from . import _otel_span
+
+        return getattr(_otel_span, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__: Sequence[str] = ["CirronRuntimeContext", "install", "uninstall"]

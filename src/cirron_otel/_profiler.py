@@ -286,13 +286,27 @@ def _sdk_tracer_provider(choice: Any) -> Any:
     """The SDK TracerProvider Cirron spans should join, if any (see Settings.tracer_provider)."""
     if choice is None:
         return None
+    if (choice == "global" and "opentelemetry.sdk.trace" not in sys.modules
+            and not os.environ.get("OTEL_PYTHON_TRACER_PROVIDER")):
+        # No SDK provider can be the global one before the SDK is imported (the variable has
+        # the API make one on first use): do not import OpenTelemetry for nothing.
+        return None
     try:
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
     except ImportError:
         return None
     provider = trace.get_tracer_provider() if choice == "global" else choice
-    return provider if isinstance(provider, TracerProvider) else None
+    if not isinstance(provider, TracerProvider):
+        return None
+    from ._otel_private import UpstreamChanged, span_processor
+
+    try:
+        span_processor(provider)
+    except UpstreamChanged as exc:  # the spool and OTLP still work; say why this one does not
+        warn_once("tracer-provider", f"cirron_otel: spans not sent through the TracerProvider: {exc}")
+        return None
+    return provider
 
 
 def _session_trace() -> tuple[int, int]:
@@ -301,11 +315,15 @@ def _session_trace() -> tuple[int, int]:
 
 
 def _install_otel_context() -> bool:
+    # Imports no OpenTelemetry: installs now if the program has imported it, else on its import.
+    from ._otel_context import install
+
     try:
-        from ._otel_context import install
-    except ImportError:  # OpenTelemetry is not installed: Cirron scopes only
+        return install()
+    except Exception as exc:  # e.g. OpenTelemetry changed a private attribute: scopes only
+        warn_once("otel-context", f"cirron_otel: scopes will not join OpenTelemetry's context: "
+                                  f"{type(exc).__name__}: {exc}")
         return False
-    return install()
 
 
 def _safe(fn: Callable[[], Any], default: Any) -> Any:
