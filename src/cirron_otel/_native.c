@@ -4521,21 +4521,20 @@ static PyMethodDef module_methods[] = {
     {NULL},
 };
 
-static struct PyModuleDef native_module = {
-    PyModuleDef_HEAD_INIT, "cirron_otel._native",
-    "Native producer side of cirron-otel: rings, scopes, marks, collector, spool encoder.", -1,
-    module_methods,
-};
-
-PyMODINIT_FUNC
-PyInit__native(void)
+/* Process-wide state (rings, the name table, the context variables) lives in C globals and
+ * is set up once, whatever the number of module objects. */
+static int
+native_init_globals(void)
 {
+    static int done;
+    if (done)
+        return 0;
     if (PyType_Ready(&Scope_Type) < 0 || PyType_Ready(&ScopeIter_Type) < 0 ||
         PyType_Ready(&Batch_Type) < 0 || PyType_Ready(&OtlpState_Type) < 0)
-        return NULL;
+        return -1;
     if (pthread_key_create(&g_ring_key, ring_thread_exit) != 0) {
         PyErr_SetString(PyExc_RuntimeError, "cirron_otel: pthread_key_create failed");
-        return NULL;
+        return -1;
     }
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
     g_pid = (int64_t)getpid();
@@ -4554,10 +4553,16 @@ PyInit__native(void)
     if (!g_scope_var || !g_otel_var || !g_name_ids || !g_name_objs || !g_str_point || !g_str_summary ||
         !g_str_kind || !g_str_index || !g_str_item || !g_session_name || !g_epoch_name ||
         !g_batch_name)
-        return NULL;
-    PyObject *m = PyModule_Create(&native_module);
-    if (m == NULL)
-        return NULL;
+        return -1;
+    done = 1;
+    return 0;
+}
+
+static int
+native_exec(PyObject *m)
+{
+    if (native_init_globals() < 0)
+        return -1;
     if (PyModule_AddObjectRef(m, "Scope", (PyObject *)&Scope_Type) < 0 ||
         PyModule_AddObjectRef(m, "ScopeIterator", (PyObject *)&ScopeIter_Type) < 0 ||
         PyModule_AddObjectRef(m, "Batch", (PyObject *)&Batch_Type) < 0 ||
@@ -4565,9 +4570,31 @@ PyInit__native(void)
         PyModule_AddObjectRef(m, "scope_var", g_scope_var) < 0 ||
         PyModule_AddObjectRef(m, "otel_var", g_otel_var) < 0 ||
         PyModule_AddIntConstant(m, "MAX_DEPTH", MAX_DEPTH) < 0 ||
-        PyModule_AddIntConstant(m, "STR_VALUE_CAP", STR_VALUE_CAP) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+        PyModule_AddIntConstant(m, "STR_VALUE_CAP", STR_VALUE_CAP) < 0)
+        return -1;
+    return 0;
+}
+
+static PyModuleDef_Slot native_slots[] = {
+    {Py_mod_exec, native_exec},
+#ifdef Py_mod_multiple_interpreters /* 3.12+: the state is process-wide C globals */
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#ifdef Py_mod_gil /* 3.13+: rings, scopes and the collector rely on the GIL (a free-threaded
+                   * interpreter re-enables it, with a RuntimeWarning, when importing us) */
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "cirron_otel._native",
+    "Native producer side of cirron-otel: rings, scopes, marks, collector, spool encoder.", 0,
+    module_methods, native_slots,
+};
+
+PyMODINIT_FUNC
+PyInit__native(void)
+{
+    return PyModuleDef_Init(&native_module);
 }
