@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import gzip
 import socket
+import ssl
 import threading
 import time
 import zlib
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Self, TypedDict
 
 import grpc
@@ -131,6 +133,7 @@ class _Receiver:
         self._fail_left = 0
         self._retry_after: float | str | None = None
         self._stopping = threading.Event()
+        self.tls: tuple[str, str] | None = None  # (key file, certificate file): serve TLS
 
     @property
     def address(self) -> str:
@@ -138,7 +141,7 @@ class _Receiver:
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.address}"
+        return f"{'https' if self.tls else 'http'}://{self.address}"
 
     def _admit(self) -> tuple[bool, float | str | None]:
         """Count one request; return (fail it?, retry-after seconds). Waits `delay` first."""
@@ -223,9 +226,10 @@ class GrpcReceiver(_Receiver, TraceServiceServicer):
     `accept_gzip=False`: gzip requests then fail with UNIMPLEMENTED before reaching `Export`.
     """
 
-    def __init__(self, *, accept_gzip: bool = True) -> None:
+    def __init__(self, *, accept_gzip: bool = True, tls: tuple[str, str] | None = None) -> None:
         super().__init__()
         self.accept_gzip = accept_gzip
+        self.tls = tls
         self._server: grpc.Server | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._fail_code = grpc.StatusCode.UNAVAILABLE
@@ -262,7 +266,11 @@ class GrpcReceiver(_Receiver, TraceServiceServicer):
             options.append(("grpc.compression_enabled_algorithms_bitset", 1))  # identity only
         server = grpc.server(self._pool, options=options)
         add_TraceServiceServicer_to_server(self, server)
-        port = server.add_insecure_port(f"{HOST}:{self.port}")
+        if self.tls:
+            key, cert = (Path(path).read_bytes() for path in self.tls)
+            port = server.add_secure_port(f"{HOST}:{self.port}", grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            port = server.add_insecure_port(f"{HOST}:{self.port}")
         if port == 0 or (self.port and port != self.port):
             raise RuntimeError(f"cannot bind {HOST}:{self.port}")
         self.port = port
@@ -352,6 +360,10 @@ class _HttpServer(ThreadingHTTPServer):
         self._closing = False
         self._lock = threading.Lock()
         super().__init__((HOST, port), _Handler)
+        if receiver.tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(certfile=receiver.tls[1], keyfile=receiver.tls[0])
+            self.socket = context.wrap_socket(self.socket, server_side=True)
 
     def track(self, conn: socket.socket) -> None:
         with self._lock:
@@ -374,8 +386,9 @@ class _HttpServer(ThreadingHTTPServer):
 class HttpReceiver(_Receiver):
     """OTLP/HTTP (protobuf) on 127.0.0.1: POST `traces_url` = endpoint + "/v1/traces"."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: tuple[str, str] | None = None) -> None:
         super().__init__()
+        self.tls = tls
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
         self._fail_status = 503
