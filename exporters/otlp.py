@@ -109,7 +109,7 @@ class _Request:
 
 
 # Outcomes of one delivery attempt other than a SendError.
-_SENT, _GONE, _CORRUPT, _RESHAPED = "sent", "gone", "corrupt", "reshaped"
+_SENT, _GONE, _CORRUPT = "sent", "gone", "corrupt"
 
 
 class OtlpSink(Sink):
@@ -309,7 +309,8 @@ class OtlpSink(Sink):
             self._inflight = None
             now = time.monotonic()
             if error is not None and error.retryable:
-                self.stats.failed += 1
+                with self.stats.lock:
+                    self.stats.failed += 1
                 self._retryable_failures += 1
                 self._attempt += 1
                 backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (self._attempt - 1))

@@ -423,3 +423,29 @@ def test_the_outbox_is_bounded_and_evictions_are_counted(out: Path, receiver: Re
     indexes = sorted(s["attributes"]["cirron.index"] for s in received if s["name"] == "step")
     # the newest survive (the session span's request, written at shutdown, may evict one more)
     assert indexes == list(range(20 - len(indexes), 20)) and len(indexes) >= len(on_disk) - 1
+
+
+def test_an_oversized_request_left_in_the_outbox_is_split_before_it_is_sent(out: Path, receiver: Receiver):
+    """A request written by a run with a larger limit (or an older version) is not sent whole."""
+    limit = 64 * 1024
+    spans = [Span(trace_id=os.urandom(16), span_id=os.urandom(8), name="old", start_time_unix_nano=1,
+                  end_time_unix_nano=2, attributes=[]) for _ in range(300)]
+    for span in spans:
+        span.attributes.add(key="pad", value={"string_value": "q" * 1000})
+    resource_spans = ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])
+    data = ExportTraceServiceRequest(resource_spans=[resource_spans]).SerializeToString()
+    assert len(data) > 4 * limit
+    outbox = out / OUTBOX_DIR
+    outbox.mkdir(parents=True)
+    (outbox / f"{1:020d}-{'c' * 32}-300.pb").write_bytes(data)
+    start(out, receiver, otlp_max_request_bytes=limit)
+    assert otlp_health()["pending"] == 300
+    receiver.wait_for_spans(300, timeout=30)
+    ci.shutdown()
+    old = [s for s in receiver.spans() if s["name"] == "old"]
+    assert sorted(s["span_id"] for s in old) == sorted(s.span_id.hex() for s in spans)  # each once
+    assert all(s["attributes"]["pad"] == "q" * 1000 for s in old)
+    assert len(receiver.requests) >= 5 and all(r.ByteSize() <= limit for r in receiver.requests)
+    health = otlp_health()
+    assert health["requests_split"] == 1 and health["dropped"] == 0 and health["pending"] == 0
+    assert not list(outbox.glob("*.pb"))
