@@ -5,25 +5,35 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from cirron_otel._native import Batch
 from cirron_otel._warn import warn_once
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
-@dataclass
+
 class SinkStats:
-    """Counters a sink reports in `health()["sinks"][name]`. Counts are records (spans + marks)."""
+    """Counters a sink reports in `health()["sinks"][name]`. Counts are records (spans + marks).
 
-    name: str
-    exported: int = 0
-    failed: int = 0
-    dropped: int = 0
-    pending: int = 0
-    last_error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    A plain class (importing `dataclasses` costs ~7 ms of every profiled program's start-up).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.exported = 0
+        self.failed = 0
+        self.dropped = 0
+        self.pending = 0
+        self.last_error: str | None = None
+        self.extra: dict[str, Any] = {}
+        self.lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (f"SinkStats(name={self.name!r}, exported={self.exported}, failed={self.failed}, "
+                f"dropped={self.dropped}, pending={self.pending}, last_error={self.last_error!r}, "
+                f"extra={self.extra!r})")
 
     def error(self, kind: str, exc: BaseException | str) -> None:
         """Record a failure and warn once per (sink, kind). Never raises."""

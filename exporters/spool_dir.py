@@ -20,14 +20,22 @@ import fcntl
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
+
+
+def new_batch_id() -> str:
+    """A random UUID4 as 32 lowercase hex digits: what `uuid.uuid4().hex` returns, without
+    importing `uuid` (which imports `platform`: ~2 ms of every profiled program's start-up)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return raw.hex()
 
 
 def new_file_name(suffix: str = ".json") -> tuple[int, str, str]:
     """(created_ns, batch_id, file name) for a batch sealed now; names sort by time."""
     created_ns = time.time_ns()
-    batch_id = uuid.uuid4().hex
+    batch_id = new_batch_id()
     return created_ns, batch_id, f"{created_ns:020d}-{batch_id}{suffix}"
 
 

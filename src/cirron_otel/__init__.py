@@ -10,13 +10,17 @@
 Python layer in `_profiler.py`.
 """
 
-from typing import Any
+from __future__ import annotations
 
 from . import _native
 from ._native import Batch, Scope, batches, epochs, mark, scope
 from ._profiler import Profiler, flush, health, profile, shutdown, trace
 from ._version import __version__
 from ._warn import CirronWarning
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _decorate(func: Any, name: str, index: int | None, attrs: dict[str, Any]) -> Any:

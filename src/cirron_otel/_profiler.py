@@ -13,15 +13,17 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from types import FrameType
-from typing import TYPE_CHECKING, Any, Literal
 
 from . import _native
 from ._warn import reset_in_forked_child as _reset_warnings
 from ._warn import warn_once
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up cost)
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import FrameType
+    from typing import Any, Literal
+
     from ._config import Settings
 
 _SHUTDOWN_TIMEOUT = 10.0
