@@ -6,7 +6,6 @@ environment, then to the defaults below. Nothing else in the package reads `os.e
 
 from __future__ import annotations
 
-import math
 import os
 from types import MappingProxyType
 
@@ -136,6 +135,15 @@ def _rank_from_env(env: Mapping[str, str]) -> int:
     return 0
 
 
+_INF = float("inf")
+
+
+def _finite(value: float) -> bool:
+    """`math.isfinite` without importing math (start-up cost): False for inf, -inf and nan
+    (every comparison with nan is false)."""
+    return -_INF < value < _INF
+
+
 # Numeric options of profile() and their accepted ranges: (low, high, low is inclusive).
 # Non-finite values are refused everywhere: inf and nan compare in ways that silently turn a
 # wait into "drop at once" or a flush period into "never" (issue 7).
@@ -161,7 +169,7 @@ def _number(name: str, value: object, *, integer: bool = False) -> None:
         kind = "an int" if integer else "a number"
         raise TypeError(f"cirron_otel.profile(): {name} must be {kind}, not {type(value).__name__}")
     low, high, low_inclusive = RANGES[name]
-    if isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, float) and not _finite(value):
         raise ValueError(f"cirron_otel.profile(): {name} must be a finite number, got {value!r}")
     assert isinstance(value, int | float)
     if value > high or value < low or (value == low and not low_inclusive):
@@ -399,8 +407,8 @@ def otlp_transport_config(protocol: str, endpoint: str | None,
         try:
             timeout_ms = float(raw_timeout[1])
         except ValueError:
-            timeout_ms = math.nan
-        if not (math.isfinite(timeout_ms) and 0 < timeout_ms <= MAX_SECONDS * 1000):
+            timeout_ms = float("nan")
+        if not (_finite(timeout_ms) and 0 < timeout_ms <= MAX_SECONDS * 1000):
             raise ValueError(f"{raw_timeout[0]} must be a number of milliseconds in "
                              f"(0, {MAX_SECONDS * 1000:.0f}], got {raw_timeout[1]!r}")
     compression = _otlp_var(env, "COMPRESSION")
