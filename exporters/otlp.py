@@ -46,6 +46,7 @@ from .otlp_transport import (
     MAX_SERVER_DELAY,
     GrpcTransport,
     HttpTransport,
+    PartialSuccess,
     SendError,
     Transport,
     make_transport,
@@ -302,7 +303,7 @@ class OtlpSink(Sink):
                 outcome = SendError(f"{type(exc).__name__}: {exc}", retryable=False)
             self._settle(head, outcome)
 
-    def _settle(self, head: _Request, outcome: SendError | str | list[_Request]) -> None:
+    def _settle(self, head: _Request, outcome: SendError | PartialSuccess | str | list[_Request]) -> None:
         """Account for one attempt at the head of the queue and pick the next retry time."""
         error: SendError | None = outcome if isinstance(outcome, SendError) else None
         with self._cv:
@@ -328,6 +329,11 @@ class OtlpSink(Sink):
                         if outcome == _SENT:
                             self.stats.exported += head.spans
                             self.stats.extra["requests_sent"] += 1
+                        elif isinstance(outcome, PartialSuccess):  # some spans refused for good
+                            rejected = min(outcome.rejected_spans, head.spans)
+                            self.stats.exported += head.spans - rejected
+                            self.stats.dropped += rejected
+                            self.stats.extra["requests_sent"] += 1
                         elif outcome == _CORRUPT:
                             self.stats.dropped += head.spans
                             self.stats.extra["outbox_quarantined"] += 1
@@ -338,14 +344,16 @@ class OtlpSink(Sink):
                 self._attempt = 0
                 self._retry_at = self._not_before = 0.0
             self._cv.notify_all()
-        if outcome == _SENT:
+        if outcome == _SENT or isinstance(outcome, PartialSuccess):
             _native.progress()
+        if isinstance(outcome, PartialSuccess):
+            self.stats.error("spans rejected", f"{outcome.rejected_spans} spans: {outcome.message}")
         elif error is not None:
             kind = "export failed" if error.retryable else "request rejected"
             self.stats.error(kind, error.message if error.retryable
                              else f"{error.message} ({head.spans} spans dropped)")
 
-    def _deliver(self, head: _Request) -> SendError | str | list[_Request]:
+    def _deliver(self, head: _Request) -> SendError | PartialSuccess | str | list[_Request]:
         """One attempt at the head, under the outbox lock: read, check, send, then delete."""
         data = head.data
         if head.name is not None:
@@ -370,10 +378,10 @@ class OtlpSink(Sink):
             with self.stats.lock:  # the pieces carry the spans that are still pending
                 self.stats.pending -= head.spans - sum(p.spans for p in pieces)
             return pieces
-        error = self.transport.send(data)
-        if head.name is not None and (error is None or not error.retryable):
+        result = self.transport.send(data)
+        if head.name is not None and not (isinstance(result, SendError) and result.retryable):
             self._remove(head.name)  # accepted, or never will be
-        return _SENT if error is None else error
+        return _SENT if result is None else result
 
     def _store(self, data: bytes, spans: int) -> str | None:
         if self.outbox is None:

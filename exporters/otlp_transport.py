@@ -44,8 +44,22 @@ class SendError:
     retry_after: float | None = None  # seconds the collector asked us to wait, if it said
 
 
+@dataclass(frozen=True)
+class PartialSuccess:
+    """Accepted, but the collector rejected some of the spans (never retried: the specification)."""
+
+    rejected_spans: int
+    message: str
+
+
+def partial_success(response: Any) -> PartialSuccess | None:
+    """What an ExportTraceServiceResponse says it rejected, if anything."""
+    rejected = response.partial_success.rejected_spans
+    return PartialSuccess(rejected, response.partial_success.error_message) if rejected > 0 else None
+
+
 class Transport(Protocol):
-    def send(self, request: bytes) -> SendError | None:
+    def send(self, request: bytes) -> SendError | PartialSuccess | None:
         """One attempt to deliver a serialized ExportTraceServiceRequest; None when accepted."""
 
     def shutdown(self) -> None:
@@ -144,16 +158,17 @@ class GrpcTransport:
     def target(self) -> str:
         return self.config.endpoint
 
-    def send(self, request: bytes) -> SendError | None:
+    def send(self, request: bytes) -> SendError | PartialSuccess | None:
         try:
-            self._stub.Export(self._parse(request), timeout=self.config.timeout, metadata=self._metadata)
+            response = self._stub.Export(self._parse(request), timeout=self.config.timeout,
+                                         metadata=self._metadata)
         except self._grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             name = code.name if code is not None else "UNKNOWN"
             details = exc.details() if hasattr(exc, "details") else str(exc)
             trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
             return classify_grpc(name, details, trailing)
-        return None
+        return partial_success(response)
 
     def shutdown(self) -> None:
         self._channel.close()
@@ -166,7 +181,10 @@ class HttpTransport:
         import requests
 
         self.config = config
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
         self._requests = requests
+        self._response_type = ExportTraceServiceResponse
         self._session = requests.Session()
         self._session.headers.update({"Content-Type": "application/x-protobuf",
                                       "User-Agent": f"cirron-otel/{__version__}"})
@@ -182,7 +200,7 @@ class HttpTransport:
     def url(self) -> str:
         return self.config.endpoint
 
-    def send(self, request: bytes) -> SendError | None:
+    def send(self, request: bytes) -> SendError | PartialSuccess | None:
         body = gzip.compress(request, compresslevel=6) if self.config.compression == "gzip" else request
         exceptions = self._requests.exceptions
         try:
@@ -193,9 +211,12 @@ class HttpTransport:
         except exceptions.RequestException as exc:  # a bad URL, a bad certificate path: never succeeds
             return SendError(f"{type(exc).__name__}: {exc}", retryable=False)
         status = response.status_code
-        _ = response.content  # read it all, so the connection goes back to the pool
+        content = response.content  # read it all, so the connection goes back to the pool
         if 200 <= status < 300:
-            return None
+            try:
+                return partial_success(self._response_type.FromString(content)) if content else None
+            except Exception:  # an unreadable body on a 2xx is still a success
+                return None
         retryable = status in HTTP_RETRYABLE
         delay = parse_retry_after(response.headers.get("Retry-After")) if retryable else None
         return SendError(f"HTTP {status} {response.reason or ''}".rstrip(), retryable, delay)

@@ -134,6 +134,7 @@ class _Receiver:
         self._retry_after: float | str | None = None
         self._stopping = threading.Event()
         self.tls: tuple[str, str] | None = None  # (key file, certificate file): serve TLS
+        self._reject: tuple[int, str] | None = None
 
     @property
     def address(self) -> str:
@@ -158,6 +159,20 @@ class _Receiver:
                 self.failed_times.append(arrived)
                 return True, self._retry_after
             return False, None
+
+    def reject_spans_next(self, spans: int, message: str = "rejected on purpose") -> None:
+        """Accept the next request but answer that `spans` of its spans were rejected (partial success)."""
+        with self._cond:
+            self._reject = (spans, message)
+
+    def _response(self) -> ExportTraceServiceResponse:
+        with self._cond:
+            reject, self._reject = self._reject, None
+        if reject is None:
+            return ExportTraceServiceResponse()
+        response = ExportTraceServiceResponse()
+        response.partial_success.rejected_spans, response.partial_success.error_message = reject
+        return response
 
     def _store(self, request: ExportTraceServiceRequest, headers: dict[str, str]) -> None:
         with self._cond:
@@ -253,7 +268,7 @@ class GrpcReceiver(_Receiver, TraceServiceServicer):
         headers = {k.lower(): v if isinstance(v, str) else v.decode("latin-1")
                    for k, v in context.invocation_metadata()}
         self._store(request, headers)
-        return ExportTraceServiceResponse()
+        return self._response()
 
     def start(self) -> Self:
         if self._server is not None:
@@ -340,7 +355,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             return self._reply(400)
         receiver._store(request, {k.lower(): v for k, v in self.headers.items()})
-        self._reply(200, ExportTraceServiceResponse().SerializeToString())
+        self._reply(200, receiver._response().SerializeToString())
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -449,3 +449,19 @@ def test_an_oversized_request_left_in_the_outbox_is_split_before_it_is_sent(out:
     health = otlp_health()
     assert health["requests_split"] == 1 and health["dropped"] == 0 and health["pending"] == 0
     assert not list(outbox.glob("*.pb"))
+
+
+def test_spans_a_collector_rejects_in_a_partial_success_are_counted_as_dropped(
+        out: Path, receiver: Receiver):
+    start(out, receiver, flush_interval=30)  # the flush below makes one request of the three
+    receiver.reject_spans_next(2, "two too many")
+    for i in range(3):
+        with ci.scope("step", index=i):
+            pass
+    assert ci.flush(timeout=10)  # accepted: not retried, as the specification says
+    health = otlp_health()
+    assert health["exported"] == 1 and health["dropped"] == 2 and health["pending"] == 0
+    assert "two too many" in health["last_error"]
+    ci.shutdown()
+    assert receiver.attempts == 2  # the partly rejected request and the session span's, once each
+    assert otlp_health()["exported"] == 1 + 1
