@@ -7,18 +7,30 @@ in-process time of the import plus `profile()` and the whole process against a b
 interpreter (which also includes the exit: the final flush and fsync).
 
     python bench/bench_startup.py                       # the installed cirron_otel
-    python bench/bench_startup.py -n 30 old=/tmp/old/src new=src
+    python bench/bench_startup.py -n 30 before=@HEAD~1 after=@HEAD now=src
+    python bench/bench_startup.py -n 30 old=/tmp/old/src
+
+A tree is `label=DIR` (put first on PYTHONPATH: it must hold `cirron_otel/exporters` too, or
+the editable install's own `exporters/` is imported with it) or `label=@REV`: `src/` and
+`exporters/` at that git revision, laid out as installed, with the native module built in
+this work tree (so revisions that differ in `_native.c` are not comparable this way).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import io
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROFILE = (
     "import time, sys; t = time.perf_counter(); import cirron_otel as ci; ci.profile(output='spool'); "
@@ -27,15 +39,33 @@ PROFILE = (
 )
 
 
+def tree_at_revision(rev: str, dest: str) -> str:
+    """`src/` and `exporters/` at git revision `rev` under `dest`, exporters inside the package
+    as in a wheel, plus this work tree's built native module; returns the directory for
+    PYTHONPATH."""
+    archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "src", "exporters"],
+                             capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    package = os.path.join(dest, "src", "cirron_otel")
+    os.rename(os.path.join(dest, "exporters"), os.path.join(package, "exporters"))
+    for native in glob.glob(os.path.join(ROOT, "src", "cirron_otel", "_native*.so")):
+        shutil.copy(native, package)
+    return os.path.join(dest, "src")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-n", type=int, default=20, help="processes per case (default 20)")
-    parser.add_argument("trees", nargs="*", help="label=SRC_DIR, put first on PYTHONPATH")
+    parser.add_argument("trees", nargs="*", help="label=SRC_DIR (put first on PYTHONPATH) or label=@GIT_REV")
     args = parser.parse_args()
     trees = dict(t.split("=", 1) for t in args.trees) or {"installed": ""}
     with tempfile.TemporaryDirectory() as tmp:
+        for label, src in trees.items():
+            if src.startswith("@"):
+                trees[label] = tree_at_revision(src[1:], os.path.join(tmp, "trees", label))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         env.update(CIRRON_OUTPUT_DIR=tmp, PYTHONPYCACHEPREFIX=os.path.join(tmp, "pyc"))
         env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}  # spool only, as asked
