@@ -71,7 +71,7 @@ class SinkWorker(threading.Thread):
             if self._queued_records and self._queued_records + records > self.max_queued_records \
                     and not self.sink.backpressure:
                 with self.sink.stats.lock:
-                    self.sink.stats.dropped += records
+                    self.sink.stats.dropped += self.sink.count(batches)
                 self.sink.stats.error("queue full", f"{records} records dropped: the sink is behind")
                 return -1
             self._submitted += 1
