@@ -14,8 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from .conftest import run_script, spans_and_marks
 
 OTEL_MODULES = "sorted(m for m in sys.modules if m == 'opentelemetry' or m.startswith('opentelemetry.'))"
@@ -174,8 +172,6 @@ def test_spool_only_profile_imports_nothing_heavy(tmp_path: Path) -> None:
     assert [s["name"] for s in spans].count("step") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="_otel_context.py imports typing at its top (its `_Runtime` "
-                   "Protocol class, ~2.5 ms): once that is under TYPE_CHECKING, drop this xfail")
 def test_spool_only_profile_does_not_import_typing(tmp_path: Path) -> None:
     assert _heavy_imports(tmp_path)["typing_after_profile"] == []
 

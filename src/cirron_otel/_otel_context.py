@@ -38,12 +38,21 @@ import threading
 from collections.abc import Callable, Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _native
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up cost)
 if TYPE_CHECKING:
+    from typing import Any, Protocol
+
     from opentelemetry.context.context import Context
+
+    class _Runtime(Protocol):
+        """What OpenTelemetry's API calls on a runtime context (its base class is private)."""
+
+        def attach(self, context: Context) -> object: ...
+        def get_current(self) -> Context: ...
+        def detach(self, token: object) -> None: ...
 
 _MASK64 = (1 << 64) - 1
 _OTEL_CONTEXT = "opentelemetry.context"
@@ -73,14 +82,6 @@ def _empty_context() -> Context:
 
         _context_class = Context
     return _context_class()
-
-
-class _Runtime(Protocol):
-    """What OpenTelemetry's API calls on a runtime context (its base class is private)."""
-
-    def attach(self, context: Context) -> object: ...
-    def get_current(self) -> Context: ...
-    def detach(self, token: object) -> None: ...
 
 
 def _anchor_value(context: Context) -> tuple[Any, ...]:
