@@ -8,8 +8,10 @@ The inverse of the Cirron → OpenTelemetry mapping (README, "OpenTelemetry"):
   resolves to its full spool id (a bounded in-memory map), and a Cirron span that started a
   trace of its own (no parent, `cirron.session.id`) gets the session as its parent;
 - `cirron.index`, `thread.id`, `cirron.rank`, `cirron.cpu_ns` / `cirron.gpu_ns` become the span
-  record's fields; the other attributes its attrs; status ERROR adds `error`, `error.type`,
-  `error.message` (from the `exception` event, which is not kept as a mark);
+  record's fields; the other attributes its attrs, except, on a span Cirron produced, the
+  ones its mapping adds and the spool has no place for (`thread.name`, `code.*`); status
+  ERROR adds `error`, `error.type`, `error.message` (from the `exception` event, which is not
+  kept as a mark, else the status description);
 - events carrying `cirron.mark.*` become the original marks (id, typed value, kind, attrs);
   `cirron.summary.<name>` attributes become summary marks; any other event becomes a string
   mark named after the event, whose value is that name and whose attrs are its attributes.
@@ -57,6 +59,10 @@ SESSION_ID = "cirron.session.id"
 # Attributes the Cirron mapping adds to a span: fields of the spool record, not attrs.
 FIELD_KEYS = frozenset({"cirron.index", SPAN_ID, "thread.id", "cirron.rank", "cirron.cpu_ns",
                         "cirron.gpu_ns", SESSION_ID})
+# Attributes the Cirron mapping adds to a span that the spool does not keep at all (the
+# thread's name; a decorated function's code location): left out of a Cirron span's attrs.
+MAPPING_ONLY_KEYS = FIELD_KEYS | {"thread.name", "code.function.name", "code.file.path",
+                                  "code.line.number"}
 
 Record = dict[str, Any]
 Unit = list[Record]  # a span record followed by its marks
@@ -243,7 +249,8 @@ def span_unit(span: ReadableSpan, ids: CirronIds) -> Unit:
     exception = _exception_event(span)
     marks = [event_mark(event, span_id) for event in span.events if event is not exception]
     marks += summary_marks(span, span_id, end_ns)
-    attrs = json_attrs(attributes, FIELD_KEYS)
+    cirron = _hex32_or_none(attributes.get(SPAN_ID)) is not None
+    attrs = json_attrs(attributes, MAPPING_ONLY_KEYS if cirron else FIELD_KEYS)
     for key in [key for key in attrs if key.startswith(SUMMARY_PREFIX)]:
         del attrs[key]
     for key, value in error_attrs(span, exception).items():

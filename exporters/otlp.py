@@ -66,13 +66,25 @@ BACKOFF_BASE = 0.25
 BACKOFF_CAP = 10.0
 
 
+# What encoded the spans (semantic conventions, `telemetry.*`): this package's native
+# encoder, not the OpenTelemetry SDK, whose reserved `telemetry.sdk.name` "opentelemetry" it
+# must not claim. Set over OTEL_RESOURCE_ATTRIBUTES, as the SDK sets its own.
+TELEMETRY_ATTRS: dict[str, str] = {
+    "telemetry.sdk.name": SCOPE_NAME,
+    "telemetry.sdk.language": "python",
+    "telemetry.sdk.version": __version__,
+    "telemetry.distro.name": "cirron-otel",
+    "telemetry.distro.version": __version__,
+}
+
+
 def build_resource(service_name: str | None, rank: int) -> tuple[dict[str, Any], bytes]:
-    """The process's Resource (OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME and telemetry.sdk.*
-    merged by the SDK), as attributes and as OTLP protobuf bytes."""
+    """The process's Resource (OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME merged by the
+    SDK, `telemetry.*` naming this package), as attributes and as OTLP protobuf bytes."""
     from opentelemetry.sdk.resources import Resource
 
     resource = Resource.create({"process.pid": os.getpid(), "host.name": socket.gethostname(),
-                                "cirron.rank": rank})
+                                "cirron.rank": rank, **TELEMETRY_ATTRS})
     if service_name:
         resource = resource.merge(Resource({"service.name": service_name}))
     elif str(resource.attributes.get("service.name", "")).startswith("unknown_service"):

@@ -227,6 +227,7 @@ def test_service_is_listed_with_the_process_resource(direct_run: DemoRun, jaeger
         assert process["serviceName"] == direct_run.service
         ptags = {t["key"]: t["value"] for t in process["tags"]}
         assert ptags["telemetry.sdk.language"] == "python"
+        assert (ptags["telemetry.sdk.name"], ptags["telemetry.distro.name"]) == ("cirron_otel", "cirron-otel")
         assert isinstance(ptags["process.pid"], int) and ptags["host.name"]
         assert ptags["cirron.rank"] == 0
         assert {s["processID"] for s in trace["spans"]} == set(trace["processes"])
@@ -350,9 +351,11 @@ def check_error_scope(run: DemoRun) -> None:
     t = tags(span)
     message = "validation set went missing (on purpose, for the demo)"
     assert t["otel.status_code"] == "ERROR"
-    assert t["error"] is True
+    assert t["error"] is True  # Jaeger's own tag, from the status (the span has no `error` attribute)
     assert t["otel.status_description"] == message
     assert t["error.type"] == "FloatingPointError"
+    assert "error.message" not in t  # the status description carries it
+    assert t["thread.name"] == "MainThread" and isinstance(t["thread.id"], int)
     (exc,) = [entry for entry in logs(span) if entry.get("event") == "exception"]
     assert exc["exception.type"] == "FloatingPointError"
     assert exc["exception.message"] == message

@@ -220,10 +220,13 @@ def _mark_value(mark: Record) -> Any:
 def _as_otel(span: Record, marks: Sequence[Record], by_id: dict[str, Record]) -> ReadableSpan:
     """The Cirron → OpenTelemetry mapping of one spool span (issue 3, "The mapping")."""
     attributes: Record = dict(span["attrs"])
+    if span["attrs"].get("error"):  # the status and the exception event carry these
+        del attributes["error"], attributes["error.message"]
     if span["index"] is not None:
         attributes["cirron.index"] = span["index"]
     attributes["cirron.span_id"] = span["id"]
     attributes["thread.id"] = span["thread_id"]
+    attributes["thread.name"] = "MainThread"  # added by the mapping, not kept in the spool
     attributes["cirron.rank"] = span["rank"]
     if span["cpu_ns"] is not None:
         attributes["cirron.cpu_ns"] = span["cpu_ns"]

@@ -281,7 +281,8 @@ typedef struct {
 
 typedef struct {
     uint8_t type;
-    uint8_t _pad[7];
+    uint8_t _pad[3];
+    uint32_t code_id;           /* the decorated function's code location (0: none) */
     uint64_t parent_hi, parent_lo;
     uint64_t trace_hi, trace_lo;
     int64_t index;
@@ -317,6 +318,8 @@ typedef struct ring {
     _Alignas(64) slot_t *slots;
     uint64_t cap, mask, hw;
     uint64_t thread_id;
+    char *thread_name;        /* UTF-8, read once after the ring is made (registry lock) */
+    uint32_t thread_name_len;
     _Atomic int orphaned;
     struct ring *next;
 } ring_t;
@@ -397,6 +400,32 @@ ring_create(void)
     return r;
 }
 
+/* GIL held: threading.current_thread().name as malloc'd UTF-8 (NULL when unavailable). Read
+ * once per thread, when its ring is made (its first scope or mark): thread.name on its
+ * exported spans. A later rename is not seen. */
+static char *
+current_thread_name(uint32_t *len)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    char *out = NULL;
+    PyObject *mod = PyImport_ImportModule("threading");
+    PyObject *t = mod ? PyObject_CallMethod(mod, "current_thread", NULL) : NULL;
+    PyObject *name = t ? PyObject_GetAttrString(t, "name") : NULL;
+    Py_ssize_t n = 0;
+    const char *u = name && PyUnicode_Check(name) ? PyUnicode_AsUTF8AndSize(name, &n) : NULL;
+    if (u != NULL && n > 0 && n <= 4096 && (out = malloc((size_t)n)) != NULL) {
+        memcpy(out, u, (size_t)n);
+        *len = (uint32_t)n;
+    }
+    Py_XDECREF(name);
+    Py_XDECREF(t);
+    Py_XDECREF(mod);
+    PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
+    return out;
+}
+
 static ring_t *
 get_ring_slow(void)
 {
@@ -407,6 +436,15 @@ get_ring_slow(void)
     }
     tl_ring = r;
     pthread_setspecific(g_ring_key, r);
+    /* after tl_ring is set: current_thread() may run Python code that records */
+    uint32_t len = 0;
+    char *name = current_thread_name(&len);
+    if (name != NULL) {
+        pthread_mutex_lock(&g_registry_mu); /* the collector reads it under this lock */
+        r->thread_name = name;
+        r->thread_name_len = len;
+        pthread_mutex_unlock(&g_registry_mu);
+    }
     return r;
 }
 
@@ -838,6 +876,7 @@ typedef struct ScopeObject {
     uint8_t has_index;
     uint8_t span_flags; /* SF_* below, copied into the span record */
     uint8_t attrs_shared; /* attrs was handed out (or came from outside): copy it at close */
+    uint32_t code_id;     /* code location of the decorated function (code_scope), 0: none */
     PyObject *name;
     PyObject *attrs;
     PyObject *token;
@@ -875,6 +914,7 @@ scope_alloc(void)
     s->has_index = 0;
     s->span_flags = 0;
     s->attrs_shared = 0;
+    s->code_id = 0;
     s->index = 0;
     s->depth = 0;
     s->span_hi = s->span_lo = s->parent_hi = s->parent_lo = s->trace_hi = s->trace_lo = 0;
@@ -1203,6 +1243,7 @@ scope_close_at(ScopeObject *self, PyObject *exc_type, PyObject *exc, int64_t end
     s2->index = self->index;
     s2->cpu_ns = cpu;
     s2->thread_id = r->thread_id;
+    s2->code_id = self->code_id;
     counter_inc(&r->spans_recorded);
     ring_publish(r, 2);
     return 0;
@@ -1235,6 +1276,111 @@ scope_make(PyObject *name, PyObject *index, PyObject *attrs, ring_t *r)
         s->attrs = attrs;
         s->attrs_shared = 1;
     }
+    return s;
+}
+
+/* Code locations of decorated functions (code.function.name, code.file.path,
+ * code.line.number over OTLP), registered once per decorated function by code_location()
+ * and named by id in each span record. Append-only: the encoder reads entries without the
+ * GIL. Ids 1..CODE_MAX-1; when full, functions decorated later get none (id 0). */
+typedef struct {
+    char *func, *file; /* UTF-8; file may be NULL */
+    uint32_t func_len, file_len;
+    int64_t line;      /* < 0: unknown */
+} code_loc_t;
+
+#define CODE_CHUNK 256
+#define CODE_MAX (CODE_CHUNK * 256)
+static code_loc_t *g_code_chunks[CODE_MAX / CODE_CHUNK];
+static _Atomic uint32_t g_code_n = 1;
+
+static inline const code_loc_t *
+code_get(uint32_t id)
+{
+    if (id == 0 || id >= atomic_load_explicit(&g_code_n, memory_order_acquire))
+        return NULL;
+    return &g_code_chunks[id / CODE_CHUNK][id % CODE_CHUNK];
+}
+
+/* GIL held: a str's UTF-8 (lone surrogates backslash-escaped), malloc'd; NULL on failure. */
+static char *
+utf8_dup(PyObject *str, uint32_t *len)
+{
+    PyObject *enc = PyUnicode_AsEncodedString(str, "utf-8", "backslashreplace");
+    if (enc == NULL)
+        return NULL;
+    Py_ssize_t n = PyBytes_GET_SIZE(enc);
+    char *out = n <= UINT32_MAX ? malloc((size_t)n + 1) : NULL;
+    if (out != NULL) {
+        memcpy(out, PyBytes_AS_STRING(enc), (size_t)n + 1);
+        *len = (uint32_t)n;
+    }
+    Py_DECREF(enc);
+    if (out == NULL && !PyErr_Occurred())
+        PyErr_NoMemory();
+    return out;
+}
+
+/* code_location(function, file, line) -> id: register a decorated function's location */
+static PyObject *
+mod_code_location(PyObject *m, PyObject *args)
+{
+    PyObject *func, *file, *line;
+    if (!PyArg_ParseTuple(args, "UOO:code_location", &func, &file, &line))
+        return NULL;
+    if (file != Py_None && !PyUnicode_Check(file)) {
+        PyErr_SetString(PyExc_TypeError, "code_location() file must be a str or None");
+        return NULL;
+    }
+    int64_t ln = -1;
+    if (line != Py_None) {
+        long long v = PyLong_AsLongLong(line);
+        if (v == -1 && PyErr_Occurred())
+            return NULL;
+        ln = v < 0 ? -1 : v;
+    }
+    uint32_t id = atomic_load_explicit(&g_code_n, memory_order_relaxed);
+    if (id >= CODE_MAX)
+        return PyLong_FromLong(0);
+    code_loc_t c = {.line = ln};
+    if ((c.func = utf8_dup(func, &c.func_len)) == NULL)
+        return NULL;
+    if (file != Py_None && (c.file = utf8_dup(file, &c.file_len)) == NULL) {
+        free(c.func);
+        return NULL;
+    }
+    code_loc_t **chunk = &g_code_chunks[id / CODE_CHUNK];
+    if (*chunk == NULL && (*chunk = calloc(CODE_CHUNK, sizeof(code_loc_t))) == NULL) {
+        free(c.func);
+        free(c.file);
+        return PyErr_NoMemory();
+    }
+    (*chunk)[id % CODE_CHUNK] = c;
+    atomic_store_explicit(&g_code_n, id + 1, memory_order_release);
+    return PyLong_FromUnsignedLong(id);
+}
+
+static PyObject *mod_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
+
+/* code_scope(code, name, index=None, **attrs): scope() for the decorator, its span carrying
+ * the code location `code` (an id from code_location()). */
+static PyObject *
+mod_code_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "code_scope() missing required argument 'code'");
+        return NULL;
+    }
+    unsigned long id = PyLong_AsUnsignedLong(args[0]);
+    if (id == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (id >= atomic_load_explicit(&g_code_n, memory_order_relaxed)) {
+        PyErr_Format(PyExc_ValueError, "code_scope(): unknown code location %lu", id);
+        return NULL;
+    }
+    PyObject *s = mod_scope(m, args + 1, nargs - 1, kwnames);
+    if (s != NULL)
+        ((ScopeObject *)s)->code_id = (uint32_t)id;
     return s;
 }
 
@@ -2425,6 +2571,12 @@ typedef struct {
     tok_t etype, emsg, estack;     /* span: the exception, raw UTF-8 */
 } ext_t;
 
+/* The slots [start, end) came from one ring: its thread's name (thread.name over OTLP). */
+typedef struct {
+    size_t start, end;
+    tok_t name;
+} thr_t;
+
 typedef struct {
     PyObject_HEAD
     slot_t *slots;
@@ -2438,6 +2590,8 @@ typedef struct {
     size_t n_marks, n_spans;
     int64_t pid;
     int64_t rank;
+    thr_t *thr; /* in slot order */
+    size_t nthr, thr_cap;
 } BatchObject;
 
 static PyTypeObject Batch_Type;
@@ -2562,6 +2716,8 @@ batch_new(void)
     b->n_marks = b->n_spans = 0;
     b->pid = g_pid;
     b->rank = g_rank;
+    b->thr = NULL;
+    b->nthr = b->thr_cap = 0;
     return b;
 }
 
@@ -2607,6 +2763,7 @@ ring_free_locked(ring_t *r)
     atomic_fetch_add(&g_freed_marks_dropped, atomic_load(&r->marks_dropped));
     atomic_fetch_add(&g_freed_spans_dropped, atomic_load(&r->spans_dropped));
     atomic_fetch_add(&g_rings_freed, 1);
+    free(r->thread_name);
     free(r->slots);
     free(r);
 }
@@ -2657,7 +2814,8 @@ arena_str_of(BatchObject *b, PyObject *o)
     return t;
 }
 
-static void otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_t *n, uint32_t *dropped);
+static void otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_t *n, uint32_t *dropped,
+                       int span_error);
 static int g_otlp;                          /* render OTLP attributes in the GIL pass */
 static uint32_t g_span_attr_limit = 128, g_event_attr_limit = 128;
 static int64_t g_value_len_limit = -1;      /* OTEL_*ATTRIBUTE_VALUE_LENGTH_LIMIT */
@@ -2689,7 +2847,9 @@ resolve_refs(BatchObject *b, size_t i)
         if (g_otlp && PyDict_Check(attrs)) {
             st = a->len;
             uint32_t limit = s->type == R_MARK ? g_event_attr_limit : g_span_attr_limit;
-            otlp_attrs(a, attrs, limit, &e->oattrs_n, &e->oattrs_dropped);
+            /* a failed span: error / error.message are the status over OTLP, not attributes */
+            otlp_attrs(a, attrs, limit, &e->oattrs_n, &e->oattrs_dropped,
+                       s->type == R_SPAN && (s->flags & F_ERROR));
             e->oattrs = arena_since(b, st);
         }
     }
@@ -2840,8 +3000,15 @@ mod_collect(PyObject *m, PyObject *args)
         if (b->slots == NULL || b->aux == NULL)
             oom = 1;
     }
-    for (ring_t *r = g_rings; r && !oom && b->nslots < room; r = r->next)
+    for (ring_t *r = g_rings; r && !oom && b->nslots < room; r = r->next) {
+        size_t first = b->nslots;
         b->nslots += claim_ring(r, b->slots + b->nslots, room - b->nslots);
+        if (b->nslots > first && r->thread_name && ARRAY_GROW(b->thr, b->thr_cap, b->nthr, 8) == 0) {
+            size_t at = b->arena.len;
+            buf_put(&b->arena, r->thread_name, r->thread_name_len);
+            b->thr[b->nthr++] = (thr_t){first, b->nslots, arena_since(b, at)};
+        }
+    }
     pthread_mutex_unlock(&g_registry_mu);
     for (size_t i = 0; i < b->nslots; i++) {
         b->aux[i].ext = -1;
@@ -2924,6 +3091,7 @@ Batch_dealloc(BatchObject *b)
     free(b->aux);
     free(b->ext);
     free(b->mids);
+    free(b->thr);
     free(b->arena.data);
     PyObject_Free(b);
 }
@@ -3543,9 +3711,11 @@ otlp_any_value(buf_t *a, PyObject *v)
 }
 
 /* GIL held. A dict as [varint len][KeyValue]... (no field tags: the encoder adds them for
- * span attributes or event attributes), at most `limit` entries. */
+ * span attributes or event attributes), at most `limit` entries. span_error: the attrs of
+ * a span in error, whose Cirron keys `error` and `error.message` the status carries (its
+ * `error.type` stays, a semantic-conventions attribute). */
 static void
-otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_t *n, uint32_t *dropped)
+otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_t *n, uint32_t *dropped, int span_error)
 {
     PyObject *items = PyDict_Items(dict);
     *n = *dropped = 0;
@@ -3561,6 +3731,10 @@ otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_t *n, uint32_t *drop
         PyObject *key = PyTuple_GET_ITEM(kv, 0), *val = PyTuple_GET_ITEM(kv, 1);
         if (val == Py_None)
             continue; /* OpenTelemetry attributes cannot be null */
+        if (span_error && PyUnicode_Check(key) &&
+            (PyUnicode_CompareWithASCIIString(key, "error") == 0 ||
+             PyUnicode_CompareWithASCIIString(key, "error.message") == 0))
+            continue;
         if (*n >= limit) {
             (*dropped)++;
             continue;
@@ -3915,6 +4089,21 @@ typedef struct {
     uint32_t spans;
 } otlp_ctx_t;
 
+/* the name of the thread that recorded slot i (NULL: unknown) */
+static const tok_t *
+batch_thread_name(const BatchObject *b, size_t i)
+{
+    size_t lo = 0, hi = b->nthr;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (b->thr[mid].end <= i)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < b->nthr && b->thr[lo].start <= i ? &b->thr[lo].name : NULL;
+}
+
 static void
 otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_t *c)
 {
@@ -3950,12 +4139,24 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
         dropped += x->oattrs_n - n + x->oattrs_dropped;
     }
 #define ROOM() (n < limit ? (n++, 1) : (dropped++, 0))
+    const code_loc_t *code = code_get(s2->code_id);
+    if (code != NULL) {
+        if (ROOM())
+            pb_str_kv(o, 9, "code.function.name", 18, code->func, code->func_len);
+        if (code->file && ROOM())
+            pb_str_kv(o, 9, "code.file.path", 14, code->file, code->file_len);
+        if (code->line >= 0 && ROOM())
+            pb_int_kv(o, 9, "code.line.number", code->line);
+    }
     if ((s->flags & F_HAS_INDEX) && ROOM())
         pb_int_kv(o, 9, "cirron.index", s2->index);
     if (ROOM())
         pb_hex_kv(o, 9, "cirron.span_id", s->span_hi, s->span_lo);
     if (ROOM())
         pb_int_kv(o, 9, "thread.id", (int64_t)s2->thread_id);
+    const tok_t *tname = batch_thread_name(b, i);
+    if (tname != NULL && ROOM())
+        pb_str_kv(o, 9, "thread.name", 11, b->arena.data + tname->off, tname->len);
     if (ROOM())
         pb_int_kv(o, 9, "cirron.rank", b->rank);
     if ((s->flags & F_HAS_CPU) && ROOM())
@@ -4445,6 +4646,7 @@ mod_after_fork_child(PyObject *m, PyObject *unused)
             /* threads that do not exist in the child: their name caches are garbage to us */
             for (int i = 0; i < NAME_CACHE_SIZE; i++)
                 Py_CLEAR(r->name_cache[i].key);
+            free(r->thread_name);
             free(r->slots);
             free(r);
         }
@@ -4497,6 +4699,10 @@ static PyMethodDef module_methods[] = {
      "mark(name, value, *, kind='point', **attrs)"},
     {"scope", (PyCFunction)(void (*)(void))mod_scope, METH_FASTCALL | METH_KEYWORDS,
      "scope(name, index=None, **attrs)"},
+    {"code_scope", (PyCFunction)(void (*)(void))mod_code_scope, METH_FASTCALL | METH_KEYWORDS,
+     "code_scope(code, name, index=None, **attrs)"},
+    {"code_location", (PyCFunction)mod_code_location, METH_VARARGS,
+     "code_location(function, file, line) -> id"},
     {"epochs", (PyCFunction)mod_epochs, METH_O, "epochs(iterable)"},
     {"batches", (PyCFunction)mod_batches, METH_O, "batches(iterable)"},
     {"scoped_iter", (PyCFunction)mod_scoped_iter, METH_VARARGS, "scoped_iter(iterable, name)"},
