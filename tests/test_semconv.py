@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import inspect
 import os
 import threading
 from pathlib import Path
@@ -217,7 +216,6 @@ def test_code_location_is_worked_out_once_when_decorating(out: Path, grpc_receiv
         raise AssertionError("a call worked out its code location")
 
     monkeypatch.setattr(decorate_module, "code_location", no_lookup_per_call)
-    monkeypatch.setattr(inspect, "unwrap", no_lookup_per_call)
     start(out, grpc_receiver)
     for func in functions:
         func()
