@@ -88,3 +88,7 @@ class Sink(ABC):
 
     def shutdown(self, timeout: float) -> None:  # noqa: B027 - optional hook
         """Deliver what is pending, within `timeout` seconds, and release resources."""
+
+    def at_exit(self) -> None:  # noqa: B027 - optional hook
+        """The process is exiting (called before `shutdown`): do not wait for a destination
+        that is failing; what is durable waits for the next run."""

@@ -21,6 +21,12 @@ Each `export()` call writes one batch file (several past 100,000 records) throug
 Registered as the `cirron_spool` traces exporter, so `OTEL_TRACES_EXPORTER=cirron_spool`
 works under `opentelemetry-instrument`; the output directory is `$CIRRON_OUTPUT_DIR` or
 `./.cirron`.
+
+Not twice: in a program that also calls `ci.profile()`, Cirron's spans reach this exporter
+through the app's TracerProvider (instrumentation scope `cirron_otel`) while the profiler's
+own spool sink writes them natively. While a profiler of this process writes the same spool
+directory, those spans are skipped here (counted in `skipped_spans`); every other span is
+written.
 """
 
 from __future__ import annotations
@@ -39,12 +45,15 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, StatusCode
 
-from cirron_otel._config import DEFAULT_OUTPUT_DIR, DEFAULT_SPOOL_MAX_BYTES, MAX_RECORDS_PER_FILE
+from cirron_otel import _profiler
+from cirron_otel._config import DEFAULT_SPOOL_MAX_BYTES, MAX_RECORDS_PER_FILE
+from cirron_otel._config import default_output_dir as _default_output_dir
 from cirron_otel._version import __version__
 
 from .spool_dir import SpoolDirectory, new_file_name
 
 SCHEMA_VERSION = 1
+CIRRON_SCOPE = "cirron_otel"  # the instrumentation scope of the spans profile() produces
 STRING_CAP = 256  # UTF-8 bytes of a mark's string value, and of error.message
 ID_MAP_SIZE = 65_536  # Cirron span ids remembered for resolving later children's parents
 MAX_DEPTH = 32  # nesting of attribute values written as JSON; deeper becomes str()
@@ -72,7 +81,7 @@ _HEX32 = re.compile(r"[0-9a-f]{32}")
 
 def default_output_dir() -> str:
     """`$CIRRON_OUTPUT_DIR`, else `./.cirron` (the same rule as `profile(output_dir=None)`)."""
-    return os.environ.get("CIRRON_OUTPUT_DIR") or DEFAULT_OUTPUT_DIR
+    return _default_output_dir()
 
 
 # -- values ------------------------------------------------------------------------------
@@ -315,6 +324,12 @@ def encode_batch(records: Sequence[Record], created_ns: int, batch_id: str) -> b
 # -- the exporter ------------------------------------------------------------------------
 
 
+def _from_cirron(span: ReadableSpan) -> bool:
+    """A span the profiler itself made (handed to the app's TracerProvider by profile())."""
+    scope = span.instrumentation_scope
+    return scope is not None and scope.name == CIRRON_SCOPE
+
+
 class SpoolSpanExporter(SpanExporter):
     """Writes every exported span, and its events as marks, into `<output_dir>/spool`."""
 
@@ -329,11 +344,20 @@ class SpoolSpanExporter(SpanExporter):
         self.files_written = 0
         self._ids = CirronIds()
         self._shutdown = False
+        self.skipped_spans = 0  # Cirron's own, written by the profiler's spool sink instead
+
+    def _profiler_writes_here(self) -> bool:
+        theirs = _profiler.spool_path()
+        return theirs is not None and os.path.realpath(theirs) == os.path.realpath(self.directory.path)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._shutdown:
             return SpanExportResult.FAILURE
         try:
+            if self._profiler_writes_here():
+                kept = [span for span in spans if not _from_cirron(span)]
+                self.skipped_spans += len(spans) - len(kept)
+                spans = kept
             for span in spans:
                 own = _hex32_or_none((span.attributes or {}).get(SPAN_ID))
                 if own is not None:  # first, so children earlier in the batch resolve too

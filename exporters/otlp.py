@@ -167,6 +167,7 @@ class OtlpSink(Sink):
         self._retry_at = 0.0  # own backoff: flush() may cut it short
         self._not_before = 0.0  # the collector's Retry-After / RetryInfo: always honoured
         self._retryable_failures = 0
+        self._exiting = False  # at_exit(): shutdown() stops at the first retryable failure
         self._process_lock = threading.Lock()
         self.stats.extra.update(
             requests_sent=0, requests_rejected=0, outbox=self.outbox.path if self.outbox else None,
@@ -221,22 +222,41 @@ class OtlpSink(Sink):
                 self._cv.wait(min(left, 0.1))
         return True
 
+    def at_exit(self) -> None:
+        self._exiting = True
+
     def shutdown(self, timeout: float) -> None:
-        """Deliver what is queued within `timeout`; what is left stays in the outbox."""
+        """Deliver what is queued within `timeout`, retrying as usual. At process exit
+        (`at_exit`), stop at once when the collector fails in a way worth retrying
+        (unreachable, UNAVAILABLE, 503, ...) or has asked us to wait: a program does not wait
+        for its collector to exit. What is left stays in the outbox for the next run (without
+        an outbox it is lost: counted as dropped)."""
         deadline = time.monotonic() + timeout
         with self._cv:
-            self._retry_at = 0.0
+            failures = self._retryable_failures
+            self._retry_at = 0.0  # our own backoff yields; the collector's Retry-After does not
             self._cv.notify_all()
             while self._queue and self._sender.is_alive():
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or (self._exiting and (self._retryable_failures != failures
+                                                    or self._not_before > time.monotonic())):
                     break
                 self._cv.wait(min(left, 0.1))
             self._stopping = True
             self._cv.notify_all()
-        self._sender.join(max(0.0, deadline - time.monotonic()) + 0.5)
+        # An attempt on the wire ends with its answer, or when the channel is closed below.
+        self._sender.join(max(0.0, deadline - time.monotonic()))
         with contextlib.suppress(Exception):
             self.transport.shutdown()
+        self._sender.join(0.1)
+        with self._cv:
+            lost = [item for item in self._queue if item.name is None and item is not self._inflight]
+        if lost:
+            spans = sum(item.spans for item in lost)
+            with self.stats.lock:
+                self.stats.pending -= spans
+                self.stats.dropped += spans
+            self.stats.error("not delivered at shutdown", f"{spans} spans (no outbox to keep them)")
 
     # -- the queue ------------------------------------------------------------------------
 

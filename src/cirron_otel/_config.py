@@ -26,6 +26,9 @@ FILE_MODES = ("user", "group")
 # it with room for gRPC framing and the resource/scope a split request repeats.
 DEFAULT_OTLP_MAX_REQUEST_BYTES = 4 * 1024 * 1024 - 64 * 1024
 DEFAULT_OTLP_QUEUE_REQUESTS = 256
+SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
+            "parentbased_traceidratio")
+DEFAULT_SAMPLER = "parentbased_always_on"
 
 
 class _Frozen:
@@ -111,6 +114,16 @@ class Settings(_Frozen):
     # An SDK TracerProvider whose span processors receive Cirron spans; "global": the
     # globally set one when it is an SDK provider; None: never.
     tracer_provider: Any = "global"
+    # OTEL_PYTHON_TRACER_PROVIDER is set: the API makes the global provider on first use.
+    env_tracer_provider: bool = False
+    # OTEL_SDK_DISABLED=true: no OpenTelemetry export of any kind (the spool still works).
+    otel_sdk_disabled: bool = False
+    # OTEL_TRACES_SAMPLER / _ARG, applied to the traces Cirron starts (see traces_sampler()).
+    sampler: str = DEFAULT_SAMPLER
+    sampler_ratio: float = 1.0
+    # OTEL_TRACES_EXPORTER names other than otlp / cirron_spool / none: SpanExporters loaded
+    # from the opentelemetry_traces_exporter entry points (console, ...), fed Cirron spans.
+    span_exporters: tuple[str, ...] = ()
 
 
 # Ranks come from launchers (torchrun, mpirun, SLURM wrappers): an unparsable value is a
@@ -213,6 +226,11 @@ def _file_mode(value: Any, env: Mapping[str, str]) -> str:
     return str(value)
 
 
+def default_output_dir(env: Mapping[str, str] | None = None) -> str:
+    """`$CIRRON_OUTPUT_DIR`, else `./.cirron` (profile() and the cirron_spool exporter alike)."""
+    return (os.environ if env is None else env).get("CIRRON_OUTPUT_DIR") or DEFAULT_OUTPUT_DIR
+
+
 def _otlp_configured(env: Mapping[str, str]) -> bool:
     return bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
 
@@ -233,6 +251,100 @@ def _outputs(output: str | list[str] | tuple[str, ...] | set[str] | None, otlp: 
             f"choose from {sorted(VALID_OUTPUTS)}"
         )
     return frozenset(parts)
+
+
+# -- the OpenTelemetry SDK's own variables (OTEL_SDK_DISABLED, OTEL_TRACES_SAMPLER[_ARG],
+#    OTEL_TRACES_EXPORTER), read as the SDK environment specification says ----------------------
+# A value the specification does not allow is warned about once, naming the variable, and
+# ignored (as if unset), as the SDK does: telemetry configuration never stops the program.
+
+
+def _env_warn(variable: str, message: str) -> None:
+    from ._warn import warn_once
+
+    warn_once(f"env:{variable}", f"cirron_otel: {variable}: {message}")
+
+
+def _env_value(env: Mapping[str, str], variable: str) -> str | None:
+    """The variable's value, stripped; None when unset or empty (the specification: empty = unset)."""
+    raw = env.get(variable)
+    if raw is None or raw.strip() == "":
+        return None
+    return raw.strip()
+
+
+def sdk_disabled(env: Mapping[str, str]) -> bool:
+    """OTEL_SDK_DISABLED: true (any case) disables OpenTelemetry; anything but true/false warns."""
+    raw = _env_value(env, "OTEL_SDK_DISABLED")
+    if raw is None:
+        return False
+    if raw.lower() not in ("true", "false"):
+        _env_warn("OTEL_SDK_DISABLED", f"{raw!r} is neither true nor false; read as false")
+    return raw.lower() == "true"
+
+
+def traces_sampler(env: Mapping[str, str]) -> tuple[str, float]:
+    """(sampler, ratio) from OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG. An unknown sampler
+    falls back to parentbased_always_on, an unusable ratio to 1.0, each with a warning."""
+    name = (_env_value(env, "OTEL_TRACES_SAMPLER") or DEFAULT_SAMPLER).lower()
+    if name not in SAMPLERS:
+        _env_warn("OTEL_TRACES_SAMPLER", f"unknown sampler {name!r} (Cirron applies {', '.join(SAMPLERS)}); "
+                                         f"using {DEFAULT_SAMPLER}")
+        name = DEFAULT_SAMPLER
+    if not name.endswith("traceidratio"):
+        return name, 1.0
+    raw = _env_value(env, "OTEL_TRACES_SAMPLER_ARG")
+    if raw is None:
+        return name, 1.0
+    try:
+        ratio = float(raw)
+    except ValueError:
+        ratio = float("nan")
+    if not 0.0 <= ratio <= 1.0:  # nan too
+        _env_warn("OTEL_TRACES_SAMPLER_ARG", f"{raw!r} is not a probability in [0, 1]; using 1.0")
+        return name, 1.0
+    return name, ratio
+
+
+TRACE_ID_LIMIT = (1 << 64) - 1
+
+
+def sampler_bound(sampler: str, ratio: float) -> tuple[bool, int]:
+    """(sample every trace, bound) for `_native.set_sampler`: a trace Cirron starts is sampled
+    when every one is, or when its trace id's low 64 bits are below the bound, exactly as the
+    SDK's TraceIdRatioBased decides."""
+    if sampler.endswith("always_on"):
+        return True, 0
+    if sampler.endswith("always_off"):
+        return False, 0
+    bound = round(ratio * (TRACE_ID_LIMIT + 1))  # TraceIdRatioBased.get_bound_for_rate
+    return bound > TRACE_ID_LIMIT, min(bound, TRACE_ID_LIMIT)
+
+
+OTLP_EXPORTER_NAMES = {"otlp": None, "otlp_proto_grpc": "grpc", "otlp_proto_http": "http/protobuf"}
+SPOOL_EXPORTER_NAME = "cirron_spool"
+
+
+def traces_exporters(env: Mapping[str, str]) -> tuple[bool, str | None, tuple[str, ...]] | None:
+    """OTEL_TRACES_EXPORTER as the SDK reads it: None when unset; else (otlp on, the protocol
+    its name implies, the other exporters' entry point names). `none` alone selects nothing;
+    `cirron_spool` is the spool, which profile() writes anyway."""
+    raw = _env_value(env, "OTEL_TRACES_EXPORTER")
+    if raw is None:
+        return None
+    otlp, protocol, others = False, None, []
+    names = [part.strip() for part in raw.split(",") if part.strip()]
+    for name in names:
+        key = name.lower()
+        if key in OTLP_EXPORTER_NAMES:
+            otlp = True
+            protocol = OTLP_EXPORTER_NAMES[key] or protocol
+        elif key == "none":
+            if len(names) > 1:
+                _env_warn("OTEL_TRACES_EXPORTER", f"'none' in the list {raw!r} is ignored")
+        elif key != SPOOL_EXPORTER_NAME and name not in others:
+            others.append(name)
+    return otlp, protocol, tuple(others)
 
 
 def resolve(
@@ -265,7 +377,7 @@ def resolve(
     """Validate `profile()` arguments and merge them with the environment."""
     env = os.environ if env is None else env
     if output_dir is None:
-        output_dir = env.get("CIRRON_OUTPUT_DIR") or DEFAULT_OUTPUT_DIR
+        output_dir = default_output_dir(env)
     _number("flush_interval", flush_interval)
     _number("shutdown_timeout", shutdown_timeout)
     _number("ring_full_wait", ring_full_wait)
@@ -279,8 +391,11 @@ def resolve(
         ("otlp_queue_requests", otlp_queue_requests),
     ):
         _number(name, value, integer=True)
+    disabled = sdk_disabled(env)
+    chosen = traces_exporters(env) if output is None and not disabled else None
     protocol = (
         otlp_protocol
+        or (chosen[1] if chosen else None)
         or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         or "grpc"
@@ -295,9 +410,21 @@ def resolve(
     for name, text in (("otlp_endpoint", otlp_endpoint), ("service_name", service_name)):
         if text is not None and not isinstance(text, str):
             raise TypeError(f"cirron_otel.profile(): {name} must be a str, not {type(text).__name__}")
-    outputs = _outputs(output, bool(otlp_endpoint) or _otlp_configured(env))
-    if "otlp" in outputs:
+    span_exporters: tuple[str, ...] = ()
+    if output is None and disabled:  # OTEL_SDK_DISABLED: the spool only
+        outputs = frozenset({"spool"})
+    elif chosen is not None:  # OTEL_TRACES_EXPORTER: the spool, plus what it names
+        outputs = frozenset({"spool", "otlp"} if chosen[0] else {"spool"})
+        span_exporters = chosen[2]
+    else:  # profile(output=...) wins; default: the spool, and OTLP when an endpoint is configured
+        outputs = _outputs(output, bool(otlp_endpoint) or _otlp_configured(env))
+        if disabled and "otlp" in outputs:
+            _env_warn("OTEL_SDK_DISABLED", "true: OTLP export is off, although profile(output=...) "
+                      "asks for it" + ("" if "spool" in outputs else "; nothing is written"))
+            outputs = outputs - {"otlp"}
+    if "otlp" in outputs or span_exporters:
         _check_otel_limits(env)
+    sampler, ratio = traces_sampler(env)
     return Settings(
         output_dir=os.fspath(output_dir),
         outputs=outputs,
@@ -320,9 +447,14 @@ def resolve(
         trace_per=trace_per,
         otel_context=bool(otel_context),
         tracer_provider=tracer_provider,
+        env_tracer_provider=_env_value(env, "OTEL_PYTHON_TRACER_PROVIDER") is not None,
         otlp_outbox_max_bytes=otlp_outbox_max_bytes,
         otlp_max_request_bytes=otlp_max_request_bytes,
         otlp_queue_requests=otlp_queue_requests,
+        otel_sdk_disabled=disabled,
+        sampler=sampler,
+        sampler_ratio=ratio,
+        span_exporters=span_exporters,
     )
 
 

@@ -1001,11 +1001,27 @@ otel_parent(PyObject *cur, uint64_t *trace_hi, uint64_t *trace_lo, uint64_t *spa
     return found;
 }
 
+/* Sampling of the traces Cirron starts (OTEL_TRACES_SAMPLER, set by profile() through
+ * set_sampler): decided once, when the trace's root opens, and inherited by every span of
+ * the trace (SF_UNSAMPLED), so OpenTelemetry sees the same decision (trace flags,
+ * traceparent). As the SDK's TraceIdRatioBased: sampled iff the trace id's low 64 bits are
+ * below the bound. Under an application's span, its own decision stands (otel_parent). */
+static int g_sample_all = 1;
+static uint64_t g_sample_bound;
+
+static inline uint8_t
+root_sampling(uint64_t trace_lo)
+{
+    return (g_sample_all || trace_lo < g_sample_bound) ? 0 : SF_UNSAMPLED;
+}
+
+/* A new trace rooted at `s`: its id, and whether it is sampled. */
 static inline void
 scope_new_trace(ScopeObject *s, ring_t *r)
 {
     s->trace_hi = rng_next(&r->rng);
     s->trace_lo = rng_nonzero(&r->rng);
+    s->span_flags = (uint8_t)((s->span_flags & ~SF_UNSAMPLED) | root_sampling(s->trace_lo));
 }
 
 static inline void
@@ -1075,8 +1091,10 @@ scope_open_under(ScopeObject *s, ring_t *r, int64_t ts, PyObject *cur, int push)
         scope_inherit(s, g_session);
         if (g_trace_per_child) {
             scope_new_trace(s, r);
-            s->span_flags = SF_NEW_TRACE;
+            s->span_flags |= SF_NEW_TRACE;
         }
+        else
+            s->span_flags = g_session->span_flags & SF_UNSAMPLED;
     }
     else {
         scope_new_trace(s, r);
@@ -4423,7 +4441,9 @@ mod_session_begin(PyObject *m, PyObject *args)
     if (parent != NULL || (cur != NULL && cur != Py_None)) {
         /* a forked child's session nests under the parent's; profile() called inside a
          * scope nests under that scope */
-        scope_inherit(s, parent != NULL ? (ScopeObject *)parent : (ScopeObject *)cur);
+        ScopeObject *above = parent != NULL ? (ScopeObject *)parent : (ScopeObject *)cur;
+        scope_inherit(s, above);
+        s->span_flags = above->span_flags & SF_UNSAMPLED; /* its trace's sampling decision */
     }
     else {
         scope_new_trace(s, r);
@@ -4445,6 +4465,20 @@ mod_session_end(PyObject *m, PyObject *unused)
     g_session = NULL;
     scope_close(s, NULL, NULL);
     Py_DECREF(s);
+    Py_RETURN_NONE;
+}
+
+/* set_sampler(sample_all, bound): the sampling of traces Cirron starts from now on (see
+ * root_sampling); sample_all=False with bound=0 samples none. */
+static PyObject *
+mod_set_sampler(PyObject *m, PyObject *args)
+{
+    int all;
+    unsigned long long bound;
+    if (!PyArg_ParseTuple(args, "pK:set_sampler", &all, &bound))
+        return NULL;
+    g_sample_bound = (uint64_t)bound;
+    g_sample_all = all;
     Py_RETURN_NONE;
 }
 
@@ -4710,6 +4744,7 @@ static PyMethodDef module_methods[] = {
     {"session_begin", (PyCFunction)mod_session_begin, METH_VARARGS, NULL},
     {"session_end", (PyCFunction)mod_session_end, METH_NOARGS, NULL},
     {"session", (PyCFunction)mod_session, METH_NOARGS, NULL},
+    {"set_sampler", (PyCFunction)mod_set_sampler, METH_VARARGS, "set_sampler(sample_all, bound)"},
     {"configure", (PyCFunction)(void (*)(void))mod_configure, METH_VARARGS | METH_KEYWORDS, NULL},
     {"collect", (PyCFunction)mod_collect, METH_VARARGS, NULL},
     {"free_orphans", (PyCFunction)mod_free_orphans, METH_NOARGS, NULL},

@@ -75,6 +75,9 @@ class Profiler:
         )
         self.otel_context = s.otel_context and _install_otel_context()
         _native.configure(otel_context=self.otel_context)
+        from ._config import sampler_bound
+
+        _native.set_sampler(*sampler_bound(s.sampler, s.sampler_ratio))
         self.sinks = self._make_sinks()
         self.session = _native.session_begin(_session_attrs(s.session_attrs))
         self._start_drainer()
@@ -97,7 +100,10 @@ class Profiler:
                     file_mode=s.file_mode,
                 )
             )
-        provider = _sdk_tracer_provider(s.tracer_provider)
+        # OTEL_SDK_DISABLED: no OpenTelemetry export of any kind, not even through the app's
+        # provider (the SDK's own provider then exports nothing either).
+        provider = None if s.otel_sdk_disabled else _sdk_tracer_provider(s.tracer_provider,
+                                                                         s.env_tracer_provider)
         if provider is not None:
             # The application's provider: Cirron spans go where its spans go.
             from .exporters.provider import TracerProviderSink
@@ -109,7 +115,24 @@ class Profiler:
                 sinks.append(self._make_otlp_sink())
             except Exception as exc:  # a broken OTLP setup must not stop profiling
                 warn_once("otlp-setup", f"cirron_otel: OTLP export disabled: {type(exc).__name__}: {exc}")
+        if provider is None:  # with the app's provider, its own exporters are the ones configured
+            for name in s.span_exporters:
+                try:
+                    sinks.append(self._make_span_exporter_sink(name))
+                except Exception as exc:
+                    warn_once(f"exporter:{name}", f"cirron_otel: OTEL_TRACES_EXPORTER: exporter {name!r} "
+                                                  f"not used: {type(exc).__name__}: {exc}")
         return sinks
+
+    def _make_span_exporter_sink(self, name: str) -> Any:
+        from .exporters.otlp import build_resource
+        from .exporters.span_exporter import SpanExporterSink, load_span_exporter
+
+        exporter = load_span_exporter(name)
+        event_limit = self._configure_otlp_limits()
+        attrs, _ = build_resource(self.settings.service_name, self.settings.rank)
+        return SpanExporterSink(name, exporter, resource_attrs=attrs, session_trace=_session_trace,
+                                event_limit=event_limit)
 
     def _configure_otlp_limits(self) -> int:
         from opentelemetry.sdk.trace import SpanLimits
@@ -213,6 +236,8 @@ class Profiler:
             self.drainer.stop(left())
             for sink in self.sinks:
                 try:
+                    if exiting:
+                        sink.at_exit()
                     sink.shutdown(left())
                 except Exception as exc:
                     sink.stats.error("shutdown failed", exc)
@@ -255,6 +280,7 @@ class Profiler:
             "installed_hooks": list(_hooks),
             "platform_context": _platform_context(s.rank),
             "otel_context": bool(getattr(self, "otel_context", False)),
+            "otel": self._otel_health(),
             "records_recorded": native.get("marks_recorded", 0) + native.get("spans_recorded", 0),
             "marks_recorded": native.get("marks_recorded", 0),
             "spans_recorded": native.get("spans_recorded", 0),
@@ -272,6 +298,22 @@ class Profiler:
             },
         }
 
+    def _otel_health(self) -> dict[str, Any]:
+        """What the OTEL_* variables made of OpenTelemetry export."""
+        s = self.settings
+        exporters = [x.name for x in self.sinks if x.name != "spool"]
+        return {
+            "sdk_disabled": s.otel_sdk_disabled,
+            "export": "disabled by OTEL_SDK_DISABLED" if s.otel_sdk_disabled
+            else ("on" if exporters else "off"),
+            "exporters": exporters,
+            "sampler": s.sampler,
+            "sampler_ratio": s.sampler_ratio if s.sampler.endswith("traceidratio") else None,
+            # every OpenTelemetry sink encodes the same spans: each counts the same unsampled ones
+            "unsampled_spans": max((getattr(getattr(x, "state", None), "unsampled_spans", 0)
+                                    for x in self.sinks), default=0),
+        }
+
     def _flush_mode(self) -> str:
         if not self.settings.enabled:
             return "disabled"
@@ -284,12 +326,11 @@ def _limit(value: int | None) -> int:
     return (1 << 31) - 1 if value is None else int(value)
 
 
-def _sdk_tracer_provider(choice: Any) -> Any:
+def _sdk_tracer_provider(choice: Any, env_provider: bool = False) -> Any:
     """The SDK TracerProvider Cirron spans should join, if any (see Settings.tracer_provider)."""
     if choice is None:
         return None
-    if (choice == "global" and "opentelemetry.sdk.trace" not in sys.modules
-            and not os.environ.get("OTEL_PYTHON_TRACER_PROVIDER")):
+    if choice == "global" and "opentelemetry.sdk.trace" not in sys.modules and not env_provider:
         # No SDK provider can be the global one before the SDK is imported (the variable has
         # the API make one on first use): do not import OpenTelemetry for nothing.
         return None
@@ -633,6 +674,14 @@ def _restore_children_env() -> None:
     from ._config import restore_children_env
 
     _safe(restore_children_env, None)  # a broken environment must not stop a shutdown
+
+
+def spool_path() -> str | None:
+    """The spool directory the active (or last) profiler of this process writes, if any (the
+    cirron_spool exporter leaves Cirron's own spans to it, so they are not written twice)."""
+    prof = _active or _last
+    spool = next((x for x in prof.sinks if getattr(x, "name", "") == "spool"), None) if prof else None
+    return getattr(spool, "spool_dir", None)
 
 
 def health() -> dict[str, Any]:
