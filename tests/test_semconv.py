@@ -156,6 +156,14 @@ def failing_step() -> None:
     raise KeyError("missing")
 
 
+class Scorer:
+    def __call__(self, x: int) -> int:
+        return x
+
+
+score = ci.scope("score")(Scorer())  # a callable object: its class's __call__
+
+
 def line_of(text: str) -> int:
     """The line of this file holding `text` (the decorator line: where Python starts the function)."""
     lines = Path(__file__).read_text().splitlines()
@@ -168,6 +176,7 @@ def test_decorated_functions_carry_their_code_location(out: Path, receiver: Rece
     assert sync_step(1) == 2
     assert asyncio.run(async_step(3)) == 6
     assert Model().forward(5) == 4
+    assert score(7) == 7
     with pytest.raises(KeyError):
         failing_step()
     with ci.scope("plain"):  # a with-block is not a function: no code location
@@ -179,6 +188,7 @@ def test_decorated_functions_carry_their_code_location(out: Path, receiver: Rece
         "async_step": (f"{__name__}.async_step", line_of('@ci.scope("async_step")')),
         "forward": (f"{__name__}.Model.forward", line_of('@ci.scope("forward")')),
         "failing_step": (f"{__name__}.failing_step", line_of('@ci.scope("failing_step")')),
+        "score": (f"{__name__}.Scorer.__call__", line_of("def __call__(self, x: int) -> int:")),
     }
     for name, (function, line) in expected.items():
         (span,) = named(spool, name)

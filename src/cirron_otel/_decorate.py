@@ -27,6 +27,9 @@ def code_location(func: Callable[..., Any]) -> tuple[str, str | None, int | None
     target = inspect.unwrap(func)
     if isinstance(target, functools.partial):
         target = inspect.unwrap(target.func)
+    call = inspect.getattr_static(type(target), "__call__", None)
+    if not hasattr(target, "__code__") and not isinstance(target, type) and hasattr(call, "__code__"):
+        target = call  # a callable object: its class's __call__
     qualname = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
     if not isinstance(qualname, str):
         qualname = type(target).__qualname__
