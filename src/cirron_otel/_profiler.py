@@ -233,6 +233,7 @@ class Profiler:
             _native.session_end()
             if exiting:
                 _native.configure(recording=False)
+            _native.set_sampler(True, 0)  # traces started from now on: the default again
             self.drainer.stop(left())
             for sink in self.sinks:
                 try:
