@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the release: an sdist and manylinux wheels for CPython 3.11, 3.12 and 3.13, here,
-# without Docker. Zig (the `ziglang` package on PyPI) is the C compiler, targeting glibc
+# Build the release: an sdist, then from it manylinux wheels for CPython 3.11, 3.12 and
+# 3.13, here, without Docker. Zig (the `ziglang` package on PyPI) is the C compiler, targeting glibc
 # 2.17, so the extension links only against symbols old enough for manylinux2014;
 # `auditwheel repair` then checks that claim and sets the manylinux_2_17 tag (it fails if
 # the wheel needs anything newer or any library outside the manylinux policy).
@@ -48,8 +48,10 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 log "sdist"
+rm -f "$OUT"/cirron_otel-*.tar.gz
 "$TOOLS/bin/python" -m build --sdist --outdir "$OUT" "$REPO" >"$WORK/sdist.log" 2>&1 \
     || { cat "$WORK/sdist.log" >&2; exit 1; }
+SDIST=$(ls "$OUT"/cirron_otel-*.tar.gz)
 
 # setuptools takes the compiler and the linker from CC / LDSHARED. UBSan is zig's default
 # in some modes: off, as in a gcc build.
@@ -58,7 +60,10 @@ for py in "${PYTHONS[@]}"; do
     version=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     log "wheel for CPython $version ($py)"
     rm -rf "$WORK/raw" && mkdir -p "$WORK/raw"
-    CC="$ZIGCC" LDSHARED="$ZIGCC -shared" "$py" -m pip wheel --quiet --no-deps -w "$WORK/raw" "$REPO"
+    # from the sdist, as a release is built: a clean tree (a checkout's build/ directory would
+    # be reused as it is) that proves the sdist is complete
+    CC="$ZIGCC" LDSHARED="$ZIGCC -shared" "$py" -m pip wheel --quiet --no-deps --no-cache-dir \
+        -w "$WORK/raw" "$SDIST"
     PATH="$TOOLS/bin:$PATH" "$TOOLS/bin/auditwheel" repair --plat "${POLICY}_$ARCH" -w "$OUT" "$WORK"/raw/*.whl >"$WORK/repair.log" 2>&1 \
         || { cat "$WORK/repair.log" >&2; exit 1; }
 done
