@@ -18,7 +18,8 @@ _FLOOR = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.\-]*)\s*>=\s*([0-9][A-Za-z0-9.]*)"
 def floors(pyproject: Path) -> list[str]:
     project = tomllib.loads(pyproject.read_text())["project"]
     requirements = list(project["dependencies"])
-    requirements += [r for r in project["optional-dependencies"]["test-core"] if r.startswith("opentelemetry")]
+    test_core = project["optional-dependencies"]["test-core"]
+    requirements += [r for r in test_core if r.startswith("opentelemetry")]
     pins = []
     for requirement in requirements:
         match = _FLOOR.fullmatch(requirement.strip())
