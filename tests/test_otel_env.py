@@ -253,10 +253,12 @@ def by_trace(spans: list[dict[str, Any]], key: str) -> dict[str, set[str]]:
     return traces
 
 
+@pytest.mark.parametrize("trace_per", ["child", "session"])
 @pytest.mark.parametrize("sampler", ["always_off", "parentbased_always_off", "always_on",
                                      "parentbased_always_on"])
-def test_always_on_and_off(out: Path, grpc_receiver: GrpcReceiver, sampler: str):
-    health, _, stderr = run_workload(out, otlp_env(grpc_receiver, OTEL_TRACES_SAMPLER=sampler))
+def test_always_on_and_off(out: Path, grpc_receiver: GrpcReceiver, sampler: str, trace_per: str):
+    health, _, stderr = run_workload(out, otlp_env(grpc_receiver, OTEL_TRACES_SAMPLER=sampler),
+                                     profile=f", trace_per={trace_per!r}")
     spool, _ = spans_and_marks(out)
     assert len(spool) == 2 * EPOCHS + 1  # the spool always keeps everything
     on = sampler.endswith("always_on")
@@ -367,7 +369,9 @@ def test_opentelemetry_sees_the_decision_of_a_trace_cirron_started(
     assert ("root" in {s["name"] for s in grpc_receiver.spans()}) is on
 
 
-def test_a_forked_childs_session_shares_its_parents_decision(out: Path, grpc_receiver: GrpcReceiver):
+@pytest.mark.parametrize("sampler", ["always_off", "always_on", "traceidratio"])
+def test_a_forked_childs_session_shares_its_parents_decision(out: Path, grpc_receiver: GrpcReceiver,
+                                                             sampler: str):
     code = """
         import os, cirron_otel as ci
         ci.profile(flush_interval=0.05, install_signal_handlers=False, trace_per="session")
@@ -381,9 +385,9 @@ def test_a_forked_childs_session_shares_its_parents_decision(out: Path, grpc_rec
             os._exit(0)
         os.waitpid(pid, 0)
     """
-    for attempt in range(2):  # two runs, two random session traces: each checked against the SDK
+    for attempt in range(2 if sampler == "traceidratio" else 1):  # each run checked against the SDK
         out_n = out / str(attempt)
-        env = otlp_env(grpc_receiver, OTEL_TRACES_SAMPLER="traceidratio", OTEL_TRACES_SAMPLER_ARG="0.5",
+        env = otlp_env(grpc_receiver, OTEL_TRACES_SAMPLER=sampler, OTEL_TRACES_SAMPLER_ARG="0.5",
                        CIRRON_OUTPUT_DIR=str(out_n))
         grpc_receiver.clear()
         run = run_script(code, env=env, timeout=60)
@@ -391,7 +395,8 @@ def test_a_forked_childs_session_shares_its_parents_decision(out: Path, grpc_rec
         spool, _ = spans_and_marks(out_n)
         assert {s["name"] for s in spool} == {"parent_step", "child_step", "cirron.session"}
         assert len({s["trace_id"] for s in spool}) == 1  # the fork child's session is in the parent's trace
-        sampled = TraceIdRatioBased(0.5).should_sample(None, int(spool[0]["trace_id"], 16), "x").decision
+        rate = {"always_off": 0.0, "always_on": 1.0}.get(sampler, 0.5)
+        sampled = TraceIdRatioBased(rate).should_sample(None, int(spool[0]["trace_id"], 16), "x").decision
         assert grpc_receiver.span_count() == (len(spool) if sampled.is_sampled() else 0)
 
 
@@ -505,6 +510,7 @@ def test_under_opentelemetry_instrument_with_cirron_spool_each_record_once(tmp_p
             for epoch in ci.epochs(range({EPOCHS})):
                 with ci.scope("step"):
                     ci.mark("loss", 0.5)
+        ci.flush()  # Cirron's spans reach the app's provider, and its cirron_spool exporter, now
     """))
     out = tmp_path / "cirron"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CIRRON_"))}
