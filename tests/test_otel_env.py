@@ -496,22 +496,12 @@ def test_the_cirron_spool_exporter_and_profile_write_each_record_once(out: Path,
     assert skipped == (2 * EPOCHS + 1 if output == "spool" else 0)
 
 
-@pytest.mark.real_backend  # needs the opentelemetry-instrument entry point: a skip fails CI
-def test_under_opentelemetry_instrument_with_cirron_spool_each_record_once(tmp_path: Path):
+def run_instrumented(tmp_path: Path, app_code: str) -> None:
     instrument = Path(sys.executable).parent / "opentelemetry-instrument"
     if not instrument.exists():
         pytest.skip("opentelemetry-instrument is not installed (opentelemetry-distro, a test extra)")
     app = tmp_path / "app.py"
-    app.write_text(textwrap.dedent(f"""
-        from opentelemetry import trace
-        import cirron_otel as ci
-        ci.profile(flush_interval=0.05, install_signal_handlers=False)
-        with trace.get_tracer("app").start_as_current_span("request"):
-            for epoch in ci.epochs(range({EPOCHS})):
-                with ci.scope("step"):
-                    ci.mark("loss", 0.5)
-        ci.flush()  # Cirron's spans reach the app's provider, and its cirron_spool exporter, now
-    """))
+    app.write_text(textwrap.dedent(app_code))
     out = tmp_path / "cirron"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CIRRON_"))}
     env.update(OTEL_TRACES_EXPORTER="cirron_spool", OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none",
@@ -519,10 +509,39 @@ def test_under_opentelemetry_instrument_with_cirron_spool_each_record_once(tmp_p
     run = subprocess.run([str(instrument), sys.executable, str(app)], capture_output=True, text=True,
                          timeout=120, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    spans, marks = spans_and_marks(out)
+
+
+INSTRUMENTED_APP = """
+    from opentelemetry import trace
+    import cirron_otel as ci
+    ci.profile(flush_interval=30, install_signal_handlers=False{profile})
+    with trace.get_tracer("app").start_as_current_span("request"):
+        for epoch in ci.epochs(range({epochs})):
+            with ci.scope("step"):
+                ci.mark("loss", 0.5)
+    {after}
+"""
+
+
+@pytest.mark.real_backend  # needs the opentelemetry-instrument entry point: a skip fails CI
+def test_under_opentelemetry_instrument_with_cirron_spool_each_record_once(tmp_path: Path):
+    # flush(): Cirron's spans reach the app's provider, and its cirron_spool exporter, before exit
+    run_instrumented(tmp_path, INSTRUMENTED_APP.format(profile="", epochs=EPOCHS, after="ci.flush()"))
+    spans, marks = spans_and_marks(tmp_path / "cirron")
     assert Counter(s["name"] for s in spans) == {"request": 1, "epoch": EPOCHS, "step": EPOCHS,
                                                  "cirron.session": 1}
     assert max(Counter(s["id"] for s in spans).values()) == 1 and len(marks) == EPOCHS
+
+
+@pytest.mark.real_backend  # needs the opentelemetry-instrument entry point: a skip fails CI
+def test_under_opentelemetry_instrument_cirron_spans_reach_the_provider_before_it_shuts_down(tmp_path: Path):
+    """The instrument's provider is made after its exporter entry point imported cirron_otel, so
+    its atexit shutdown runs before cirron_otel's exit hook: profile() hands it what was recorded
+    first. (The session span, closed by the exit hook, is in the profiler's own spool only.)"""
+    run_instrumented(tmp_path, INSTRUMENTED_APP.format(profile=", output='otlp'", epochs=EPOCHS, after=""))
+    spans, marks = spans_and_marks(tmp_path / "cirron")  # written by the cirron_spool exporter alone
+    assert Counter(s["name"] for s in spans) == {"request": 1, "epoch": EPOCHS, "step": EPOCHS}
+    assert len(marks) == EPOCHS
 
 
 # -- exit with the collector unreachable -------------------------------------------------------------

@@ -620,7 +620,30 @@ def profile(**kwargs: Any) -> Profiler:
         if settings.enabled:
             _install_hooks(settings)
             _export_to_children(prof)
+            if any(getattr(x, "name", "") == "tracer_provider" for x in prof.sinks):
+                _flush_before_the_provider_exits()
         return prof
+
+
+_provider_exit_hook = False
+
+
+def _flush_before_the_provider_exits() -> None:
+    """An SDK TracerProvider shuts down at exit through its own atexit handler. One created
+    after `cirron_otel` was imported (e.g. by `opentelemetry-instrument`, whose exporter
+    entry points may import us first) would shut down before our exit hook, and every Cirron
+    span not yet handed to it would be lost. A handler registered now, after the provider,
+    runs before its shutdown: it hands the provider what was recorded so far."""
+    global _provider_exit_hook
+    if not _provider_exit_hook:
+        _provider_exit_hook = True
+        atexit.register(_flush_into_provider)
+
+
+def _flush_into_provider() -> None:
+    prof = _active
+    if prof is not None and prof.running:
+        prof.flush(min(prof.settings.shutdown_timeout, _SIGNAL_FLUSH_TIMEOUT))
 
 
 def flush(timeout: float = _SHUTDOWN_TIMEOUT) -> bool:
