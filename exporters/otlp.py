@@ -171,7 +171,7 @@ class OtlpSink(Sink):
         self._process_lock = threading.Lock()
         self.stats.extra.update(
             requests_sent=0, requests_rejected=0, outbox=self.outbox.path if self.outbox else None,
-            outbox_quarantined=0, requests_split=0, values_truncated=0,
+            outbox_quarantined=0, requests_split=0, values_truncated=0, sender_errors=0,
             root_marks=0, unsampled_spans=0, events_dropped=0,
         )
         if self.outbox is not None:  # requests a previous run could not deliver, oldest first
@@ -336,7 +336,15 @@ class OtlpSink(Sink):
                     outcome = self._deliver(head)
             except Exception as exc:  # a bug here must not stop the sender: drop the head, counted
                 outcome = SendError(f"{type(exc).__name__}: {exc}", retryable=False)
-            self._settle(head, outcome)
+            try:
+                self._settle(head, outcome)
+            except Exception as exc:  # nor a bug in the bookkeeping: the head is tried again later
+                with self._cv:
+                    self._inflight = None
+                    self._retry_at = time.monotonic() + BACKOFF_CAP
+                with self.stats.lock:
+                    self.stats.extra["sender_errors"] += 1
+                self.stats.error("sender error", exc)
 
     def _settle(self, head: _Request, outcome: SendError | PartialSuccess | str | list[_Request]) -> None:
         """Account for one attempt at the head of the queue and pick the next retry time."""
@@ -349,7 +357,8 @@ class OtlpSink(Sink):
                     self.stats.failed += 1
                 self._retryable_failures += 1
                 self._attempt += 1
-                backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (self._attempt - 1))
+                # (the exponent is capped: after ~1,000 failures in a row 2**n overflows a float)
+                backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(self._attempt - 1, 16))
                 self._retry_at = now + backoff * random.uniform(0.5, 1.0)
                 delay = min(error.retry_after, MAX_SERVER_DELAY) if error.retry_after is not None else 0.0
                 self._not_before = now + delay

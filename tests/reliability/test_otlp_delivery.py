@@ -263,6 +263,31 @@ def test_a_collector_that_fails_then_recovers_gets_everything_once_no_sooner_tha
         assert later and later[0] - failed_at >= retry_after, (later[:1], failed_at)
 
 
+def test_a_long_outage_never_stops_the_sender(out: Path, receiver: Receiver):
+    """More than 1,024 retryable failures in a row (flush() retries at once, so a loop of
+    flushes gets there in seconds): the backoff must not overflow and kill the sender thread;
+    once the collector accepts, everything is delivered."""
+    failures = 1100
+    if protocol(receiver) == "grpc":
+        receiver.fail_next(failures, grpc.StatusCode.UNAVAILABLE)
+    else:
+        receiver.fail_next(failures, 503)
+    start(out, receiver)
+    with ci.scope("step"):
+        ci.mark("m", 1)
+    deadline = time.monotonic() + 90
+    while otlp_health()["failed"] < failures:
+        assert time.monotonic() < deadline, otlp_health()
+        assert not ci.flush(timeout=2)
+    wait_until(lambda: ci.flush(timeout=5), timeout=30, what="delivery after the outage")
+    ci.shutdown()
+    spool = spool_ids(out)
+    assert received_ids(receiver) == spool
+    health = otlp_health()
+    assert health["failed"] == failures and health["exported"] == len(spool) and health["pending"] == 0
+    assert health["sender_errors"] == 0, health["last_error"]
+
+
 def test_retries_back_off_exponentially_with_jitter(out: Path, grpc_receiver: GrpcReceiver):
     """Without a delay from the collector, the sink's own backoff doubles (times a random
     factor in [0.5, 1]) from 0.25 s: every gap at least the previous one, each within its bounds."""
