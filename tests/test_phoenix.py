@@ -278,6 +278,8 @@ def check_trace(spans: list[Span], run: DemoRun) -> None:
 # -- against the in-process receivers -------------------------------------------------------------
 
 
+# real_backend: the demo's real FastAPI/uvicorn service (the test extra, not test-core)
+@pytest.mark.real_backend
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_service_demo_one_trace(protocol: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     receiver: GrpcReceiver | HttpReceiver = request.getfixturevalue(
