@@ -1,15 +1,31 @@
-"""pytest fixtures for the in-process OTLP receivers; import them from conftest.py:
+"""pytest fixtures and helpers for tests against the in-process OTLP receivers.
 
-    from .conftest_otlp import grpc_receiver, http_receiver  # noqa: F401
+A test module imports the fixtures it uses into its namespace (pytest registers them there):
+
+    from . import conftest_otlp
+    grpc_receiver = conftest_otlp.grpc_receiver
+    http_receiver = conftest_otlp.http_receiver
+    receiver = conftest_otlp.receiver        # both, one test each
+    _clean_env = conftest_otlp.clean_env     # autouse: no OTEL_*/CIRRON_*/rank variable leaks in
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+import cirron_otel as ci
+
+from .conftest import spans_and_marks
 from .otlp_receivers import GrpcReceiver, HttpReceiver
+
+Receiver = GrpcReceiver | HttpReceiver
 
 
 @pytest.fixture
@@ -24,3 +40,53 @@ def http_receiver() -> Iterator[HttpReceiver]:
     """A started OTLP/HTTP receiver on 127.0.0.1:<free port>, stopped (threads joined) after the test."""
     with HttpReceiver() as receiver:
         yield receiver
+
+
+@pytest.fixture(params=["grpc", "http/protobuf"])
+def receiver(request: pytest.FixtureRequest) -> Receiver:
+    """Each protocol's receiver in turn."""
+    return request.getfixturevalue("grpc_receiver" if request.param == "grpc" else "http_receiver")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No OTEL_*, CIRRON_* or rank variable of the calling environment leaks into a test."""
+    for key in list(os.environ):
+        if key.startswith(("OTEL_", "CIRRON_")) or key in ("RANK", "LOCAL_RANK"):
+            monkeypatch.delenv(key)
+
+
+def protocol(receiver: Receiver) -> str:
+    return "grpc" if isinstance(receiver, GrpcReceiver) else "http/protobuf"
+
+
+def start(out: Path, receiver: Receiver, **kwargs: Any) -> ci.Profiler:
+    """profile() into `out` and to `receiver`; tracer_provider=None: the OTLP sink even if
+    some test set a global SDK TracerProvider."""
+    options: dict[str, Any] = dict(output_dir=str(out), otlp_endpoint=receiver.endpoint,
+                                   otlp_protocol=protocol(receiver), flush_interval=0.05,
+                                   install_signal_handlers=False, tracer_provider=None)
+    options.update(kwargs)
+    return ci.profile(**options)
+
+
+def otlp_health() -> dict[str, Any]:
+    return ci.health()["sinks"]["otlp"]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def spool_ids(out: Path) -> Counter[str]:
+    """OTLP span ids (the first 16 hex of the spool ids) of every span in the spool, counted."""
+    spans, _ = spans_and_marks(out)
+    return Counter(s["id"][:16] for s in spans)
+
+
+def received_ids(receiver: Receiver) -> Counter[str]:
+    return Counter(s["span_id"] for s in receiver.spans())

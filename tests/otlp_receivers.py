@@ -46,6 +46,7 @@ class LinkDict(TypedDict):
     trace_id: str
     span_id: str
     attributes: dict[str, Any]
+    dropped_attributes_count: int
 
 
 class StatusDict(TypedDict):
@@ -107,7 +108,9 @@ def decode_spans(request: ExportTraceServiceRequest) -> list[SpanDict]:
                     events=[EventDict(name=e.name, time_ns=e.time_unix_nano,
                                       attributes=attributes(e.attributes)) for e in s.events],
                     links=[LinkDict(trace_id=lk.trace_id.hex(), span_id=lk.span_id.hex(),
-                                    attributes=attributes(lk.attributes)) for lk in s.links],
+                                    attributes=attributes(lk.attributes),
+                                    dropped_attributes_count=lk.dropped_attributes_count)
+                           for lk in s.links],
                     status=StatusDict(code=s.status.code, message=s.status.message),
                     dropped_attributes_count=s.dropped_attributes_count,
                     dropped_events_count=s.dropped_events_count,

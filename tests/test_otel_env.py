@@ -30,32 +30,20 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, TraceIdRatioBased
 
 import cirron_otel as ci
-from cirron_otel import _warn
 from cirron_otel._config import resolve, sampler_bound, sdk_disabled, traces_exporters, traces_sampler
 
 from . import conftest_otlp
 from .conftest import run_script, spans_and_marks
+from .conftest_otlp import Receiver, protocol
 from .otlp_receivers import GrpcReceiver, HttpReceiver
 
 grpc_receiver = conftest_otlp.grpc_receiver
 http_receiver = conftest_otlp.http_receiver
-Receiver = GrpcReceiver | HttpReceiver
+_clean_env = conftest_otlp.clean_env
 
 pytestmark = pytest.mark.timeout(180)
 
 EPOCHS = 60  # each epoch a trace of its own (trace_per="child"), with one nested span
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith(("OTEL_", "CIRRON_")) or key in ("RANK", "LOCAL_RANK"):
-            monkeypatch.delenv(key)
-    _warn.reset()
-
-
-def protocol(receiver: Receiver) -> str:
-    return "grpc" if isinstance(receiver, GrpcReceiver) else "http/protobuf"
 
 
 # A workload in a fresh interpreter: the session, EPOCHS epochs with a nested step each; prints

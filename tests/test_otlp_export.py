@@ -32,12 +32,14 @@ import cirron_otel as ci
 
 from . import conftest_otlp
 from .conftest import run_script, spans_and_marks
+from .conftest_otlp import Receiver, protocol, start
 from .otlp_receivers import GrpcReceiver, HttpReceiver, SpanDict, decode_spans
 
 grpc_receiver = conftest_otlp.grpc_receiver
 http_receiver = conftest_otlp.http_receiver
+receiver = conftest_otlp.receiver
+_clean_env = conftest_otlp.clean_env
 
-Receiver = GrpcReceiver | HttpReceiver
 Record = dict[str, Any]
 
 NAN, INF = float("nan"), float("inf")
@@ -50,33 +52,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning")
 
 
 # -- fixtures and helpers -------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No OTEL_*, CIRRON_* or rank variable of the calling environment leaks into a test."""
-    for key in list(os.environ):
-        if key.startswith(("OTEL_", "CIRRON_")) or key in ("RANK", "LOCAL_RANK"):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture(params=["grpc", "http/protobuf"])
-def receiver(request: pytest.FixtureRequest) -> Receiver:
-    name = "grpc_receiver" if request.param == "grpc" else "http_receiver"
-    return request.getfixturevalue(name)
-
-
-def protocol(receiver: Receiver) -> str:
-    return "grpc" if isinstance(receiver, GrpcReceiver) else "http/protobuf"
-
-
-def start(out: Path, receiver: Receiver, **kwargs: Any) -> ci.Profiler:
-    # tracer_provider=None: the OTLP sink even if some test set a global SDK TracerProvider
-    options: dict[str, Any] = dict(output_dir=str(out), otlp_endpoint=receiver.endpoint,
-                                   otlp_protocol=protocol(receiver), flush_interval=0.05,
-                                   install_signal_handlers=False, tracer_provider=None)
-    options.update(kwargs)
-    return ci.profile(**options)
 
 
 def otlp_health() -> Record:
@@ -531,6 +506,29 @@ def test_event_count_limit_keeps_the_last_events_and_counts_the_dropped(
     assert otlp_health()["events_dropped"] == 7
 
 
+@pytest.mark.parametrize("limits", [{}, {"OTEL_SPAN_LINK_COUNT_LIMIT": "0"},
+                                    {"OTEL_LINK_ATTRIBUTE_COUNT_LIMIT": "0"}],
+                         ids=["default", "links", "attrs"])
+def test_link_limits_of_zero_drop_the_session_link_or_its_attribute(
+        out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch, limits: dict[str, str]):
+    for key, value in limits.items():
+        monkeypatch.setenv(key, value)
+    start(out, grpc_receiver)  # trace_per="child": the epoch links to the session span
+    with ci.scope("epoch") as epoch:
+        pass
+    _, _, received = finish(out, grpc_receiver)
+    o = by_otel_id(received)[otel_id(epoch.id)]
+    if "OTEL_SPAN_LINK_COUNT_LIMIT" in limits:
+        assert o["links"] == [] and o["dropped_links_count"] == 1
+        return
+    (link,) = o["links"]
+    assert o["dropped_links_count"] == 0
+    if "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT" in limits:
+        assert link["attributes"] == {} and link["dropped_attributes_count"] == 1
+    else:
+        assert link["attributes"] == {"cirron.link": "session"} and link["dropped_attributes_count"] == 0
+
+
 def test_event_count_limit_includes_the_exception_event(
         out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("OTEL_SPAN_EVENT_COUNT_LIMIT", "5")
@@ -889,7 +887,6 @@ def test_outbox_survives_a_process_restart_and_is_delivered_once(out: Path, rece
     assert not list((out / OUTBOX).glob("*.pb"))
     health = otlp_health()
     assert health["pending"] == 0 and health["exported"] == len(spool)
-
 
 
 # Processes sharing an outbox (ranks, a forked child): tests/reliability/test_otlp_outbox.py, where

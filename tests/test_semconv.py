@@ -34,38 +34,19 @@ import cirron_otel as ci
 
 from . import conftest_otlp
 from .conftest import spans_and_marks
-from .otlp_receivers import GrpcReceiver, HttpReceiver, SpanDict
+from .conftest_otlp import Receiver, start
+from .otlp_receivers import GrpcReceiver, SpanDict
 
 grpc_receiver = conftest_otlp.grpc_receiver
 http_receiver = conftest_otlp.http_receiver
+receiver = conftest_otlp.receiver
+_clean_env = conftest_otlp.clean_env
 
-Receiver = GrpcReceiver | HttpReceiver
 Record = dict[str, Any]
 STATUS_ERROR = 2
 # the module (the package's `_decorate` attribute is the function that imports it)
 decorate_module = importlib.import_module("cirron_otel._decorate")
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith(("OTEL_", "CIRRON_")) or key in ("RANK", "LOCAL_RANK"):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture(params=["grpc", "http/protobuf"])
-def receiver(request: pytest.FixtureRequest) -> Receiver:
-    return request.getfixturevalue("grpc_receiver" if request.param == "grpc" else "http_receiver")
-
-
-def start(out: Path, receiver: Receiver, **kwargs: Any) -> ci.Profiler:
-    protocol = "grpc" if isinstance(receiver, GrpcReceiver) else "http/protobuf"
-    options: dict[str, Any] = dict(output_dir=str(out), otlp_endpoint=receiver.endpoint,
-                                   otlp_protocol=protocol, flush_interval=0.05,
-                                   install_signal_handlers=False, tracer_provider=None)
-    options.update(kwargs)
-    return ci.profile(**options)
 
 
 def finish(out: Path, receiver: Receiver) -> tuple[dict[str, Record], dict[str, SpanDict]]:

@@ -2836,6 +2836,9 @@ static void otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_t *n, ui
                        int span_error);
 static int g_otlp;                          /* render OTLP attributes in the GIL pass */
 static uint32_t g_span_attr_limit = 128, g_event_attr_limit = 128;
+/* OTEL_SPAN_LINK_COUNT_LIMIT / OTEL_LINK_ATTRIBUTE_COUNT_LIMIT: a span has at most one link
+ * (to the session) with one attribute, so only 0 changes anything */
+static uint32_t g_link_limit = 128, g_link_attr_limit = 128;
 static int64_t g_value_len_limit = -1;      /* OTEL_*ATTRIBUTE_VALUE_LENGTH_LIMIT */
 
 /* Phase 2 for one slot (GIL held). */
@@ -4224,11 +4227,22 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
         pb_varint(o, ev_dropped);
     }
     if ((s->vtype & SF_NEW_TRACE) && (c->session_trace_hi | c->session_trace_lo)) {
-        size_t ln = pb_begin(o, 13);
-        pb_id(o, 1, c->session_trace_hi, c->session_trace_lo, 16);
-        pb_id(o, 2, s2->parent_hi, 0, 8);
-        pb_str_kv(o, 4, "cirron.link", 11, "session", 7);
-        pb_end(o, ln);
+        if (g_link_limit == 0) {
+            pb_tag(o, 14, WT_VARINT); /* dropped_links_count */
+            pb_varint(o, 1);
+        }
+        else {
+            size_t ln = pb_begin(o, 13);
+            pb_id(o, 1, c->session_trace_hi, c->session_trace_lo, 16);
+            pb_id(o, 2, s2->parent_hi, 0, 8);
+            if (g_link_attr_limit > 0)
+                pb_str_kv(o, 4, "cirron.link", 11, "session", 7);
+            else {
+                pb_tag(o, 5, WT_VARINT); /* the link's dropped_attributes_count */
+                pb_varint(o, 1);
+            }
+            pb_end(o, ln);
+        }
     }
     if (s->flags & F_ERROR) {
         size_t stt = pb_begin(o, 15);
@@ -4356,18 +4370,24 @@ mod_configure(PyObject *m, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"ring_capacity", "capture_cpu_time", "rank", "recording",
                              "full_wait", "warning_category", "decorate", "otel_context",
                              "trace_per_child", "otlp", "span_attr_limit", "event_attr_limit",
-                             "value_len_limit", "otel_attached", NULL};
+                             "value_len_limit", "otel_attached", "link_limit", "link_attr_limit",
+                             NULL};
     Py_ssize_t cap = -1;
     int cpu = -1, recording = -1, otel_context = -1, per_child = -1, otlp = -1, attached = -1;
     long long span_limit = -1, event_limit = -1, value_limit = LLONG_MIN;
+    long long link_limit = -1, link_attr_limit = -1;
     long long rank = LLONG_MIN;
     double full_wait = -1.0;
     PyObject *cat = NULL, *decorate = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$npLpdOOpppLLLp:configure", kwlist, &cap, &cpu,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$npLpdOOpppLLLpLL:configure", kwlist, &cap, &cpu,
                                      &rank, &recording, &full_wait, &cat, &decorate, &otel_context,
                                      &per_child, &otlp, &span_limit, &event_limit, &value_limit,
-                                     &attached))
+                                     &attached, &link_limit, &link_attr_limit))
         return NULL;
+    if (link_limit >= 0)
+        g_link_limit = (uint32_t)(link_limit > UINT32_MAX ? UINT32_MAX : link_limit);
+    if (link_attr_limit >= 0)
+        g_link_attr_limit = (uint32_t)(link_attr_limit > UINT32_MAX ? UINT32_MAX : link_attr_limit);
     if (attached != -1)
         g_otel_attached = attached;
     if (otlp != -1)

@@ -143,6 +143,8 @@ class Profiler:
             span_attr_limit=_limit(limits.max_span_attributes),
             event_attr_limit=_limit(limits.max_event_attributes),
             value_len_limit=-1 if limits.max_attribute_length is None else limits.max_attribute_length,
+            link_limit=_limit(limits.max_links),
+            link_attr_limit=_limit(limits.max_link_attributes),
         )
         return _limit(limits.max_events)
 

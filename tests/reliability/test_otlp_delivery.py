@@ -30,58 +30,15 @@ from cirron_otel._config import otlp_transport_config
 
 from .. import conftest_otlp
 from ..conftest import run_script, spans_and_marks
+from ..conftest_otlp import Receiver, otlp_health, protocol, received_ids, spool_ids, start, wait_until
 from ..otlp_receivers import GrpcReceiver, HttpReceiver
 
 grpc_receiver = conftest_otlp.grpc_receiver
 http_receiver = conftest_otlp.http_receiver
-Receiver = GrpcReceiver | HttpReceiver
+receiver = conftest_otlp.receiver
+_clean_env = conftest_otlp.clean_env
 
 pytestmark = [pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning"), pytest.mark.timeout(120)]
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith(("OTEL_", "CIRRON_")) or key in ("RANK", "LOCAL_RANK"):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture(params=["grpc", "http/protobuf"])
-def receiver(request: pytest.FixtureRequest) -> Receiver:
-    return request.getfixturevalue("grpc_receiver" if request.param == "grpc" else "http_receiver")
-
-
-def protocol(receiver: Receiver) -> str:
-    return "grpc" if isinstance(receiver, GrpcReceiver) else "http/protobuf"
-
-
-def start(out: Path, receiver: Receiver, **kwargs: Any) -> ci.Profiler:
-    options: dict[str, Any] = dict(output_dir=str(out), otlp_endpoint=receiver.endpoint,
-                                   otlp_protocol=protocol(receiver), flush_interval=0.05,
-                                   install_signal_handlers=False, tracer_provider=None)
-    options.update(kwargs)
-    return ci.profile(**options)
-
-
-def otlp_health() -> dict[str, Any]:
-    return ci.health()["sinks"]["otlp"]
-
-
-def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
-
-def spool_ids(out: Path) -> Counter[str]:
-    spans, _ = spans_and_marks(out)
-    return Counter(s["id"][:16] for s in spans)
-
-
-def received_ids(receiver: Receiver) -> Counter[str]:
-    return Counter(s["span_id"] for s in receiver.spans())
 
 
 def one_span_request(name: str = "s") -> bytes:

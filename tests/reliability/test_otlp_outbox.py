@@ -33,35 +33,15 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 import cirron_otel as ci
 
 from .. import conftest_otlp
-from ..conftest import spans_and_marks
-from ..otlp_receivers import GrpcReceiver, HttpReceiver, decode_spans
+from ..conftest_otlp import Receiver, protocol, received_ids, spool_ids
+from ..otlp_receivers import GrpcReceiver, decode_spans
 
 grpc_receiver = conftest_otlp.grpc_receiver
 http_receiver = conftest_otlp.http_receiver
-Receiver = GrpcReceiver | HttpReceiver
+receiver = conftest_otlp.receiver
+_clean_env = conftest_otlp.clean_env
 
 pytestmark = [pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning"), pytest.mark.timeout(240)]
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith(("OTEL_", "CIRRON_")) or key in ("RANK", "LOCAL_RANK"):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture(params=["grpc", "http/protobuf"])
-def receiver(request: pytest.FixtureRequest) -> Receiver:
-    return request.getfixturevalue("grpc_receiver" if request.param == "grpc" else "http_receiver")
-
-
-def protocol(receiver: Receiver) -> str:
-    return "grpc" if isinstance(receiver, GrpcReceiver) else "http/protobuf"
-
-
-def spool_ids(out: Path) -> Counter[str]:
-    spans, _ = spans_and_marks(out)
-    return Counter(s["id"][:16] for s in spans)
 
 
 def outbox_ids(out: Path) -> Counter[str]:
@@ -70,10 +50,6 @@ def outbox_ids(out: Path) -> Counter[str]:
         for span in decode_spans(ExportTraceServiceRequest.FromString(path.read_bytes())):
             ids[span["span_id"]] += 1
     return ids
-
-
-def received_ids(receiver: Receiver) -> Counter[str]:
-    return Counter(s["span_id"] for s in receiver.spans())
 
 
 def spawn(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
