@@ -188,7 +188,8 @@ def test_round_trip_every_spool_span_and_mark_arrives_as_the_mapping_says(out: P
             assert o["parent_span_id"] == "", where
             assert o["trace_id"] != session["trace_id"], where
             assert o["links"] == [{"trace_id": session["trace_id"], "span_id": otel_id(session["id"]),
-                                   "attributes": {"cirron.link": "session"}}], where
+                                   "attributes": {"cirron.link": "session"},
+                                   "dropped_attributes_count": 0}], where
         else:
             parent = table[otel_id(s["parent_id"])]
             assert o["parent_span_id"] == parent["span_id"], where

@@ -79,7 +79,7 @@ def test_full_span_round_trip_with_gzip_and_env_headers(receiver: Receiver, monk
     assert r["events"] == [{"name": "mark", "time_ns": 1_500,
                             "attributes": {"cirron.mark.value": 0.25, "cirron.mark.kind": "point"}}]
     assert r["links"] == [{"trace_id": format(tctx.trace_id, "032x"), "span_id": format(tctx.span_id, "016x"),
-                           "attributes": {"link.why": "session"}}]
+                           "attributes": {"link.why": "session"}, "dropped_attributes_count": 0}]
     assert r["status"] == {"code": 2, "message": "boom"}
     assert (r["dropped_attributes_count"], r["dropped_events_count"], r["dropped_links_count"]) == (0, 0, 0)
     assert r["resource"]["service.name"] == "svc" and r["resource"]["telemetry.sdk.language"] == "python"
