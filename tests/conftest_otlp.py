@@ -48,12 +48,16 @@ def receiver(request: pytest.FixtureRequest) -> Receiver:
     return request.getfixturevalue("grpc_receiver" if request.param == "grpc" else "http_receiver")
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def clear_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No OTEL_*, CIRRON_* or rank variable of the calling environment leaks into a test."""
     for key in list(os.environ):
         if key.startswith(("OTEL_", "CIRRON_")) or key in ("RANK", "LOCAL_RANK"):
             monkeypatch.delenv(key)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_env(monkeypatch)
 
 
 def protocol(receiver: Receiver) -> str:

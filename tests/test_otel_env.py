@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, TraceIdRatioBased
 
 import cirron_otel as ci
+from cirron_otel import _warn
 from cirron_otel._config import resolve, sampler_bound, sdk_disabled, traces_exporters, traces_sampler
 
 from . import conftest_otlp
@@ -39,7 +40,12 @@ from .otlp_receivers import GrpcReceiver, HttpReceiver
 
 grpc_receiver = conftest_otlp.grpc_receiver
 http_receiver = conftest_otlp.http_receiver
-_clean_env = conftest_otlp.clean_env
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    conftest_otlp.clear_env(monkeypatch)
+    _warn.reset()  # each test sees the warnings it provokes (they are once per process)
 
 pytestmark = pytest.mark.timeout(180)
 
