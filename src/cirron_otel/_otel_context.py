@@ -32,7 +32,6 @@ This module imports nothing from OpenTelemetry at its top, for two reasons:
 from __future__ import annotations
 
 import contextvars
-import importlib.util
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -240,8 +239,8 @@ def install() -> bool:
             _install_now()
             return True
         if _finder is None:
-            if importlib.util.find_spec("opentelemetry") is None:
-                return False  # not installed: Cirron scopes only
+            # No check that OpenTelemetry is installed (it is a dependency; looking for it costs
+            # a sys.path scan at start-up): a hook for a module never imported never fires.
             _finder = _InstallOnImport()
             sys.meta_path.insert(0, _finder)
         return True
