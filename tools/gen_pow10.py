@@ -1,4 +1,5 @@
-"""Generate src/cirron_otel/_pow10.h: the cached powers of ten for the Grisu2 float printer.
+"""Generate src/cirron_otel/_pow10.h: the cached powers of ten for the Grisu2 float printer
+(src/cirron_otel/grisu2.h, its only includer).
 
 Entry i holds 10^k, k = -348 + 8*i, as a 64-bit significand f with bit 63 set and a binary
 exponent e, f * 2^e rounded to nearest. Run: python tools/gen_pow10.py > src/cirron_otel/_pow10.h

@@ -15,6 +15,9 @@
  *  11. Module functions and init (defined after section 12, which they use)
  *  12. OTLP: the OpenTelemetry mapping, encoded as protobuf
  *
+ * Header-only, Python-free parts: buf.h (buf_t, the growable buffer), grisu2.h (format_f64,
+ * the float printer, with its generated table _pow10.h), pb.h (protobuf wire writers).
+ *
  * Hot path rules: mark(), scope enter/exit and iterator steps take no lock, make no system
  * call (the wall clock is read through the vDSO) and allocate only what the caller hands
  * us (kwargs dicts). Everything else happens on the drainer thread, mostly without the GIL.
@@ -39,6 +42,10 @@
 #include <sys/random.h>
 #define HAVE_GETENTROPY 1
 #endif
+
+#include "buf.h"    /* buf_t: the growable buffer the encoders write into */
+#include "grisu2.h" /* format_f64: the float printer */
+#include "pb.h"     /* protobuf wire-format writers */
 
 #define MAX_DEPTH 64
 #define STR_VALUE_CAP 256
@@ -167,12 +174,6 @@ static name_entry_t *g_name_chunks[NAME_CHUNKS];
 static _Atomic uint32_t g_name_count;
 static PyObject *g_name_ids; /* dict: str -> int id (GIL protected) */
 static PyObject *g_name_objs; /* list: id -> str (for the Python side) */
-
-typedef struct {
-    char *data;
-    size_t len, cap;
-    int oom;
-} buf_t;
 
 static int json_escape_utf8(buf_t *b, const char *s, Py_ssize_t n);
 
@@ -1978,31 +1979,7 @@ fail:
  * 8. JSON helpers
  * ==================================================================================== */
 
-static int
-buf_grow(buf_t *b, size_t extra)
-{
-    if (b->oom)
-        return -1;
-    size_t cap = b->cap ? b->cap : 4096;
-    while (cap < b->len + extra)
-        cap *= 2;
-    char *d = realloc(b->data, cap);
-    if (d == NULL) {
-        b->oom = 1;
-        return -1;
-    }
-    b->data = d;
-    b->cap = cap;
-    return 0;
-}
-
-static inline int
-buf_reserve(buf_t *b, size_t extra)
-{
-    if (b->len + extra <= b->cap)
-        return 0;
-    return buf_grow(b, extra);
-}
+/* buf_t, buf_reserve, buf_put, BUF_LIT: buf.h */
 
 /* Room for one more element in a malloc'd array that doubles (first size `first`).
  * ARRAY_GROW evaluates to 0, or -1 when out of memory (the array is left as it was). */
@@ -2021,18 +1998,6 @@ array_grow_impl(void *arrp, size_t *cap, size_t elem, size_t first)
 
 #define ARRAY_GROW(arr, cap, used, first) \
     ((size_t)(used) < (cap) ? 0 : array_grow_impl((void *)&(arr), &(cap), sizeof *(arr), (first)))
-
-static inline void
-buf_put(buf_t *b, const char *s, size_t n)
-{
-    if (buf_reserve(b, n) < 0)
-        return;
-    memcpy(b->data + b->len, s, n);
-    b->len += n;
-}
-
-/* string literals only: sizeof a pointer would be wrong */
-#define BUF_LIT(b, s) buf_put((b), ("" s ""), sizeof(s) - 1)
 
 /* 16 lowercase hex digits of v, most significant first, without a loop per digit: spread
  * the nibbles one per byte, then add '0' or 'a'-10 to each byte at once. */
@@ -2101,185 +2066,7 @@ buf_i64(buf_t *b, int64_t v)
     buf_put(b, p, (size_t)(end - p));
 }
 
-/* --- Float printing: Grisu2 (Loitsch, "Printing floating-point numbers quickly and
- * accurately with integers", PLDI 2010). The digits always read back to the same double and
- * are the shortest such in all but rare cases; the layout follows Python's repr (fixed
- * notation for 1e-4 <= |v| < 1e16, else d.ddde+XX). No GIL, no allocation, no locale. */
-
-#include "_pow10.h"
-
-typedef struct {
-    uint64_t f;
-    int e;
-} diyfp_t;
-
-static inline uint64_t
-mul_hi64(uint64_t a, uint64_t b)
-{
-    /* upper 64 bits of a*b, rounded (portable: no 128-bit type needed) */
-    uint64_t a_lo = a & 0xFFFFFFFFu, a_hi = a >> 32, b_lo = b & 0xFFFFFFFFu, b_hi = b >> 32;
-    uint64_t p0 = a_lo * b_lo, p1 = a_lo * b_hi, p2 = a_hi * b_lo, p3 = a_hi * b_hi;
-    uint64_t mid = (p0 >> 32) + (p1 & 0xFFFFFFFFu) + (p2 & 0xFFFFFFFFu) + (1u << 31);
-    return p3 + (p1 >> 32) + (p2 >> 32) + (mid >> 32);
-}
-
-static inline diyfp_t
-diy_mul(diyfp_t x, diyfp_t y)
-{
-    return (diyfp_t){mul_hi64(x.f, y.f), x.e + y.e + 64};
-}
-
-static inline diyfp_t
-diy_normalize(diyfp_t x)
-{
-    while (!(x.f >> 63)) {
-        x.f <<= 1;
-        x.e--;
-    }
-    return x;
-}
-
-static void
-grisu2_round(char *buf, int len, uint64_t dist, uint64_t delta, uint64_t rest, uint64_t ten_k)
-{
-    while (rest < dist && delta - rest >= ten_k &&
-           (rest + ten_k < dist || dist - rest > rest + ten_k - dist)) {
-        buf[len - 1]--;
-        rest += ten_k;
-    }
-}
-
-/* Digits of v into buf (no sign, no point); returns the count; *k: v = digits * 10^k. */
-static int
-grisu2(double v, char *buf, int *k)
-{
-    uint64_t bits;
-    memcpy(&bits, &v, 8);
-    uint64_t frac = bits & 0x000FFFFFFFFFFFFFULL;
-    int bexp = (int)((bits >> 52) & 0x7FF);
-    diyfp_t w = bexp ? (diyfp_t){frac | 0x0010000000000000ULL, bexp - 1075} : (diyfp_t){frac, -1074};
-    int lower_closer = frac == 0 && bexp > 1;
-    diyfp_t mp = diy_normalize((diyfp_t){(w.f << 1) + 1, w.e - 1});
-    diyfp_t mm = lower_closer ? (diyfp_t){(w.f << 2) - 1, w.e - 2} : (diyfp_t){(w.f << 1) - 1, w.e - 1};
-    mm.f <<= mm.e - mp.e;
-    mm.e = mp.e;
-    w = diy_normalize(w);
-    /* a cached power c = 10^-mk with the scaled exponent in [-60, -32] */
-    int f = -60 - mp.e - 1;
-    int kk = (f * 78913) / (1 << 18) + (f > 0);
-    int index = (-POW10_MIN_K + kk + (POW10_STEP - 1)) / POW10_STEP;
-    diyfp_t c = {POW10[index].f, POW10[index].e};
-    int mk = POW10[index].k;
-    diyfp_t W = diy_mul(w, c), Wp = diy_mul(mp, c), Wm = diy_mul(mm, c);
-    Wm.f += 1;
-    Wp.f -= 1;
-    uint64_t delta = Wp.f - Wm.f, dist = Wp.f - W.f;
-    int shift = -Wp.e;
-    uint64_t one = 1ULL << shift;
-    uint32_t p1 = (uint32_t)(Wp.f >> shift);
-    uint64_t p2 = Wp.f & (one - 1);
-    static const uint32_t P10[] = {1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000,
-                                   1000000000};
-    int n = 10;
-    while (n > 1 && p1 < P10[n - 1])
-        n--;
-    int len = 0;
-    *k = -mk;
-    while (n > 0) {
-        uint32_t pow = P10[n - 1];
-        buf[len++] = (char)('0' + p1 / pow);
-        p1 %= pow;
-        n--;
-        uint64_t rest = ((uint64_t)p1 << shift) + p2;
-        if (rest <= delta) {
-            *k += n;
-            grisu2_round(buf, len, dist, delta, rest, (uint64_t)pow << shift);
-            return len;
-        }
-    }
-    int m = 0;
-    for (;;) {
-        p2 *= 10;
-        delta *= 10;
-        dist *= 10;
-        buf[len++] = (char)('0' + (p2 >> shift));
-        p2 &= one - 1;
-        m++;
-        if (p2 <= delta)
-            break;
-    }
-    *k -= m;
-    grisu2_round(buf, len, dist, delta, p2, one);
-    return len;
-}
-
-/* Finite double as a JSON number that parses back to the same double (repr-like layout). */
-static int
-format_f64(double d, char *out)
-{
-    char *o = out;
-    uint64_t bits;
-    memcpy(&bits, &d, 8);
-    if (bits >> 63) {
-        *o++ = '-';
-        d = -d;
-    }
-    if (d == 0.0) {
-        memcpy(o, "0.0", 3);
-        return (int)(o - out) + 3;
-    }
-    char dig[24];
-    int k;
-    int n = grisu2(d, dig, &k);
-    while (n > 1 && dig[n - 1] == '0') { /* trailing zeros belong in the exponent */
-        n--;
-        k++;
-    }
-    int decpt = n + k; /* digits before the decimal point */
-    if (decpt > -4 && decpt <= 16) {
-        if (decpt <= 0) {
-            *o++ = '0';
-            *o++ = '.';
-            for (int i = 0; i < -decpt; i++)
-                *o++ = '0';
-            memcpy(o, dig, (size_t)n);
-            o += n;
-        }
-        else if (decpt < n) {
-            memcpy(o, dig, (size_t)decpt);
-            o += decpt;
-            *o++ = '.';
-            memcpy(o, dig + decpt, (size_t)(n - decpt));
-            o += n - decpt;
-        }
-        else {
-            memcpy(o, dig, (size_t)n);
-            o += n;
-            for (int i = n; i < decpt; i++)
-                *o++ = '0';
-            *o++ = '.';
-            *o++ = '0';
-        }
-    }
-    else {
-        *o++ = dig[0];
-        if (n > 1) {
-            *o++ = '.';
-            memcpy(o, dig + 1, (size_t)(n - 1));
-            o += n - 1;
-        }
-        int e = decpt - 1;
-        *o++ = 'e';
-        *o++ = e < 0 ? '-' : '+';
-        if (e < 0)
-            e = -e;
-        if (e >= 100)
-            *o++ = (char)('0' + e / 100);
-        *o++ = (char)('0' + (e / 10) % 10);
-        *o++ = (char)('0' + e % 10);
-    }
-    return (int)(o - out);
-}
+/* format_f64() (Grisu2): grisu2.h */
 
 static void
 buf_f64(buf_t *b, double d)
@@ -3491,86 +3278,8 @@ static PyTypeObject Batch_Type = {
  * last `event limit` events already encoded and its summaries, until the span closes.
  * ==================================================================================== */
 
-enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5 };
-
-static inline void
-pb_varint(buf_t *b, uint64_t v)
-{
-    if (buf_reserve(b, 10) < 0)
-        return;
-    while (v >= 0x80) {
-        b->data[b->len++] = (char)(v | 0x80);
-        v >>= 7;
-    }
-    b->data[b->len++] = (char)v;
-}
-
-static inline void
-pb_tag(buf_t *b, int field, int wt)
-{
-    pb_varint(b, ((uint64_t)field << 3) | (uint64_t)wt);
-}
-
-static inline void
-pb_fixed(buf_t *b, uint64_t v, int nbytes)
-{
-    if (buf_reserve(b, 8) < 0)
-        return;
-    for (int i = 0; i < nbytes; i++)
-        b->data[b->len++] = (char)(v >> (8 * i));
-}
-
-static inline void
-pb_bytes(buf_t *b, int field, const void *p, size_t n)
-{
-    pb_tag(b, field, WT_LEN);
-    pb_varint(b, n);
-    buf_put(b, p, n);
-}
-
-static void
-pb_id(buf_t *b, int field, uint64_t hi, uint64_t lo, int nbytes)
-{
-    unsigned char raw[16];
-    for (int i = 0; i < 8; i++) {
-        raw[i] = (unsigned char)(hi >> (56 - 8 * i));
-        raw[8 + i] = (unsigned char)(lo >> (56 - 8 * i));
-    }
-    pb_bytes(b, field, raw, (size_t)nbytes);
-}
-
-/* Nested message: reserve a 5-byte length, then shrink it to its canonical size at end. */
-static size_t
-pb_begin(buf_t *b, int field)
-{
-    pb_tag(b, field, WT_LEN);
-    buf_reserve(b, 5);
-    b->len += 5;
-    return b->len;
-}
-
-static void
-pb_end(buf_t *b, size_t body)
-{
-    if (b->oom)
-        return;
-    size_t n = b->len - body;
-    unsigned char tmp[5];
-    int k = 0;
-    size_t v = n;
-    do {
-        tmp[k] = (unsigned char)(v & 0x7F);
-        v >>= 7;
-        if (v)
-            tmp[k] |= 0x80;
-        k++;
-    } while (v);
-    char *start = b->data + body - 5;
-    memcpy(start, tmp, (size_t)k);
-    if (k < 5)
-        memmove(start + k, b->data + body, n);
-    b->len -= (size_t)(5 - k);
-}
+/* Wire-format writers (pb_varint, pb_tag, pb_fixed, pb_bytes, pb_id, pb_begin/pb_end,
+ * pb_splice_kvs): pb.h. The KeyValue helpers below apply the configured limits. */
 
 /* OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT counts characters: the byte length of the first
  * g_value_len_limit characters of UTF-8 text (all of it without a limit). */
@@ -3780,29 +3489,6 @@ otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_t *n, uint32_t *drop
     }
     free(skip);
     Py_DECREF(items);
-}
-
-/* Splice pre-rendered KeyValues [varint len][KeyValue]... as repeated `field`; at most max. */
-static uint32_t
-pb_splice_kvs(buf_t *b, int field, const char *p, size_t n, uint32_t max)
-{
-    size_t off = 0;
-    uint32_t count = 0;
-    while (off < n && count < max) {
-        uint64_t len = 0;
-        int shift = 0;
-        while (off < n) {
-            unsigned char c = (unsigned char)p[off++];
-            len |= (uint64_t)(c & 0x7F) << shift;
-            shift += 7;
-            if (!(c & 0x80))
-                break;
-        }
-        pb_bytes(b, field, p + off, (size_t)len);
-        off += (size_t)len;
-        count++;
-    }
-    return count;
 }
 
 /* -- open-span state ------------------------------------------------------------------- */

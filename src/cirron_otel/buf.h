@@ -1,0 +1,67 @@
+/*
+ * buf.h — the growable byte buffer the spool and OTLP encoders write into. Header-only, no
+ * Python: a failed allocation sets `oom` and every later write is dropped, so a caller checks
+ * `oom` once when it is done.
+ */
+#ifndef CIRRON_OTEL_BUF_H
+#define CIRRON_OTEL_BUF_H
+
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Functions the compiler inlines only by its own judgement are `static` (not `inline`), as they
+ * were in _native.c; unused, they must not warn in a unit that includes this header. */
+#ifndef CIRRON_MAYBE_UNUSED
+#if defined(__GNUC__) || defined(__clang__)
+#define CIRRON_MAYBE_UNUSED __attribute__((unused))
+#else
+#define CIRRON_MAYBE_UNUSED
+#endif
+#endif
+
+typedef struct {
+    char *data;
+    size_t len, cap;
+    int oom;
+} buf_t;
+
+static CIRRON_MAYBE_UNUSED int
+buf_grow(buf_t *b, size_t extra)
+{
+    if (b->oom)
+        return -1;
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + extra)
+        cap *= 2;
+    char *d = realloc(b->data, cap);
+    if (d == NULL) {
+        b->oom = 1;
+        return -1;
+    }
+    b->data = d;
+    b->cap = cap;
+    return 0;
+}
+
+static inline int
+buf_reserve(buf_t *b, size_t extra)
+{
+    if (b->len + extra <= b->cap)
+        return 0;
+    return buf_grow(b, extra);
+}
+
+static inline void
+buf_put(buf_t *b, const char *s, size_t n)
+{
+    if (buf_reserve(b, n) < 0)
+        return;
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+}
+
+/* string literals only: sizeof a pointer would be wrong */
+#define BUF_LIT(b, s) buf_put((b), ("" s ""), sizeof(s) - 1)
+
+#endif /* CIRRON_OTEL_BUF_H */

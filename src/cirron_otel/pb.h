@@ -1,0 +1,128 @@
+/*
+ * pb.h — protobuf wire-format writers over buf_t (buf.h). Header-only, no Python: they
+ * know wire types, tags and length prefixes, not the OTLP messages built from them.
+ */
+#ifndef CIRRON_OTEL_PB_H
+#define CIRRON_OTEL_PB_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "buf.h"
+
+/* Functions the compiler inlines only by its own judgement are `static` (not `inline`), as they
+ * were in _native.c; unused, they must not warn in a unit that includes this header. */
+#ifndef CIRRON_MAYBE_UNUSED
+#if defined(__GNUC__) || defined(__clang__)
+#define CIRRON_MAYBE_UNUSED __attribute__((unused))
+#else
+#define CIRRON_MAYBE_UNUSED
+#endif
+#endif
+
+enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5 };
+
+static inline void
+pb_varint(buf_t *b, uint64_t v)
+{
+    if (buf_reserve(b, 10) < 0)
+        return;
+    while (v >= 0x80) {
+        b->data[b->len++] = (char)(v | 0x80);
+        v >>= 7;
+    }
+    b->data[b->len++] = (char)v;
+}
+
+static inline void
+pb_tag(buf_t *b, int field, int wt)
+{
+    pb_varint(b, ((uint64_t)field << 3) | (uint64_t)wt);
+}
+
+static inline void
+pb_fixed(buf_t *b, uint64_t v, int nbytes)
+{
+    if (buf_reserve(b, 8) < 0)
+        return;
+    for (int i = 0; i < nbytes; i++)
+        b->data[b->len++] = (char)(v >> (8 * i));
+}
+
+static inline void
+pb_bytes(buf_t *b, int field, const void *p, size_t n)
+{
+    pb_tag(b, field, WT_LEN);
+    pb_varint(b, n);
+    buf_put(b, p, n);
+}
+
+static CIRRON_MAYBE_UNUSED void
+pb_id(buf_t *b, int field, uint64_t hi, uint64_t lo, int nbytes)
+{
+    unsigned char raw[16];
+    for (int i = 0; i < 8; i++) {
+        raw[i] = (unsigned char)(hi >> (56 - 8 * i));
+        raw[8 + i] = (unsigned char)(lo >> (56 - 8 * i));
+    }
+    pb_bytes(b, field, raw, (size_t)nbytes);
+}
+
+/* Nested message: reserve a 5-byte length, then shrink it to its canonical size at end. */
+static CIRRON_MAYBE_UNUSED size_t
+pb_begin(buf_t *b, int field)
+{
+    pb_tag(b, field, WT_LEN);
+    buf_reserve(b, 5);
+    b->len += 5;
+    return b->len;
+}
+
+static CIRRON_MAYBE_UNUSED void
+pb_end(buf_t *b, size_t body)
+{
+    if (b->oom)
+        return;
+    size_t n = b->len - body;
+    unsigned char tmp[5];
+    int k = 0;
+    size_t v = n;
+    do {
+        tmp[k] = (unsigned char)(v & 0x7F);
+        v >>= 7;
+        if (v)
+            tmp[k] |= 0x80;
+        k++;
+    } while (v);
+    char *start = b->data + body - 5;
+    memcpy(start, tmp, (size_t)k);
+    if (k < 5)
+        memmove(start + k, b->data + body, n);
+    b->len -= (size_t)(5 - k);
+}
+
+/* Splice pre-rendered KeyValues [varint len][KeyValue]... as repeated `field`; at most max. */
+static CIRRON_MAYBE_UNUSED uint32_t
+pb_splice_kvs(buf_t *b, int field, const char *p, size_t n, uint32_t max)
+{
+    size_t off = 0;
+    uint32_t count = 0;
+    while (off < n && count < max) {
+        uint64_t len = 0;
+        int shift = 0;
+        while (off < n) {
+            unsigned char c = (unsigned char)p[off++];
+            len |= (uint64_t)(c & 0x7F) << shift;
+            shift += 7;
+            if (!(c & 0x80))
+                break;
+        }
+        pb_bytes(b, field, p + off, (size_t)len);
+        off += (size_t)len;
+        count++;
+    }
+    return count;
+}
+
+#endif /* CIRRON_OTEL_PB_H */
