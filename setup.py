@@ -10,6 +10,7 @@ setup(
             # header-only units: a change to one of them rebuilds the extension
             depends=[
                 "src/cirron_otel/buf.h",
+                "src/cirron_otel/compat.h",
                 "src/cirron_otel/grisu2.h",
                 "src/cirron_otel/pb.h",
                 "src/cirron_otel/_pow10.h",

@@ -10,15 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Functions the compiler inlines only by its own judgement are `static` (not `inline`), as they
- * were in _native.c; unused, they must not warn in a unit that includes this header. */
-#ifndef CIRRON_MAYBE_UNUSED
-#if defined(__GNUC__) || defined(__clang__)
-#define CIRRON_MAYBE_UNUSED __attribute__((unused))
-#else
-#define CIRRON_MAYBE_UNUSED
-#endif
-#endif
+#include "compat.h"
 
 typedef struct {
     char *data;

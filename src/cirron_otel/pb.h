@@ -11,15 +11,7 @@
 
 #include "buf.h"
 
-/* Functions the compiler inlines only by its own judgement are `static` (not `inline`), as they
- * were in _native.c; unused, they must not warn in a unit that includes this header. */
-#ifndef CIRRON_MAYBE_UNUSED
-#if defined(__GNUC__) || defined(__clang__)
-#define CIRRON_MAYBE_UNUSED __attribute__((unused))
-#else
-#define CIRRON_MAYBE_UNUSED
-#endif
-#endif
+#include "compat.h"
 
 enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5 };
 

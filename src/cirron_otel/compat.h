@@ -1,0 +1,13 @@
+/* Portability helpers shared by the header-only units (buf.h, pb.h, grisu2.h). */
+#ifndef CIRRON_COMPAT_H
+#define CIRRON_COMPAT_H
+
+/* Functions the compiler inlines only by its own judgement are `static` (not `inline`), as they
+ * were in _native.c; unused, they must not warn in a unit that includes this header. */
+#if defined(__GNUC__) || defined(__clang__)
+#define CIRRON_MAYBE_UNUSED __attribute__((unused))
+#else
+#define CIRRON_MAYBE_UNUSED
+#endif
+
+#endif /* CIRRON_COMPAT_H */
