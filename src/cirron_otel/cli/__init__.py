@@ -13,6 +13,7 @@ from __future__ import annotations
 import click
 
 from .inspect_cmd import inspect
+from .validate_cmd import validate
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
@@ -28,7 +29,7 @@ def main() -> None:
     """
 
 
-for _command in (inspect,):
+for _command in (inspect, validate):
     main.add_command(_command)
 
 __all__ = ["EXIT_OK", "EXIT_PROBLEMS", "EXIT_USAGE", "main"]
