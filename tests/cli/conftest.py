@@ -90,3 +90,11 @@ def load_records(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
 def cli(*args: str) -> Result:
     """Run the command line in-process; stdout and stderr kept apart."""
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+# The in-process OTLP receivers, as fixtures only (registered here by name).
+from .. import conftest_otlp as _otlp  # noqa: E402
+
+grpc_receiver = _otlp.grpc_receiver
+http_receiver = _otlp.http_receiver
+receiver = _otlp.receiver

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import click
 
+from .export_cmd import export
 from .inspect_cmd import inspect
 from .validate_cmd import validate
 
@@ -29,7 +30,7 @@ def main() -> None:
     """
 
 
-for _command in (inspect, validate):
+for _command in (inspect, validate, export):
     main.add_command(_command)
 
 __all__ = ["EXIT_OK", "EXIT_PROBLEMS", "EXIT_USAGE", "main"]

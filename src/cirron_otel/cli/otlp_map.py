@@ -1,0 +1,429 @@
+"""Spool records → OTLP `ExportTraceServiceRequest`s, with the live export's mapping.
+
+Why not the native encoder: `_native.otlp_encode` takes only native `Batch` objects, which
+exist only inside a profiling process (records claimed from its rings); it cannot be fed
+records read back from a spool. So this module applies the same mapping (README, "The
+mapping"; `otlp_add_span` / `otlp_add_mark` in `_native.c`) to spool records, with the same
+resource and scope, the same span limits (`OTEL_SPAN_*`, through the SDK's `SpanLimits`, as
+`profile()` reads them), the same oldest-first event dropping, and requests cut between spans
+near 1 MiB, then fitted under the collector's limit by the live `otlp_fit`.
+
+What the spool cannot give back (documented gaps): `thread.name` and `code.*` attributes
+(not in the spool), the `exception.stacktrace` of a failed scope's `exception` event (the
+event carries `exception.type` and `exception.message`), the host (`host.name` only when the
+session attrs carry it), the sampling decision (every span in the spool is sent), and the
+exact type of a non-finite float inside attrs (the spool wrote it as the string "nan").
+
+Memory: marks wait for their span (as in the live `OtlpState`): per open span at most
+`event_limit` encoded events plus its summaries; spans are encoded as they arrive.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import reader
+
+SESSION = "cirron.session"
+SPLIT_BYTES = 1 << 20  # the native encoder's request size before fitting (otlp_encode's default)
+INT64 = (-(1 << 63), (1 << 63) - 1)
+_SESSION_NAME = re.compile(rb'"name"\s*:\s*"cirron\.session"')
+
+
+@dataclass
+class Limits:
+    """The OpenTelemetry span limits, read from the environment as `profile()` reads them."""
+
+    attributes: int = 128
+    events: int = 128
+    event_attributes: int = 128
+    links: int = 128
+    link_attributes: int = 128
+    value_length: int | None = None
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        from opentelemetry.sdk.trace import SpanLimits
+
+        big = (1 << 31) - 1
+        s = SpanLimits()
+        return cls(
+            attributes=big if s.max_span_attributes is None else s.max_span_attributes,
+            events=big if s.max_events is None else s.max_events,
+            event_attributes=big if s.max_event_attributes is None else s.max_event_attributes,
+            links=big if s.max_links is None else s.max_links,
+            link_attributes=big if s.max_link_attributes is None else s.max_link_attributes,
+            value_length=s.max_attribute_length,
+        )
+
+
+@dataclass
+class _Open:
+    """Marks of a span that has not been seen yet (it closes later, in a later file)."""
+
+    events: deque[Any]
+    total: int = 0
+    summaries: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Part:
+    """One request: the unit that is sent, acknowledged and resumed."""
+
+    file: str  # the spool file it came from
+    index: int  # its position among that file's requests
+    data: bytes  # a serialized ExportTraceServiceRequest
+    spans: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.file}#{self.index}"
+
+
+@dataclass
+class Counters:
+    spans: int = 0
+    marks: int = 0
+    root_marks: int = 0  # attached to "root": spool only, as in live export
+    events_dropped: int = 0
+    truncated_values: int = 0
+    dropped_spans: int = 0  # too large even truncated
+    pending_marks: int = 0  # at the end: marks whose span is not in the spool
+
+
+def sessions_of(files: list[reader.SpoolFile]) -> tuple[dict[str, str], dict[tuple[int, int], str]]:
+    """Session span id → its trace id (for the links of traces that start under a session),
+    and (pid, rank) → `host.name` from the session attrs, when the program set one.
+
+    The sessions close last, so they come after their children: a first pass finds them,
+    reading bytes and parsing only the files that name a session (few)."""
+    traces: dict[str, str] = {}
+    hosts: dict[tuple[int, int], str] = {}
+    for file in files:
+        try:
+            with open(file.path, "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        if not _SESSION_NAME.search(raw):
+            continue
+        for span in reader.read_batch(file).spans:
+            if not isinstance(span, dict) or span.get("name") != SESSION:
+                continue
+            if span.get("trace_id"):
+                traces[span["id"]] = span["trace_id"]
+            host = (span.get("attrs") or {}).get("host.name")
+            if isinstance(host, str):
+                hosts[(span["pid"], span["rank"])] = host
+    return traces, hosts
+
+
+class Encoder:
+    """Feeds spool batches in order; yields the requests the live export would have sent."""
+
+    def __init__(self, *, sessions: dict[str, str], hosts: dict[tuple[int, int], str] | None = None,
+                 limits: Limits | None = None,
+                 service_name: str | None = None, max_request_bytes: int | None = None) -> None:
+        from cirron_otel.exporters import otlp as live
+
+        self.live = live
+        self.sessions = sessions
+        self.hosts = hosts or {}
+        self.limits = limits or Limits.from_env()
+        self.service_name = service_name
+        self.max_request_bytes = max_request_bytes or live.DEFAULT_MAX_REQUEST_BYTES
+        self.counters = Counters()
+        self._open: dict[str, _Open] = {}
+        self._resources: dict[tuple[int, int, str | None], bytes] = {}
+
+    # -- resource ------------------------------------------------------------------------
+
+    def resource(self, pid: int, rank: int, host: str | None) -> Any:
+        """The producing process's Resource, as `build_resource` makes it live, except that
+        pid, rank and host are the spool's (not this process's)."""
+        from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
+        from opentelemetry.sdk.resources import Resource
+
+        key = (pid, rank, host)
+        data = self._resources.get(key)
+        if data is None:
+            base: dict[str, Any] = {"process.pid": pid, "cirron.rank": rank, **self.live.TELEMETRY_ATTRS}
+            if host:
+                base["host.name"] = host
+            res = Resource.create(base)
+            if self.service_name:
+                res = res.merge(Resource({"service.name": self.service_name}))
+            elif str(res.attributes.get("service.name", "")).startswith("unknown_service"):
+                res = res.merge(Resource({"service.name": "cirron"}))
+            data = self._resources[key] = self.live.encode_resource(dict(res.attributes))
+        return PbResource.FromString(data)
+
+    # -- values --------------------------------------------------------------------------
+
+    def _str(self, av: Any, text: str) -> None:
+        limit = self.limits.value_length
+        av.string_value = text if limit is None else text[:limit]
+
+    def any_value(self, av: Any, value: Any) -> None:
+        """As `otlp_any_value`: scalars kept, homogeneous lists of scalars as arrays, the rest str()."""
+        if self._scalar(av, value):
+            return
+        if isinstance(value, list) and value and all(type(v) is type(value[0]) for v in value) \
+                and type(value[0]) in (str, bool, int, float):
+            for item in value:
+                if not self._scalar(av.array_value.values.add(), item):
+                    self._str(av.array_value.values[-1], str(item))
+            return
+        if isinstance(value, list) and not value:
+            av.array_value.SetInParent()
+            return
+        self._str(av, _py_str(value))
+
+    def _scalar(self, av: Any, value: Any) -> bool:
+        if isinstance(value, bool):
+            av.bool_value = value
+        elif isinstance(value, int):
+            if not INT64[0] <= value <= INT64[1]:
+                return False
+            av.int_value = value
+        elif isinstance(value, float):
+            av.double_value = value
+        elif isinstance(value, str):
+            self._str(av, value)
+        else:
+            return False
+        return True
+
+    def _attrs(self, target: Any, attrs: dict[str, Any], limit: int, *, span_error: bool = False) -> int:
+        """Append `attrs` to a repeated KeyValue field; returns how many did not fit."""
+        dropped = 0
+        for key, value in attrs.items():
+            if value is None:
+                continue  # OpenTelemetry attributes cannot be null
+            if span_error and key in ("error", "error.message"):
+                continue  # the status carries them
+            if len(target) >= limit:
+                dropped += 1
+                continue
+            kv = target.add()
+            kv.key = key
+            self.any_value(kv.value, value)
+        return dropped
+
+    # -- marks and spans -------------------------------------------------------------------
+
+    def _opened(self, span_id: str) -> _Open:
+        st = self._open.get(span_id)
+        if st is None:
+            st = self._open[span_id] = _Open(deque(maxlen=self.limits.events))
+        return st
+
+    def add_mark(self, mark: dict[str, Any]) -> None:
+        from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+        from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+        self.counters.marks += 1
+        if mark.get("span_id") == "root":
+            self.counters.root_marks += 1
+            return
+        st = self._opened(mark["span_id"])
+        value = reader.mark_value(mark)
+        if mark.get("kind") == "summary":
+            av = AnyValue()
+            self.any_value(av, value)
+            st.summaries[mark["name"]] = av  # the last one wins, in the first one's place (as native)
+            return
+        ev = Span.Event(time_unix_nano=mark["ts_ns"], name=mark["name"])
+        kv = ev.attributes.add()
+        kv.key = "cirron.mark.value"
+        self.any_value(kv.value, value)
+        ev.attributes.add(key="cirron.mark.kind").value.string_value = "point"
+        ev.attributes.add(key="cirron.mark.id").value.string_value = mark["id"]
+        attrs = mark.get("attrs") or {}
+        room = max(self.limits.event_attributes - 3, 0)
+        kept = Span.Event()
+        dropped = self._attrs(kept.attributes, attrs, room)
+        ev.attributes.extend(kept.attributes)
+        ev.dropped_attributes_count = dropped
+        if len(st.events) == st.events.maxlen:
+            self.counters.events_dropped += 1  # the oldest goes, as in the SDK
+        st.events.append(ev)
+        st.total += 1
+
+    def span(self, record: dict[str, Any]) -> Any:
+        """The OTLP Span of one spool span record (its waiting marks attached)."""
+        from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+        self.counters.spans += 1
+        attrs = record.get("attrs") or {}
+        error = attrs.get("error") is True
+        trace_id = record.get("trace_id") or record["id"]  # (a writer without trace_id: best effort)
+        span = Span(trace_id=bytes.fromhex(trace_id), span_id=bytes.fromhex(record["id"][:16]),
+                    name=record["name"], kind=Span.SPAN_KIND_INTERNAL,
+                    start_time_unix_nano=record["start_ns"], end_time_unix_nano=record["end_ns"],
+                    flags=0x101)
+        parent = record.get("parent_id")
+        session_trace = self.sessions.get(parent) if parent else None
+        new_trace = session_trace is not None and session_trace != trace_id
+        if parent and not new_trace:
+            span.parent_span_id = bytes.fromhex(parent[:16])
+        limit = self.limits.attributes
+        dropped = self._attrs(span.attributes, attrs, limit, span_error=error)
+        extra: list[tuple[str, Any]] = []
+        if record.get("index") is not None:
+            extra.append(("cirron.index", record["index"]))
+        extra += [("cirron.span_id", record["id"]), ("thread.id", record["thread_id"]),
+                  ("cirron.rank", record["rank"])]
+        if record.get("cpu_ns") is not None:
+            extra.append(("cirron.cpu_ns", record["cpu_ns"]))
+        if new_trace:
+            extra.append(("cirron.session.id", parent))
+        st = self._open.pop(record["id"], None)
+        if st is not None:
+            extra += [(f"cirron.summary.{name}", av) for name, av in st.summaries.items()]
+        for key, value in extra:
+            if len(span.attributes) >= limit:
+                dropped += 1
+                continue
+            kv = span.attributes.add(key=key)
+            if isinstance(value, str | int) and not isinstance(value, bool):
+                self._scalar(kv.value, value)
+            else:
+                kv.value.CopyFrom(value)
+        span.dropped_attributes_count = dropped
+        has_exception = error and bool(attrs.get("error.type"))
+        events_dropped = 0
+        if st is not None:
+            events = list(st.events)
+            if has_exception and self.limits.events and len(events) >= self.limits.events:
+                events = events[len(events) - (self.limits.events - 1):]
+            span.events.extend(events)
+            events_dropped = st.total - len(events)
+        if has_exception:
+            if self.limits.events == 0:
+                events_dropped += 1
+            else:
+                ev = span.events.add(time_unix_nano=record["end_ns"], name="exception")
+                ev.attributes.add(key="exception.type").value.string_value = str(attrs["error.type"])
+                ev.attributes.add(key="exception.message").value.string_value = str(
+                    attrs.get("error.message", ""))
+        span.dropped_events_count = events_dropped
+        if new_trace:
+            assert session_trace is not None
+            if self.limits.links == 0:
+                span.dropped_links_count = 1
+            else:
+                link = span.links.add(trace_id=bytes.fromhex(session_trace),
+                                      span_id=bytes.fromhex(parent[:16]))
+                if self.limits.link_attributes > 0:
+                    link.attributes.add(key="cirron.link").value.string_value = "session"
+                else:
+                    link.dropped_attributes_count = 1
+        if error:
+            span.status.CopyFrom(Status(code=Status.STATUS_CODE_ERROR,
+                                        message=str(attrs.get("error.message") or "")))
+        return span
+
+    # -- requests ------------------------------------------------------------------------
+
+    def encode(self, batch: reader.Batch) -> list[Part]:
+        """The requests of one spool file (marks first: they arrive before their span closes)."""
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+        from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+
+        if batch.doc is None:
+            return []
+        for mark in batch.marks:
+            self.add_mark(mark)
+        version = str(batch.doc.get("sdk_version") or "")
+        scope = InstrumentationScope(name=self.live.SCOPE_NAME, version=version)
+        chunks: list[tuple[Any, int]] = []
+        request = ExportTraceServiceRequest()
+        groups: dict[tuple[int, int], Any] = {}
+        size = spans = 0
+        for record in batch.spans:
+            span = self.span(record)
+            cost = span.ByteSize() + 8
+            if spans and size + cost > SPLIT_BYTES:
+                chunks.append((request, spans))
+                request, groups, size, spans = ExportTraceServiceRequest(), {}, 0, 0
+            key = (record["pid"], record["rank"])
+            group = groups.get(key)
+            if group is None:
+                rs = request.resource_spans.add()
+                rs.resource.CopyFrom(self.resource(*key, self.hosts.get(key)))
+                group = groups[key] = rs.scope_spans.add(scope=scope)
+            group.spans.append(span)
+            size += cost
+            spans += 1
+        if spans:
+            chunks.append((request, spans))
+        from cirron_otel.exporters.otlp_fit import fit_request
+
+        parts: list[Part] = []
+        for request, n in chunks:
+            data = request.SerializeToString()
+            if len(data) > self.max_request_bytes:
+                fitted = fit_request(data, self.max_request_bytes)
+                self.counters.truncated_values += fitted.truncated_values
+                self.counters.dropped_spans += fitted.dropped_spans
+                pieces = fitted.parts
+            else:
+                pieces = [(data, n)]
+            for piece, piece_spans in pieces:
+                parts.append(Part(batch.file.name, len(parts), piece, piece_spans))
+        return parts
+
+    def finish(self) -> None:
+        self.counters.pending_marks = sum(st.total + len(st.summaries) for st in self._open.values())
+
+
+def iter_parts(path: str | os.PathLike[str], encoder_args: dict[str, Any] | None = None,
+               files: list[reader.SpoolFile] | None = None) -> Iterator[tuple[Encoder, Part]]:
+    """Every request of the spool, in order."""
+    files = reader.list_files(path) if files is None else files
+    sessions, hosts = sessions_of(files)
+    enc = Encoder(sessions=sessions, hosts=hosts, **(encoder_args or {}))
+    for batch in reader.iter_batches(path, files):
+        for part in enc.encode(batch):
+            yield enc, part
+    enc.finish()
+
+
+def _py_str(value: Any) -> str:
+    # what str() of the original attribute gave live: JSON true/null come back as Python's
+    return str(value)
+
+
+def to_otlp_json(data: bytes) -> dict[str, Any]:
+    """The OTLP/JSON encoding of a serialized request (OTLP spec: lowerCamelCase fields, enums as
+    integers, trace and span ids as hex rather than protobuf JSON's base64)."""
+    from google.protobuf import json_format
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest.FromString(data)
+    doc = json_format.MessageToDict(request, use_integers_for_enums=True)
+    for rs in doc.get("resourceSpans", ()):
+        for ss in rs.get("scopeSpans", ()):
+            for span in ss.get("spans", ()):
+                _hex_ids(span)
+                for link in span.get("links", ()):
+                    _hex_ids(link)
+    return doc
+
+
+def _hex_ids(obj: dict[str, Any]) -> None:
+    import base64
+
+    for key in ("traceId", "spanId", "parentSpanId"):
+        if key in obj:
+            obj[key] = base64.b64decode(obj[key]).hex()
+
+
+def spans_in(parts: Iterable[Part]) -> int:
+    return sum(p.spans for p in parts)
