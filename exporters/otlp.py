@@ -1,7 +1,7 @@
 """OTLP export of Cirron spans and marks, with a durable outbox that never stalls.
 
 The mapping itself is native (`_native.otlp_encode`, see the README's mapping table): the
-collector's batches become one `ExportTraceServiceRequest` without building Python span
+drainer's batches become one `ExportTraceServiceRequest` without building Python span
 objects. Requests travel through `otlp_transport` (gRPC or HTTP/protobuf on public APIs; the
 standard `OTEL_EXPORTER_OTLP_*` variables, resolved in `_config`), one attempt per send.
 
@@ -40,7 +40,7 @@ from typing import Any
 from cirron_otel import _native
 from cirron_otel._version import __version__
 
-from .base import Sink
+from .otlp_encoding import SCOPE_NAME, OtlpEncodingSink
 from .otlp_fit import fit_request, span_count
 from .otlp_transport import (
     MAX_SERVER_DELAY,
@@ -58,7 +58,6 @@ __all__ = ["GrpcTransport", "HttpTransport", "OtlpSink", "SendError", "Transport
 
 OUTBOX_DIR = "otlp-outbox"
 QUARANTINE_SUFFIX = ".corrupt"
-SCOPE_NAME = "cirron_otel"
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024 - 64 * 1024
 # Exponential backoff between retryable failures: BASE * 2**n, at most CAP, times a random
 # factor in [0.5, 1] so processes sharing a collector do not retry in lockstep.
@@ -125,11 +124,11 @@ class _Request:
 _SENT, _GONE, _CORRUPT = "sent", "gone", "corrupt"
 
 
-class OtlpSink(Sink):
+class OtlpSink(OtlpEncodingSink):
     """Maps batches to OTLP requests and delivers them from a durable queue.
 
     `export` (on the sink's worker) only encodes and queues, so it keeps pace with the
-    collector thread whatever the network does; a sender thread of its own delivers the
+    drainer thread whatever the network does; a sender thread of its own delivers the
     queue, oldest first, backing off while the collector fails.
     """
 
@@ -177,7 +176,7 @@ class OtlpSink(Sink):
         if self.outbox is not None:  # requests a previous run could not deliver, oldest first
             for name, _ in self.outbox.scan()[0]:
                 self._queue.append(_Request(name, None, _spans_in(name)))
-                self.stats.pending += _spans_in(name)
+                self.stats.add(pending=_spans_in(name))
         self._sender = threading.Thread(target=self._send_loop, name="cirron-otel-otlp-sender",
                                         daemon=True)
         self._sender.start()
@@ -188,14 +187,8 @@ class OtlpSink(Sink):
         return sum(b.span_count for b in batches)  # every counter of this sink is in spans
 
     def export(self, batches: Sequence[_native.Batch]) -> None:
-        try:
-            requests = _native.otlp_encode(
-                self.state, batches, self.resource, SCOPE_NAME, __version__, self.session_trace()
-            )
-        except Exception as exc:
-            with self.stats.lock:
-                self.stats.dropped += self.count(batches)
-            self.stats.error("encoding failed", exc)
+        requests = self.encode(batches, self.resource)
+        if requests is None:
             return
         self._update_counters()
         for request, spans in requests:
@@ -253,9 +246,7 @@ class OtlpSink(Sink):
             lost = [item for item in self._queue if item.name is None and item is not self._inflight]
         if lost:
             spans = sum(item.spans for item in lost)
-            with self.stats.lock:
-                self.stats.pending -= spans
-                self.stats.dropped += spans
+            self.stats.add(pending=-spans, dropped=spans)
             self.stats.error("not delivered at shutdown", f"{spans} spans (no outbox to keep them)")
 
     # -- the queue ------------------------------------------------------------------------
@@ -269,9 +260,7 @@ class OtlpSink(Sink):
         except Exception as exc:
             self._drop(spans, "oversized request could not be split", exc)
             return []
-        with self.stats.lock:
-            self.stats.extra["requests_split"] += 1
-            self.stats.extra["values_truncated"] += fitted.truncated_values
+        self.stats.add(requests_split=1, values_truncated=fitted.truncated_values)
         if fitted.dropped_spans:
             self._drop(fitted.dropped_spans, "span too large",
                        f"{fitted.dropped_spans} spans over {self.max_request_bytes} bytes even truncated")
@@ -287,8 +276,7 @@ class OtlpSink(Sink):
                 self.stats.error("outbox write failed", exc)
                 name = None
         with self._cv:
-            with self.stats.lock:
-                self.stats.pending += spans
+            self.stats.add(pending=spans)
             self._queue.append(_Request(name, None if name else request, spans))
             self._trim_locked()
             self._cv.notify_all()
@@ -309,14 +297,11 @@ class OtlpSink(Sink):
             self._queue.remove(victim)
             if victim.name is not None:
                 self._remove(victim.name)
-            with self.stats.lock:
-                self.stats.pending -= victim.spans
-                self.stats.dropped += victim.spans
+            self.stats.add(pending=-victim.spans, dropped=victim.spans)
             self.stats.error("queue full", f"{victim.spans} spans dropped: the collector is too far behind")
 
     def _drop(self, spans: int, kind: str, why: BaseException | str) -> None:
-        with self.stats.lock:
-            self.stats.dropped += spans
+        self.stats.add(dropped=spans)
         self.stats.error(kind, why)
 
     def _send_loop(self) -> None:
@@ -342,8 +327,7 @@ class OtlpSink(Sink):
                 with self._cv:
                     self._inflight = None
                     self._retry_at = time.monotonic() + BACKOFF_CAP
-                with self.stats.lock:
-                    self.stats.extra["sender_errors"] += 1
+                self.stats.add(sender_errors=1)
                 self.stats.error("sender error", exc)
 
     def _settle(self, head: _Request, outcome: SendError | PartialSuccess | str | list[_Request]) -> None:
@@ -353,8 +337,7 @@ class OtlpSink(Sink):
             self._inflight = None
             now = time.monotonic()
             if error is not None and error.retryable:
-                with self.stats.lock:
-                    self.stats.failed += 1
+                self.stats.add(failed=1)
                 self._retryable_failures += 1
                 self._attempt += 1
                 # (the exponent is capped: after ~1,000 failures in a row 2**n overflows a float)
@@ -367,24 +350,18 @@ class OtlpSink(Sink):
                     self._queue.remove(head)
                 if isinstance(outcome, list):  # split: the pieces take the head's place, in order
                     self._queue.extendleft(reversed(outcome))
-                else:
-                    with self.stats.lock:
-                        self.stats.pending -= head.spans
-                        if outcome == _SENT:
-                            self.stats.exported += head.spans
-                            self.stats.extra["requests_sent"] += 1
-                        elif isinstance(outcome, PartialSuccess):  # some spans refused for good
-                            rejected = min(outcome.rejected_spans, head.spans)
-                            self.stats.exported += head.spans - rejected
-                            self.stats.dropped += rejected
-                            self.stats.extra["requests_sent"] += 1
-                        elif outcome == _CORRUPT:
-                            self.stats.dropped += head.spans
-                            self.stats.extra["outbox_quarantined"] += 1
-                        elif error is not None:
-                            self.stats.failed += 1
-                            self.stats.dropped += head.spans
-                            self.stats.extra["requests_rejected"] += 1
+                elif outcome == _SENT:
+                    self.stats.add(pending=-head.spans, exported=head.spans, requests_sent=1)
+                elif isinstance(outcome, PartialSuccess):  # some spans refused for good
+                    rejected = min(outcome.rejected_spans, head.spans)
+                    self.stats.add(pending=-head.spans, exported=head.spans - rejected, dropped=rejected,
+                                   requests_sent=1)
+                elif outcome == _CORRUPT:
+                    self.stats.add(pending=-head.spans, dropped=head.spans, outbox_quarantined=1)
+                elif error is not None:
+                    self.stats.add(pending=-head.spans, failed=1, dropped=head.spans, requests_rejected=1)
+                else:  # gone: another process sharing the outbox delivered it
+                    self.stats.add(pending=-head.spans)
                 self._attempt = 0
                 self._retry_at = self._not_before = 0.0
             self._cv.notify_all()
@@ -419,8 +396,8 @@ class OtlpSink(Sink):
                     piece.data = None
             if head.name is not None:
                 self._remove(head.name)
-            with self.stats.lock:  # the pieces carry the spans that are still pending
-                self.stats.pending -= head.spans - sum(p.spans for p in pieces)
+            # the pieces carry the spans that are still pending
+            self.stats.add(pending=-(head.spans - sum(p.spans for p in pieces)))
             return pieces
         result = self.transport.send(data)
         if head.name is not None and not (isinstance(result, SendError) and result.retryable):
@@ -489,10 +466,8 @@ class OtlpSink(Sink):
             self.stats.error("outbox cleanup failed", exc)
 
     def _update_counters(self) -> None:
-        with self.stats.lock:
-            self.stats.extra["root_marks"] = self.state.root_marks
-            self.stats.extra["unsampled_spans"] = self.state.unsampled_spans
-            self.stats.extra["events_dropped"] = self.state.events_dropped
+        self.stats.set(root_marks=self.state.root_marks, unsampled_spans=self.state.unsampled_spans,
+                       events_dropped=self.state.events_dropped)
 
 
 def _check(data: bytes, spans: int) -> str | None:

@@ -18,8 +18,8 @@ from cirron_otel import _native
 from cirron_otel._otel_private import span_processor
 from cirron_otel._version import __version__
 
-from .base import Sink
-from .otlp import SCOPE_NAME, encode_resource
+from .otlp import encode_resource
+from .otlp_encoding import SCOPE_NAME, OtlpEncodingSink
 
 
 def _value(any_value: Any) -> Any:
@@ -81,7 +81,7 @@ def readable_spans(request: bytes, resource: Any) -> list[Any]:
     return spans
 
 
-class TracerProviderSink(Sink):
+class TracerProviderSink(OtlpEncodingSink):
     """Feeds Cirron spans to an SDK TracerProvider's span processors."""
 
     name = "tracer_provider"
@@ -100,27 +100,18 @@ class TracerProviderSink(Sink):
         self._processor = span_processor(provider)
 
     def export(self, batches: Sequence[_native.Batch]) -> None:
-        try:
-            requests = _native.otlp_encode(
-                self.state, batches, self._resource_bytes, SCOPE_NAME, __version__, self.session_trace()
-            )
-            spans = [span for request, _ in requests for span in readable_spans(request, self.resource)]
-        except Exception as exc:
-            with self.stats.lock:
-                self.stats.dropped += sum(b.span_count for b in batches)
-            self.stats.error("encoding failed", exc)
+        spans = self.encode(batches, self._resource_bytes, lambda r: readable_spans(r, self.resource))
+        if spans is None:
             return
         processor = self._processor
         for span in spans:
             try:
                 processor.on_end(span)
             except Exception as exc:
-                with self.stats.lock:
-                    self.stats.failed += 1
+                self.stats.add(failed=1)
                 self.stats.error("span processor failed", exc)
                 continue
-            with self.stats.lock:
-                self.stats.exported += 1
+            self.stats.add(exported=1)
         _native.progress()
 
     def shutdown(self, timeout: float) -> None:

@@ -14,10 +14,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cirron_otel import _native
-from cirron_otel._version import __version__
 
-from .base import Sink
-from .otlp import SCOPE_NAME, encode_resource
+from .otlp import encode_resource
+from .otlp_encoding import OtlpEncodingSink
 from .provider import readable_spans
 
 ENTRY_POINT_GROUP = "opentelemetry_traces_exporter"
@@ -34,7 +33,7 @@ def load_span_exporter(name: str) -> Any:
     return found[0].load()()
 
 
-class SpanExporterSink(Sink):
+class SpanExporterSink(OtlpEncodingSink):
     """Feeds Cirron spans to one SDK SpanExporter; counts spans."""
 
     backpressure = False
@@ -56,18 +55,10 @@ class SpanExporterSink(Sink):
         return sum(b.span_count for b in batches)
 
     def export(self, batches: Sequence[_native.Batch]) -> None:
-        try:
-            requests = _native.otlp_encode(
-                self.state, batches, self._resource_bytes, SCOPE_NAME, __version__, self.session_trace()
-            )
-            spans = [span for request, _ in requests for span in readable_spans(request, self.resource)]
-        except Exception as exc:
-            with self.stats.lock:
-                self.stats.dropped += self.count(batches)
-            self.stats.error("encoding failed", exc)
+        spans = self.encode(batches, self._resource_bytes, lambda r: readable_spans(r, self.resource))
+        if spans is None:
             return
-        with self.stats.lock:
-            self.stats.extra["unsampled_spans"] = self.state.unsampled_spans
+        self.stats.set(unsampled_spans=self.state.unsampled_spans)
         if not spans:
             return
         try:
@@ -78,12 +69,10 @@ class SpanExporterSink(Sink):
             why: BaseException | str = f"{type(self.exporter).__name__}.export returned {result!r}"
         except Exception as exc:  # an exporter must not raise; if it does, it is its failure
             ok, why = False, exc
-        with self.stats.lock:
-            if ok:
-                self.stats.exported += len(spans)
-            else:
-                self.stats.failed += 1
-                self.stats.dropped += len(spans)
+        if ok:
+            self.stats.add(exported=len(spans))
+        else:
+            self.stats.add(failed=1, dropped=len(spans))
         if not ok:
             self.stats.error("export failed", why)
         _native.progress()

@@ -27,8 +27,8 @@ from collections.abc import Iterator, Sequence
 
 from cirron_otel import _native
 from cirron_otel._version import __version__
+from cirron_otel.sink import Sink
 
-from .base import Sink
 from .spool_dir import SpoolDirectory, new_batch_id, new_file_name
 
 SCHEMA_VERSION = 1
@@ -127,8 +127,7 @@ class SpoolSink(Sink):
             )
             self._queue.append(pending)
             self._queued_records += pending.records
-            with self.stats.lock:
-                self.stats.pending += pending.records
+            self.stats.add(pending=pending.records)
         self._trim_queue()
         self.retry()
 
@@ -145,18 +144,11 @@ class SpoolSink(Sink):
             self._failing = False
             self._queue.popleft()
             self._queued_records -= item.records
-            with self.stats.lock:
-                self.stats.pending -= item.records
-                self.stats.exported += item.records
-                extra = self.stats.extra
-                extra["files_written"] += 1
-                extra["bytes_written"] += size
-                extra["marks_written"] += item.marks
-                extra["spans_written"] += item.spans
+            self.stats.add(pending=-item.records, exported=item.records, files_written=1,
+                           bytes_written=size, marks_written=item.marks, spans_written=item.spans)
             evicted = self.directory.enforce_cap(item.name, lambda e: self.stats.error("eviction failed", e))
             if evicted:
-                with self.stats.lock:
-                    self.stats.extra["evicted_files"] += evicted
+                self.stats.add(evicted_files=evicted)
 
     def shutdown(self, timeout: float) -> None:
         self.retry()
@@ -171,8 +163,7 @@ class SpoolSink(Sink):
         )
 
     def _failed(self, exc: OSError) -> None:
-        with self.stats.lock:
-            self.stats.failed += 1
+        self.stats.add(failed=1)
         self._failing = True
         self._last_write_error = f"{type(exc).__name__}: {exc}"
         self.stats.error("write failed", exc)
@@ -216,8 +207,7 @@ class SpoolSink(Sink):
             ))
         self._queue.popleft()
         self._queue.extendleft(reversed(pieces))
-        with self.stats.lock:
-            self.stats.extra["split_files"] += len(pieces)
+        self.stats.add(split_files=len(pieces))
         return True
 
     # -- health --------------------------------------------------------------------------
@@ -225,7 +215,7 @@ class SpoolSink(Sink):
     @property
     def drop_count(self) -> int:
         """Batch files lost: evicted by the byte cap, or dropped while the disk failed."""
-        return self.directory.evicted_files + self.dropped_files
+        return self.stats.get("evicted_files") + self.dropped_files
 
     def disk_bytes(self) -> int:
         return self.directory.scan()[1]
@@ -233,13 +223,11 @@ class SpoolSink(Sink):
     # -- internals -----------------------------------------------------------------------
 
     def _drop(self, records: int, reason: str) -> None:
-        with self.stats.lock:
-            self.stats.dropped += records
-        self.dropped_files += 1
+        self.stats.add(dropped=records)
+        self.dropped_files += 1  # only this sink's worker thread counts it
         reason = f"{records} records: {reason} (last write error: {self._last_write_error})"
         # Kept apart from last_error, which the next failing write overwrites.
-        with self.stats.lock:
-            self.stats.extra["last_drop_reason"] = reason
+        self.stats.set(last_drop_reason=reason)
         self.stats.error("batch dropped", reason)
 
     def _trim_queue(self) -> None:
@@ -247,6 +235,5 @@ class SpoolSink(Sink):
         while self._queued_records > self.retry_records and len(self._queue) > 1:
             item = self._queue.popleft()
             self._queued_records -= item.records
-            with self.stats.lock:
-                self.stats.pending -= item.records
+            self.stats.add(pending=-item.records)
             self._drop(item.records, f"over {self.retry_records} records waiting for the disk")

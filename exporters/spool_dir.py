@@ -90,7 +90,6 @@ class SpoolDirectory:
         if self.file_mode not in FILE_MODES:
             raise ValueError(f"file_mode must be one of {tuple(FILE_MODES)}, got {self.file_mode!r}")
         self._file_perm, self._dir_perm = FILE_MODES[self.file_mode]
-        self.evicted_files = 0
         self.stale_tmp_removed = 0
         self.last_cleanup_error: str | None = None
         self._disk_bytes: int | None = None
@@ -244,7 +243,8 @@ class SpoolDirectory:
         return files, total
 
     def enforce_cap(self, keep: str, on_error: Callable[[OSError], None]) -> int:
-        """Delete the oldest files (never `keep`) until under the cap; returns how many."""
+        """Delete the oldest files (never `keep`) until under the cap; returns how many (the
+        caller counts them: its sink's stats are their one owner)."""
         with self._lock:
             if self._disk_bytes is None or self._disk_bytes <= self.max_bytes:
                 return 0
@@ -266,7 +266,6 @@ class SpoolDirectory:
                 total -= size
                 evicted += 1
             self._disk_bytes = total
-            self.evicted_files += evicted
             return evicted
 
 

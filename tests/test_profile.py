@@ -71,7 +71,7 @@ def test_disabled_profiler_is_a_cheap_noop(out):
     assert _recorded() == recorded_before  # nothing reached a ring
     assert ci._native.session() is None  # no session span
     assert ci.health()["enabled"] is False
-    assert [t.name for t in set(threading.enumerate()) - threads_before] == []  # no collector, no sinks
+    assert [t.name for t in set(threading.enumerate()) - threads_before] == []  # no drainer, no sinks
     with pytest.raises(TypeError):
         ci.mark("x", object())  # bad input is still an error at the call
     ci.shutdown()

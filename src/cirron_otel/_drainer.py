@@ -1,14 +1,16 @@
 """The drainer: moves records from the rings to the sinks, off the application's threads.
 
 Two kinds of thread:
-- the collector sleeps in native code (no GIL) until a producer crosses its ring's
-  high-water mark or the tick passes, then claims records (`_native.collect`, mostly without
+- the drainer sleeps in native code (no GIL) until a producer crosses its ring's
+  high-water mark or the tick passes, then claims records (natively, mostly without
   the GIL) and hands them to every sink worker once `flush_interval` has passed, a file's
   worth is waiting, or someone asked for a flush;
-- one worker per sink, so a slow or failing sink never holds up the collector or another
+- one worker per sink, so a slow or failing sink never holds up the drainer or another
   sink. A worker's queue is bounded: a sink with `backpressure` (the spool) makes the
-  collector stop claiming until it catches up, so the rings fill and producers wait briefly
+  drainer stop claiming until it catches up, so the rings fill and producers wait briefly
   rather than lose data; any other sink drops what it cannot take, and counts it.
+
+("Collector", in this project, means only the OpenTelemetry Collector in `deploy/`.)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 
 from . import _native
 from ._warn import warn_once
-from .exporters.base import Sink
+from .sink import Sink
 
 _TICK = 0.05
 
@@ -70,8 +72,7 @@ class SinkWorker(threading.Thread):
         with self._cv:
             if self._queued_records and self._queued_records + records > self.max_queued_records \
                     and not self.sink.backpressure:
-                with self.sink.stats.lock:
-                    self.sink.stats.dropped += self.sink.count(batches)
+                self.sink.stats.add(dropped=self.sink.count(batches))
                 self.sink.stats.error("queue full", f"{records} records dropped: the sink is behind")
                 return -1
             self._submitted += 1
@@ -125,7 +126,7 @@ class SinkWorker(threading.Thread):
 
 
 class Drainer(threading.Thread):
-    """The collector thread (see the module docstring)."""
+    """The drainer thread (see the module docstring)."""
 
     def __init__(
         self,
@@ -135,7 +136,7 @@ class Drainer(threading.Thread):
         max_records: int,
         trace_store: TraceStore,
     ) -> None:
-        super().__init__(name="cirron-otel-collector", daemon=True)
+        super().__init__(name="cirron-otel-drainer", daemon=True)
         self.flush_interval = flush_interval
         self.max_records = max_records
         self.trace_store = trace_store
@@ -160,8 +161,9 @@ class Drainer(threading.Thread):
     # -- called from other threads --------------------------------------------------------
 
     def on_own_thread(self) -> bool:
-        """True on the collector or a sink worker: user code reached from there (an attr's
-        `__str__`, a span processor) must not wait for those threads, nor re-enter collect()."""
+        """True on the drainer or a sink worker: user code reached from there (an attr's
+        `__str__`, a span processor) must not wait for those threads, nor re-enter the
+        native claim step."""
         me = threading.current_thread()
         return me is self or any(me is w for w in self.workers)
 
@@ -169,7 +171,7 @@ class Drainer(threading.Thread):
         """Deliver everything recorded before this call to every sink; False on timeout."""
         deadline = time.monotonic() + timeout
         if self.on_own_thread():
-            # the collector may be inside collect() (holding its native mutex) and a worker
+            # the drainer may be inside its native claim step (holding its mutex) and a worker
             # would wait for itself: either deadlocks, so refuse at once
             warn_once("reentrant-flush", "cirron_otel: flush() called from cirron_otel's own thread "
                       "(e.g. inside an attribute's __str__); ignored")
@@ -217,18 +219,18 @@ class Drainer(threading.Thread):
 
     def _cycle(self, *, drain_all: bool) -> None:
         try:
-            self._collect(drain_all)
+            self._claim(drain_all)
             now = time.monotonic()
             # drain_all also hands every sink an empty delivery when nothing is new, so a
             # sink holding back records after a failure tries them again now.
             if drain_all or (self._pending and now - self._last_export >= self.flush_interval):
                 self._export()
             _native.free_orphans()
-        except Exception as exc:  # the collector must outlive any bug
+        except Exception as exc:  # the drainer must outlive any bug
             self.cycle_errors += 1
-            warn_once("collector", f"cirron_otel: collector cycle failed: {type(exc).__name__}: {exc}")
+            warn_once("drainer", f"cirron_otel: drainer cycle failed: {type(exc).__name__}: {exc}")
 
-    def _collect(self, drain_all: bool) -> None:
+    def _claim(self, drain_all: bool) -> None:
         # drain_all takes everything recorded up to now, but not what producers keep adding
         # while we work (a flat-out producer would keep us here forever).
         rounds = _native.pending() // self.max_records + 2 if drain_all else 8

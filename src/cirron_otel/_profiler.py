@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from typing import Any, Literal
 
     from ._config import Settings
+    from ._health import Health
 
 _SHUTDOWN_TIMEOUT = 10.0
 _SIGNAL_FLUSH_TIMEOUT = 5.0
@@ -84,55 +85,38 @@ class Profiler:
         self.running = True
 
     def _make_sinks(self) -> list[Any]:
-        from .exporters.spool import SpoolSink
-        from .exporters.spool_dir import set_default_file_mode
+        # Sinks come from the registry (cirron_otel.sink): the profiler chooses which ones,
+        # the consumer side (exporters/) builds them.
+        from .sink import make_sink, setup_sinks
 
         s = self.settings
-        set_default_file_mode(s.file_mode)  # the OTLP outbox's SpoolDirectory follows it too
+        setup_sinks(s)  # the OTLP outbox's SpoolDirectory follows the file mode too
         sinks: list[Any] = []
         if "spool" in s.outputs:
-            sinks.append(
-                SpoolSink(
-                    s.output_dir,
-                    max_bytes=s.spool_max_bytes,
-                    max_records_per_file=s.max_records_per_file,
-                    retry_records=s.spool_retry_records,
-                    file_mode=s.file_mode,
-                )
-            )
+            sinks.append(make_sink("spool", s))
         # OTEL_SDK_DISABLED: no OpenTelemetry export of any kind, not even through the app's
         # provider (the SDK's own provider then exports nothing either).
         provider = None if s.otel_sdk_disabled else _sdk_tracer_provider(s.tracer_provider,
                                                                          s.env_tracer_provider)
         if provider is not None:
             # The application's provider: Cirron spans go where its spans go.
-            from .exporters.provider import TracerProviderSink
-
             self._configure_otlp_limits()
-            sinks.append(TracerProviderSink(provider, session_trace=_session_trace))
+            sinks.append(make_sink("tracer_provider", s, provider=provider, session_trace=_session_trace))
         if "otlp" in s.outputs and (provider is None or s.otlp_endpoint):
             try:
-                sinks.append(self._make_otlp_sink())
+                sinks.append(make_sink("otlp", s, session_trace=_session_trace,
+                                       otlp_limits=self._configure_otlp_limits))
             except Exception as exc:  # a broken OTLP setup must not stop profiling
                 warn_once("otlp-setup", f"cirron_otel: OTLP export disabled: {type(exc).__name__}: {exc}")
         if provider is None:  # with the app's provider, its own exporters are the ones configured
             for name in s.span_exporters:
                 try:
-                    sinks.append(self._make_span_exporter_sink(name))
+                    sinks.append(make_sink("span_exporter", s, name=name, session_trace=_session_trace,
+                                           otlp_limits=self._configure_otlp_limits))
                 except Exception as exc:
                     warn_once(f"exporter:{name}", f"cirron_otel: OTEL_TRACES_EXPORTER: exporter {name!r} "
                                                   f"not used: {type(exc).__name__}: {exc}")
         return sinks
-
-    def _make_span_exporter_sink(self, name: str) -> Any:
-        from .exporters.otlp import build_resource
-        from .exporters.span_exporter import SpanExporterSink, load_span_exporter
-
-        exporter = load_span_exporter(name)
-        event_limit = self._configure_otlp_limits()
-        attrs, _ = build_resource(self.settings.service_name, self.settings.rank)
-        return SpanExporterSink(name, exporter, resource_attrs=attrs, session_trace=_session_trace,
-                                event_limit=event_limit)
 
     def _configure_otlp_limits(self) -> int:
         from opentelemetry.sdk.trace import SpanLimits
@@ -147,25 +131,6 @@ class Profiler:
             link_attr_limit=_limit(limits.max_link_attributes),
         )
         return _limit(limits.max_events)
-
-    def _make_otlp_sink(self) -> Any:
-        from ._config import otlp_transport_config
-        from .exporters.otlp import OtlpSink, build_resource, make_transport
-
-        s = self.settings
-        transport = make_transport(otlp_transport_config(s.otlp_protocol, s.otlp_endpoint))
-        event_limit = self._configure_otlp_limits()
-        self.resource_attrs, resource = build_resource(s.service_name, s.rank)
-        return OtlpSink(
-            transport,
-            resource=resource,
-            session_trace=_session_trace,
-            event_limit=event_limit,
-            outbox_dir=s.output_dir if "spool" in s.outputs else None,
-            outbox_max_bytes=s.otlp_outbox_max_bytes,
-            memory_queue_requests=s.otlp_queue_requests,
-            max_request_bytes=s.otlp_max_request_bytes,
-        )
 
     def _start_drainer(self) -> None:
         from ._drainer import Drainer, TraceStore
@@ -262,67 +227,10 @@ class Profiler:
 
     # -- health ---------------------------------------------------------------------------
 
-    def health(self) -> dict[str, Any]:
-        native = _safe(_native.stats, {})
-        spool = next((x for x in self.sinks if getattr(x, "name", "") == "spool"), None)
-        sinks = {x.name: _safe(x.stats.as_dict, {}) for x in self.sinks}
-        s = self.settings
-        return {
-            "enabled": s.enabled and self.running,
-            "native": True,
-            "scope_drop_count": native.get("scope_depth_drops", 0),
-            "mark_drop_count": native.get("marks_dropped", 0),
-            "span_drop_count": native.get("spans_dropped", 0),
-            "spool_drop_count": spool.drop_count if spool else 0,
-            "spool_dir": spool.spool_dir if spool else None,
-            "spool_bytes": _safe(spool.disk_bytes, 0) if spool else 0,
-            "flush_mode": self._flush_mode(),
-            "flush_restart_count": self.restarts,
-            "transport": "otlp" if "otlp" in sinks else ("tracer_provider" if sinks.get("tracer_provider")
-                                                          is not None else None),
-            "installed_hooks": list(_hooks),
-            "platform_context": _platform_context(s.rank),
-            "otel_context": bool(getattr(self, "otel_context", False)),
-            "otel": self._otel_health(),
-            "records_recorded": native.get("marks_recorded", 0) + native.get("spans_recorded", 0),
-            "marks_recorded": native.get("marks_recorded", 0),
-            "spans_recorded": native.get("spans_recorded", 0),
-            "records_pending": native.get("pending_slots", 0),
-            "records_collected": native.get("marks_collected", 0) + native.get("spans_collected", 0),
-            "records_written": sinks["spool"]["exported"] if spool else 0,
-            "sinks": sinks,
-            "drainer": {
-                "alive": bool(self.drainer is not None and self.drainer.is_alive()),
-                "cycle_errors": getattr(self.drainer, "cycle_errors", 0),
-                "exports": getattr(self.drainer, "exports", 0),
-                "wakeups": native.get("wakeups", 0),
-                "threads_with_rings": native.get("rings_live", 0),
-                "rings_freed": native.get("rings_freed", 0),
-            },
-        }
+    def health(self) -> Health:
+        from ._health import build
 
-    def _otel_health(self) -> dict[str, Any]:
-        """What the OTEL_* variables made of OpenTelemetry export."""
-        s = self.settings
-        exporters = [x.name for x in self.sinks if x.name != "spool"]
-        return {
-            "sdk_disabled": s.otel_sdk_disabled,
-            "export": "disabled by OTEL_SDK_DISABLED" if s.otel_sdk_disabled
-            else ("on" if exporters else "off"),
-            "exporters": exporters,
-            "sampler": s.sampler,
-            "sampler_ratio": s.sampler_ratio if s.sampler.endswith("traceidratio") else None,
-            # every OpenTelemetry sink encodes the same spans: each counts the same unsampled ones
-            "unsampled_spans": max((getattr(getattr(x, "state", None), "unsampled_spans", 0)
-                                    for x in self.sinks), default=0),
-        }
-
-    def _flush_mode(self) -> str:
-        if not self.settings.enabled:
-            return "disabled"
-        if self.running and self.drainer is not None and self.drainer.is_alive():
-            return "background"
-        return "stopped"
+        return build(self, _hooks)
 
 
 def _limit(value: int | None) -> int:
@@ -377,41 +285,6 @@ def _safe(fn: Callable[[], Any], default: Any) -> Any:
         return fn()
     except Exception:
         return default
-
-
-def _platform_context(rank: int) -> dict[str, Any]:
-    import platform
-
-    return {
-        "pid": os.getpid(),
-        "rank": rank,
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "platform": sys.platform,
-    }
-
-
-def _disabled_health() -> dict[str, Any]:
-    stats = _safe(_native.stats, {})
-    return {
-        "enabled": False,
-        "native": True,
-        "scope_drop_count": stats.get("scope_depth_drops", 0),
-        "mark_drop_count": stats.get("marks_dropped", 0),
-        "span_drop_count": stats.get("spans_dropped", 0),
-        "spool_drop_count": 0,
-        "spool_dir": None,
-        "spool_bytes": 0,
-        "flush_mode": "stopped",
-        "flush_restart_count": 0,
-        "transport": None,
-        "installed_hooks": list(_hooks),
-        "platform_context": {},
-        "records_recorded": stats.get("marks_recorded", 0) + stats.get("spans_recorded", 0),
-        "records_pending": stats.get("pending_slots", 0),
-        "records_written": 0,
-        "sinks": {},
-    }
 
 
 # -- hooks ------------------------------------------------------------------------------
@@ -710,13 +583,13 @@ def spool_path() -> str | None:
     return getattr(spool, "spool_dir", None)
 
 
-def health() -> dict[str, Any]:
+def health() -> Health | dict[str, Any]:
     """Counters and state of the active (or last) profiler. Never raises."""
     try:
+        from ._health import build
+
         prof = _active or _last
-        if prof is None or not prof.settings.enabled:
-            return _disabled_health()
-        return prof.health()
+        return build(prof if prof is not None and prof.settings.enabled else None, _hooks)
     except Exception as exc:
         return {"enabled": False, "error": f"{type(exc).__name__}: {exc}"}
 

@@ -1,8 +1,8 @@
 """Issue 7, defect 6: user code run by cirron_otel's own threads may call back into it.
 
-An attribute's `__str__` runs on the collector thread (inside `collect()`, which holds a
-native mutex); a span processor of the application's TracerProvider runs on that sink's
-worker thread. `ci.flush()` / `ci.trace()` from there used to deadlock the collector for
+An attribute's `__str__` runs on the drainer thread (inside its native claim step, which
+holds a native mutex); a span processor of the application's TracerProvider runs on that sink's
+worker thread. `ci.flush()` / `ci.trace()` from there used to deadlock the drainer for
 good (records stopped being written, `health()` still said alive) or make the worker wait
 for itself. Now flush() returns False at once (warning once) and trace() returns what it has.
 Each case runs in a subprocess with a timeout: a deadlock fails the test instead of hanging it.
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.mark.parametrize("call", ["flush", "trace", "both"])
-def test_attr_str_calling_flush_or_trace_does_not_stop_the_collector(out: Path, call: str) -> None:
+def test_attr_str_calling_flush_or_trace_does_not_stop_the_drainer(out: Path, call: str) -> None:
     r = run_script(
         f"""
         import json, cirron_otel as ci
@@ -40,7 +40,7 @@ def test_attr_str_calling_flush_or_trace_does_not_stop_the_collector(out: Path, 
         ci.mark("evil", 2, obj=Reentrant())
         with ci.scope("evil_scope", obj=Reentrant()):
             pass
-        assert ci.flush(timeout=20), "the collector stopped"
+        assert ci.flush(timeout=20), "the drainer stopped"
         for i in range(3):
             ci.mark("after", i)
         ok = ci.flush(timeout=20)

@@ -6,12 +6,12 @@ import threading
 from collections.abc import Sequence
 
 import pytest
-from cirron_otel.exporters.base import Sink
 from cirron_otel.exporters.otlp import OtlpSink
 
 import cirron_otel as ci
 from cirron_otel import _native
 from cirron_otel._drainer import SinkWorker
+from cirron_otel.sink import Sink
 
 # the drop is expected: it warns once (CirronWarning), and is asserted through the counters
 pytestmark = pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning")

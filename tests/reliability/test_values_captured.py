@@ -1,7 +1,7 @@
 """Issue 7, "Also expected": attribute values are captured at the call, and no attribute
 object ever carries two equal keys (in the spool JSON or over OTLP).
 
-The collector renders attrs later, on its own thread; these tests mutate what was passed
+The drainer renders attrs later, on its own thread; these tests mutate what was passed
 right after the call and compare what reached the spool / an OTLP receiver.
 """
 

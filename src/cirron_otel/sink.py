@@ -1,23 +1,34 @@
-"""The interface between the drainer and a sink."""
+"""The interface between the drainer and a sink, and the registry the profiler makes sinks from.
+
+The producer side (this package) owns this interface; the consumer side (`exporters/`,
+installed as `cirron_otel.exporters`) implements it. The producer never imports a sink's
+module by name: it asks `make_sink` for one, and the module is imported then, so a sink the
+program does not use costs nothing at start-up.
+"""
 
 from __future__ import annotations
 
+import importlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-from cirron_otel._native import Batch
-from cirron_otel._warn import warn_once
+from ._native import Batch
+from ._warn import warn_once
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up cost)
 if TYPE_CHECKING:
     from typing import Any
+
+    from ._config import Settings
 
 
 class SinkStats:
     """Counters a sink reports in `health()["sinks"][name]`. Counts are in the sink's unit
     (`Sink.count`: records, spans + marks, by default; spans for OTLP).
 
+    Every change goes through `add`, `set` or `error`, under this object's own lock, so a
+    counter has exactly one guard whichever thread (drainer, sink worker, sender) counts.
     A plain class (importing `dataclasses` costs ~7 ms of every profiled program's start-up).
     """
 
@@ -29,21 +40,44 @@ class SinkStats:
         self.pending = 0
         self.last_error: str | None = None
         self.extra: dict[str, Any] = {}
-        self.lock = threading.Lock()
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (f"SinkStats(name={self.name!r}, exported={self.exported}, failed={self.failed}, "
                 f"dropped={self.dropped}, pending={self.pending}, last_error={self.last_error!r}, "
                 f"extra={self.extra!r})")
 
+    def add(self, *, exported: int = 0, failed: int = 0, dropped: int = 0, pending: int = 0,
+            **extra: int) -> None:
+        """Add to the counters at once (negative `pending` for what left the sink); `extra`
+        names counters of `self.extra`, which must have been given a starting value."""
+        with self._lock:
+            self.exported += exported
+            self.failed += failed
+            self.dropped += dropped
+            self.pending += pending
+            for key, value in extra.items():
+                self.extra[key] += value
+
+    def set(self, **values: Any) -> None:
+        """Set values of `self.extra` that are not running counts (a state, a reason)."""
+        with self._lock:
+            self.extra.update(values)
+
     def error(self, kind: str, exc: BaseException | str) -> None:
         """Record a failure and warn once per (sink, kind). Never raises."""
         text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
-        self.last_error = f"{kind}: {text}"
+        with self._lock:
+            self.last_error = f"{kind}: {text}"
         warn_once(f"{self.name}:{kind}", f"cirron_otel {self.name} sink: {kind}: {text}")
 
+    def get(self, key: str) -> Any:
+        """One value of `self.extra`, read under the lock."""
+        with self._lock:
+            return self.extra[key]
+
     def as_dict(self) -> dict[str, Any]:
-        with self.lock:
+        with self._lock:
             return {
                 "exported": self.exported,
                 "failed": self.failed,
@@ -55,14 +89,14 @@ class SinkStats:
 
 
 class Sink(ABC):
-    """Receives every batch the drainer collects, on the drainer thread.
+    """Receives every batch the drainer collects, on the sink's own worker thread.
 
     `export` must not raise: a sink records its own failures in `stats` and keeps what it
     could not deliver for a later attempt, within its own bounds.
     """
 
     name: str = "sink"
-    # True: when this sink falls behind, the collector stops claiming records, so the rings
+    # True: when this sink falls behind, the drainer stops claiming records, so the rings
     # fill and producers wait briefly (the spool: durable data is never dropped for speed).
     # False: what the sink cannot keep up with is dropped and counted.
     backpressure: bool = False
@@ -92,3 +126,31 @@ class Sink(ABC):
     def at_exit(self) -> None:  # noqa: B027 - optional hook
         """The process is exiting (called before `shutdown`): do not wait for a destination
         that is failing; what is durable waits for the next run."""
+
+
+# The sinks the profiler can make: kind -> "module:factory". A factory takes the settings
+# and keyword arguments (see `cirron_otel.exporters.factories`) and returns a Sink; its
+# module is imported on first use only. "setup" runs once before a profiler makes its sinks.
+SINK_FACTORIES: dict[str, str] = {
+    "setup": "cirron_otel.exporters.factories:setup",
+    "spool": "cirron_otel.exporters.factories:spool",
+    "otlp": "cirron_otel.exporters.factories:otlp",
+    "tracer_provider": "cirron_otel.exporters.factories:tracer_provider",
+    "span_exporter": "cirron_otel.exporters.factories:span_exporter",
+}
+
+
+def _factory(kind: str) -> Any:
+    module, _, name = SINK_FACTORIES[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def setup_sinks(settings: Settings) -> None:
+    """Process-wide choices every sink follows (e.g. the file mode of spool directories)."""
+    _factory("setup")(settings)
+
+
+def make_sink(kind: str, settings: Settings, **kwargs: Any) -> Sink:
+    """A new sink of `kind` (a key of SINK_FACTORIES) for these settings."""
+    sink: Sink = _factory(kind)(settings, **kwargs)
+    return sink
