@@ -14,6 +14,7 @@ import click
 
 from .export_cmd import export
 from .inspect_cmd import inspect
+from .replay_cmd import replay
 from .validate_cmd import validate
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
@@ -30,7 +31,7 @@ def main() -> None:
     """
 
 
-for _command in (inspect, validate, export):
+for _command in (inspect, validate, export, replay):
     main.add_command(_command)
 
 __all__ = ["EXIT_OK", "EXIT_PROBLEMS", "EXIT_USAGE", "main"]

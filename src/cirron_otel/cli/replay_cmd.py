@@ -1,0 +1,310 @@
+"""`cirron-otel replay PATH`: send a spool to an OTLP endpoint as the live export would have.
+
+- Mapping: `otlp_map` (the live mapping applied to spool records; see its docstring for what
+  the spool cannot carry back).
+- Transport and configuration: the live ones. `otlp_transport_config` in `_config` resolves
+  `--endpoint` / `--protocol` and the `OTEL_EXPORTER_OTLP_[TRACES_]*` variables (headers,
+  timeout, compression, TLS) exactly as `profile()` does; `make_transport` sends.
+- Errors: as the live sink (`OtlpSink._settle`): a retryable failure (UNAVAILABLE, 503, the
+  collector down, ...) is retried with the same exponential backoff and jitter, waiting at
+  least what the collector asked (Retry-After / RetryInfo, capped); a permanent one drops the
+  request (counted, recorded); a partial success counts the rejected spans, never retried.
+  Unlike a profiled program, which keeps retrying in the background, replay gives up after
+  `--retry-for` seconds of failures in a row (exit 1; run it again to resume).
+- Resumable: each request is a (spool file, index) pair; once the collector has answered it
+  for good its key is appended to the state file (fsynced), and a later run skips it. The
+  encoding is deterministic, so a resumed run re-encodes the spool and sends only the rest.
+  SIGINT / SIGTERM stop after the request on the wire has been answered and recorded, so an
+  interrupted replay sends nothing twice; only a SIGKILL landing between the collector's
+  answer and the state write re-sends that one request (at least once, as live export).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import click
+
+from . import reader
+
+
+@dataclass
+class Outcome:
+    requests_sent: int = 0
+    spans_sent: int = 0
+    requests_skipped: int = 0  # accepted by an earlier run (state file)
+    spans_skipped: int = 0
+    requests_rejected: int = 0
+    spans_rejected: int = 0  # dropped for good: permanent errors and partial successes
+    failed_attempts: int = 0
+    gave_up: str | None = None  # why the run stopped early, if it did
+    interrupted: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+class State:
+    """The state file: a header line naming the spool and endpoint, then one JSON line per
+    request answered for good. Appended and fsynced line by line (a kill loses at most the
+    line being written; a torn last line is ignored)."""
+
+    def __init__(self, path: str, header: dict[str, str]) -> None:
+        self.path = path
+        self.done: set[str] = set()
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+            if lines:
+                first = _json_or_none(lines[0])
+                if first is not None and first.get("endpoint") != header["endpoint"]:
+                    raise click.ClickException(
+                        f"state file {path} records a replay to {first.get('endpoint')}, not "
+                        f"{header['endpoint']}: pass another --state (or delete it to start over)")
+                for line in lines[1:]:
+                    entry = _json_or_none(line)
+                    if entry is not None and "key" in entry:
+                        self.done.add(entry["key"])
+        self._file: IO[str] | None = None
+        self._header = header
+
+    def record(self, entry: dict[str, Any]) -> None:
+        if self._file is None:
+            new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
+            if new:
+                self._write(self._header)
+        self._write(entry)
+        self.done.add(entry["key"])
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        assert self._file is not None
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _json_or_none(line: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def default_state_path(path: str, endpoint: str) -> str:
+    """`<output_dir>/replay-<endpoint hash>.state`: beside the spool directory (never inside
+    it), one per endpoint so replays to two collectors do not mix."""
+    directory = reader.spool_dir(path) if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    parent = os.path.dirname(os.path.abspath(directory))
+    digest = hashlib.sha256(endpoint.encode()).hexdigest()[:12]
+    return os.path.join(parent, f"replay-{digest}.state")
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[list[int]]:
+    """SIGINT / SIGTERM set a flag instead of raising: the request on the wire is answered and
+    recorded before the replay stops."""
+    received: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def send_with_retries(transport: Any, data: bytes, retry_for: float, received: list[int],
+                      outcome: Outcome) -> Any:
+    """One request until it is answered for good (None, a PartialSuccess or a permanent
+    SendError), or the retry budget runs out / a stop signal arrives (the last retryable
+    SendError is returned)."""
+    from cirron_otel.exporters.otlp import BACKOFF_BASE, BACKOFF_CAP
+    from cirron_otel.exporters.otlp_transport import MAX_SERVER_DELAY, SendError
+
+    attempt = 0
+    first_failure: float | None = None
+    while True:
+        try:
+            result = transport.send(data)
+        except Exception as exc:  # as the live sender: a bug in a transport drops, never loops
+            result = SendError(f"{type(exc).__name__}: {exc}", retryable=False)
+        if not (isinstance(result, SendError) and result.retryable):
+            return result
+        outcome.failed_attempts += 1
+        now = time.monotonic()
+        first_failure = now if first_failure is None else first_failure
+        attempt += 1
+        backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(attempt - 1, 16)) * random.uniform(0.5, 1.0)
+        server = min(result.retry_after, MAX_SERVER_DELAY) if result.retry_after is not None else 0.0
+        wait = max(backoff, server)
+        if received or now + wait - first_failure > retry_for:
+            return result
+        deadline = now + wait
+        while not received and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+
+def run_replay(path: str, *, transport: Any, state: State | None, encoder_args: dict[str, Any],
+               retry_for: float, progress: bool, dry_run: bool = False,
+               echo: Any = click.echo) -> Outcome:
+    from cirron_otel.exporters.otlp_transport import PartialSuccess, SendError
+
+    from .otlp_map import iter_parts
+
+    outcome = Outcome()
+    files = reader.list_files(path)
+    bar_cm = click.progressbar(length=len(files), label="replaying", file=sys.stderr,
+                               show_pos=True, show_eta=True, item_show_func=lambda _: _rate(outcome, started),
+                               hidden=not progress)
+    started = time.monotonic()
+    current_file: str | None = None
+    with bar_cm as bar, _stop_on_signals() as received:
+        for _enc, part in iter_parts(path, encoder_args, files):
+            if part.file != current_file:
+                if current_file is not None:
+                    bar.update(1, current_file)
+                current_file = part.file
+            if dry_run:
+                echo(f"{part.key}: {part.spans} spans, {len(part.data)} bytes")
+                outcome.requests_sent += 1
+                outcome.spans_sent += part.spans
+                continue
+            if state is not None and part.key in state.done:
+                outcome.requests_skipped += 1
+                outcome.spans_skipped += part.spans
+                continue
+            if received:
+                outcome.interrupted = True
+                break
+            result = send_with_retries(transport, part.data, retry_for, received, outcome)
+            if isinstance(result, SendError) and result.retryable:
+                outcome.gave_up = f"{part.key}: {result.message}"
+                outcome.interrupted = bool(received)
+                break
+            entry: dict[str, Any] = {"key": part.key, "spans": part.spans}
+            if result is None:
+                outcome.requests_sent += 1
+                outcome.spans_sent += part.spans
+            elif isinstance(result, PartialSuccess):
+                rejected = min(result.rejected_spans, part.spans)
+                outcome.requests_sent += 1
+                outcome.spans_sent += part.spans - rejected
+                outcome.spans_rejected += rejected
+                outcome.errors.append(f"{part.key}: {rejected} spans rejected: {result.message}")
+                entry["rejected_spans"] = rejected
+            else:
+                outcome.requests_rejected += 1
+                outcome.spans_rejected += part.spans
+                outcome.errors.append(f"{part.key}: rejected: {result.message} ({part.spans} spans dropped)")
+                entry["rejected"] = result.message
+            if state is not None:
+                state.record(entry)
+        else:
+            if current_file is not None:
+                bar.update(1, current_file)
+    return outcome
+
+
+def _rate(outcome: Outcome, started: float) -> str:
+    elapsed = max(time.monotonic() - started, 1e-9)
+    return f"{outcome.spans_sent} spans sent, {outcome.spans_sent / elapsed:,.0f} spans/s"
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--endpoint", default=None,
+              help="The collector (gRPC: http://host:4317; HTTP: the URL, or the base with /v1/traces "
+                   "added). Default: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else localhost.")
+@click.option("--protocol", type=click.Choice(["grpc", "http/protobuf"]), default=None,
+              help="Default: OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL, else grpc.")
+@click.option("--service-name", default=None, help="service.name (default: OTEL_SERVICE_NAME, else cirron).")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False), default=None,
+              help="The resume file (default: replay-<endpoint hash>.state beside the spool directory).")
+@click.option("--restart", is_flag=True, help="Forget the state file: send everything again.")
+@click.option("--retry-for", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="Give up (resumable, exit 1) after this many seconds of retryable failures in a row.")
+@click.option("--dry-run", is_flag=True, help="Print the requests that would be sent; send nothing.")
+@click.option("--progress/--no-progress", default=None,
+              help="A progress bar on stderr (default: on a terminal).")
+def replay(path: str, endpoint: str | None, protocol: str | None, service_name: str | None,
+           state_path: str | None, restart: bool, retry_for: float, dry_run: bool,
+           progress: bool | None) -> None:
+    """Send a spool to an OTLP endpoint with the live export's mapping, transport, configuration
+    (OTEL_EXPORTER_OTLP_* headers, timeout, compression, TLS) and retry rules, so a run recorded
+    offline appears in Jaeger / Tempo as if it had been exported live.
+
+    Resumable: accepted requests are recorded in a state file; running the same command again
+    sends only what is left (nothing twice). Ctrl-C stops after the request in flight.
+    Exits 0 when everything was accepted, 1 when something was rejected or the collector
+    stayed unreachable (run again to resume).
+    """
+    from cirron_otel._config import VALID_PROTOCOLS, otlp_transport_config
+
+    try:
+        reader.list_files(path)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+    env = os.environ
+    # the precedence of _config.resolve: the option, the TRACES_ variable, the generic one, gRPC
+    protocol = (protocol or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
+    if protocol not in VALID_PROTOCOLS:
+        raise click.UsageError(f"OTLP protocol must be one of {VALID_PROTOCOLS}, got {protocol!r}")
+    try:
+        config = otlp_transport_config(protocol, endpoint)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    encoder_args = {"service_name": service_name}
+    if dry_run:
+        outcome = run_replay(path, transport=None, state=None, encoder_args=encoder_args, retry_for=0,
+                             progress=False, dry_run=True)
+        click.echo(f"dry run: {outcome.requests_sent} requests, {outcome.spans_sent} spans would go to "
+                   f"{config.endpoint} ({config.protocol})")
+        return
+    from cirron_otel.exporters.otlp_transport import make_transport
+
+    target = f"{config.protocol} {config.endpoint}"
+    state_file = state_path or default_state_path(path, target)
+    if restart and os.path.exists(state_file):
+        os.unlink(state_file)
+    state = State(state_file, {"spool": os.path.abspath(path), "endpoint": target})
+    transport = make_transport(config)
+    show = sys.stderr.isatty() if progress is None else progress
+    try:
+        outcome = run_replay(path, transport=transport, state=state, encoder_args=encoder_args,
+                             retry_for=retry_for, progress=show)
+    finally:
+        state.close()
+        transport.shutdown()
+    for error in outcome.errors:
+        click.echo(error, err=True)
+    click.echo(f"sent {outcome.spans_sent} spans in {outcome.requests_sent} requests to {target}; "
+               f"{outcome.spans_skipped} spans already sent ({outcome.requests_skipped} requests, "
+               f"{state_file}); "
+               f"{outcome.spans_rejected} rejected; {outcome.failed_attempts} failed attempts")
+    if outcome.interrupted:
+        click.echo("interrupted: run the same command again to resume", err=True)
+        sys.exit(130)
+    if outcome.gave_up:
+        click.echo(f"gave up after {retry_for:g} s of failures: {outcome.gave_up}; run again to resume",
+                   err=True)
+        sys.exit(1)
+    if outcome.spans_rejected:
+        sys.exit(1)

@@ -1,0 +1,273 @@
+"""`cirron-otel replay`: the spool reaches a collector once, with the live mapping, transport,
+configuration and error rules; an interrupted replay resumes without duplicates or gaps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from .conftest import cli, load_records, run_python
+
+MANY_FILES = """
+import sys, cirron_otel as ci
+ci.profile(output_dir=sys.argv[1], install_signal_handlers=False, flush_interval=30)
+for step in ci.batches(range(int(sys.argv[2]))):
+    with ci.scope("forward"):
+        ci.mark("loss", 1.0 / (step + 1))
+    ci.flush()
+ci.shutdown()
+"""
+
+
+def received_span_ids(receiver: Any) -> Counter[str]:
+    return Counter(s.span_id.hex() for r in list(receiver.requests) for rs in r.resource_spans
+                   for ss in rs.scope_spans for s in ss.spans)
+
+
+def spool_span_ids(out: Path) -> Counter[str]:
+    spans, _ = load_records(out)
+    return Counter(s["id"][:16] for s in spans)
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def many_files(tmp_path: Path) -> Path:
+    out = tmp_path / "cirron"
+    run_python(MANY_FILES, str(out), "40")
+    assert len(list((out / "spool").glob("*.json"))) >= 40
+    return out
+
+
+def _protocol(receiver: Any) -> str:
+    return "grpc" if type(receiver).__name__.startswith("Grpc") else "http/protobuf"
+
+
+def test_replay_delivers_every_span_once_then_resumes_to_nothing(receiver: Any, train_spool: Path,
+                                                                   tmp_path: Path) -> None:
+    state = tmp_path / "replay.state"
+    args = ["replay", str(train_spool), "--endpoint", receiver.endpoint, "--protocol", _protocol(receiver),
+            "--state", str(state), "--no-progress"]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert received_span_ids(receiver) == spool_span_ids(train_spool)
+    # the requests are exactly what `export --format otlp-json` writes (one mapping)
+    target = tmp_path / "x.jsonl"
+    assert cli("export", str(train_spool), "--format", "otlp-json", "-o", str(target)).exit_code == 0
+    from google.protobuf import json_format
+
+    exported = [json.loads(line) for line in target.read_text().splitlines()]
+    sent = [json_format.MessageToDict(r, use_integers_for_enums=True) for r in receiver.requests]
+    strip = _drop_instance_id
+    assert [strip(_b64_ids(d)) for d in exported] == [strip(d) for d in sent]
+    # a second run has nothing left to send
+    before = len(receiver.requests)
+    again = cli(*args)
+    assert again.exit_code == 0 and len(receiver.requests) == before
+    assert f"{sum(spool_span_ids(train_spool).values())} spans already sent" in again.stdout
+
+
+def _b64_ids(doc: dict[str, Any]) -> dict[str, Any]:
+    import base64
+
+    def b64(h: str) -> str:
+        return base64.b64encode(bytes.fromhex(h)).decode()
+
+    for rs in doc["resourceSpans"]:
+        for ss in rs["scopeSpans"]:
+            for span in ss["spans"]:
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if key in span:
+                        span[key] = b64(span[key])
+                for link in span.get("links", []):
+                    link["traceId"], link["spanId"] = b64(link["traceId"]), b64(link["spanId"])
+    return doc
+
+
+def _drop_instance_id(doc: dict[str, Any]) -> dict[str, Any]:
+    # service.instance.id is the SDK's random per-process id (each command is a process)
+    for rs in doc["resourceSpans"]:
+        rs["resource"]["attributes"] = [a for a in rs["resource"]["attributes"]
+                                        if a["key"] != "service.instance.id"]
+    return doc
+
+
+def test_replay_honours_the_otel_environment(http_receiver: Any, train_spool: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", http_receiver.endpoint)  # /v1/traces is added
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=run%2042")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "offline-run")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=lab")
+    result = cli("replay", str(train_spool), "--state", str(tmp_path / "s"), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert http_receiver.headers[0]["x-tenant"] == "run 42"
+    assert http_receiver.headers[0]["content-encoding"] == "gzip"
+    spans = list(http_receiver.spans())
+    assert {s["resource"]["service.name"] for s in spans} == {"offline-run"}
+    assert {s["resource"]["deployment.environment"] for s in spans} == {"lab"}
+    spool_spans, _ = load_records(train_spool)
+    assert {(s["resource"]["process.pid"], s["resource"]["cirron.rank"]) for s in spans} == \
+        {(s["pid"], s["rank"]) for s in spool_spans}
+    assert {s["resource"]["host.name"] for s in spans} == {"node-a"}  # from the session attrs
+
+
+def test_retryable_failures_are_retried(grpc_receiver: Any, train_spool: Path, tmp_path: Path) -> None:
+    grpc_receiver.fail_next(2, grpc.StatusCode.UNAVAILABLE)
+    result = cli("replay", str(train_spool), "--endpoint", grpc_receiver.endpoint, "--state",
+                 str(tmp_path / "s"), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "2 failed attempts" in result.stdout
+    assert received_span_ids(grpc_receiver) == spool_span_ids(train_spool)
+
+
+def test_permanent_rejection_drops_that_request_only(grpc_receiver: Any, train_spool: Path,
+                                                     tmp_path: Path) -> None:
+    grpc_receiver.fail_next(1, grpc.StatusCode.INVALID_ARGUMENT)
+    args = ["replay", str(train_spool), "--endpoint", grpc_receiver.endpoint, "--state", str(tmp_path / "s"),
+            "--no-progress"]
+    result = cli(*args)
+    assert result.exit_code == 1
+    assert "rejected: gRPC INVALID_ARGUMENT" in result.stderr
+    received = received_span_ids(grpc_receiver)
+    expected = spool_span_ids(train_spool)
+    assert received and received.keys() < expected.keys() and max(received.values()) == 1
+    # as live: a permanent rejection is never retried, also not by the next run
+    again = cli(*args)
+    assert again.exit_code == 0 and received_span_ids(grpc_receiver) == received
+
+
+def test_unreachable_collector_gives_up_then_resumes(grpc_receiver: Any, train_spool: Path,
+                                                      tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    dead = cli("replay", str(train_spool), "--endpoint", "http://127.0.0.1:9", "--retry-for", "0.5",
+               "--state", str(state), "--no-progress")
+    assert dead.exit_code == 1 and "run again to resume" in dead.stderr
+    result = cli("replay", str(train_spool), "--endpoint", grpc_receiver.endpoint, "--state", str(state),
+                 "--no-progress")
+    assert result.exit_code == 0
+    assert received_span_ids(grpc_receiver) == spool_span_ids(train_spool)
+
+
+def test_interrupted_replay_resumes_nothing_twice_nothing_missing(grpc_receiver: Any, many_files: Path,
+                                                                 tmp_path: Path) -> None:
+    grpc_receiver.delay = 0.05  # a slow collector: the replay is still running when interrupted
+    state = tmp_path / "replay.state"
+    proc = subprocess.Popen([sys.executable, "-m", "cirron_otel", "replay", str(many_files), "--endpoint",
+                             grpc_receiver.endpoint, "--state", str(state), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(grpc_receiver.requests) >= 5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    partial = received_span_ids(grpc_receiver)
+    expected = spool_span_ids(many_files)
+    assert 0 < sum(partial.values()) < sum(expected.values())
+    recorded = [json.loads(line) for line in state.read_text().splitlines()[1:]]
+    assert sum(e["spans"] for e in recorded) == sum(partial.values())  # every answer recorded
+    grpc_receiver.delay = 0.0
+    result = cli("replay", str(many_files), "--endpoint", grpc_receiver.endpoint, "--state", str(state),
+                 "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert received_span_ids(grpc_receiver) == expected  # every span exactly once
+
+
+def test_dry_run_sends_nothing(grpc_receiver: Any, train_spool: Path, tmp_path: Path) -> None:
+    result = cli("replay", str(train_spool), "--endpoint", grpc_receiver.endpoint, "--dry-run")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    total = sum(spool_span_ids(train_spool).values())
+    assert lines[-1].startswith("dry run: ") and f"{total} spans" in lines[-1]
+    assert all(".json#" in line for line in lines[:-1])
+    time.sleep(0.2)
+    assert grpc_receiver.requests == [] and not os.listdir(tmp_path)
+
+
+def test_bad_protocol_is_a_usage_error(train_spool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cli("replay", str(train_spool), "--protocol", "http/json").exit_code == 2
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    assert cli("replay", str(train_spool), "--dry-run").exit_code == 2
+
+
+# -- the real Jaeger -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from ..backends_support import BackendUnavailable, Jaeger, get_binary
+
+    try:
+        binary = get_binary("jaeger")
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    backend = Jaeger(binary, tmp_path_factory.mktemp("jaeger"))
+    backend.start()
+    yield backend
+    backend.stop()
+
+
+@pytest.mark.real_backend
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_replay_to_jaeger_looks_like_a_live_run(jaeger: Any, protocol: str, tmp_path: Path) -> None:
+    out = tmp_path / "cirron"
+    from .conftest import TRAIN
+
+    # Jaeger's query API cannot write NaN / inf log values as JSON (HTTP 500, live export alike):
+    # this run records finite values only
+    finite = TRAIN.replace('float("nan") if b == 1 else 2.0', "2.0")
+    finite = finite.replace('ci.mark("inf", float("-inf"))', "")
+    assert finite != TRAIN
+    run_python(finite, str(out))
+    spans, marks = load_records(out)
+    service = f"replay-{protocol.replace('/', '-')}-{os.getpid()}"
+    endpoint = jaeger.otlp_grpc_endpoint if protocol == "grpc" else jaeger.otlp_http_endpoint
+    state = tmp_path / "s"
+    args = ["replay", str(out), "--endpoint", endpoint, "--protocol", protocol, "--service-name", service,
+            "--state", str(state), "--no-progress"]
+    assert cli(*args).exit_code == 0
+    assert cli(*args).exit_code == 0  # resumed: nothing sent twice
+
+    def complete(traces: list[dict[str, Any]]) -> bool:
+        return sum(len(t["spans"]) for t in traces) >= len(spans)
+
+    wait_for(lambda: service in jaeger.services(), timeout=30)  # before that, /api/traces answers 500
+    traces = jaeger.wait_for_traces(service, complete)
+    got = Counter(s["spanID"] for t in traces for s in t["spans"])
+    assert got == Counter(s["id"][:16] for s in spans)  # each span once, none missing
+    by_id = {s["spanID"]: s for t in traces for s in t["spans"]}
+    spool = {s["id"][:16]: s for s in spans}
+    for span_id, record in spool.items():
+        span = by_id[span_id]
+        assert span["operationName"] == record["name"]
+        assert span["startTime"] == record["start_ns"] // 1000
+        parents = [r["spanID"] for r in span.get("references", []) if r["refType"] == "CHILD_OF"]
+        if record["parent_id"] and record["parent_id"][:16] in spool and parents:
+            assert parents == [record["parent_id"][:16]]
+    # point marks are span logs with their values; the failed scope is an error with an exception log
+    losses = [m for m in marks if m["name"] == "loss"]
+    for m in losses:
+        logs = by_id[m["span_id"][:16]]["logs"]
+        fields = [f for log in logs for f in log["fields"]]
+        assert any(f["key"] == "cirron.mark.id" and f["value"] == m["id"] for f in fields)
+    failed = next(s for s in spans if s["name"] == "validate")
+    tags = {t["key"]: t["value"] for t in by_id[failed["id"][:16]]["tags"]}
+    assert tags.get("error") is True and tags.get("error.type") == "ValueError"
+    # each epoch is a trace of its own, linked to the session (trace_per="child", as live)
+    epochs = [s for s in spans if s["name"] == "epoch"]
+    assert len({by_id[e["id"][:16]]["traceID"] for e in epochs}) == len(epochs)
