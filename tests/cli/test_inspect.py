@@ -16,7 +16,7 @@ def test_entry_points_and_help(train_spool: Path) -> None:
     bindir = Path(sys.executable).parent
     for argv in ([str(bindir / "cirron-otel")], [sys.executable, "-m", "cirron_otel"]):
         proc = subprocess.run([*argv, "--help"], capture_output=True, text=True, check=True)
-        for command in ("inspect", "validate", "export", "replay"):
+        for command in ("inspect", "validate", "export", "replay", "tail"):
             assert command in proc.stdout
         proc = subprocess.run([*argv, "inspect", "--json", str(train_spool)], capture_output=True,
                               text=True)

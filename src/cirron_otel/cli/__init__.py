@@ -15,6 +15,7 @@ import click
 from .export_cmd import export
 from .inspect_cmd import inspect
 from .replay_cmd import replay
+from .tail_cmd import tail
 from .validate_cmd import validate
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
@@ -31,7 +32,7 @@ def main() -> None:
     """
 
 
-for _command in (inspect, validate, export, replay):
+for _command in (inspect, validate, export, replay, tail):
     main.add_command(_command)
 
 __all__ = ["EXIT_OK", "EXIT_PROBLEMS", "EXIT_USAGE", "main"]
