@@ -198,6 +198,56 @@ def test_schema_checker_agrees_with_jsonschema(train_spool: Path) -> None:
         v = json.loads(json.dumps(doc))
         mutate(v)
         variants.append(v)
+    checker = schema_check.checker()
     for v in variants:
         mine = list(schema_check.batch_errors(v))
         assert (not mine) == reference.is_valid(v), (mine, list(reference.iter_errors(v))[:1])
+        # the fast yes/no path and the one that says why agree, record by record
+        for key, ref in (("spans", "#/$defs/span"), ("marks", "#/$defs/mark")):
+            for record in v[key]:
+                schema = checker.sub(ref)
+                assert checker.compiled(schema)(record) == checker.valid(schema, record)
+
+
+def test_a_mark_after_its_span_is_checked_too(spool: Path) -> None:
+    """A mark in a later file than its span (unusual, not wrong): valid when listed and inside
+    the span; reported with its record when it falls outside."""
+    moved: dict[str, Any] = {}
+
+    def move(docs: list[Doc]) -> None:
+        fi, ri, m = _find(docs, "marks", lambda m: m["name"] == "bytes")
+        del docs[fi]["marks"][ri]
+        docs[-1]["marks"].append(m)
+        moved.update(mark=m, index=len(docs[-1]["marks"]) - 1)
+
+    damage(spool, move)
+    assert problems(spool) == []
+
+    def shift(docs: list[Doc]) -> None:
+        docs[-1]["marks"][moved["index"]]["ts_ns"] += 10**12
+
+    paths = damage(spool, shift)
+    found = problems(spool)
+    assert len(found) == 1 and "outside its time range" in found[0]["message"]
+    assert f"{paths[-1].name}:marks[{moved['index']}]" in found[0]["message"]
+
+
+def test_session_with_a_partial_mark_list(tmp_path: Path) -> None:
+    out = tmp_path / "cirron"
+    run_python("""
+        import sys, cirron_otel as ci
+        ci.profile(output_dir=sys.argv[1], install_signal_handlers=False)
+        for i in range(1200):
+            ci.mark("m", i)
+        ci.shutdown()
+    """, str(out))
+
+    def drop_listed(docs: list[Doc]) -> None:
+        _, _, session = _find(docs, "spans", lambda s: s.get("mark_ids_omitted"))
+        fi, ri, _ = _find(docs, "marks", lambda m: m["id"] == session["mark_ids"][5])
+        del docs[fi]["marks"][ri]
+
+    damage(out, drop_listed)
+    found = problems(out)
+    messages = " | ".join(p["message"] for p in found)
+    assert "is not in the spool" in messages and "more were left out, but 1199 marks attach" in messages

@@ -9,7 +9,7 @@ that needs more cannot be silently ignored.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any
 
@@ -42,6 +42,7 @@ class Checker:
     def __init__(self, root: dict[str, Any]) -> None:
         self.root = root
         self._patterns: dict[str, re.Pattern[str]] = {}
+        self._compiled: dict[int, Callable[[Any], bool]] = {}
         self._check_keywords(root)
 
     def _check_keywords(self, schema: Any) -> None:
@@ -111,6 +112,64 @@ class Checker:
     def valid(self, schema: dict[str, Any], value: Any) -> bool:
         return next(self.errors(schema, value), None) is None
 
+    # -- the fast path: the schema compiled to closures, a yes/no per record ------------------
+    # (most records are valid: `errors` above, which says why, runs only on the others)
+
+    def compiled(self, schema: dict[str, Any]) -> Callable[[Any], bool]:
+        key = id(schema)
+        fn = self._compiled.get(key)
+        if fn is None:
+            fn = self._compiled[key] = self._compile(schema)
+        return fn
+
+    def _compile(self, schema: dict[str, Any]) -> Callable[[Any], bool]:
+        checks: list[Callable[[Any], bool]] = []
+        if "$ref" in schema:
+            target = self.sub(schema["$ref"])
+            checks.append(lambda v: self.compiled(target)(v))
+        if "type" in schema:
+            names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+            checks.append(lambda v: any(_is_type(v, n) for n in names))
+        if "const" in schema:
+            const = schema["const"]
+            checks.append(lambda v: _equal(v, const))
+        if "enum" in schema:
+            options = schema["enum"]
+            checks.append(lambda v: any(_equal(v, e) for e in options))
+        if "minLength" in schema:
+            n = schema["minLength"]
+            checks.append(lambda v: not isinstance(v, str) or len(v) >= n)
+        if "pattern" in schema:
+            search = self._pattern(schema["pattern"]).search
+            checks.append(lambda v: not isinstance(v, str) or search(v) is not None)
+        if "minimum" in schema:
+            low = schema["minimum"]
+            checks.append(lambda v: not _is_type(v, "number") or v >= low)
+        required = tuple(schema.get("required", ()))
+        props = [(k, self.compiled(sub)) for k, sub in schema.get("properties", {}).items()]
+        if required or props:
+            def obj(v: Any) -> bool:
+                if not isinstance(v, dict):
+                    return True
+                return all(k in v for k in required) and all(fn(v[k]) for k, fn in props if k in v)
+            checks.append(obj)
+        if "items" in schema:
+            item = self.compiled(schema["items"])
+            checks.append(lambda v: not isinstance(v, list) or all(item(x) for x in v))
+        checks += [self.compiled(sub) for sub in schema.get("allOf", ())]
+        if "oneOf" in schema:
+            alts = [self.compiled(sub) for sub in schema["oneOf"]]
+            checks.append(lambda v: sum(1 for a in alts if a(v)) == 1)
+        if "not" in schema:
+            negated = self.compiled(schema["not"])
+            checks.append(lambda v: not negated(v))
+        if "if" in schema and "then" in schema:
+            cond, then = self.compiled(schema["if"]), self.compiled(schema["then"])
+            checks.append(lambda v: not cond(v) or then(v))
+        if len(checks) == 1:
+            return checks[0]
+        return lambda v: all(c(v) for c in checks)
+
     def _pattern(self, pattern: str) -> re.Pattern[str]:
         compiled = self._patterns.get(pattern)
         if compiled is None:
@@ -137,11 +196,15 @@ def batch_errors(doc: dict[str, Any]) -> Iterator[tuple[str, str]]:
     c = checker()
     shallow = {k: ([] if k in ("spans", "marks", "snapshots") and isinstance(v, list) else v)
                for k, v in doc.items()}
-    yield from c.errors(c.root, shallow)
+    if not c.compiled(c.root)(shallow):
+        yield from c.errors(c.root, shallow)
     for key, ref in (("spans", "#/$defs/span"), ("marks", "#/$defs/mark"), ("snapshots", "#/$defs/snapshot")):
         records = doc.get(key)
         if isinstance(records, list):
             schema = c.sub(ref)
+            fast = c.compiled(schema)
             for i, record in enumerate(records):
+                if fast(record):
+                    continue
                 for path, message in c.errors(schema, record):
                     yield f"{key}[{i}]{path}", message
