@@ -1,7 +1,7 @@
 """Spools for the command-line tests, written by the library itself in fresh processes.
 
-Helpers are local on purpose (the shared test helpers are being reorganized); the OTLP
-receivers are used as fixtures only.
+Helpers are local; the OTLP receivers (`grpc_receiver`, `http_receiver`, `receiver`) are the
+suite's fixtures.
 """
 
 from __future__ import annotations
@@ -92,9 +92,7 @@ def cli(*args: str) -> Result:
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
-# The in-process OTLP receivers, as fixtures only (registered here by name).
-from .. import conftest_otlp as _otlp  # noqa: E402
-
-grpc_receiver = _otlp.grpc_receiver
-http_receiver = _otlp.http_receiver
-receiver = _otlp.receiver
+@pytest.fixture(autouse=True)
+def _no_otel_env(clean_env: None) -> None:
+    """replay and export read OTEL_*: none of the calling environment leaks in (`clean_env` and
+    the OTLP receiver fixtures come from the suite's support plugins)."""

@@ -210,7 +210,7 @@ def test_bad_protocol_is_a_usage_error(train_spool: Path, monkeypatch: pytest.Mo
 
 @pytest.fixture(scope="module")
 def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from ..backends_support import BackendUnavailable, Jaeger, get_binary
+    from ..support.backends import BackendUnavailable, Jaeger, get_binary
 
     try:
         binary = get_binary("jaeger")
