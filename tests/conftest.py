@@ -1,6 +1,13 @@
-"""Shared fixtures: a fresh output directory per test, and a strict, schema-checked reader.
+"""The suite's root: loads the support plugins, and owns the `real_backend` marker.
 
-Also the `real_backend` marker. Put it on every test that checks the product against
+Layout: `unit/` (one piece in-process), `integration/` (the pieces together: subprocesses,
+in-process OTLP receivers, the OpenTelemetry SDK), `backends/` (real Jaeger, collector,
+Phoenix, docker-compose), `reliability/` (each way to lose data or stall, provoked for real).
+Fixtures come from the plugins in `support/` (`pytest_plugins` below: `out`, `prof`, the
+OTLP receivers, ...); helpers are imported from there (`from tests.support.helpers import
+read_spool`).
+
+The `real_backend` marker: put it on every test that checks the product against
 something the machine has to provide, and that skips (saying why) where it is missing: real
 Jaeger or collector binaries, Arize Phoenix, docker-compose, an installed entry point, root
 for a disk-full tmpfs, ...
@@ -17,76 +24,11 @@ checked it. Every run ends with a line counting them ("real backends: N passed, 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 from collections import Counter
-from pathlib import Path
-from typing import Any
 
-import fastjsonschema
-import jsonschema
 import pytest
-from cirron_otel.exporters.schema import loads_strict, spool_v1_schema
 
-import cirron_otel as ci
-
-jsonschema.Draft202012Validator.check_schema(spool_v1_schema())
-# fastjsonschema compiles the schema to Python: fast enough to check every record of
-# 100,000-record files; tests/test_schema.py also runs the reference validator.
-_validate = fastjsonschema.compile(spool_v1_schema())
-
-
-def read_spool(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every batch in `<output_dir>/spool`, oldest first, parsed strictly and schema-validated."""
-    spool = Path(output_dir) / "spool"
-    if not spool.exists():
-        return []
-    batches = []
-    for path in sorted(spool.glob("*.json")):
-        raw = path.read_bytes()
-        doc = loads_strict(raw)
-        _validate(doc)
-        assert path.name == f"{doc['created_ns']:020d}-{doc['batch_id']}.json"
-        batches.append(doc)
-    assert not list(spool.glob("*.tmp")), "a .json.tmp file was left behind"
-    return batches
-
-
-def spans_and_marks(output_dir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    spans: list[dict[str, Any]] = []
-    marks: list[dict[str, Any]] = []
-    for doc in read_spool(output_dir):
-        spans.extend(doc["spans"])
-        marks.extend(doc["marks"])
-    return spans, marks
-
-
-@pytest.fixture
-def out(tmp_path: Path) -> Path:
-    return tmp_path / "cirron"
-
-
-@pytest.fixture(autouse=True)
-def _no_profiler_leaks():
-    ci.shutdown()
-    yield
-    ci.shutdown()
-
-
-@pytest.fixture
-def prof(out: Path) -> ci.Profiler:
-    return ci.profile(output_dir=str(out), flush_interval=0.05, install_signal_handlers=False)
-
-
-def run_script(code: str, *, timeout: float = 60, env: dict[str, str] | None = None,
-               cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `code` in a fresh interpreter (for fork, signals, exit paths, import checks)."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd,
-    )
+pytest_plugins = ["tests.support.fixtures", "tests.support.otlp"]
 
 
 # -- real-backend tests: skipped is a failure under CI -----------------------------------------

@@ -11,7 +11,7 @@ Two things have no public API upstream:
   is used.
 
 Each accessor raises `UpstreamChanged` naming the attribute and the installed version when
-the attribute is gone; `tests/test_otel_conventions.py` checks them all against the installed
+the attribute is gone; `tests/integration/test_otel_conventions.py` checks them all against the installed
 OpenTelemetry, so an upstream change fails loudly there first.
 """
 

@@ -1,7 +1,7 @@
 """Child processes of a profiled program, by every multiprocessing start method: each
 child writes its workers' marks into the parent's output directory, under a session span of
 its own (its pid), linked to the parent's session; a Pool left through `with` (terminate():
-SIGTERM to every worker) keeps its workers' records (issue 7: defect 3, forkserver/spawn)."""
+SIGTERM to every worker) keeps its workers' records."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from ..conftest import run_script, spans_and_marks
+from tests.support.helpers import run_script, spans_and_marks
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -17,8 +17,7 @@ from cirron_otel.exporters.spool import SpoolSink
 
 import cirron_otel as ci
 from cirron_otel import _native, _warn
-
-from ..conftest import read_spool
+from tests.support.helpers import read_spool
 
 # real_backend: needs root for the tmpfs; with CI set, a skip fails the run (tests/conftest.py).
 pytestmark = [pytest.mark.timeout(300), pytest.mark.real_backend,

@@ -1,6 +1,6 @@
 """The way out of a profiled program: exit handlers that mark, daemon threads still marking,
 and a disk too slow to take everything: the exit takes at most `shutdown_timeout` and what
-was recorded up to the shutdown is written (issue 7, "Also expected")."""
+was recorded up to the shutdown is written."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import spans_and_marks
+from tests.support.helpers import spans_and_marks
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -1,4 +1,4 @@
-"""Issue 7, defect 5: a distinct mark or scope name costs its bytes plus a small constant.
+"""A distinct mark or scope name costs its bytes plus a small constant.
 
 Each name used to keep the 4 KiB scratch buffer its JSON token was escaped into (262,144
 names: about 1.1 GiB). Measured as RSS in a fresh interpreter: first the same number of
@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from ..conftest import run_script
+from tests.support.helpers import run_script
 
 N = 100_000
 NAME_LEN = 8  # "n0000000"

@@ -1,4 +1,4 @@
-"""Issue 7, defect 2: marks outside any scope run in constant memory.
+"""Marks outside any scope run in constant memory.
 
 Such marks attach to the never-closing `cirron.session` span. Its record lists at most the
 first 1,000 of their ids and counts the rest in `mark_ids_omitted`; every mark record still
@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 import cirron_otel as ci
-
-from ..conftest import read_spool, run_script, spans_and_marks
+from tests.support.helpers import read_spool, run_script, spans_and_marks
 
 SESSION_LIST_MAX = 1000
 

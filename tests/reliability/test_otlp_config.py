@@ -17,8 +17,8 @@ from cirron_otel.exporters.otlp import make_transport
 
 import cirron_otel as ci
 from cirron_otel._config import otlp_transport_config
+from tests.support.otlp_receivers import GrpcReceiver, HttpReceiver
 
-from ..otlp_receivers import GrpcReceiver, HttpReceiver
 from .test_otlp_delivery import one_span_request
 
 pytestmark = pytest.mark.timeout(120)

@@ -1,6 +1,6 @@
-"""OTLP delivery never stalls and never loses silently (issue 7 defect 1, issue 14).
+"""OTLP delivery never stalls and never loses silently.
 
-Real receivers on loopback (tests/otlp_receivers.py), real profiles, real subprocesses. Each
+Real receivers on loopback (tests/support/otlp_receivers.py), real profiles, real subprocesses. Each
 test pins one promise: failures are classified as the OTLP specification says; a permanently
 rejected request is dropped, counted, and the queue moves on; a retryable one is retried with
 exponential backoff and as late as the collector asks; corrupt outbox files are quarantined;
@@ -27,16 +27,15 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 
 import cirron_otel as ci
 from cirron_otel._config import otlp_transport_config
+from tests.support.helpers import run_script, spans_and_marks
+from tests.support.otlp import Receiver, otlp_health, protocol, received_ids, spool_ids, start, wait_until
+from tests.support.otlp_receivers import GrpcReceiver, HttpReceiver
 
-from .. import conftest_otlp
-from ..conftest import run_script, spans_and_marks
-from ..conftest_otlp import Receiver, otlp_health, protocol, received_ids, spool_ids, start, wait_until
-from ..otlp_receivers import GrpcReceiver, HttpReceiver
 
-grpc_receiver = conftest_otlp.grpc_receiver
-http_receiver = conftest_otlp.http_receiver
-receiver = conftest_otlp.receiver
-_clean_env = conftest_otlp.clean_env
+@pytest.fixture(autouse=True)
+def _clean_env(clean_env: None) -> None:
+    """No OTEL_*, CIRRON_* or rank variable of the calling environment leaks into these tests."""
+
 
 pytestmark = [pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning"), pytest.mark.timeout(120)]
 

@@ -1,4 +1,4 @@
-"""The OTLP outbox keeps its promises (issue 14; README "Durability").
+"""The OTLP outbox keeps its promises (README "Durability").
 
 - durable: each request is written to a temporary file, fsynced, renamed atomically, and the
   directory fsynced, all before the request is sent;
@@ -31,15 +31,14 @@ from cirron_otel.exporters.otlp import OUTBOX_DIR
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 import cirron_otel as ci
+from tests.support.otlp import Receiver, protocol, received_ids, spool_ids
+from tests.support.otlp_receivers import GrpcReceiver, decode_spans
 
-from .. import conftest_otlp
-from ..conftest_otlp import Receiver, protocol, received_ids, spool_ids
-from ..otlp_receivers import GrpcReceiver, decode_spans
 
-grpc_receiver = conftest_otlp.grpc_receiver
-http_receiver = conftest_otlp.http_receiver
-receiver = conftest_otlp.receiver
-_clean_env = conftest_otlp.clean_env
+@pytest.fixture(autouse=True)
+def _clean_env(clean_env: None) -> None:
+    """No OTEL_*, CIRRON_* or rank variable of the calling environment leaks into these tests."""
+
 
 pytestmark = [pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning"), pytest.mark.timeout(240)]
 
@@ -233,7 +232,7 @@ _SHARER = """
 """
 
 
-# Known defect (issue 14 stays open): about 1 run in 4, a process of this test, probably the
+# Known defect (still open): about 1 run in 4, a process of this test, probably the
 # os.fork()ed child of a process with a live gRPC channel, never reaches the barrier. Not
 # strict, so CI stays usable; a failure still shows as XFAIL with its message.
 @pytest.mark.xfail(strict=False, raises=AssertionError,

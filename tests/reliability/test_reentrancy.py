@@ -1,4 +1,4 @@
-"""Issue 7, defect 6: user code run by cirron_otel's own threads may call back into it.
+"""User code run by cirron_otel's own threads may call back into it.
 
 An attribute's `__str__` runs on the drainer thread (inside its native claim step, which
 holds a native mutex); a span processor of the application's TracerProvider runs on that sink's
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import run_script, spans_and_marks
+from tests.support.helpers import run_script, spans_and_marks
 
 pytestmark = pytest.mark.timeout(120)
 

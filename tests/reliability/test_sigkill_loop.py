@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from cirron_otel.exporters.schema import loads_strict
 
-from ..conftest import _validate, read_spool, run_script
+from tests.support.helpers import read_spool, run_script, validate
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -50,7 +50,7 @@ def _check_newest(spool: Path, checked: set[str], newest: int = 1) -> None:
         except FileNotFoundError:
             continue
         doc = loads_strict(raw)
-        _validate(doc)
+        validate(doc)
         assert name == f"{doc['created_ns']:020d}-{doc['batch_id']}.json"
         checked.add(name)
 

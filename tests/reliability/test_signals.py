@@ -1,6 +1,6 @@
 """SIGTERM/SIGINT while profiling: the flush happens before the application's handler runs,
 a signal the application ignored stays ignored, and further signals during our own flush or
-shutdown do not cut it short (issue 7, defect 3; issue 14). Real processes, real signals."""
+shutdown do not cut it short. Real processes, real signals."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import run_script, spans_and_marks
+from tests.support.helpers import run_script, spans_and_marks
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -14,8 +14,7 @@ from cirron_otel.exporters import spool_dir as spool_dir_mod
 from cirron_otel.exporters.spool_dir import SpoolDirectory
 
 import cirron_otel as ci
-
-from ..conftest import read_spool, run_script
+from tests.support.helpers import read_spool, run_script
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning")]
 

@@ -22,8 +22,7 @@ from cirron_otel.exporters import spool_dir as spool_dir_mod
 from cirron_otel.exporters.spool_dir import SpoolDirectory
 
 import cirron_otel as ci
-
-from ..conftest import read_spool
+from tests.support.helpers import read_spool
 
 pytestmark = pytest.mark.timeout(120)
 

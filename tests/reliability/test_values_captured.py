@@ -1,4 +1,4 @@
-"""Issue 7, "Also expected": attribute values are captured at the call, and no attribute
+"""Attribute values are captured at the call, and no attribute
 object ever carries two equal keys (in the spool JSON or over OTLP).
 
 The drainer renders attrs later, on its own thread; these tests mutate what was passed
@@ -14,11 +14,7 @@ from typing import Any
 import pytest
 
 import cirron_otel as ci
-
-from .. import conftest_otlp
-from ..conftest import read_spool, spans_and_marks
-
-grpc_receiver = conftest_otlp.grpc_receiver
+from tests.support.helpers import read_spool, spans_and_marks
 
 pytestmark = pytest.mark.timeout(120)
 

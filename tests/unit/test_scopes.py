@@ -13,8 +13,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import cirron_otel as ci
-
-from .conftest import spans_and_marks
+from tests.support.helpers import spans_and_marks
 
 
 def _spans(out) -> list[dict]:

@@ -11,8 +11,7 @@ from cirron_otel.exporters import spool as spool_mod
 from cirron_otel.exporters.schema import loads_strict
 
 import cirron_otel as ci
-
-from .conftest import read_spool
+from tests.support.helpers import read_spool
 
 
 def test_batch_file_layout(prof, out):

@@ -9,8 +9,7 @@ import threading
 import pytest
 
 import cirron_otel as ci
-
-from .conftest import read_spool, run_script, spans_and_marks
+from tests.support.helpers import read_spool, run_script, spans_and_marks
 
 REFERENCE_KEYS = {
     "enabled", "scope_drop_count", "mark_drop_count", "spool_drop_count", "spool_dir", "spool_bytes",

@@ -1,4 +1,4 @@
-"""The OpenTelemetry SDK's own environment variables (issue 8): OTEL_SDK_DISABLED,
+"""The OpenTelemetry SDK's own environment variables: OTEL_SDK_DISABLED,
 OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, OTEL_TRACES_EXPORTER, and the exit of a program
 whose collector is unreachable.
 
@@ -32,19 +32,14 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, TraceIdRatio
 import cirron_otel as ci
 from cirron_otel import _warn
 from cirron_otel._config import resolve, sampler_bound, sdk_disabled, traces_exporters, traces_sampler
-
-from . import conftest_otlp
-from .conftest import run_script, spans_and_marks
-from .conftest_otlp import Receiver, protocol
-from .otlp_receivers import GrpcReceiver, HttpReceiver
-
-grpc_receiver = conftest_otlp.grpc_receiver
-http_receiver = conftest_otlp.http_receiver
+from tests.support.helpers import run_script, spans_and_marks
+from tests.support.otlp import Receiver, clear_env, protocol
+from tests.support.otlp_receivers import GrpcReceiver, HttpReceiver
 
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    conftest_otlp.clear_env(monkeypatch)
+    clear_env(monkeypatch)
     _warn.reset()  # each test sees the warnings it provokes (they are once per process)
 
 pytestmark = pytest.mark.timeout(180)

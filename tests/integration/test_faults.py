@@ -23,8 +23,7 @@ import pytest
 
 import cirron_otel as ci
 from cirron_otel import _native, _warn
-
-from .conftest import read_spool, spans_and_marks
+from tests.support.helpers import read_spool, spans_and_marks
 
 DEFAULT_CAPACITY = 65536
 PROC_DIR = "/proc/cirron-otel-test/out"  # mkdir fails here even for root

@@ -9,8 +9,7 @@ import pytest
 from cirron_otel.exporters.schema import spool_v1_schema
 
 import cirron_otel as ci
-
-from .conftest import read_spool
+from tests.support.helpers import read_spool
 
 VALIDATOR = jsonschema.Draft202012Validator(spool_v1_schema())
 

@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 
 from cirron_otel import _otel_private
+from tests.support.helpers import run_script, spans_and_marks
 
-from .conftest import run_script, spans_and_marks
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Appended to every script: both nestings with the real SDK, reported as one JSON line.
 NESTING = """

@@ -1,4 +1,4 @@
-"""SpoolSpanExporter: OpenTelemetry spans into the Cirron spool v1 (issue 3, "Exporters")."""
+"""SpoolSpanExporter: OpenTelemetry spans into the Cirron spool v1."""
 
 from __future__ import annotations
 
@@ -25,8 +25,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 import cirron_otel as ci
 from cirron_otel._config import DEFAULT_OUTPUT_DIR
 from cirron_otel._version import __version__
-
-from .conftest import read_spool, spans_and_marks
+from tests.support.helpers import read_spool, spans_and_marks
 
 Record = dict[str, Any]
 NAN, INF = float("nan"), float("inf")
@@ -228,7 +227,7 @@ def _mark_value(mark: Record) -> Any:
 
 
 def _as_otel(span: Record, marks: Sequence[Record], by_id: dict[str, Record]) -> ReadableSpan:
-    """The Cirron → OpenTelemetry mapping of one spool span (issue 3, "The mapping")."""
+    """The Cirron → OpenTelemetry mapping of one spool span."""
     attributes: Record = dict(span["attrs"])
     if span["attrs"].get("error"):  # the status and the exception event carry these
         del attributes["error"], attributes["error.message"]

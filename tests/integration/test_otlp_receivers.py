@@ -18,11 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from . import conftest_otlp
-from .otlp_receivers import GrpcReceiver, HttpReceiver
-
-grpc_receiver = conftest_otlp.grpc_receiver
-http_receiver = conftest_otlp.http_receiver
+from tests.support.otlp_receivers import GrpcReceiver, HttpReceiver
 
 Receiver = GrpcReceiver | HttpReceiver
 

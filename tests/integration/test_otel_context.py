@@ -21,12 +21,9 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import Status, StatusCode
 
 import cirron_otel as ci
+from tests.support.helpers import spans_and_marks
+from tests.support.otlp_receivers import GrpcReceiver, SpanDict
 
-from . import conftest_otlp
-from .conftest import spans_and_marks
-from .otlp_receivers import GrpcReceiver, SpanDict
-
-grpc_receiver = conftest_otlp.grpc_receiver
 STATUS_ERROR = 2
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .backends_support import (
+from tests.support.backends import (
     COLLECTOR_CONFIG,
     COMPOSE_FILE,
     JAEGER_CONFIG,
@@ -49,7 +49,7 @@ from .backends_support import (
     host_port,
     load_config,
 )
-from .conftest import spans_and_marks
+from tests.support.helpers import spans_and_marks
 
 TRAIN = ROOT / "examples" / "train.py"
 EPOCHS, BATCHES = 2, 3

@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import spans_and_marks
+from tests.support.helpers import spans_and_marks
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_training_demo(tmp_path):

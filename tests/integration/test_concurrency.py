@@ -19,8 +19,7 @@ import pytest
 
 import cirron_otel as ci
 from cirron_otel import _native
-
-from .conftest import run_script, spans_and_marks
+from tests.support.helpers import run_script, spans_and_marks
 
 DEFAULT_CAPACITY = 65536
 

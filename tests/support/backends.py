@@ -1,4 +1,4 @@
-"""Real tracing backends for tests/test_backends.py.
+"""Real tracing backends for tests/backends/test_backends.py.
 
 The Jaeger v2 and OpenTelemetry Collector binaries come from scripts/backends/build.sh (which
 caches them); they run here on 127.0.0.1, on free ports, with the very config files that
@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BUILD_SH = ROOT / "scripts" / "backends" / "build.sh"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 JAEGER_CONFIG = ROOT / "deploy" / "jaeger" / "config.yaml"

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import run_script, spans_and_marks
+from tests.support.helpers import run_script, spans_and_marks
 
 OTEL_MODULES = "sorted(m for m in sys.modules if m == 'opentelemetry' or m.startswith('opentelemetry.'))"
 
@@ -123,7 +123,7 @@ def test_otel_context_false_installs_nothing(tmp_path: Path) -> None:
 
 
 # What `import cirron_otel; ci.profile(output="spool")` and writing the spool must not import:
-# each costs milliseconds of every profiled program's start-up (issue 8: at most 5 ms in all),
+# each costs milliseconds of every profiled program's start-up (at most 5 ms in all),
 # and only OTLP, health(), a spool file split after ENOSPC or a decorated scope needs one.
 HEAVY_MODULES = ("dataclasses", "uuid", "platform", "json", "inspect", "socket", "ssl", "asyncio",
                  "opentelemetry", "google.protobuf", "grpc")

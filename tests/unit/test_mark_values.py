@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 import cirron_otel as ci
-
-from .conftest import run_script, spans_and_marks
+from tests.support.helpers import run_script, spans_and_marks
 
 
 def _marks(out) -> dict[str, dict]:

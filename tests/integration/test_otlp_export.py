@@ -1,6 +1,6 @@
-"""OTLP export (issue 3, "The mapping" and "Exporters"): what the spool holds arrives over OTLP.
+"""OTLP export (the mapping and the exporters): what the spool holds arrives over OTLP.
 
-Every test runs a real in-process OTLP receiver (gRPC or HTTP/protobuf, see otlp_receivers.py),
+Every test runs a real in-process OTLP receiver (gRPC or HTTP/protobuf, see support/otlp_receivers.py),
 profiles a small workload with both sinks on (unless the test is about sink selection), shuts
 the profiler down and compares the decoded `ExportTraceServiceRequest`s with the spool.
 """
@@ -29,16 +29,15 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 import cirron_otel as ci
+from tests.support.helpers import run_script, spans_and_marks
+from tests.support.otlp import Receiver, protocol, start
+from tests.support.otlp_receivers import GrpcReceiver, HttpReceiver, SpanDict, decode_spans
 
-from . import conftest_otlp
-from .conftest import run_script, spans_and_marks
-from .conftest_otlp import Receiver, protocol, start
-from .otlp_receivers import GrpcReceiver, HttpReceiver, SpanDict, decode_spans
 
-grpc_receiver = conftest_otlp.grpc_receiver
-http_receiver = conftest_otlp.http_receiver
-receiver = conftest_otlp.receiver
-_clean_env = conftest_otlp.clean_env
+@pytest.fixture(autouse=True)
+def _clean_env(clean_env: None) -> None:
+    """No OTEL_*, CIRRON_* or rank variable of the calling environment leaks into these tests."""
+
 
 Record = dict[str, Any]
 
@@ -891,4 +890,4 @@ def test_outbox_survives_a_process_restart_and_is_delivered_once(out: Path, rece
 
 
 # Processes sharing an outbox (ranks, a forked child): tests/reliability/test_otlp_outbox.py, where
-# every process has found the leftovers before any delivers (issue 14: deterministic, not by chance).
+# every process has found the leftovers before any delivers (deterministic, not by chance).

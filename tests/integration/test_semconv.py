@@ -1,4 +1,4 @@
-"""OpenTelemetry semantic conventions on exported spans (issue 8, "Semantic conventions").
+"""OpenTelemetry semantic conventions on exported spans.
 
 Each test profiles against a real in-process OTLP receiver (gRPC, or both transports where
 the encoding differs) and compares the decoded requests with the spool:
@@ -31,16 +31,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Status, StatusCode
 
 import cirron_otel as ci
+from tests.support.helpers import spans_and_marks
+from tests.support.otlp import Receiver, start
+from tests.support.otlp_receivers import GrpcReceiver, SpanDict
 
-from . import conftest_otlp
-from .conftest import spans_and_marks
-from .conftest_otlp import Receiver, start
-from .otlp_receivers import GrpcReceiver, SpanDict
 
-grpc_receiver = conftest_otlp.grpc_receiver
-http_receiver = conftest_otlp.http_receiver
-receiver = conftest_otlp.receiver
-_clean_env = conftest_otlp.clean_env
+@pytest.fixture(autouse=True)
+def _clean_env(clean_env: None) -> None:
+    """No OTEL_*, CIRRON_* or rank variable of the calling environment leaks into these tests."""
+
 
 Record = dict[str, Any]
 STATUS_ERROR = 2

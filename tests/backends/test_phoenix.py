@@ -4,7 +4,7 @@ The demo's server (FastAPI + the official OpenTelemetry instrumentation, `ci.pro
 SDK TracerProvider) and client (requests + its official instrumentation) run as real programs. Their
 spans go over OTLP to
 
-- an in-process receiver (tests/otlp_receivers.py), over gRPC and over HTTP: always runs;
+- an in-process receiver (tests/support/otlp_receivers.py), over gRPC and over HTTP: always runs;
 - Arize Phoenix, a second, independent backend, started on loopback and read back through its REST
   API: skipped, with the reason, only where `arize-phoenix` is not installed (a failure under
   CI=true: the test is marked `real_backend`, see tests/conftest.py).
@@ -39,13 +39,9 @@ from typing import Any
 
 import pytest
 
-from . import conftest_otlp
-from .otlp_receivers import GrpcReceiver, HttpReceiver, SpanDict
+from tests.support.otlp_receivers import GrpcReceiver, HttpReceiver, SpanDict
 
-grpc_receiver = conftest_otlp.grpc_receiver
-http_receiver = conftest_otlp.http_receiver
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SERVER = ROOT / "examples" / "service" / "server.py"
 CLIENT = ROOT / "examples" / "service" / "client.py"
 N_REQUESTS = 3  # good /predict calls; the client adds one GET /model and one malformed /predict
