@@ -126,10 +126,13 @@ class Checker:
         checks: list[Callable[[Any], bool]] = []
         if "$ref" in schema:
             target = self.sub(schema["$ref"])
-            checks.append(lambda v: self.compiled(target)(v))
+            if target is schema or "$ref" in target:  # (not in this schema) a cycle: resolve late
+                checks.append(lambda v: self.compiled(target)(v))
+            else:
+                checks.append(self.compiled(target))
         if "type" in schema:
             names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-            checks.append(lambda v: any(_is_type(v, n) for n in names))
+            checks.append(_type_check(names))
         if "const" in schema:
             const = schema["const"]
             checks.append(lambda v: _equal(v, const))
@@ -168,6 +171,9 @@ class Checker:
             checks.append(lambda v: not cond(v) or then(v))
         if len(checks) == 1:
             return checks[0]
+        if len(checks) == 2:
+            first, second = checks
+            return lambda v: first(v) and second(v)
         return lambda v: all(c(v) for c in checks)
 
     def _pattern(self, pattern: str) -> re.Pattern[str]:
@@ -175,6 +181,17 @@ class Checker:
         if compiled is None:
             compiled = self._patterns[pattern] = re.compile(pattern)
         return compiled
+
+
+def _type_check(names: list[str]) -> Callable[[Any], bool]:
+    """A fast `type` check: exact Python types (bool is not an integer in JSON)."""
+    exact: set[type] = set()
+    for name in names:
+        exact |= {"integer": {int}, "number": {int, float}, "string": {str}, "null": {type(None)},
+                  "boolean": {bool}, "object": {dict}, "array": {list}}[name]
+    frozen = frozenset(exact)
+    # exact types: json.loads makes no subclasses, and `type(True) is bool` keeps bools out
+    return lambda v: type(v) in frozen
 
 
 def _json_type(value: Any) -> str:
