@@ -181,3 +181,24 @@ def test_otlp_mapping_equals_the_live_export(grpc_receiver: Any, tmp_path: Path)
     assert any(s["droppedEventsCount"] for s in live.values() if "droppedEventsCount" in s)  # the limit bit
     for span_id, expected in live.items():
         assert mine[span_id] == expected, span_id
+
+
+def test_malformed_and_unreadable_files(train_spool: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(train_spool, out)
+    paths = sorted((out / "spool").glob("*.json"))
+    paths[0].write_text("{truncated")
+    target = tmp_path / "t.json"
+    result = cli("export", str(out), "--format", "chrome", "-o", str(target))
+    assert result.exit_code == 0 and f"{paths[0].name}: skipped: not strict JSON" in result.stderr
+    doc = json.loads(paths[1].read_text())
+    doc["spans"][0].pop("start_ns")
+    paths[1].write_text(json.dumps(doc))
+    for fmt in ("chrome", "otlp-json"):
+        target.unlink(missing_ok=True)
+        result = cli("export", str(out), "--format", fmt, "-o", str(target))
+        assert result.exit_code == 1 and "cirron-otel validate" in result.stderr
+        assert not target.exists()  # no partial file
+    assert cli("replay", str(out), "--dry-run").exit_code == 1

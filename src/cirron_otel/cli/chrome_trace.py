@@ -42,6 +42,8 @@ class Prepass:
 def prepass(files: list[reader.SpoolFile]) -> Prepass:
     p = Prepass()
     for batch in reader.iter_batches("", files):
+        if batch.doc is None:
+            reader.warn_unreadable(batch)
         for span in batch.spans:
             p.where[span["id"]] = (span["pid"], span["thread_id"])
             p.processes[span["pid"]] = span["rank"]

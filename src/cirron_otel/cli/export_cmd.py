@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+from collections.abc import Iterator
+from typing import IO
 
 import click
 
 from . import reader
+
+
+@contextlib.contextmanager
+def _atomic_output(output: str) -> Iterator[IO[str]]:
+    """stdout for '-'; else a temporary file renamed over `output` only on success, so a failed
+    export leaves no partial file (click's atomic open_file renames even on failure)."""
+    if output == "-":
+        yield sys.stdout
+        return
+    tmp = f"{output}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            yield out
+        os.replace(tmp, output)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 @click.command()
@@ -34,7 +55,16 @@ def export(path: str, fmt: str, output: str, service_name: str | None) -> None:
         reader.list_files(path)
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from exc
-    with click.open_file(output, "w", encoding="utf-8", atomic=output != "-") as out:
+    try:
+        summary = _export(path, fmt, output, service_name)
+    except reader.MALFORMED as exc:
+        raise reader.malformed(path, exc) from exc
+    click.echo(f"wrote {output}: {summary}", err=True)
+    sys.exit(0)
+
+
+def _export(path: str, fmt: str, output: str, service_name: str | None) -> str:
+    with _atomic_output(output) as out:
         if fmt in ("perfetto", "chrome"):
             from .chrome_trace import write
 
@@ -54,5 +84,4 @@ def export(path: str, fmt: str, output: str, service_name: str | None) -> None:
             summary = f"{requests} requests, {spans} spans"
             if root_marks:
                 summary += f" ({root_marks} marks on \"root\" so far: spool only, as live)"
-    click.echo(f"wrote {output}: {summary}", err=True)
-    sys.exit(0)
+    return summary

@@ -390,6 +390,8 @@ def iter_parts(path: str | os.PathLike[str], encoder_args: dict[str, Any] | None
     sessions, hosts = sessions_of(files)
     enc = Encoder(sessions=sessions, hosts=hosts, **(encoder_args or {}))
     for batch in reader.iter_batches(path, files):
+        if batch.doc is None:
+            reader.warn_unreadable(batch)
         for part in enc.encode(batch):
             yield enc, part
     enc.finish()

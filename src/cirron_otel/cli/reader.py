@@ -93,6 +93,25 @@ def iter_batches(path: str | os.PathLike[str], files: list[SpoolFile] | None = N
         yield read_batch(file)
 
 
+MALFORMED = (KeyError, TypeError, ValueError, AttributeError)
+
+
+def malformed(path: str, exc: BaseException) -> Exception:
+    """The error a command raises when a record is not what the format says (click prints it
+    and exits 1): `validate` is the command that says where and why."""
+    import click
+
+    return click.ClickException(f"{path}: a record does not follow the spool format ({type(exc).__name__}: "
+                                f"{exc}); `cirron-otel validate {path}` lists the problems")
+
+
+def warn_unreadable(batch: Batch) -> None:
+    """Export and replay skip a file they cannot read, saying so (validate reports it)."""
+    import click
+
+    click.echo(f"{batch.file.name}: skipped: {batch.error}", err=True)
+
+
 def mark_value(mark: dict[str, Any]) -> Any:
     """The mark's value with non-finite floats restored (the spool writes them as null plus
     `value_nonfinite`, because strict JSON has no NaN / Infinity)."""

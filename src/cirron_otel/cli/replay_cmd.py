@@ -273,8 +273,11 @@ def replay(path: str, endpoint: str | None, protocol: str | None, service_name: 
         raise click.UsageError(str(exc)) from exc
     encoder_args = {"service_name": service_name}
     if dry_run:
-        outcome = run_replay(path, transport=None, state=None, encoder_args=encoder_args, retry_for=0,
-                             progress=False, dry_run=True)
+        try:
+            outcome = run_replay(path, transport=None, state=None, encoder_args=encoder_args, retry_for=0,
+                                 progress=False, dry_run=True)
+        except reader.MALFORMED as exc:
+            raise reader.malformed(path, exc) from exc
         click.echo(f"dry run: {outcome.requests_sent} requests, {outcome.spans_sent} spans would go to "
                    f"{config.endpoint} ({config.protocol})")
         return
@@ -290,6 +293,8 @@ def replay(path: str, endpoint: str | None, protocol: str | None, service_name: 
     try:
         outcome = run_replay(path, transport=transport, state=state, encoder_args=encoder_args,
                              retry_for=retry_for, progress=show)
+    except reader.MALFORMED as exc:  # what was accepted so far is recorded: fix the spool, run again
+        raise reader.malformed(path, exc) from exc
     finally:
         state.close()
         transport.shutdown()

@@ -79,7 +79,11 @@ def tail(path: str, from_start: bool, as_json: bool, interval: float, names: tup
                     for kind, record in records:
                         if wanted and record.get("name") not in wanted:
                             continue
-                        click.echo(json.dumps({"type": kind, **record}) if as_json else _line(kind, record))
+                        try:
+                            text = json.dumps({"type": kind, **record}) if as_json else _line(kind, record)
+                            click.echo(text)
+                        except reader.MALFORMED as exc:  # a malformed record: say so, go on
+                            click.echo(f"{file.name}: a {kind} record: {type(exc).__name__}: {exc}", err=True)
             if len(seen) > 2 * len(files) + 1000:  # evicted files: forget their names
                 seen &= {f.name for f in files}
             first = False
