@@ -168,7 +168,7 @@ class OtlpSink(OtlpEncodingSink):
         self._retryable_failures = 0
         self._exiting = False  # at_exit(): shutdown() stops at the first retryable failure
         self._process_lock = threading.Lock()
-        self.stats.extra.update(
+        self.stats.set(
             requests_sent=0, requests_rejected=0, outbox=self.outbox.path if self.outbox else None,
             outbox_quarantined=0, requests_split=0, values_truncated=0, sender_errors=0,
             root_marks=0, unsampled_spans=0, events_dropped=0,

@@ -49,7 +49,7 @@ class SpanExporterSink(OtlpEncodingSink):
         self._resource_bytes = encode_resource(resource_attrs)
         self.session_trace = session_trace
         self.state = _native.OtlpState(event_limit)
-        self.stats.extra.update(unsampled_spans=0)
+        self.stats.set(unsampled_spans=0)
 
     def count(self, batches: Sequence[_native.Batch]) -> int:
         return sum(b.span_count for b in batches)

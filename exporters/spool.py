@@ -101,9 +101,9 @@ class SpoolSink(Sink):
         self._queued_records = 0
         self._failing = False
         self._last_write_error = ""
-        self.stats.extra.update(files_written=0, bytes_written=0, marks_written=0, spans_written=0,
-                                evicted_files=0, split_files=0, last_drop_reason=None,
-                                spool_dir=self.spool_dir, stale_tmp_removed=self.directory.stale_tmp_removed)
+        self.stats.set(files_written=0, bytes_written=0, marks_written=0, spans_written=0,
+                       evicted_files=0, split_files=0, last_drop_reason=None,
+                       spool_dir=self.spool_dir, stale_tmp_removed=self.directory.stale_tmp_removed)
         if self.directory.last_cleanup_error:
             self.stats.error("stale .tmp cleanup failed", self.directory.last_cleanup_error)
 

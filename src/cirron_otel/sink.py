@@ -60,7 +60,8 @@ class SinkStats:
                 self.extra[key] += value
 
     def set(self, **values: Any) -> None:
-        """Set values of `self.extra` that are not running counts (a state, a reason)."""
+        """Set values of `self.extra`: a sink's own counters at their start (before `add`),
+        or values that are not running counts (a state, a reason)."""
         with self._lock:
             self.extra.update(values)
 
