@@ -271,3 +271,25 @@ def test_replay_to_jaeger_looks_like_a_live_run(jaeger: Any, protocol: str, tmp_
     # each epoch is a trace of its own, linked to the session (trace_per="child", as live)
     epochs = [s for s in spans if s["name"] == "epoch"]
     assert len({by_id[e["id"][:16]]["traceID"] for e in epochs}) == len(epochs)
+
+
+def test_marks_of_a_killed_run_on_spans_never_closed(grpc_receiver: Any, tmp_path: Path) -> None:
+    out = tmp_path / "cirron"
+    run_python("""
+        import os, sys, cirron_otel as ci
+        ci.profile(output_dir=sys.argv[1], install_signal_handlers=False)
+        with ci.scope("done"):
+            ci.mark("a", 1)
+        scope = ci.scope("open")
+        scope.__enter__()
+        ci.mark("b", 2)
+        ci.mark("c", 3)
+        ci.flush()
+        os._exit(0)   # killed: "open" and the session never close
+    """, str(out))
+    result = cli("replay", str(out), "--endpoint", grpc_receiver.endpoint, "--state", str(tmp_path / "s"),
+                 "--no-progress")
+    assert result.exit_code == 0
+    assert "2 marks attach to spans the spool does not hold" in result.stderr
+    assert [s.name for r in grpc_receiver.requests for rs in r.resource_spans for ss in rs.scope_spans
+            for s in ss.spans] == ["done"]

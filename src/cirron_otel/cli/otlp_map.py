@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,7 +182,8 @@ class Encoder:
         if isinstance(value, list) and not value:
             av.array_value.SetInParent()
             return
-        self._str(av, _py_str(value))
+        # str() as live; a JSON true/null inside a container comes back as Python's True/None
+        self._str(av, str(value))
 
     def _scalar(self, av: Any, value: Any) -> bool:
         if isinstance(value, bool):
@@ -397,11 +398,6 @@ def iter_parts(path: str | os.PathLike[str], encoder_args: dict[str, Any] | None
     enc.finish()
 
 
-def _py_str(value: Any) -> str:
-    # what str() of the original attribute gave live: JSON true/null come back as Python's
-    return str(value)
-
-
 def to_otlp_json(data: bytes) -> dict[str, Any]:
     """The OTLP/JSON encoding of a serialized request (OTLP spec: lowerCamelCase fields, enums as
     integers, trace and span ids as hex rather than protobuf JSON's base64)."""
@@ -426,6 +422,3 @@ def _hex_ids(obj: dict[str, Any]) -> None:
         if key in obj:
             obj[key] = base64.b64decode(obj[key]).hex()
 
-
-def spans_in(parts: Iterable[Part]) -> int:
-    return sum(p.spans for p in parts)

@@ -49,6 +49,7 @@ class Outcome:
     spans_rejected: int = 0  # dropped for good: permanent errors and partial successes
     failed_attempts: int = 0
     gave_up: str | None = None  # why the run stopped early, if it did
+    unsent_marks: int = 0  # on spans the spool does not hold (a run still going, or killed)
     interrupted: bool = False
     errors: list[str] = field(default_factory=list)
 
@@ -176,7 +177,9 @@ def run_replay(path: str, *, transport: Any, state: State | None, encoder_args: 
     started = time.monotonic()
     current_file: str | None = None
     with bar_cm as bar, _stop_on_signals() as received:
-        for _enc, part in iter_parts(path, encoder_args, files):
+        encoder = None
+        for item in iter_parts(path, encoder_args, files):
+            encoder, part = item
             if part.file != current_file:
                 if current_file is not None:
                     bar.update(1, current_file)
@@ -219,6 +222,8 @@ def run_replay(path: str, *, transport: Any, state: State | None, encoder_args: 
         else:
             if current_file is not None:
                 bar.update(1, current_file)
+            if encoder is not None:
+                outcome.unsent_marks = encoder.counters.pending_marks
     return outcome
 
 
@@ -300,6 +305,9 @@ def replay(path: str, endpoint: str | None, protocol: str | None, service_name: 
         transport.shutdown()
     for error in outcome.errors:
         click.echo(error, err=True)
+    if outcome.unsent_marks:
+        click.echo(f"{outcome.unsent_marks} marks attach to spans the spool does not hold (the program "
+                   f"still running, or killed): not sent, as live export would not have", err=True)
     click.echo(f"sent {outcome.spans_sent} spans in {outcome.requests_sent} requests to {target}; "
                f"{outcome.spans_skipped} spans already sent ({outcome.requests_skipped} requests, "
                f"{state_file}); "
