@@ -25,7 +25,9 @@ if TYPE_CHECKING:
     from typing import Any, Literal
 
     from ._config import Settings
+    from ._drainer import Drainer, TraceStore
     from ._health import Health
+    from .sink import Sink
 
 _SHUTDOWN_TIMEOUT = 10.0
 _SIGNAL_FLUSH_TIMEOUT = 5.0
@@ -54,9 +56,9 @@ class Profiler:
         self.settings = settings
         self.running = False
         self.restarts = 0
-        self.sinks: list[Any] = []
-        self.drainer: Any = None
-        self.trace_store: Any = None
+        self.sinks: list[Sink] = []
+        self.drainer: Drainer | None = None
+        self.trace_store: TraceStore | None = None
         self.session: _native.Scope | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -84,14 +86,14 @@ class Profiler:
         self._start_drainer()
         self.running = True
 
-    def _make_sinks(self) -> list[Any]:
+    def _make_sinks(self) -> list[Sink]:
         # Sinks come from the registry (cirron_otel.sink): the profiler chooses which ones,
         # the consumer side (exporters/) builds them.
         from .sink import make_sink, setup_sinks
 
         s = self.settings
         setup_sinks(s)  # the OTLP outbox's SpoolDirectory follows the file mode too
-        sinks: list[Any] = []
+        sinks: list[Sink] = []
         if "spool" in s.outputs:
             sinks.append(make_sink("spool", s))
         # OTEL_SDK_DISABLED: no OpenTelemetry export of any kind, not even through the app's
