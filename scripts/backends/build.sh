@@ -9,18 +9,26 @@
 #              go.opentelemetry.io/collector/cmd/builder) from
 #              deploy/collector/builder.yaml; ocb's version is that manifest's
 #              dist.version.
+#   prometheus Prometheus (github.com/prometheus/prometheus/cmd/prometheus), the
+#              metrics store of the stack. Its version is the prom/prometheus
+#              image tag in docker-compose.yml; Prometheus 3.X.Y is the Go module
+#              tag v0.(300+X).Y. Built with the tag remove_all_sd (no service
+#              discovery plugins: nothing is scraped) and without the web UI's
+#              assets (the tag builtinassets is not set): the HTTP API, the OTLP
+#              receiver and the TSDB are all there.
 #
-# Usage: scripts/backends/build.sh [all|jaeger|collector]   (default: all)
+# Usage: scripts/backends/build.sh [all|jaeger|collector|prometheus]   (default: all)
 #
 # stdout carries only shell assignments, so callers can
 #   eval "$(scripts/backends/build.sh)"
-# to get JAEGER_BIN, OTELCOL_BIN (and JAEGER_VERSION, OTELCOL_VERSION); progress
-# goes to stderr. A second run with the same versions and manifest does no work.
+# to get JAEGER_BIN, OTELCOL_BIN, PROMETHEUS_BIN (and JAEGER_VERSION,
+# OTELCOL_VERSION, PROMETHEUS_VERSION); progress goes to stderr. A second run with the same versions and manifest does no work.
 #
 # Environment:
 #   CIRRON_BACKENDS_CACHE   cache dir (default $HOME/.cache/cirron-otel/backends)
 #   CIRRON_JAEGER_VERSION   Jaeger v2 version, e.g. 2.13.0 (default: from docker-compose.yml)
 #   CIRRON_OCB_VERSION      ocb version, e.g. 0.165.0 (default: from builder.yaml)
+#   CIRRON_PROMETHEUS_VERSION  Prometheus 3.x version, e.g. 3.16.0 (default: from docker-compose.yml)
 #   CIRRON_BUILD_JOBS       go build -p (default 2)
 set -euo pipefail
 
@@ -35,7 +43,7 @@ WHAT=${1:-all}
 log() { printf '[backends/build] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-case "$WHAT" in all | jaeger | collector) ;; *) die "usage: $0 [all|jaeger|collector]" ;; esac
+case "$WHAT" in all | jaeger | collector | prometheus) ;; *) die "usage: $0 [all|jaeger|collector|prometheus]" ;; esac
 command -v go >/dev/null || die "the Go toolchain (go) is not on PATH"
 
 # Versions: one source of truth each (compose image tag / builder manifest).
@@ -44,6 +52,9 @@ JAEGER_VERSION=${CIRRON_JAEGER_VERSION:-$(sed -n 's#^[[:space:]]*image:[[:space:
 JAEGER_MODULE_VERSION="v1.$((63 + BASH_REMATCH[1])).${BASH_REMATCH[2]}"
 OCB_VERSION=${CIRRON_OCB_VERSION:-$(sed -n '/^dist:/,/^[^[:space:]]/s/^[[:space:]]*version:[[:space:]]*"\{0,1\}\([0-9][0-9.]*\)"\{0,1\}.*/\1/p' "$MANIFEST" | head -n1)}
 [[ $OCB_VERSION =~ ^0\.[0-9]+\.[0-9]+$ ]] || die "cannot read dist.version from $MANIFEST (got '$OCB_VERSION')"
+PROMETHEUS_VERSION=${CIRRON_PROMETHEUS_VERSION:-$(sed -n 's#^[[:space:]]*image:[[:space:]]*prom/prometheus:v\([0-9][0-9.]*\).*#\1#p' "$COMPOSE_FILE" | head -n1)}
+[[ $PROMETHEUS_VERSION =~ ^3\.([0-9]+)\.([0-9]+)$ ]] || die "cannot read a Prometheus 3.x version (got '$PROMETHEUS_VERSION')"
+PROMETHEUS_MODULE_VERSION="v0.$((300 + BASH_REMATCH[1])).${BASH_REMATCH[2]}"
 
 PLATFORM="$(go env GOOS)-$(go env GOARCH)"
 # Go settings for every build here: no VCS stamping, bounded parallelism (ocb
@@ -128,6 +139,25 @@ build_collector() {
   log "collector $OCB_VERSION: built in $((SECONDS - t0)) s -> $OTELCOL_BIN"
 }
 
+build_prometheus() {
+  local dest="$CACHE/prometheus/$PROMETHEUS_VERSION-$PLATFORM"
+  PROMETHEUS_BIN="$dest/prometheus"
+  [[ -x $PROMETHEUS_BIN ]] || lock
+  if [[ -x $PROMETHEUS_BIN ]]; then
+    log "prometheus $PROMETHEUS_VERSION: cached at $PROMETHEUS_BIN"
+    return
+  fi
+  log "prometheus $PROMETHEUS_VERSION: installing github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_MODULE_VERSION ..."
+  local t0=$SECONDS vpkg=github.com/prometheus/common/version
+  # go.mod has no replace directive, so 'go install pkg@version' builds it as released.
+  (cd "$WORK" && GOBIN="$WORK/prometheus-bin" go install -trimpath -tags remove_all_sd \
+    -ldflags "-s -w -X $vpkg.Version=$PROMETHEUS_VERSION -X $vpkg.Revision=$PROMETHEUS_MODULE_VERSION -X $vpkg.Branch=module" \
+    "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_MODULE_VERSION")
+  mkdir -p "$dest"
+  mv "$WORK/prometheus-bin/prometheus" "$PROMETHEUS_BIN"
+  log "prometheus $PROMETHEUS_VERSION: built in $((SECONDS - t0)) s -> $PROMETHEUS_BIN"
+}
+
 if [[ $WHAT == all || $WHAT == jaeger ]]; then
   build_jaeger
   printf 'JAEGER_VERSION=%q\nJAEGER_BIN=%q\n' "$JAEGER_VERSION" "$JAEGER_BIN"
@@ -135,4 +165,8 @@ fi
 if [[ $WHAT == all || $WHAT == collector ]]; then
   build_collector
   printf 'OTELCOL_VERSION=%q\nOTELCOL_BIN=%q\n' "$OCB_VERSION" "$OTELCOL_BIN"
+fi
+if [[ $WHAT == all || $WHAT == prometheus ]]; then
+  build_prometheus
+  printf 'PROMETHEUS_VERSION=%q\nPROMETHEUS_BIN=%q\n' "$PROMETHEUS_VERSION" "$PROMETHEUS_BIN"
 fi

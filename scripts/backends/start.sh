@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# Start the locally built Jaeger and/or OpenTelemetry Collector on loopback,
-# with the same config files docker-compose.yml mounts (deploy/jaeger/config.yaml,
+# Start the locally built Jaeger, Prometheus and/or OpenTelemetry Collector on
+# loopback, with the same config files docker-compose.yml mounts
+# (deploy/jaeger/config.yaml, deploy/prometheus/prometheus.yml,
 # deploy/collector/config.yaml), wait until they are ready, and print where they
 # are. Builds them first through build.sh when they are not cached yet.
 #
-# Usage: scripts/backends/start.sh [all|jaeger|collector]   (default: all)
-#   all        Jaeger, plus a collector that forwards to that Jaeger
+# Usage: scripts/backends/start.sh [all|jaeger|prometheus|collector]   (default: all)
+#   all        Jaeger and Prometheus, plus a collector that forwards traces to that
+#              Jaeger and metrics to that Prometheus
 #   jaeger     Jaeger alone (send OTLP straight to it)
-#   collector  a collector alone, forwarding to CIRRON_JAEGER_OTLP_ENDPOINT
+#   prometheus Prometheus alone (OTLP/HTTP metrics to $PROMETHEUS_URL/api/v1/otlp/v1/metrics)
+#   collector  a collector alone, forwarding traces to CIRRON_JAEGER_OTLP_ENDPOINT and
+#              metrics to CIRRON_PROMETHEUS_OTLP_ENDPOINT (when set)
 #
 # stdout carries only KEY=VALUE lines (eval-able, easy to parse):
 #   CIRRON_BACKENDS_RUN_DIR   logs (jaeger.log, collector.log), pid files, backends.env
 #   JAEGER_PID JAEGER_QUERY_URL JAEGER_OTLP_GRPC_ENDPOINT JAEGER_OTLP_HTTP_ENDPOINT
 #   JAEGER_*_PORT             every port Jaeger listens on
+#   PROMETHEUS_PID PROMETHEUS_URL PROMETHEUS_OTLP_ENDPOINT PROMETHEUS_PORT
 #   COLLECTOR_PID COLLECTOR_OTLP_GRPC_ENDPOINT COLLECTOR_OTLP_HTTP_ENDPOINT COLLECTOR_*_PORT
 # Stop them with: scripts/backends/stop.sh "$CIRRON_BACKENDS_RUN_DIR"
 #
@@ -25,6 +30,7 @@
 #   CIRRON_JAEGER_UI_PORT             UI + HTTP query API (16686)
 #   CIRRON_JAEGER_QUERY_GRPC_PORT     (16685)
 #   CIRRON_JAEGER_HEALTH_PORT         (13134)
+#   CIRRON_PROMETHEUS_PORT            UI + HTTP API + OTLP receiver (9090)
 #   CIRRON_COLLECTOR_OTLP_GRPC_PORT   (4317)
 #   CIRRON_COLLECTOR_OTLP_HTTP_PORT   (4318)
 #   CIRRON_COLLECTOR_HEALTH_PORT      (13133)
@@ -32,6 +38,8 @@
 #   CIRRON_JAEGER_OTLP_ENDPOINT       Jaeger OTLP gRPC host:port for 'collector' alone
 #   CIRRON_TEMPO_OTLP_ENDPOINT        if set, the collector also exports to this Tempo
 #                                     (host:port, OTLP gRPC), as in the compose stack
+#   CIRRON_PROMETHEUS_OTLP_ENDPOINT   Prometheus's OTLP base URL for 'collector' alone
+#                                     (http://host:port/api/v1/otlp)
 #   plus build.sh's variables (CIRRON_BACKENDS_CACHE, ...)
 set -euo pipefail
 
@@ -43,7 +51,7 @@ TIMEOUT=${CIRRON_BACKENDS_START_TIMEOUT:-60}
 
 log() { printf '[backends/start] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
-case "$WHAT" in all | jaeger | collector) ;; *) die "usage: $0 [all|jaeger|collector]" ;; esac
+case "$WHAT" in all | jaeger | prometheus | collector) ;; *) die "usage: $0 [all|jaeger|prometheus|collector]" ;; esac
 
 RUN_DIR=${CIRRON_BACKENDS_RUN_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/cirron-backends.XXXXXX")}
 mkdir -p "$RUN_DIR"
@@ -145,6 +153,27 @@ if [[ $WHAT == all || $WHAT == jaeger ]]; then
   JAEGER_TARGET="$HOST:$J_GRPC"
 fi
 
+PROMETHEUS_OTLP=${CIRRON_PROMETHEUS_OTLP_ENDPOINT:-http://127.0.0.1:1/api/v1/otlp}
+if [[ $WHAT == all || $WHAT == prometheus ]]; then
+  P_PORT=$(port "${CIRRON_PROMETHEUS_PORT:-}" 9090)
+  check_free "$P_PORT"
+  mkdir -p "$RUN_DIR/prometheus-data"
+  # the flags of the compose service (the OTLP receiver, exemplar storage), on loopback
+  PPID_=$(start_bg prometheus "$RUN_DIR/prometheus.log" "$PROMETHEUS_BIN" \
+    --config.file="$REPO/deploy/prometheus/prometheus.yml" --storage.tsdb.path="$RUN_DIR/prometheus-data" \
+    --web.listen-address="$HOST:$P_PORT" --web.enable-otlp-receiver --enable-feature=exemplar-storage)
+  STARTED+=("$PPID_")
+  log "prometheus $PROMETHEUS_VERSION: pid $PPID_, log $RUN_DIR/prometheus.log; waiting ..."
+  wait_ready prometheus "$PPID_" "$RUN_DIR/prometheus.log" "http://$HOST:$P_PORT/-/ready"
+  log "prometheus ready: API http://$HOST:$P_PORT, OTLP http://$HOST:$P_PORT/api/v1/otlp/v1/metrics"
+  emit PROMETHEUS_PID "$PPID_"
+  emit PROMETHEUS_VERSION "$PROMETHEUS_VERSION"
+  emit PROMETHEUS_URL "http://$HOST:$P_PORT"
+  emit PROMETHEUS_OTLP_ENDPOINT "http://$HOST:$P_PORT/api/v1/otlp"
+  emit PROMETHEUS_PORT "$P_PORT"
+  PROMETHEUS_OTLP="http://$HOST:$P_PORT/api/v1/otlp"
+fi
+
 if [[ $WHAT == all || $WHAT == collector ]]; then
   if [[ $WHAT == collector ]]; then
     JAEGER_TARGET=${CIRRON_JAEGER_OTLP_ENDPOINT:?set CIRRON_JAEGER_OTLP_ENDPOINT=host:port of a Jaeger OTLP gRPC receiver}
@@ -160,12 +189,12 @@ if [[ $WHAT == all || $WHAT == collector ]]; then
     COLLECTOR_LISTEN_HOST="$HOST" COLLECTOR_OTLP_GRPC_PORT="$C_GRPC" COLLECTOR_OTLP_HTTP_PORT="$C_HTTP" \
     COLLECTOR_HEALTH_PORT="$C_HEALTH" COLLECTOR_METRICS_PORT="$C_METRICS" \
     JAEGER_OTLP_ENDPOINT="$JAEGER_TARGET" TEMPO_OTLP_ENDPOINT="${CIRRON_TEMPO_OTLP_ENDPOINT:-127.0.0.1:1}" \
-    COLLECTOR_TRACES_EXPORTERS="$exporters" \
+    COLLECTOR_TRACES_EXPORTERS="$exporters" PROMETHEUS_OTLP_ENDPOINT="$PROMETHEUS_OTLP" \
     "$OTELCOL_BIN" --config="$REPO/deploy/collector/config.yaml")
   STARTED+=("$CPID")
   log "collector $OTELCOL_VERSION: pid $CPID, log $RUN_DIR/collector.log; waiting ..."
   wait_ready collector "$CPID" "$RUN_DIR/collector.log" "http://$HOST:$C_HEALTH/"
-  log "collector ready: OTLP gRPC $HOST:$C_GRPC, OTLP HTTP $HOST:$C_HTTP -> $exporters (jaeger $JAEGER_TARGET)"
+  log "collector ready: OTLP gRPC $HOST:$C_GRPC, OTLP HTTP $HOST:$C_HTTP -> $exporters (jaeger $JAEGER_TARGET), metrics -> $PROMETHEUS_OTLP"
   emit COLLECTOR_PID "$CPID"
   emit COLLECTOR_VERSION "$OTELCOL_VERSION"
   emit COLLECTOR_OTLP_GRPC_ENDPOINT "http://$HOST:$C_GRPC"

@@ -11,7 +11,7 @@ for f in "$RUN_DIR"/*.pid; do
   name=$(basename "$f" .pid)
   pid=$(cat "$f")
   if [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null &&
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- '--config='; then
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- '--config[.=]'; then
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
     if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi

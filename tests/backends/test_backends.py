@@ -468,7 +468,8 @@ def test_docker_compose_config_accepts_the_file():
                        text=True, timeout=60, env=clean_env())
     assert r.returncode == 0, r.stderr
     resolved = yaml.safe_load(r.stdout)
-    assert set(resolved["services"]) == {"collector", "jaeger", "tempo-init", "tempo", "grafana"}
+    assert set(resolved["services"]) == {"collector", "jaeger", "tempo-init", "tempo", "prometheus",
+                                         "grafana"}
     for name, service in resolved["services"].items():
         for volume in service.get("volumes") or []:
             source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source", "")

@@ -41,6 +41,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 JAEGER_CONFIG = ROOT / "deploy" / "jaeger" / "config.yaml"
 COLLECTOR_CONFIG = ROOT / "deploy" / "collector" / "config.yaml"
 COLLECTOR_MANIFEST = ROOT / "deploy" / "collector" / "builder.yaml"
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 HOST = "127.0.0.1"
 # A first build on a fresh machine takes 5 to 10 minutes (scripts/backends/README.md).
 BUILD_TIMEOUT = 1800.0
@@ -80,11 +81,23 @@ def jaeger_version() -> str:
     return m.group(1)
 
 
+def prometheus_version() -> str:
+    """The prom/prometheus image tag in docker-compose.yml, without its "v" (what build.sh builds)."""
+    m = re.search(r"image:\s*prom/prometheus:v(\d+\.\d+\.\d+)", COMPOSE_FILE.read_text())
+    assert m, "no prom/prometheus:v<version> image in docker-compose.yml"
+    return m.group(1)
+
+
+_BIN_VARIABLE = {"jaeger": "JAEGER_BIN", "collector": "OTELCOL_BIN", "prometheus": "PROMETHEUS_BIN"}
+
+
 def cached_binary(what: str) -> Path | None:
-    """Where build.sh caches `what` ("jaeger" or "collector"), when it is there."""
+    """Where build.sh caches `what` ("jaeger", "collector" or "prometheus"), when it is there."""
     cache, plat = _cache_dir(), _platform()
     if what == "jaeger":
         path = cache / "jaeger" / f"{jaeger_version()}-{plat}" / "jaeger"
+    elif what == "prometheus":
+        path = cache / "prometheus" / f"{prometheus_version()}-{plat}" / "prometheus"
     else:
         raw = COLLECTOR_MANIFEST.read_bytes()
         version = yaml.safe_load(raw)["dist"]["version"]
@@ -94,7 +107,7 @@ def cached_binary(what: str) -> Path | None:
 
 
 def get_binary(what: str) -> Path:
-    """The binary of `what` ("jaeger" or "collector"): built (or found in its cache) by
+    """The binary of `what` ("jaeger", "collector" or "prometheus"): built (or found in its cache) by
     scripts/backends/build.sh when Go is on PATH, else taken from that cache."""
     if shutil.which("go") is None:
         found = cached_binary(what)
@@ -117,7 +130,7 @@ def get_binary(what: str) -> Path:
         key, sep, value = line.partition("=")
         if sep:
             values[key] = shlex.split(value)[0] if value else ""
-    binary = Path(values["JAEGER_BIN" if what == "jaeger" else "OTELCOL_BIN"])
+    binary = Path(values[_BIN_VARIABLE[what]])
     assert binary.is_file(), f"build.sh printed {binary}, which does not exist"
     elapsed = time.monotonic() - started
     if elapsed > 5:
@@ -193,6 +206,10 @@ class Backend:
     def ready_urls(self, ports: dict[str, int]) -> list[str]:
         raise NotImplementedError
 
+    def args(self, ports: dict[str, int]) -> list[str]:
+        """The command line after the binary."""
+        return [f"--config={self.config}"]
+
     def start(self, attempts: int = 3) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(attempts):
@@ -201,7 +218,7 @@ class Backend:
                 log.write(f"--- start attempt {attempt + 1}, ports {self.ports}\n".encode())
                 log.flush()
                 self.proc = subprocess.Popen(
-                    [str(self.binary), f"--config={self.config}"], cwd=ROOT,
+                    [str(self.binary), *self.args(self.ports)], cwd=ROOT,
                     env=clean_env(self.env_for(self.ports)), stdin=subprocess.DEVNULL, stdout=log,
                     stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
                 )
@@ -309,15 +326,20 @@ class Jaeger(Backend):
 
 
 class Collector(Backend):
-    """The ocb-built collector with deploy/collector/config.yaml, exporting over OTLP/gRPC to
-    `jaeger_target` and `tempo_target` (host:port): the compose pipeline, exporters included."""
+    """The ocb-built collector with deploy/collector/config.yaml (or `config`, a variant of it),
+    exporting traces over OTLP/gRPC to `jaeger_target` and `tempo_target` (host:port) and, when
+    given, metrics over OTLP/HTTP to `prometheus_otlp_url` (Prometheus's .../api/v1/otlp): the
+    compose pipelines, exporters included."""
 
     name = "collector"
     port_names = ("otlp_grpc", "otlp_http", "health", "metrics")
 
-    def __init__(self, binary: Path, run_dir: Path, jaeger_target: str, tempo_target: str) -> None:
-        super().__init__(binary, COLLECTOR_CONFIG, run_dir)
+    def __init__(self, binary: Path, run_dir: Path, jaeger_target: str, tempo_target: str,
+                 prometheus_otlp_url: str | None = None, config: Path = COLLECTOR_CONFIG,
+                 name: str | None = None) -> None:
+        super().__init__(binary, config, run_dir, name)
         self.jaeger_target, self.tempo_target = jaeger_target, tempo_target
+        self.prometheus_otlp_url = prometheus_otlp_url
 
     def env_for(self, ports: dict[str, int]) -> dict[str, str]:
         # COLLECTOR_TRACES_EXPORTERS is left unset: the default, [otlp_grpc/jaeger, otlp_grpc/tempo].
@@ -329,6 +351,7 @@ class Collector(Backend):
             "COLLECTOR_METRICS_PORT": str(ports["metrics"]),
             "JAEGER_OTLP_ENDPOINT": self.jaeger_target,
             "TEMPO_OTLP_ENDPOINT": self.tempo_target,
+            **({"PROMETHEUS_OTLP_ENDPOINT": self.prometheus_otlp_url} if self.prometheus_otlp_url else {}),
         }
 
     def ready_urls(self, ports: dict[str, int]) -> list[str]:
@@ -341,6 +364,53 @@ class Collector(Backend):
     @property
     def otlp_http_endpoint(self) -> str:
         return f"http://{HOST}:{self.ports['otlp_http']}"
+
+
+class Prometheus(Backend):
+    """Prometheus with deploy/prometheus/prometheus.yml and the flags docker-compose.yml gives
+    it (the OTLP receiver, exemplar storage), on loopback, its TSDB in the run dir."""
+
+    name = "prometheus"
+    port_names = ("web",)
+
+    def __init__(self, binary: Path, run_dir: Path, flags: list[str], name: str | None = None) -> None:
+        super().__init__(binary, PROMETHEUS_CONFIG, run_dir, name)
+        self.flags = flags
+
+    def env_for(self, ports: dict[str, int]) -> dict[str, str]:
+        return {}
+
+    def args(self, ports: dict[str, int]) -> list[str]:
+        """The compose flags, with the config, the storage and the listen address of this run."""
+        local = {"--config.file": str(self.config),
+                 "--storage.tsdb.path": str(self.run_dir / f"{self.name}-data"),
+                 "--web.listen-address": f"{HOST}:{ports['web']}"}
+        kept = [f for f in self.flags if f.split("=", 1)[0] not in local]
+        return [f"{k}={v}" for k, v in local.items()] + kept
+
+    def ready_urls(self, ports: dict[str, int]) -> list[str]:
+        return [f"http://{HOST}:{ports['web']}/-/ready"]
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.ports['web']}"
+
+    @property
+    def otlp_url(self) -> str:
+        """The OTLP base URL, as the collector's otlp_http exporter takes it (it adds /v1/metrics)."""
+        return f"{self.url}/api/v1/otlp"
+
+    def api(self, path: str, **params: str | float | list[str]) -> Any:
+        """GET /api/v1/<path>?params (a list value repeats the parameter); the `data` of a
+        successful answer, else an AssertionError with Prometheus's error."""
+        query = urllib.parse.urlencode(params, doseq=True)
+        try:
+            body = get_json(f"{self.url}/api/v1/{path}?{query}", timeout=30.0)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:2000]
+            raise AssertionError(f"Prometheus /api/v1/{path}?{query}: {exc.code} {detail!r}") from None
+        assert body.get("status") == "success", body
+        return body["data"]
 
 
 # -- config files ---------------------------------------------------------------------------
