@@ -215,6 +215,12 @@ class OtlpSink(OtlpEncodingSink):
                 self._cv.wait(min(left, 0.1))
         return True
 
+    def before_fork(self) -> None:
+        self.transport.before_fork()
+
+    def after_fork_in_parent(self) -> None:
+        self.transport.after_fork_in_parent()
+
     def at_exit(self) -> None:
         self._exiting = True
 

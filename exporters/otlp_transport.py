@@ -18,6 +18,7 @@ from __future__ import annotations
 import email.utils
 import gzip
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -62,6 +63,12 @@ class Transport(Protocol):
     def send(self, request: bytes) -> SendError | PartialSuccess | None:
         """One attempt to deliver a serialized ExportTraceServiceRequest; None when accepted."""
 
+    def before_fork(self) -> None:
+        """The process is about to fork: no call of ours may be on the wire (see GrpcTransport)."""
+
+    def after_fork_in_parent(self) -> None:
+        """The fork is done: send again."""
+
     def shutdown(self) -> None:
         """Release connections."""
 
@@ -76,7 +83,7 @@ def _read(path: str | None) -> bytes | None:
 def grpc_retry_delay(trailing_metadata: Any) -> float | None:
     """The RetryInfo delay a gRPC status carries, either as `google.rpc.retryinfo-bin` or inside
     the rich status (`grpc-status-details-bin`); None when there is none."""
-    from google.rpc.error_details_pb2 import RetryInfo
+    from google.rpc.error_details_pb2 import RetryInfo  # loaded by GrpcTransport(): see there
     from google.rpc.status_pb2 import Status
 
     info: RetryInfo | None = None
@@ -127,6 +134,13 @@ class GrpcTransport:
     """OTLP/gRPC: one unary `Export` call per `send`, with the configured deadline."""
 
     def __init__(self, config: OtlpTransportConfig) -> None:
+        # Everything `send` needs is imported here, on the thread that calls profile(), never
+        # for the first time on the sender thread: a process forked while that thread holds a
+        # module's import lock inherits the lock held by a thread that does not exist in the
+        # child, and the child's sender then blocks forever on that import, holding the
+        # outbox lock every process sharing the outbox waits for.
+        import google.rpc.error_details_pb2
+        import google.rpc.status_pb2  # noqa: F401
         import grpc
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
@@ -153,22 +167,53 @@ class GrpcTransport:
         self._stub = TraceServiceStub(self._channel)
         self._parse = ExportTraceServiceRequest.FromString
         self._metadata = tuple(config.headers) or None
+        # gRPC does not survive a fork() while a thread is in a call: it skips its fork
+        # handlers, and the child crashes (SIGSEGV) when it makes a channel of its own. So the
+        # call on the wire is cancelled before a fork (it stays in the outbox and is sent
+        # again) and no call starts until the fork is done.
+        self._call_lock = threading.Condition()
+        self._call: Any = None
+        self._forking = False
 
     @property
     def target(self) -> str:
         return self.config.endpoint
 
     def send(self, request: bytes) -> SendError | PartialSuccess | None:
+        message = self._parse(request)
+        with self._call_lock:
+            if self._forking:
+                return SendError("not sent: the process is forking", retryable=True)
+            call = self._call = self._stub.Export.future(message, timeout=self.config.timeout,
+                                                         metadata=self._metadata)
         try:
-            response = self._stub.Export(self._parse(request), timeout=self.config.timeout,
-                                         metadata=self._metadata)
+            response = call.result()
+        except self._grpc.FutureCancelledError:
+            return SendError("gRPC CANCELLED: the process forked while the request was on the wire",
+                             retryable=True)
         except self._grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             name = code.name if code is not None else "UNKNOWN"
             details = exc.details() if hasattr(exc, "details") else str(exc)
             trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
             return classify_grpc(name, details, trailing)
+        finally:
+            with self._call_lock:
+                self._call = None
+                self._call_lock.notify_all()
         return partial_success(response)
+
+    def before_fork(self) -> None:
+        with self._call_lock:
+            self._forking = True
+            if self._call is not None:
+                self._call.cancel()
+                # the cancelled call returns at once; bounded all the same: fork must not hang
+                self._call_lock.wait_for(lambda: self._call is None, timeout=1.0)
+
+    def after_fork_in_parent(self) -> None:
+        with self._call_lock:
+            self._forking = False
 
     def shutdown(self) -> None:
         self._channel.close()
@@ -178,6 +223,10 @@ class HttpTransport:
     """OTLP/HTTP with protobuf bodies: one POST per `send`."""
 
     def __init__(self, config: OtlpTransportConfig) -> None:
+        # Nothing imported for the first time on the sender thread (see GrpcTransport):
+        # requests reads ~/.netrc on each request (trust_env) and imports netrc to do so.
+        import netrc  # noqa: F401
+
         import requests
 
         self.config = config
@@ -220,6 +269,12 @@ class HttpTransport:
         retryable = status in HTTP_RETRYABLE
         delay = parse_retry_after(response.headers.get("Retry-After")) if retryable else None
         return SendError(f"HTTP {status} {response.reason or ''}".rstrip(), retryable, delay)
+
+    def before_fork(self) -> None:
+        pass  # requests holds no thread or state a fork breaks; the child makes its own session
+
+    def after_fork_in_parent(self) -> None:
+        pass
 
     def shutdown(self) -> None:
         self._session.close()

@@ -296,7 +296,8 @@ def _install_hooks(settings: Settings) -> None:
     if "atexit" not in _hooks:
         _hooks.append("atexit")  # registered at import (see the end of this module)
     if "fork" not in _hooks and hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_after_fork_in_child)
+        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                            after_in_child=_after_fork_in_child)
         _hooks.append("fork")
     if settings.install_signal_handlers and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -377,6 +378,24 @@ def _at_exit() -> None:
     """The exit hook (atexit, and multiprocessing children's finalizer)."""
     prof = _active
     _shutdown(prof.settings.shutdown_timeout if prof is not None else _SHUTDOWN_TIMEOUT, exiting=True)
+
+
+def _before_fork() -> None:
+    prof = _active
+    for sink in prof.sinks if prof is not None else ():
+        try:
+            sink.before_fork()
+        except Exception as exc:  # a fork hook must never fail the user's fork
+            sink.stats.error("before fork", exc)
+
+
+def _after_fork_in_parent() -> None:
+    prof = _active
+    for sink in prof.sinks if prof is not None else ():
+        try:
+            sink.after_fork_in_parent()
+        except Exception as exc:
+            sink.stats.error("after fork", exc)
 
 
 def _after_fork_in_child() -> None:

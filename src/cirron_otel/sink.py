@@ -124,6 +124,13 @@ class Sink(ABC):
     def shutdown(self, timeout: float) -> None:  # noqa: B027 - optional hook
         """Deliver what is pending, within `timeout` seconds, and release resources."""
 
+    def before_fork(self) -> None:  # noqa: B027 - optional hook
+        """The process is about to fork (on the forking thread): leave nothing half done that
+        the child cannot survive. Must be quick: fork waits for it."""
+
+    def after_fork_in_parent(self) -> None:  # noqa: B027 - optional hook
+        """The fork is done, in the parent: carry on."""
+
     def at_exit(self) -> None:  # noqa: B027 - optional hook
         """The process is exiting (called before `shutdown`): do not wait for a destination
         that is failing; what is durable waits for the next run."""
