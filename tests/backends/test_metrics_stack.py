@@ -36,6 +36,7 @@ import secrets
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -746,6 +747,29 @@ def test_milliseconds_and_late_points(collector: Collector, prometheus: Promethe
     assert len(got) == 4 + 1 + 1
     ex = exemplars(prometheus, sel, late.ts_ns, late.ts_ns)
     assert (late.trace_id.hex(), late.span_id.hex(), _ms(late.ts_ns), 0.125) in ex
+
+
+@pytest.mark.real_backend
+def test_a_point_older_than_the_window_fails_its_whole_request(prometheus: Prometheus):
+    """One point more than out_of_order_time_window (1 h) older than its series' newest:
+    Prometheus answers 400 and stores none of the request's points (the README's rule)."""
+    run = _fresh_run("too-old")
+    del run.marks[1:]
+    loss = run.marks[0]
+    url = f"{prometheus.otlp_url}/v1/metrics"
+    assert send_http(url, metrics_request(run, health=False)) == 200
+    sel = selector(loss.prom_name, {"cirron_scope": "batch", **run.labels()})
+    wait_for_series(prometheus, sel, 1)
+    first = loss.points[0]
+    too_old = Point(first.ts_ns - 2 * 3600 * 10**9, 5.0, first.trace_id, first.span_id)
+    fine = Point(loss.points[-1].ts_ns + 10**9, 6.0, first.trace_id, first.span_id)
+    kept = list(loss.points)
+    loss.points = [too_old, fine]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        send_http(url, metrics_request(run, health=False))
+    assert refused.value.code == 400 and b"too old sample" in refused.value.read()
+    time.sleep(0.5)
+    assert_samples(raw_samples(prometheus, sel), [(_ms(p.ts_ns), p.value) for p in kept])
 
 
 @pytest.mark.real_backend
