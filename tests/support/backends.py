@@ -1,13 +1,15 @@
-"""Real tracing backends for tests/backends/test_backends.py.
+"""Real tracing and metrics backends for tests/backends/ (test_backends.py, test_metrics_stack.py).
 
-The Jaeger v2 and OpenTelemetry Collector binaries come from scripts/backends/build.sh (which
-caches them); they run here on 127.0.0.1, on free ports, with the very config files that
-docker-compose.yml mounts (deploy/jaeger/config.yaml, deploy/collector/config.yaml), which read
-their listen addresses and ports from environment variables (defaults: the compose values).
+The Jaeger v2, OpenTelemetry Collector and Prometheus binaries come from
+scripts/backends/build.sh (which caches them); they run here on 127.0.0.1, on free ports, with
+the very config files that docker-compose.yml mounts (deploy/jaeger/config.yaml,
+deploy/collector/config.yaml, which read their listen addresses and ports from environment
+variables, defaults: the compose values; deploy/prometheus/prometheus.yml with the compose
+service's flags, its listen address and storage given on the command line).
 Every process started here is this test run's own child: stopped by its pid in the fixtures'
 teardown, at interpreter exit as a fallback, and by the kernel (PR_SET_PDEATHSIG) if the test
-process dies first. Also: a small client for Jaeger's HTTP query API, and a reader for the
-collector's `${env:VAR:-default}` expansions.
+process dies first. Also: small clients for Jaeger's and Prometheus's HTTP APIs, and a reader
+for the collector's `${env:VAR:-default}` expansions.
 """
 
 from __future__ import annotations
