@@ -17,6 +17,16 @@ from ._native import Batch, Scope, batches, epochs, mark, scope
 from ._profiler import Profiler, flush, health, profile, shutdown, trace
 from ._version import __version__
 from ._warn import CirronWarning
+from .errors import (
+    CirronDatasetNotFound,
+    CirronDataSizeError,
+    CirronDependencyError,
+    CirronError,
+    CirronNotProvided,
+    CirronPlatformRequired,
+    CirronSecretNotFound,
+    CirronYamlError,
+)
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up cost)
 if TYPE_CHECKING:
@@ -37,20 +47,64 @@ def current_scope() -> Scope | None:
     return _native.current_scope()
 
 
+# cirron-sdk 0.3.0's other public names (cirron_otel.compat, cirron_otel.inference), imported on
+# first use so `import cirron_otel` stays cheap.
+_COMPAT = frozenset({"Cirron", "get_default", "watch", "wrap", "load", "map", "secret", "env", "deps",
+                     "find_cirron_yaml", "load_cirron_yaml", "CirronYaml", "ProfilingConfig",
+                     "ServingConfig"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _COMPAT:
+        from . import compat
+
+        value = getattr(compat, name)
+    elif name == "inference":
+        # the decorator, not the submodule: bound here so `cirron_otel.inference` stays the function
+        from ._inference import inference as value
+    else:
+        raise AttributeError(f"module 'cirron_otel' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     "Batch",
+    "Cirron",
+    "CirronDataSizeError",
+    "CirronDatasetNotFound",
+    "CirronDependencyError",
+    "CirronError",
+    "CirronNotProvided",
+    "CirronPlatformRequired",
+    "CirronSecretNotFound",
     "CirronWarning",
+    "CirronYaml",
+    "CirronYamlError",
     "Profiler",
+    "ProfilingConfig",
     "Scope",
+    "ServingConfig",
     "__version__",
     "batches",
     "current_scope",
+    "deps",
+    "env",
     "epochs",
+    "find_cirron_yaml",
     "flush",
+    "get_default",
     "health",
+    "inference",
+    "load",
+    "load_cirron_yaml",
+    "map",
     "mark",
     "profile",
     "scope",
+    "secret",
     "shutdown",
     "trace",
+    "watch",
+    "wrap",
 ]

@@ -11,14 +11,14 @@ from types import MappingProxyType
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up cost)
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from typing import Any
 
 DEFAULT_OUTPUT_DIR = "./.cirron"
 DEFAULT_RING_CAPACITY = 65536
 DEFAULT_SPOOL_MAX_BYTES = 1_000_000_000
 MAX_RECORDS_PER_FILE = 100_000
-VALID_OUTPUTS = frozenset({"spool", "otlp"})
+VALID_OUTPUTS = frozenset({"spool", "otlp", "log", "stdout", "none"})  # the last three: cirron-sdk's
 VALID_PROTOCOLS = ("grpc", "http/protobuf")
 VALID_TRACE_PER = ("child", "session")
 FILE_MODES = ("user", "group")
@@ -245,6 +245,8 @@ def _outputs(output: str | list[str] | tuple[str, ...] | set[str] | None, otlp: 
             raise TypeError(f"cirron_otel.profile(): output entries must be str, not {type(item).__name__}")
         parts.update(p.strip() for p in item.split(",") if p.strip())
     unknown = parts - VALID_OUTPUTS
+    if "none" in parts and not unknown:  # cirron-sdk: "none" anywhere means no sink at all
+        return frozenset()
     if unknown or not parts:
         raise ValueError(
             f"cirron_otel.profile(): unknown output {sorted(unknown) or output!r}; "
@@ -598,3 +600,156 @@ def restore_children_env() -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+# -- cirron-sdk 0.3.0 compatibility: its profiling settings, as the SDK resolves them --------------
+# explicit profile() arguments > profile(config=...) > cirron.yaml's `profiling:` section > the
+# Cirron instance (its constructor > CIRRON_* variables > defaults). ~/.cirron/config.toml, the
+# SDK's remaining layer, is not read (see README, compatibility).
+
+SNAPSHOT_MODES = ("stats", "sampled", "full")
+SDK_CONFIG_FILENAMES = ("cirron.yaml", "cirron.yml", "cirron.json")
+SDK_DEFAULTS: Mapping[str, Any] = MappingProxyType({
+    "api_key": None, "api_endpoint": "https://api.cirron.com", "workspace_id": None,
+    "output_dir": "./.cirron/", "snapshots": "stats", "sample_rate": 0.01, "flush_interval": 1.0,
+    "spool_max_bytes": DEFAULT_SPOOL_MAX_BYTES, "ingest_path": "/v1/ingest/spans",
+    "load_warn_bytes": 1 << 30, "load_max_bytes": 10 << 30,
+})
+# The SDK ignores a CIRRON_* value it cannot parse (falls back to the next layer); so do we.
+_SDK_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "api_key": ("CIRRON_API_KEY", str), "api_endpoint": ("CIRRON_API_ENDPOINT", str),
+    "workspace_id": ("CIRRON_WORKSPACE_ID", str), "output_dir": ("CIRRON_OUTPUT_DIR", str),
+    "snapshots": ("CIRRON_SNAPSHOTS", lambda v: v if v in SNAPSHOT_MODES else None),
+    "sample_rate": ("CIRRON_SAMPLE_RATE", float), "flush_interval": ("CIRRON_FLUSH_INTERVAL", float),
+    "spool_max_bytes": ("CIRRON_SPOOL_MAX_BYTES", int), "ingest_path": ("CIRRON_INGEST_PATH", str),
+    "load_warn_bytes": ("CIRRON_LOAD_WARN_BYTES", int), "load_max_bytes": ("CIRRON_LOAD_MAX_BYTES", int),
+}
+PLATFORM_CONTEXT_ENV = (("run_id", "CIRRON_RUN_ID"), ("pipeline_id", "CIRRON_PIPELINE_ID"),
+                        ("deployment_id", "CIRRON_DEPLOYMENT_ID"), ("workspace_id", "CIRRON_WORKSPACE_ID"))
+
+
+def sdk_instance_config(explicit: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A `Cirron(...)` instance's settings: its arguments > CIRRON_* variables > defaults."""
+    env = os.environ if env is None else env
+    out = dict(SDK_DEFAULTS)
+    for key, (variable, parse) in _SDK_ENV.items():
+        raw = env.get(variable)
+        if raw:
+            try:
+                value = parse(raw)
+            except ValueError:
+                value = None
+            if value is not None:
+                out[key] = value
+    out.update({k: v for k, v in explicit.items() if v is not None})
+    return out
+
+
+def sdk_platform_context(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The CIRRON_RUN_ID / _PIPELINE_ID / _DEPLOYMENT_ID / _WORKSPACE_ID values that are set."""
+    env = os.environ if env is None else env
+    return {key: env[variable] for key, variable in PLATFORM_CONTEXT_ENV if env.get(variable)}
+
+
+def sdk_rank(env: Mapping[str, str] | None = None) -> int:
+    """The rank as cirron-sdk writes it on the session span (unparsable: 0, as there)."""
+    env = os.environ if env is None else env
+    try:
+        return int(env.get("RANK") or env.get("LOCAL_RANK") or "0")
+    except ValueError:
+        return 0
+
+
+def find_cirron_yaml(start: str | os.PathLike[str] | None = None) -> str | None:
+    """The first cirron.yaml / .yml / .json walking up from `start` (default: the cwd)."""
+    current = os.path.abspath(os.fspath(start) if start else os.getcwd())
+    if os.path.isfile(current):
+        current = os.path.dirname(current)
+    while True:
+        for filename in SDK_CONFIG_FILENAMES:
+            candidate = os.path.join(current, filename)
+            if os.path.isfile(candidate):
+                return candidate
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
+
+
+def load_cirron_yaml_profiling(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """cirron.yaml's `profiling:` section ({} when there is no file or no section)."""
+    from .errors import CirronYamlError
+
+    if path is not None:
+        found: str | None = os.path.abspath(os.fspath(path))
+        if not os.path.isfile(found or ""):
+            raise CirronYamlError(f"cirron config not found at {found}")
+    else:
+        found = find_cirron_yaml()
+        if found is None:
+            return {}
+    assert found is not None
+    try:
+        with open(found, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise CirronYamlError(f"Could not read {found}: {exc}") from exc
+    try:
+        if found.endswith(".json"):
+            import json
+
+            data = json.loads(text)
+        else:
+            try:
+                import yaml  # PyYAML, only when a cirron.yaml exists
+            except ImportError as exc:
+                raise CirronYamlError(f"{found}: reading cirron.yaml needs PyYAML (pip install pyyaml); "
+                                      "or write the same content as cirron.json") from exc
+            data = yaml.safe_load(text)
+    except CirronYamlError:
+        raise
+    except Exception as exc:
+        raise CirronYamlError(f"Malformed config at {found}: {exc}") from exc
+    if data is None:
+        raise CirronYamlError(f"{found} is empty")
+    if not isinstance(data, dict):
+        raise CirronYamlError(f"{found} must contain a mapping at the top level, got {type(data).__name__}")
+    section = data.get("profiling")
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise CirronYamlError(f"{found}: 'profiling' must be a mapping, got {type(section).__name__}")
+    return dict(section)
+
+
+def sdk_profiling(instance: Mapping[str, Any], *, config: Mapping[str, Any] | None, frameworks: Any,
+                  snapshots: Any, sample_rate: Any, flush_interval: Any,
+                  path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The SDK's profiling section resolved and validated (ValueError as its pydantic model's)."""
+    resolved: dict[str, Any] = {"snapshots": instance["snapshots"], "sample_rate": instance["sample_rate"],
+                                "flush_interval": instance["flush_interval"], "frameworks": None}
+    resolved.update(load_cirron_yaml_profiling(path))
+    if config is not None:
+        from collections.abc import Mapping as _Mapping  # typing names are not imported at start-up
+
+        if not isinstance(config, _Mapping):
+            raise TypeError(f"cirron_otel.profile(): config must be a dict, not {type(config).__name__}")
+        resolved.update(config)
+    for key, value in (("frameworks", frameworks), ("snapshots", snapshots), ("sample_rate", sample_rate),
+                       ("flush_interval", flush_interval)):
+        if value is not None:
+            resolved[key] = value
+    if resolved["snapshots"] not in SNAPSHOT_MODES:
+        raise ValueError(f"cirron_otel.profile(): snapshots must be one of {SNAPSHOT_MODES}, "
+                         f"got {resolved['snapshots']!r}")
+    rate = resolved["sample_rate"]
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"cirron_otel.profile(): sample_rate must be a number in [0, 1], got {rate!r}")
+    _number("flush_interval", resolved["flush_interval"])  # > 0, as the SDK's model requires
+    fw = resolved["frameworks"]
+    if fw is not None and (isinstance(fw, str) or not all(isinstance(x, str) for x in fw)):
+        raise ValueError(f"cirron_otel.profile(): frameworks must be a list of str, got {fw!r}")
+    resolved["sample_rate"] = float(rate)
+    resolved["flush_interval"] = float(resolved["flush_interval"])
+    resolved["frameworks"] = None if fw is None else list(fw)
+    return resolved

@@ -42,19 +42,27 @@ class DrainerHealth(TypedDict):
 
 
 class Health(TypedDict):
+    # cirron-sdk 0.3.0's keys, with its meanings
     enabled: bool
-    native: bool
     scope_drop_count: int
     mark_drop_count: int
-    span_drop_count: int
     spool_drop_count: int
+    swallowed_error_count: int  # sum of swallowed_errors
+    swallowed_errors: dict[str, int]  # internal failures counted (never raised), by where
     spool_dir: str | None
     spool_bytes: int
-    flush_mode: str  # "background" or "stopped"
+    flush_mode: str  # "normal" while the drainer runs, else "stopped" (the SDK's values)
     flush_restart_count: int
-    transport: str | None  # "otlp", "tracer_provider" or None
-    installed_hooks: list[str]
-    platform_context: dict[str, Any]  # empty while disabled
+    transport: str | None  # the Cirron platform transport: "FileOnlyTransport" (never the platform)
+    installed_hooks: list[str]  # framework hooks (none yet: see README, compatibility)
+    platform_context: dict[str, str]  # the CIRRON_RUN_ID / _PIPELINE_ID / ... values set
+    # cirron-otel's own
+    native: bool
+    span_drop_count: int
+    drainer_state: str  # "background", "stopped" or "disabled"
+    otel_transport: str | None  # "otlp", "tracer_provider" or None
+    process_hooks: list[str]  # atexit, fork, signal:SIGTERM, ...
+    process: dict[str, Any]  # pid, rank, host, python, platform; empty while disabled
     otel_context: bool
     otel: OtelHealth
     records_recorded: int
@@ -75,21 +83,30 @@ def build(prof: Profiler | None, hooks: list[str]) -> Health:
     drainer = prof.drainer if prof is not None else None
     spool = next((x for x in sink_list if getattr(x, "name", "") == "spool"), None)
     sinks = {x.name: _safe(x.stats.as_dict, {}) for x in sink_list}
+    enabled = prof is not None and prof.settings.enabled and prof.running
+    swallowed = _swallowed(drainer)
+    drainer_state = _flush_mode(prof)
     return Health(
-        enabled=prof is not None and prof.settings.enabled and prof.running,
-        native=True,
+        enabled=enabled,
         scope_drop_count=native.get("scope_depth_drops", 0),
         mark_drop_count=native.get("marks_dropped", 0),
-        span_drop_count=native.get("spans_dropped", 0),
         spool_drop_count=spool.drop_count if spool else 0,
+        swallowed_error_count=sum(swallowed.values()),
+        swallowed_errors=swallowed,
         spool_dir=spool.spool_dir if spool else None,
         spool_bytes=_safe(spool.disk_bytes, 0) if spool else 0,
-        flush_mode=_flush_mode(prof),
+        flush_mode="normal" if drainer_state == "background" else "stopped",
         flush_restart_count=prof.restarts if prof is not None else 0,
-        transport="otlp" if "otlp" in sinks else ("tracer_provider" if sinks.get("tracer_provider")
-                                                   is not None else None),
-        installed_hooks=list(hooks),
-        platform_context=_platform_context(prof.settings.rank) if prof is not None else {},
+        transport="FileOnlyTransport" if enabled else None,
+        installed_hooks=[],
+        platform_context=_safe(_sdk_platform_context, {}) if enabled else {},
+        native=True,
+        span_drop_count=native.get("spans_dropped", 0),
+        drainer_state=drainer_state,
+        otel_transport="otlp" if "otlp" in sinks else ("tracer_provider" if sinks.get("tracer_provider")
+                                                        is not None else None),
+        process_hooks=list(hooks),
+        process=_platform_context(prof.settings.rank) if prof is not None else {},
         otel_context=bool(getattr(prof, "otel_context", False)),
         otel=_otel(prof),
         records_recorded=native.get("marks_recorded", 0) + native.get("spans_recorded", 0),
@@ -128,6 +145,22 @@ def _otel(prof: Profiler | None) -> OtelHealth:
         unsampled_spans=max((getattr(getattr(x, "state", None), "unsampled_spans", 0) for x in prof.sinks),
                             default=0),
     )
+
+
+def _swallowed(drainer: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    if "cirron_otel.compat" in sys.modules:  # only a program that used the SDK surface has any
+        out.update(_safe(sys.modules["cirron_otel.compat"].swallowed_counts, {}))
+    cycles = getattr(drainer, "cycle_errors", 0)
+    if cycles:
+        out["drainer.cycle"] = cycles
+    return out
+
+
+def _sdk_platform_context() -> dict[str, str]:
+    from ._config import sdk_platform_context
+
+    return sdk_platform_context()
 
 
 def _flush_mode(prof: Profiler | None) -> str:

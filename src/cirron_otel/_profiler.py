@@ -96,6 +96,11 @@ class Profiler:
         sinks: list[Sink] = []
         if "spool" in s.outputs:
             sinks.append(make_sink("spool", s))
+        if "log" in s.outputs or "stdout" in s.outputs:  # cirron-sdk's one line per closed span
+            from ._line_sinks import LogSink, StdoutSink
+
+            sinks.extend(sink() for name, sink in (("log", LogSink), ("stdout", StdoutSink))
+                         if name in s.outputs)
         # OTEL_SDK_DISABLED: no OpenTelemetry export of any kind, not even through the app's
         # provider (the SDK's own provider then exports nothing either).
         provider = None if s.otel_sdk_disabled else _sdk_tracer_provider(s.tracer_provider,
@@ -496,19 +501,51 @@ def _in_forkserver() -> bool:
 # -- module-level API -------------------------------------------------------------------
 
 
-def profile(**kwargs: Any) -> Profiler:
+def profile(
+    config: dict[str, Any] | None = None,
+    frameworks: list[str] | None = None,
+    snapshots: Literal["stats", "sampled", "full"] | None = None,
+    sample_rate: float | None = None,
+    flush_interval: float | None = None,
+    enabled: bool = True,
+    path: str | None = None,
+    output: str | list[str] | None = None,
+    **kwargs: Any,
+) -> Profiler:
     """Start profiling (idempotent: a running profiler is returned as it is).
 
-    Keyword arguments: output_dir, output, flush_interval, ring_capacity, spool_max_bytes,
-    enabled, capture_cpu_time, ring_full_wait, trace_buffer_records, spool_retry_records,
-    file_mode, install_signal_handlers, session_attrs. See README for each.
+    cirron-sdk 0.3.0's arguments, in its order (config, frameworks, snapshots, sample_rate,
+    flush_interval, enabled, path, output: see README, compatibility), then ours by keyword:
+    output_dir, ring_capacity, spool_max_bytes, capture_cpu_time, ring_full_wait,
+    trace_buffer_records, spool_retry_records, file_mode, install_signal_handlers,
+    session_attrs, ... See README for each.
     """
+    return _profile(None, config=config, frameworks=frameworks, snapshots=snapshots,
+                    sample_rate=sample_rate, flush_interval=flush_interval, enabled=enabled, path=path,
+                    output=output, ours=kwargs)
+
+
+def _profile(cirron: Any, *, config: Any, frameworks: Any, snapshots: Any, sample_rate: Any,
+             flush_interval: Any, enabled: bool, path: Any, output: Any, ours: dict[str, Any]) -> Profiler:
     global _active, _last
     with _lock:
         if _active is not None and _active.running:
             return _active
+        from . import compat
         from ._config import resolve
 
+        kwargs = dict(ours, enabled=enabled)
+        if flush_interval is not None:
+            kwargs["flush_interval"] = flush_interval
+        if enabled:  # the SDK resolves nothing for a disabled profiler either
+            kwargs = compat.sdk_profile_kwargs(
+                cirron, config=config, frameworks=frameworks, snapshots=snapshots, sample_rate=sample_rate,
+                flush_interval=flush_interval, path=path, output=output, ours=kwargs)
+            # the session span's attributes as the SDK writes them; the caller's session_attrs win
+            attrs, _ = compat.session_attrs(compat.profiling_config()["frameworks"])
+            kwargs["session_attrs"] = {**attrs, **(kwargs.get("session_attrs") or {})}
+        elif output is not None:
+            kwargs["output"] = output
         settings = resolve(**kwargs)
         prof = Profiler(settings)
         prof.start()

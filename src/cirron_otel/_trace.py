@@ -1,9 +1,8 @@
-"""`ci.trace()`: the live session's closed spans and their marks as a tree, dicts or JSON."""
+"""`ci.trace()`: the live session's closed spans and their marks, in cirron-sdk 0.3.0's shapes."""
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,112 +21,6 @@ def _records(batches: Sequence[_native.Batch]) -> tuple[list[Node], list[Node]]:
     return doc["spans"], doc["marks"]
 
 
-def _duration(span: Node) -> str:
-    if span.get("end_ns") is None:
-        return "open"
-    us = max(0, (span["end_ns"] - span["start_ns"]) // 1000)
-    if us < 1000:
-        return f"{us}us"
-    if us < 1_000_000:
-        return f"{us / 1000:.1f}ms"
-    return f"{us / 1_000_000:.2f}s"
-
-
-def _mark_text(mark: Node) -> str:
-    value = mark["value"]
-    if value is None and "value_nonfinite" in mark:
-        return mark["value_nonfinite"]
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, str):
-        return repr(value if len(value) <= 40 else value[:39] + "…")
-    return str(value)
-
-
-def _marks_suffix(marks: list[Node]) -> str:
-    if not marks:
-        return ""
-    last: dict[str, Node] = {}
-    counts: dict[str, int] = defaultdict(int)
-    for m in marks:
-        last[m["name"]] = m
-        counts[m["name"]] += 1
-    parts = []
-    for key, m in last.items():
-        n = counts[key]
-        parts.append(f"{key}={_mark_text(m)}" + (f" (x{n}, last)" if n > 1 else ""))
-    return " {" + ", ".join(parts) + "}"
-
-
-def _build(spans: list[Node], marks: list[Node], session: _native.Scope | None) -> list[Node]:
-    by_span: dict[str, list[Node]] = defaultdict(list)
-    for m in marks:
-        by_span[m["span_id"]].append(m)
-    nodes: dict[str, Node] = {}
-    for s in spans:
-        nodes[s["id"]] = {**s, "marks": by_span.get(s["id"], []), "children": []}
-    if session is not None and session.id not in nodes:
-        nodes[session.id] = {
-            "id": session.id,
-            "name": session.name,
-            "parent_id": session.parent_id,
-            "index": None,
-            "start_ns": session.start_ns,
-            "end_ns": None,
-            "attrs": dict(session.attrs),
-            "marks": by_span.get(session.id, []),
-            "children": [],
-        }
-    roots: list[Node] = []
-    for node in sorted(nodes.values(), key=lambda n: (n["start_ns"] or 0)):
-        parent = nodes.get(node["parent_id"] or "")
-        (parent["children"] if parent is not None else roots).append(node)
-    return roots
-
-
-def _find(roots: list[Node], name: str) -> list[Node]:
-    found: list[Node] = []
-    stack = list(reversed(roots))
-    while stack:
-        node = stack.pop()
-        if node["name"] == name:
-            found.append(node)
-            continue
-        stack.extend(reversed(node["children"]))
-    return found
-
-
-def _tree_lines(node: Node, depth: int, out: list[str]) -> None:
-    label = node["name"] if node.get("index") is None else f"{node['name']}[{node['index']}]"
-    attrs = node.get("attrs") or {}
-    error = ""
-    if attrs.get("error"):
-        error = f" !{attrs.get('error.type', 'error')}: {attrs.get('error.message', '')}"
-    out.append(f"{'  ' * depth}{label} — {_duration(node)}{_marks_suffix(node['marks'])}{error}")
-    for child in node["children"]:
-        _tree_lines(child, depth + 1, out)
-
-
-def _public(node: Node) -> Node:
-    end = node.get("end_ns")
-    return {
-        "id": node["id"],
-        "name": node["name"],
-        "index": node.get("index"),
-        "parent_id": node.get("parent_id"),
-        "start_ns": node["start_ns"],
-        "end_ns": end,
-        "duration_ns": None if end is None else end - node["start_ns"],
-        "attrs": node.get("attrs", {}),
-        "marks": [
-            {k: m[k] for k in ("id", "name", "value", "value_type", "kind", "ts_ns", "attrs")}
-            | ({"value_nonfinite": m["value_nonfinite"]} if "value_nonfinite" in m else {})
-            for m in node["marks"]
-        ],
-        "children": [_public(c) for c in node["children"]],
-    }
-
-
 def render(
     batches: Sequence[_native.Batch],
     session: _native.Scope | None,
@@ -136,20 +29,37 @@ def render(
     name: str | None = None,
     last: int | None = None,
 ) -> Any:
-    if format not in ("tree", "dict", "json"):
-        raise ValueError(f"cirron_otel.trace(): format must be 'tree', 'dict' or 'json', got {format!r}")
-    if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 0):
-        raise ValueError(f"cirron_otel.trace(): last must be a non-negative int, got {last!r}")
+    """cirron-sdk 0.3.0's `trace()`: its closed spans (the open session root is not among them,
+    as in the SDK), `name` keeping matching spans with their descendants, `last=N` the N most
+    recently closed spans; "tree" printed in a script (returns None) and returned as a rich
+    object in Jupyter, "dict" as {"roots", "span_count"}, "json" that as text, "df" a DataFrame."""
+    from . import _sdk_render as r
+
+    if format not in ("tree", "dict", "json", "df"):
+        raise ValueError(f"trace(format={format!r}) is not valid; expected 'tree', 'dict', 'json', or 'df'")
+    if last is not None and (isinstance(last, bool) or not isinstance(last, int)):
+        raise ValueError(f"cirron_otel.trace(): last must be an int, got {last!r}")
     spans, marks = _records(batches)
-    roots = _build(spans, marks, session)
     if name is not None:
-        roots = _find(roots, name)
+        spans = r.filter_name(spans, name)
     if last is not None:
-        roots = roots[-last:] if last else []
+        spans = r.filter_last(spans, last)
+    keep = {s["id"] for s in spans}
+    by_span = {k: v for k, v in r.by_span(marks).items() if k in keep}
     if format == "tree":
-        lines: list[str] = []
-        for root in roots:
-            _tree_lines(root, 0, lines)
-        return "\n".join(lines)
-    dicts = [_public(r) for r in roots]
-    return dicts if format == "dict" else json.dumps(dicts)
+        text = r.tree_text(spans, by_span)
+        if r.in_jupyter():
+            return r.TraceText(text)
+        print(text)
+        return None
+    if format == "df":
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            from .errors import CirronDependencyError
+
+            raise CirronDependencyError("cirron_otel.trace(format='df') requires pandas. "
+                                        "Install with: pip install pandas") from exc
+        return pd.DataFrame(r.df_rows(spans, by_span))
+    tree = r.dict_tree(spans, by_span)
+    return tree if format == "dict" else json.dumps(tree)

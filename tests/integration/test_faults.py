@@ -99,7 +99,7 @@ def test_uncreatable_output_dir_keeps_profiling_warns_once_and_recovers(tmp_path
     assert len(msgs) == 1, msgs
     assert "spool" in msgs[0] and "write failed" in msgs[0]
     h = ci.health()
-    assert h["enabled"] is True and h["flush_mode"] == "background"
+    assert h["enabled"] is True and h["drainer_state"] == "background"
     spool = h["sinks"]["spool"]
     assert spool["failed"] >= 3
     assert spool["pending"] == 3 * 12  # 10 marks + 1 mark + 1 span per round, none lost
@@ -373,13 +373,13 @@ def test_profile_shutdown_cycles_make_one_session_each(out):
     sessions = []
     for cycle in range(3):
         p = ci.profile(output_dir=str(out), flush_interval=0.05, install_signal_handlers=False)
-        assert p.running and ci.health()["flush_mode"] == "background"
+        assert p.running and ci.health()["drainer_state"] == "background"
         sessions.append(_native.session().id)
         with ci.scope("work", cycle):
             ci.mark("cycle", cycle)
         ci.mark("session-level", cycle)
         ci.shutdown()
-        assert ci.health()["flush_mode"] == "stopped"
+        assert ci.health()["drainer_state"] == "stopped"
         assert _native.session() is None
     assert len(set(sessions)) == 3
     spans, marks = spans_and_marks(out)

@@ -201,7 +201,7 @@ def test_sdk_disabled_exports_nothing_and_the_spool_keeps_everything(out: Path, 
     assert len(spans) == 2 * EPOCHS + 1 and len(marks) == EPOCHS
     assert health["otel"]["sdk_disabled"] is True
     assert health["otel"]["export"] == "disabled by OTEL_SDK_DISABLED" and health["otel"]["exporters"] == []
-    assert set(health["sinks"]) == {"spool"} and health["transport"] is None
+    assert set(health["sinks"]) == {"spool"} and health["otel_transport"] is None
     assert warnings_about(stderr, "OTEL_SDK_DISABLED") == (1 if how.startswith("output") else 0)
 
 

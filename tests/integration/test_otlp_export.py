@@ -639,7 +639,7 @@ def test_endpoint_from_the_environment_turns_on_both_sinks(
                       tracer_provider=None)
     assert prof.settings.otlp_protocol == protocol(receiver)
     health = ci.health()
-    assert health["transport"] == "otlp"
+    assert health["otel_transport"] == "otlp"
     assert set(health["sinks"]) == {"spool", "otlp"}
     with ci.scope("work"):
         ci.mark("m", 1)
@@ -663,7 +663,7 @@ def test_traces_protocol_variable_beats_the_general_one(
 def test_without_an_endpoint_only_the_spool(out: Path):
     ci.profile(output_dir=str(out), flush_interval=0.05, install_signal_handlers=False, tracer_provider=None)
     health = ci.health()
-    assert health["transport"] is None
+    assert health["otel_transport"] is None
     assert set(health["sinks"]) == {"spool"}
     with ci.scope("work"):
         pass
@@ -677,7 +677,7 @@ def test_output_otlp_alone_writes_no_spool_and_no_outbox(out: Path, receiver: Re
     start(out, receiver, output="otlp")
     health = ci.health()
     assert set(health["sinks"]) == {"otlp"}
-    assert health["transport"] == "otlp"
+    assert health["otel_transport"] == "otlp"
     assert health["sinks"]["otlp"]["outbox"] is None
     with ci.scope("work"):
         ci.mark("m", 1)
