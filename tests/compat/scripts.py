@@ -1,0 +1,120 @@
+"""Scripts written for cirron-sdk 0.3.0, run unchanged under either package: `MOD` (argv[1]) is
+`cirron` or `cirron_otel`, the only line that differs. Each prints one JSON document of what
+its calls returned; the spool is left in the working directory."""
+
+TRAINING = r'''
+import json, sys
+ci = __import__(sys.argv[1])
+out = {}
+prof = ci.profile(snapshots="stats", sample_rate=0.5, flush_interval=0.5)
+for epoch in ci.epochs(range(2)):
+    for batch in ci.batches(range(3)):
+        with ci.scope("forward", layer="all"):
+            ci.mark("loss", 1.0 / (batch + 1))
+        with ci.scope("backward"):
+            ci.mark("grad_ok", True)
+            ci.mark("phase", "bw")
+    ci.mark("acc", 0.5 + epoch, kind="summary")
+with ci.scope("eval", index=7):
+    ci.mark("count", 3)
+    ci.mark("nan", float("nan"))
+ci.flush()
+out["dict"] = ci.trace(format="dict")
+out["json"] = json.loads(ci.trace(format="json"))
+out["name"] = ci.trace(format="dict", name="forward")
+out["last"] = ci.trace(format="dict", last=3)
+out["last0"] = ci.trace(format="dict", last=0)
+out["df_columns"] = list(ci.trace(format="df").columns)
+out["df_rows"] = len(ci.trace(format="df"))
+out["tree_returns"] = repr(ci.trace())
+out["health"] = ci.health()
+out["profile_again_same"] = ci.profile() is prof
+out["config"] = [ci.get_default().snapshots, ci.get_default().sample_rate, ci.get_default().flush_interval]
+ci.shutdown()
+out["health_after"] = ci.health()
+out["dict_after"] = ci.trace(format="dict")
+print("@@" + json.dumps(out, default=str))
+'''
+
+INFERENCE = r'''
+import json, sys
+ci = __import__(sys.argv[1])
+ci.profile()
+
+@ci.inference
+def complete(prompt):
+    ci.mark("prompt_len", len(prompt))
+    return {"usage": {"prompt_tokens": 3, "completion_tokens": 5}}
+
+@ci.inference(config={"stream_chunk_timing": True})
+def stream(n):
+    for i in range(n):
+        yield {"text": str(i)}
+
+with ci.scope("outer"):
+    r = complete("hello")
+chunks = list(stream(3))
+print("@@" + json.dumps({"result": r, "chunks": chunks, "config": stream._cirron_config}))
+ci.shutdown()
+'''
+
+CONFIG = r'''
+import json, sys
+ci = __import__(sys.argv[1])
+out = {}
+try:
+    ci.profile(snapshots="bogus")
+except ValueError as e:
+    out["bad_snapshots"] = "ValueError"
+try:
+    ci.profile(output="carrier-pigeon")
+except ValueError:
+    out["bad_output"] = "ValueError"
+ci.profile(config={"sample_rate": 0.25}, flush_interval=2.0)
+d = ci.get_default()
+out["resolved"] = [d.snapshots, d.sample_rate, d.flush_interval]
+out["errors"] = {n: [c.__name__ for c in getattr(ci, n).__mro__]
+                 for n in ("CirronError", "CirronDependencyError", "CirronSecretNotFound", "CirronYamlError")}
+class Est:
+    def fit(self, x):
+        ci.mark("n", len(x))
+        return self
+    def predict(self, x):
+        return [0] * len(x)
+    coef_ = 3
+w = ci.wrap(Est())
+w.fit([1, 2]); out["predict"] = w.predict([1]); out["coef"] = w.coef_
+out["wrap_idempotent"] = ci.wrap(w) is w
+m = object()
+out["watch"] = ci.watch(m) is m and ci.watch(None) is None
+ci.shutdown()
+print("@@" + json.dumps(out))
+'''
+
+OUTPUT_STDOUT = r'''
+import sys
+ci = __import__(sys.argv[1])
+ci.profile(output="stdout")
+with ci.scope("only"):
+    ci.mark("x", 2)
+ci.shutdown()
+'''
+
+OUTPUT_NONE = r'''
+import json, os, sys
+ci = __import__(sys.argv[1])
+ci.profile(output="none")
+with ci.scope("s"):
+    pass
+ci.shutdown()
+print("@@" + json.dumps({"spool": os.path.exists(".cirron/spool") and bool(os.listdir(".cirron/spool"))}))
+'''
+
+DISABLED = r'''
+import json, sys
+ci = __import__(sys.argv[1])
+ci.profile(enabled=False)
+with ci.scope("s"):
+    ci.mark("m", 1)
+print("@@" + json.dumps({"health": ci.health()}))
+'''
