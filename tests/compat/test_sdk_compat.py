@@ -120,6 +120,12 @@ def test_training_script_trace_returns_the_sdks(both) -> None:
     for key in ("dict", "json", "name", "last", "last0", "dict_after"):
         assert tree(ours[key]) == tree(sdk[key]), key
     assert ours["dict"]["span_count"] == sdk["dict"]["span_count"] == 21
+
+    def walls(nodes: list[dict[str, Any]]) -> list[bool]:  # wall_us is the duration in µs
+        return [n["wall_us"] == (n["end_ns"] - n["start_ns"]) // 1000 and all(walls(n["children"]))
+                for n in nodes]
+
+    assert all(walls(ours["dict"]["roots"])) and all(walls(sdk["dict"]["roots"]))
     assert ours["df_columns"] == sdk["df_columns"] and ours["df_rows"] == sdk["df_rows"]
     assert ours["tree_returns"] == sdk["tree_returns"] == "None"  # printed in a script
     assert ours["profile_again_same"] is sdk["profile_again_same"] is True
