@@ -91,7 +91,7 @@ def main() -> None:
         ci.mark("train_loss", float(np.mean(losses)), kind="summary", batches=len(losses))
 
     health = ci.health()
-    print(ci.trace())
+    ci.trace()  # prints the tree of closed spans (as cirron-sdk does in a script)
     ci.shutdown()
     print(
         f"\nspool: {health['spool_dir']}  "

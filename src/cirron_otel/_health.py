@@ -86,20 +86,20 @@ def build(prof: Profiler | None, hooks: list[str]) -> Health:
     enabled = prof is not None and prof.settings.enabled and prof.running
     swallowed = _swallowed(drainer)
     drainer_state = _flush_mode(prof)
-    # The SDK's keys describe the running profiler: once stopped, its neutral values (as the
-    # SDK answers after shutdown); the last run's counters stay readable under sinks / drainer.
-    live = spool if enabled else None
+    # Once stopped, the SDK answers with zeros and no spool_dir (it forgets the profiler); the
+    # last run's counters and spool stay readable here (recorded = written + dropped holds
+    # after shutdown too), the one difference in these keys.
     return Health(
         enabled=enabled,
-        scope_drop_count=native.get("scope_depth_drops", 0) if enabled else 0,
-        mark_drop_count=native.get("marks_dropped", 0) if enabled else 0,
-        spool_drop_count=live.drop_count if live else 0,
+        scope_drop_count=native.get("scope_depth_drops", 0),
+        mark_drop_count=native.get("marks_dropped", 0),
+        spool_drop_count=spool.drop_count if spool else 0,
         swallowed_error_count=sum(swallowed.values()),
         swallowed_errors=swallowed,
-        spool_dir=live.spool_dir if live else None,
-        spool_bytes=_safe(live.disk_bytes, 0) if live else 0,
+        spool_dir=spool.spool_dir if spool else None,
+        spool_bytes=_safe(spool.disk_bytes, 0) if spool else 0,
         flush_mode="normal" if drainer_state == "background" else "stopped",
-        flush_restart_count=prof.restarts if prof is not None and enabled else 0,
+        flush_restart_count=prof.restarts if prof is not None else 0,
         transport="FileOnlyTransport" if enabled else None,
         installed_hooks=[],
         platform_context=_safe(_sdk_platform_context, {}) if enabled else {},

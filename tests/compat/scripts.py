@@ -118,3 +118,30 @@ with ci.scope("s"):
     ci.mark("m", 1)
 print("@@" + json.dumps({"health": ci.health()}))
 '''
+
+ASYNC_INFERENCE = r'''
+import asyncio, json, sys
+ci = __import__(sys.argv[1])
+ci.profile()
+
+@ci.inference
+async def complete(x):
+    ci.mark("in", x)
+    await asyncio.sleep(0)
+    return {"usage": {"prompt_tokens": 3, "completion_tokens": 5}}
+
+@ci.inference
+async def stream(n):
+    async def gen():
+        for i in range(n):
+            ci.mark("chunk_in", i)
+            yield i
+    return gen()
+
+async def main():
+    await asyncio.gather(complete(1), complete(2))  # concurrent requests: one scope each
+    return [i async for i in await stream(2)]
+
+print("@@" + json.dumps(asyncio.run(main())))
+ci.shutdown()
+'''
