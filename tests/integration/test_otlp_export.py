@@ -163,7 +163,8 @@ def test_round_trip_every_spool_span_and_mark_arrives_as_the_mapping_says(out: P
         "forward": FORWARD_OTLP,
         # a failed scope: status ERROR + error.type over OTLP (the spool keeps error, error.message)
         "bad": {"phase": "eval", "error.type": "ValueError"},
-        "cirron.session": {"run": "r1"},
+        # cirron-sdk's session attributes, then the caller's session_attrs
+        "cirron.session": {"pid": os.getpid(), "rank": 0, "device": "cpu", "run": "r1"},
         "epoch": {},
         "batch": {},
     }
