@@ -239,6 +239,36 @@ class Profiler:
 
         return build(self, _hooks)
 
+    # -- cirron-sdk 0.3.0's Profiler handle ----------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.settings.enabled)
+
+    @property
+    def cirron(self) -> Any:
+        from .compat import get_default
+
+        return get_default()
+
+    @property
+    def installed_hooks(self) -> list[str]:
+        return []  # framework hooks: not yet (README, compatibility)
+
+    @property
+    def hook_handles(self) -> list[Any]:
+        return []
+
+    @property
+    def platform_context(self) -> dict[str, str]:
+        from ._config import sdk_platform_context
+
+        return sdk_platform_context() if self.settings.enabled else {}
+
+    def trace(self, format: Literal["tree", "dict", "json", "df"] = "tree", name: str | None = None,
+              last: int | None = None) -> Any:
+        return trace(format=format, name=name, last=last)
+
 
 def _limit(value: int | None) -> int:
     return (1 << 31) - 1 if value is None else int(value)
@@ -653,11 +683,11 @@ def health() -> Health | dict[str, Any]:
 
 
 def trace(
-    format: Literal["tree", "dict", "json"] = "tree",
+    format: Literal["tree", "dict", "json", "df"] = "tree",
     name: str | None = None,
     last: int | None = None,
 ) -> Any:
-    """The live session's closed spans with their marks, as a text tree, dicts or JSON."""
+    """The session's closed spans with their marks, as cirron-sdk 0.3.0 returns them (see _trace)."""
     from . import _trace
 
     prof = _active or _last

@@ -145,3 +145,20 @@ async def main():
 print("@@" + json.dumps(asyncio.run(main())))
 ci.shutdown()
 '''
+
+HANDLE = r'''
+import json, os, sys
+ci = __import__(sys.argv[1])
+c = ci.Cirron(output_dir="custom_out", flush_interval=0.5)
+prof = c.profile()
+with ci.scope("s"):
+    ci.mark("m", 1.5)
+prof.flush()
+out = {"enabled": prof.enabled, "hooks": prof.installed_hooks, "ctx": prof.platform_context,
+       "same_cirron": isinstance(prof.cirron, ci.Cirron),
+       "trace": prof.trace(format="dict")["span_count"], "health_enabled": prof.health()["enabled"],
+       "spool_files": len(os.listdir("custom_out/spool")) > 0, "flush_interval": c.flush_interval}
+prof.shutdown()
+out["after"] = ci.health()["enabled"]
+print("@@" + json.dumps(out))
+'''

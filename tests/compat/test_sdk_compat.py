@@ -313,3 +313,9 @@ def test_bad_cirron_yaml_fails_at_profile(tmp_path: Path, monkeypatch: pytest.Mo
     else:
         with pytest.raises(ci.CirronYamlError, match=error):
             _config.load_cirron_yaml_profiling()
+
+
+def test_profiler_handle_and_an_explicit_cirron_instance(both) -> None:
+    res = both(scripts.HANDLE, {"CIRRON_RUN_ID": "r7"})
+    assert res["cirron_otel"][0] == res["cirron"][0]
+    assert res["cirron"][0]["ctx"] == {"run_id": "r7"} and res["cirron"][0]["spool_files"] is True
