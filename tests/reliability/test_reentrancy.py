@@ -56,7 +56,7 @@ def test_attr_str_calling_flush_or_trace_does_not_stop_the_drainer(out: Path, ca
     flushes = [v for k, v in res["results"] if k == "flush"]
     assert flushes == [False] * len(flushes)
     if call != "flush":
-        assert [v for k, v in res["results"] if k == "trace"] == ["list", "list"]
+        assert [v for k, v in res["results"] if k == "trace"] == ["dict", "dict"]
     if call != "trace":
         assert "flush() called from cirron_otel's own thread" in r.stderr
     spans, marks = spans_and_marks(out)
