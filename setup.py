@@ -12,6 +12,7 @@ setup(
                 "src/cirron_otel/buf.h",
                 "src/cirron_otel/compat.h",
                 "src/cirron_otel/grisu2.h",
+                "src/cirron_otel/native.h",
                 "src/cirron_otel/pb.h",
                 "src/cirron_otel/_pow10.h",
             ],

@@ -22,9 +22,7 @@
  * call (the wall clock is read through the vDSO) and allocate only what the caller hands
  * us (kwargs dicts). Everything else happens on the drainer thread, mostly without the GIL.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <structmember.h>
+#include "native.h" /* shared types, cn_state, the inline hot-path operations */
 
 #include <errno.h>
 #include <fcntl.h>
@@ -43,40 +41,15 @@
 #define HAVE_GETENTROPY 1
 #endif
 
-#include "buf.h"    /* buf_t: the growable buffer the encoders write into */
 #include "grisu2.h" /* format_f64: the float printer */
 #include "pb.h"     /* protobuf wire-format writers */
 
-#define MAX_DEPTH 64
-#define STR_VALUE_CAP 256
-#define ERROR_MESSAGE_CAP 256
-#define ATTR_MAX_DEPTH 32
-#define NAME_CACHE_SIZE 64 /* per-thread direct-mapped name cache */
-#define NAME_CHUNK 1024
-#define NAME_CHUNKS 256 /* at most 262,144 distinct interned names */
+/* the process-wide state (native.h) */
+CN_INTERNAL cn_state_t cn_state = CN_STATE_INIT;
 
 /* ======================================================================================
  * 1. Platform
  * ==================================================================================== */
-
-static inline int64_t
-wall_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-static inline int64_t
-thread_cpu_ns(void)
-{
-#ifdef CLOCK_THREAD_CPUTIME_ID
-    struct timespec ts;
-    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0)
-        return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-#endif
-    return 0;
-}
 
 static void
 os_entropy(void *buf, size_t n)
@@ -109,41 +82,6 @@ os_entropy(void *buf, size_t n)
         p[i] = (unsigned char)(wall_ns() >> (i % 8) ^ (uintptr_t)p >> 3 ^ i * 131u);
 }
 
-typedef struct {
-    uint64_t s[4];
-} rng_t;
-
-static inline uint64_t
-rotl64(uint64_t x, int k)
-{
-    return (x << k) | (x >> (64 - k));
-}
-
-static inline uint64_t
-rng_next(rng_t *r)
-{
-    uint64_t *s = r->s;
-    uint64_t result = rotl64(s[1] * 5, 7) * 9;
-    uint64_t t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl64(s[3], 45);
-    return result;
-}
-
-static inline uint64_t
-rng_nonzero(rng_t *r)
-{
-    uint64_t v;
-    do {
-        v = rng_next(r);
-    } while (v == 0);
-    return v;
-}
-
 static void
 rng_seed(rng_t *r)
 {
@@ -163,37 +101,19 @@ rng_seed(rng_t *r)
  * content under the GIL.
  * ==================================================================================== */
 
-typedef struct {
-    char *tok; /* "quoted, escaped" JSON string */
-    uint32_t len;
-    char *raw; /* the UTF-8 bytes, for OTLP */
-    uint32_t raw_len;
-} name_entry_t;
-
-static name_entry_t *g_name_chunks[NAME_CHUNKS];
-static _Atomic uint32_t g_name_count;
-static PyObject *g_name_ids; /* dict: str -> int id (GIL protected) */
-static PyObject *g_name_objs; /* list: id -> str (for the Python side) */
-
 static int json_escape_utf8(buf_t *b, const char *s, Py_ssize_t n);
-
-static inline const name_entry_t *
-name_get(uint32_t id)
-{
-    return &g_name_chunks[id / NAME_CHUNK][id % NAME_CHUNK];
-}
 
 /* Returns the id, or UINT32_MAX with an exception set, or UINT32_MAX-1 when the table is
  * full (the caller then keeps a reference to the name in the record instead). */
 static uint32_t
 name_intern_slow(PyObject *name)
 {
-    PyObject *idobj = PyDict_GetItemWithError(g_name_ids, name);
+    PyObject *idobj = PyDict_GetItemWithError(cn_state.name_ids, name);
     if (idobj != NULL)
         return (uint32_t)PyLong_AsUnsignedLong(idobj);
     if (PyErr_Occurred())
         return UINT32_MAX;
-    uint32_t id = atomic_load_explicit(&g_name_count, memory_order_relaxed);
+    uint32_t id = atomic_load_explicit(&cn_state.name_count, memory_order_relaxed);
     if (id >= NAME_CHUNK * NAME_CHUNKS)
         return UINT32_MAX - 1;
     PyObject *enc = PyUnicode_AsEncodedString(name, "utf-8", "backslashreplace");
@@ -221,7 +141,7 @@ name_intern_slow(PyObject *name)
     free(b.data);
     b.data = tok;
     Py_DECREF(enc);
-    name_entry_t *chunk = g_name_chunks[id / NAME_CHUNK];
+    name_entry_t *chunk = cn_state.name_chunks[id / NAME_CHUNK];
     if (chunk == NULL) {
         chunk = calloc(NAME_CHUNK, sizeof(name_entry_t));
         if (chunk == NULL) {
@@ -229,20 +149,20 @@ name_intern_slow(PyObject *name)
             PyErr_NoMemory();
             return UINT32_MAX;
         }
-        g_name_chunks[id / NAME_CHUNK] = chunk;
+        cn_state.name_chunks[id / NAME_CHUNK] = chunk;
     }
     chunk[id % NAME_CHUNK].tok = b.data;
     chunk[id % NAME_CHUNK].len = (uint32_t)b.len;
     chunk[id % NAME_CHUNK].raw = raw;
     chunk[id % NAME_CHUNK].raw_len = raw_len;
     PyObject *key = PyLong_FromUnsignedLong(id);
-    if (key == NULL || PyDict_SetItem(g_name_ids, name, key) < 0 ||
-        PyList_Append(g_name_objs, name) < 0) {
+    if (key == NULL || PyDict_SetItem(cn_state.name_ids, name, key) < 0 ||
+        PyList_Append(cn_state.name_objs, name) < 0) {
         Py_XDECREF(key);
         return UINT32_MAX;
     }
     Py_DECREF(key);
-    atomic_store_explicit(&g_name_count, id + 1, memory_order_release);
+    atomic_store_explicit(&cn_state.name_count, id + 1, memory_order_release);
     return id;
 }
 
@@ -250,117 +170,16 @@ name_intern_slow(PyObject *name)
  * 3. Rings
  * ==================================================================================== */
 
-enum { R_MARK = 1, R_SPAN = 2, R_SPAN2 = 3 };
-enum { VT_FLOAT = 0, VT_INT = 1, VT_BOOL = 2, VT_STRING = 3 };
-enum {
-    F_REFS = 1,      /* the slot holds Python references (GIL pass needed) */
-    F_NAME_REF = 2,  /* name_ref holds the name (table full) */
-    F_ERROR = 4,     /* span closed by an exception */
-    F_HAS_INDEX = 8, /* span index set */
-    F_HAS_CPU = 16,  /* span cpu_ns measured */
-    F_SUMMARY = 32,  /* mark kind summary */
-    F_ROOTLESS = 64, /* mark: no session, attached to "root" */
-};
-
-/* One ring slot: 64 bytes. A span takes two consecutive slots (R_SPAN, R_SPAN2). */
-typedef struct {
-    uint8_t type;
-    uint8_t vtype;
-    uint8_t flags;
-    uint8_t _pad;
-    uint32_t name_id;
-    int64_t ts;                 /* mark time / span start */
-    uint64_t span_hi, span_lo;  /* mark: attached span; span: its own id */
-    union {
-        double d;
-        int64_t i;
-    } v;                        /* mark value / span end */
-    PyObject *name_ref;         /* name when the table is full */
-    PyObject *obj;              /* mark: str value; span: attrs dict */
-    PyObject *attrs;            /* mark: attrs dict; span: exception */
-} slot_t;
-
-typedef struct {
-    uint8_t type;
-    uint8_t _pad[3];
-    uint32_t code_id;           /* the decorated function's code location (0: none) */
-    uint64_t parent_hi, parent_lo;
-    uint64_t trace_hi, trace_lo;
-    int64_t index;
-    int64_t cpu_ns;
-    uint64_t thread_id;
-} slot2_t;
-
-_Static_assert(sizeof(slot_t) == 64, "slot must be 64 bytes");
-_Static_assert(sizeof(slot2_t) <= 64, "second span slot must fit");
-
-typedef struct {
-    PyObject *key;
-    uint32_t id;
-} name_cache_t;
-
-typedef struct ring {
-    /* producer-written */
-    _Alignas(64) _Atomic uint64_t head;
-    uint64_t cached_tail;
-    _Atomic uint64_t marks_recorded;
-    _Atomic uint64_t spans_recorded;
-    _Atomic uint64_t depth_drops;
-    rng_t rng;
-    name_cache_t name_cache[NAME_CACHE_SIZE];
-    int warned_full;
-    int warned_depth;
-    int no_wait; /* a wait for room timed out: drop until the drainer catches up */
-    /* consumer-claimed, producer-stolen */
-    _Alignas(64) _Atomic uint64_t tail;
-    _Atomic uint64_t marks_dropped;
-    _Atomic uint64_t spans_dropped;
-    /* fixed */
-    _Alignas(64) slot_t *slots;
-    uint64_t cap, mask, hw;
-    uint64_t thread_id;
-    char *thread_name;        /* UTF-8, read once after the ring is made (registry lock) */
-    uint32_t thread_name_len;
-    _Atomic int orphaned;
-    struct ring *next;
-} ring_t;
-
-static pthread_mutex_t g_registry_mu = PTHREAD_MUTEX_INITIALIZER;
-static ring_t *g_rings;
-static pthread_key_t g_ring_key;
 static _Thread_local ring_t *tl_ring;
-
-/* totals carried over from rings that were freed after their thread exited */
-static _Atomic uint64_t g_freed_marks_recorded, g_freed_spans_recorded, g_freed_depth_drops,
-    g_freed_marks_dropped, g_freed_spans_dropped;
-static _Atomic uint64_t g_rings_freed, g_rings_created;
-
-/* configuration, set by configure() */
-static uint64_t g_ring_capacity = 65536;
-static int g_capture_cpu = 0;
-static _Atomic int g_recording = 1;
-static int64_t g_rank = 0;
-static int64_t g_pid = 0;
-static _Atomic int64_t g_full_wait_ns = 0; /* 0: drop at once (no drainer running) */
-static _Atomic int64_t g_progress_ns;       /* last time the drainer or a sink moved data */
-
-/* drainer wake-up */
-static pthread_mutex_t g_wake_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t g_wake_cv = PTHREAD_COND_INITIALIZER;
-static _Atomic int g_wake_flag;
-static _Atomic int g_drainer_sleeping;
-static _Atomic uint64_t g_wakeups;
-
-static PyObject *g_warning_category; /* set by configure(); UserWarning until then */
 
 static void
 wake_drainer(void)
 {
-    if (!atomic_exchange_explicit(&g_wake_flag, 1, memory_order_acq_rel) &&
-        atomic_load_explicit(&g_drainer_sleeping, memory_order_acquire)) {
-        pthread_mutex_lock(&g_wake_mu);
-        pthread_cond_signal(&g_wake_cv);
-        pthread_mutex_unlock(&g_wake_mu);
+    if (!atomic_exchange_explicit(&cn_state.wake_flag, 1, memory_order_acq_rel) &&
+        atomic_load_explicit(&cn_state.drainer_sleeping, memory_order_acquire)) {
+        pthread_mutex_lock(&cn_state.wake_mu);
+        pthread_cond_signal(&cn_state.wake_cv);
+        pthread_mutex_unlock(&cn_state.wake_mu);
     }
 }
 
@@ -380,7 +199,7 @@ ring_create(void)
     if (r == NULL)
         return NULL;
     uint64_t cap = 64;
-    while (cap < g_ring_capacity)
+    while (cap < cn_state.ring_capacity)
         cap <<= 1;
     /* cap marks + room so a two-slot span never wraps onto itself */
     r->slots = malloc(sizeof(slot_t) * cap);
@@ -393,11 +212,11 @@ ring_create(void)
     r->hw = cap / 2;
     r->thread_id = (uint64_t)PyThread_get_thread_ident();
     rng_seed(&r->rng);
-    pthread_mutex_lock(&g_registry_mu);
-    r->next = g_rings;
-    g_rings = r;
-    pthread_mutex_unlock(&g_registry_mu);
-    atomic_fetch_add(&g_rings_created, 1);
+    pthread_mutex_lock(&cn_state.registry_mu);
+    r->next = cn_state.rings;
+    cn_state.rings = r;
+    pthread_mutex_unlock(&cn_state.registry_mu);
+    atomic_fetch_add(&cn_state.rings_created, 1);
     return r;
 }
 
@@ -436,15 +255,15 @@ get_ring_slow(void)
         return NULL;
     }
     tl_ring = r;
-    pthread_setspecific(g_ring_key, r);
+    pthread_setspecific(cn_state.ring_key, r);
     /* after tl_ring is set: current_thread() may run Python code that records */
     uint32_t len = 0;
     char *name = current_thread_name(&len);
     if (name != NULL) {
-        pthread_mutex_lock(&g_registry_mu); /* the collector reads it under this lock */
+        pthread_mutex_lock(&cn_state.registry_mu); /* the collector reads it under this lock */
         r->thread_name = name;
         r->thread_name_len = len;
-        pthread_mutex_unlock(&g_registry_mu);
+        pthread_mutex_unlock(&cn_state.registry_mu);
     }
     return r;
 }
@@ -475,7 +294,7 @@ warn_once(int *flag, const char *msg)
     *flag = 1;
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
-    PyObject *cat = g_warning_category ? g_warning_category : PyExc_UserWarning;
+    PyObject *cat = cn_state.warning_category ? cn_state.warning_category : PyExc_UserWarning;
     if (PyErr_WarnEx(cat, msg, 1) < 0)
         PyErr_Clear(); /* telemetry never raises into user code, even under -W error */
     PyErr_Restore(et, ev, tb);
@@ -489,7 +308,7 @@ ring_make_room(ring_t *r, uint64_t h, uint64_t need)
     if (h + need - r->cached_tail <= r->cap)
         return;
     wake_drainer();
-    int64_t wait_ns = atomic_load_explicit(&g_full_wait_ns, memory_order_relaxed);
+    int64_t wait_ns = atomic_load_explicit(&cn_state.full_wait_ns, memory_order_relaxed);
     if (wait_ns > 0 && !r->no_wait) {
         /* Backpressure: the drainer is running but behind. Give it the GIL and a moment
          * rather than lose data; give up after wait_ns and drop from then on until it
@@ -503,7 +322,7 @@ ring_make_room(ring_t *r, uint64_t h, uint64_t need)
             if (h + need - r->cached_tail <= r->cap)
                 break;
             /* keep waiting while the pipeline moves; give up once it has stalled */
-            int64_t progress = atomic_load_explicit(&g_progress_ns, memory_order_relaxed);
+            int64_t progress = atomic_load_explicit(&cn_state.progress_ns, memory_order_relaxed);
             if (wall_ns() - (progress > start ? progress : start) > wait_ns) {
                 r->no_wait = 1;
                 break;
@@ -574,43 +393,30 @@ counter_inc(_Atomic uint64_t *c)
  * 4. Value coercion
  * ==================================================================================== */
 
-static PyObject *g_numpy_generic, *g_numpy_floating, *g_numpy_integer, *g_numpy_bool;
-static PyObject *g_str_point, *g_str_summary, *g_str_kind, *g_str_index, *g_str_item;
-static PyObject *g_session_name, *g_epoch_name, *g_batch_name;
-
 /* Load numpy's scalar base classes if (and only if) the user has imported numpy. */
 static int
 numpy_types_ready(void)
 {
-    if (g_numpy_generic != NULL)
+    if (cn_state.numpy_generic != NULL)
         return 1;
     PyObject *modules = PyImport_GetModuleDict();
     PyObject *np = PyDict_GetItemString(modules, "numpy");
     if (np == NULL)
         return 0;
-    g_numpy_generic = PyObject_GetAttrString(np, "generic");
-    g_numpy_floating = PyObject_GetAttrString(np, "floating");
-    g_numpy_integer = PyObject_GetAttrString(np, "integer");
-    g_numpy_bool = PyObject_GetAttrString(np, "bool_");
-    if (!g_numpy_generic || !g_numpy_floating || !g_numpy_integer || !g_numpy_bool) {
+    cn_state.numpy_generic = PyObject_GetAttrString(np, "generic");
+    cn_state.numpy_floating = PyObject_GetAttrString(np, "floating");
+    cn_state.numpy_integer = PyObject_GetAttrString(np, "integer");
+    cn_state.numpy_bool = PyObject_GetAttrString(np, "bool_");
+    if (!cn_state.numpy_generic || !cn_state.numpy_floating || !cn_state.numpy_integer || !cn_state.numpy_bool) {
         PyErr_Clear();
-        Py_CLEAR(g_numpy_generic);
-        Py_CLEAR(g_numpy_floating);
-        Py_CLEAR(g_numpy_integer);
-        Py_CLEAR(g_numpy_bool);
+        Py_CLEAR(cn_state.numpy_generic);
+        Py_CLEAR(cn_state.numpy_floating);
+        Py_CLEAR(cn_state.numpy_integer);
+        Py_CLEAR(cn_state.numpy_bool);
         return 0;
     }
     return 1;
 }
-
-typedef struct {
-    uint8_t vtype;
-    union {
-        double d;
-        int64_t i;
-    } v;
-    PyObject *str; /* new reference for VT_STRING */
-} coerced_t;
 
 static int
 coerce_int(PyObject *value, coerced_t *out)
@@ -651,16 +457,16 @@ coerce_value_slow(PyObject *value, coerced_t *out, int depth)
         return 0;
     }
     if (depth == 0 && numpy_types_ready()) {
-        int r = PyObject_IsInstance(value, g_numpy_generic);
+        int r = PyObject_IsInstance(value, cn_state.numpy_generic);
         if (r < 0)
             return -1;
         if (r) {
             PyObject *conv = NULL;
-            if (PyObject_IsInstance(value, g_numpy_bool) == 1)
+            if (PyObject_IsInstance(value, cn_state.numpy_bool) == 1)
                 conv = PyBool_FromLong(PyObject_IsTrue(value));
-            else if (PyObject_IsInstance(value, g_numpy_integer) == 1)
+            else if (PyObject_IsInstance(value, cn_state.numpy_integer) == 1)
                 conv = PyNumber_Long(value);
-            else if (PyObject_IsInstance(value, g_numpy_floating) == 1)
+            else if (PyObject_IsInstance(value, cn_state.numpy_floating) == 1)
                 conv = PyNumber_Float(value);
             if (conv != NULL) {
                 int rc = coerce_value_slow(conv, out, 1);
@@ -672,7 +478,7 @@ coerce_value_slow(PyObject *value, coerced_t *out, int depth)
         }
     }
     const char *tname = Py_TYPE(value)->tp_name;
-    if (PyObject_HasAttr(value, g_str_item) && (PyObject_HasAttrString(value, "shape") ||
+    if (PyObject_HasAttr(value, cn_state.str_item) && (PyObject_HasAttrString(value, "shape") ||
                                                 PyObject_HasAttrString(value, "dtype"))) {
         PyErr_Format(PyExc_TypeError,
                      "cirron_otel.mark() value must be float, int, str or bool; got %s "
@@ -855,54 +661,14 @@ attr_value(PyObject *v)
  * 5. Scopes
  * ==================================================================================== */
 
-enum { ST_NEW = 0, ST_OPEN = 1, ST_CLOSED = 2, ST_DROPPED = 3 };
-/* span-only flags, kept in the record's vtype byte */
-enum {
-    SF_UNSAMPLED = 1,   /* under a non-sampled OpenTelemetry parent: spool only */
-    SF_NEW_TRACE = 2,   /* a direct child of the session that starts its own trace */
-    SF_OTEL_PARENT = 4, /* the parent is a foreign OpenTelemetry span */
-};
-
-typedef struct ScopeObject {
-    PyObject_HEAD
-    uint64_t span_hi, span_lo;
-    uint64_t parent_hi, parent_lo;
-    uint64_t trace_hi, trace_lo;
-    int64_t start_ns, end_ns, cpu_start;
-    int64_t index;
-    int64_t pid;
-    uint32_t name_id;
-    uint16_t depth;
-    uint8_t state;
-    uint8_t has_index;
-    uint8_t span_flags; /* SF_* below, copied into the span record */
-    uint8_t attrs_shared; /* attrs was handed out (or came from outside): copy it at close */
-    uint32_t code_id;     /* code location of the decorated function (code_scope), 0: none */
-    PyObject *name;
-    PyObject *attrs;
-    PyObject *token;
-    PyObject *exc;
-} ScopeObject;
-
 static PyTypeObject Scope_Type;
-static PyObject *g_scope_var;        /* ContextVar holding the innermost ScopeObject */
-static PyObject *g_otel_var;         /* ContextVar of the OpenTelemetry runtime context */
-static int g_otel_context;           /* consult g_otel_var when opening scopes */
-static int g_otel_attached;          /* the runtime context has attached a context at least once */
-static int g_trace_per_child = 1;    /* each direct child of the session starts a trace */
-static ScopeObject *g_session;       /* the cirron.session root, or NULL */
-static PyObject *g_decorate;         /* Python helper that turns a scope into a decorator */
-
-#define SCOPE_FREELIST_MAX 1024
-static ScopeObject *g_scope_freelist[SCOPE_FREELIST_MAX];
-static int g_scope_free_n;
 
 static ScopeObject *
 scope_alloc(void)
 {
     ScopeObject *s;
-    if (g_scope_free_n > 0) {
-        s = g_scope_freelist[--g_scope_free_n];
+    if (cn_state.scope_free_n > 0) {
+        s = cn_state.scope_freelist[--cn_state.scope_free_n];
         PyObject_Init((PyObject *)s, &Scope_Type);
     }
     else {
@@ -944,8 +710,8 @@ Scope_dealloc(ScopeObject *self)
     Py_CLEAR(self->attrs);
     Py_CLEAR(self->token);
     Py_CLEAR(self->exc);
-    if (g_scope_free_n < SCOPE_FREELIST_MAX)
-        g_scope_freelist[g_scope_free_n++] = self;
+    if (cn_state.scope_free_n < SCOPE_FREELIST_MAX)
+        cn_state.scope_freelist[cn_state.scope_free_n++] = self;
     else
         PyObject_Free(self);
 }
@@ -975,13 +741,13 @@ parse_index(PyObject *index, ScopeObject *s)
 /* Open `s` (state NEW) as the innermost scope of the current thread/task. New ref or NULL. */
 /* The innermost OpenTelemetry span, when one is active in this thread/task and newer than
  * the innermost Cirron scope `cur`. The OpenTelemetry runtime context installed by
- * cirron_otel keeps (context, anchor, trace_hi, trace_lo, span_id, flags) in g_otel_var,
+ * cirron_otel keeps (context, anchor, trace_hi, trace_lo, span_id, flags) in cn_state.otel_var,
  * where anchor is the Cirron scope that was innermost when the context was attached. */
 static int
 otel_parent(PyObject *cur, uint64_t *trace_hi, uint64_t *trace_lo, uint64_t *span_id, int *sampled)
 {
     PyObject *o = NULL;
-    if (PyContextVar_Get(g_otel_var, NULL, &o) < 0) {
+    if (PyContextVar_Get(cn_state.otel_var, NULL, &o) < 0) {
         PyErr_Clear();
         return 0;
     }
@@ -1007,13 +773,11 @@ otel_parent(PyObject *cur, uint64_t *trace_hi, uint64_t *trace_lo, uint64_t *spa
  * the trace (SF_UNSAMPLED), so OpenTelemetry sees the same decision (trace flags,
  * traceparent). As the SDK's TraceIdRatioBased: sampled iff the trace id's low 64 bits are
  * below the bound. Under an application's span, its own decision stands (otel_parent). */
-static int g_sample_all = 1;
-static uint64_t g_sample_bound;
 
 static inline uint8_t
 root_sampling(uint64_t trace_lo)
 {
-    return (g_sample_all || trace_lo < g_sample_bound) ? 0 : SF_UNSAMPLED;
+    return (cn_state.sample_all || trace_lo < cn_state.sample_bound) ? 0 : SF_UNSAMPLED;
 }
 
 /* A new trace rooted at `s`: its id, and whether it is sampled. */
@@ -1039,9 +803,9 @@ scope_inherit(ScopeObject *s, const ScopeObject *parent)
 static inline void
 scope_start(ScopeObject *s, int64_t ts)
 {
-    s->pid = g_pid;
+    s->pid = cn_state.pid;
     s->state = ST_OPEN;
-    if (g_capture_cpu)
+    if (cn_state.capture_cpu)
         s->cpu_start = thread_cpu_ns();
     s->start_ns = ts ? ts : wall_ns();
 }
@@ -1063,7 +827,7 @@ scope_open_under(ScopeObject *s, ring_t *r, int64_t ts, PyObject *cur, int push)
                   "cirron_otel: scopes nested deeper than 64 on this thread are dropped "
                   "(counted in health()['scope_drop_count']).");
         if (push == PUSH_REPLACE) { /* the previous item's scope must not stay current */
-            PyObject *tok = PyContextVar_Set(g_scope_var, cur ? cur : Py_None);
+            PyObject *tok = PyContextVar_Set(cn_state.scope_var, cur ? cur : Py_None);
             if (tok == NULL)
                 return -1;
             Py_DECREF(tok);
@@ -1076,7 +840,7 @@ scope_open_under(ScopeObject *s, ring_t *r, int64_t ts, PyObject *cur, int push)
     s->span_flags = 0;
     uint64_t ot_hi, ot_lo, ot_span;
     int ot_sampled;
-    if (g_otel_context && g_otel_attached && otel_parent(cur, &ot_hi, &ot_lo, &ot_span, &ot_sampled)) {
+    if (cn_state.otel_context && cn_state.otel_attached && otel_parent(cur, &ot_hi, &ot_lo, &ot_span, &ot_sampled)) {
         /* a foreign span's spool id: its span id, then the first half of its trace id */
         s->parent_hi = ot_span;
         s->parent_lo = ot_hi;
@@ -1088,19 +852,19 @@ scope_open_under(ScopeObject *s, ring_t *r, int64_t ts, PyObject *cur, int push)
         scope_inherit(s, inner);
         s->span_flags = inner->span_flags & SF_UNSAMPLED;
     }
-    else if (g_session) {
-        scope_inherit(s, g_session);
-        if (g_trace_per_child) {
+    else if (cn_state.session) {
+        scope_inherit(s, cn_state.session);
+        if (cn_state.trace_per_child) {
             scope_new_trace(s, r);
             s->span_flags |= SF_NEW_TRACE;
         }
         else
-            s->span_flags = g_session->span_flags & SF_UNSAMPLED;
+            s->span_flags = cn_state.session->span_flags & SF_UNSAMPLED;
     }
     else {
         scope_new_trace(s, r);
     }
-    PyObject *tok = PyContextVar_Set(g_scope_var, (PyObject *)s);
+    PyObject *tok = PyContextVar_Set(cn_state.scope_var, (PyObject *)s);
     if (tok == NULL)
         return -1;
     if (push == PUSH_TOKEN)
@@ -1115,7 +879,7 @@ static int
 scope_open(ScopeObject *s, ring_t *r, int64_t ts)
 {
     PyObject *cur = NULL;
-    if (PyContextVar_Get(g_scope_var, NULL, &cur) < 0)
+    if (PyContextVar_Get(cn_state.scope_var, NULL, &cur) < 0)
         return -1;
     if (cur == Py_None)
         Py_CLEAR(cur);
@@ -1199,15 +963,15 @@ scope_close_at(ScopeObject *self, PyObject *exc_type, PyObject *exc, int64_t end
     self->state = ST_CLOSED;
     self->end_ns = end;
     if (self->token != NULL) {
-        if (PyContextVar_Reset(g_scope_var, self->token) < 0) {
+        if (PyContextVar_Reset(cn_state.scope_var, self->token) < 0) {
             /* exited in another context (e.g. an abandoned iterator collected elsewhere) */
             PyErr_Clear();
         }
         Py_CLEAR(self->token);
     }
-    if (self->pid != g_pid) /* opened before fork(): the parent process owns this span */
+    if (self->pid != cn_state.pid) /* opened before fork(): the parent process owns this span */
         return 0;
-    if (!atomic_load_explicit(&g_recording, memory_order_relaxed))
+    if (!atomic_load_explicit(&cn_state.recording, memory_order_relaxed))
         return 0;
     if (exc_type != NULL && exc_type != Py_None)
         fill_error(self, exc_type, exc);
@@ -1298,29 +1062,6 @@ scope_make(PyObject *name, PyObject *index, PyObject *attrs, ring_t *r)
     return s;
 }
 
-/* Code locations of decorated functions (code.function.name, code.file.path,
- * code.line.number over OTLP), registered once per decorated function by code_location()
- * and named by id in each span record. Append-only: the encoder reads entries without the
- * GIL. Ids 1..CODE_MAX-1; when full, functions decorated later get none (id 0). */
-typedef struct {
-    char *func, *file; /* UTF-8; file may be NULL */
-    uint32_t func_len, file_len;
-    int64_t line;      /* < 0: unknown */
-} code_loc_t;
-
-#define CODE_CHUNK 256
-#define CODE_MAX (CODE_CHUNK * 256)
-static code_loc_t *g_code_chunks[CODE_MAX / CODE_CHUNK];
-static _Atomic uint32_t g_code_n = 1;
-
-static inline const code_loc_t *
-code_get(uint32_t id)
-{
-    if (id == 0 || id >= atomic_load_explicit(&g_code_n, memory_order_acquire))
-        return NULL;
-    return &g_code_chunks[id / CODE_CHUNK][id % CODE_CHUNK];
-}
-
 /* GIL held: a str's UTF-8 (lone surrogates backslash-escaped), malloc'd; NULL on failure. */
 static char *
 utf8_dup(PyObject *str, uint32_t *len)
@@ -1358,7 +1099,7 @@ mod_code_location(PyObject *m, PyObject *args)
             return NULL;
         ln = v < 0 ? -1 : v;
     }
-    uint32_t id = atomic_load_explicit(&g_code_n, memory_order_relaxed);
+    uint32_t id = atomic_load_explicit(&cn_state.code_n, memory_order_relaxed);
     if (id >= CODE_MAX)
         return PyLong_FromLong(0);
     code_loc_t c = {.line = ln};
@@ -1368,14 +1109,14 @@ mod_code_location(PyObject *m, PyObject *args)
         free(c.func);
         return NULL;
     }
-    code_loc_t **chunk = &g_code_chunks[id / CODE_CHUNK];
+    code_loc_t **chunk = &cn_state.code_chunks[id / CODE_CHUNK];
     if (*chunk == NULL && (*chunk = calloc(CODE_CHUNK, sizeof(code_loc_t))) == NULL) {
         free(c.func);
         free(c.file);
         return PyErr_NoMemory();
     }
     (*chunk)[id % CODE_CHUNK] = c;
-    atomic_store_explicit(&g_code_n, id + 1, memory_order_release);
+    atomic_store_explicit(&cn_state.code_n, id + 1, memory_order_release);
     return PyLong_FromUnsignedLong(id);
 }
 
@@ -1393,7 +1134,7 @@ mod_code_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *k
     unsigned long id = PyLong_AsUnsignedLong(args[0]);
     if (id == (unsigned long)-1 && PyErr_Occurred())
         return NULL;
-    if (id >= atomic_load_explicit(&g_code_n, memory_order_relaxed)) {
+    if (id >= atomic_load_explicit(&cn_state.code_n, memory_order_relaxed)) {
         PyErr_Format(PyExc_ValueError, "code_scope(): unknown code location %lu", id);
         return NULL;
     }
@@ -1428,7 +1169,7 @@ mod_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwname
         for (Py_ssize_t i = 0; i < nk; i++) {
             PyObject *k = PyTuple_GET_ITEM(kwnames, i);
             PyObject *v = args[nargs + i];
-            if (index == NULL && nargs < 2 && PyUnicode_Compare(k, g_str_index) == 0) {
+            if (index == NULL && nargs < 2 && PyUnicode_Compare(k, cn_state.str_index) == 0) {
                 index = v;
                 continue;
             }
@@ -1493,7 +1234,7 @@ static PyObject *
 Scope_call(ScopeObject *self, PyObject *args, PyObject *kwargs)
 {
     /* @ci.scope("name") on a function: each call runs in a fresh scope. */
-    if (g_decorate == NULL) {
+    if (cn_state.decorate == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "cirron_otel: decorator support is not initialised");
         return NULL;
     }
@@ -1511,7 +1252,7 @@ Scope_call(ScopeObject *self, PyObject *args, PyObject *kwargs)
         Py_DECREF(index);
         return NULL;
     }
-    PyObject *res = PyObject_CallFunctionObjArgs(g_decorate, PyTuple_GET_ITEM(args, 0), self->name,
+    PyObject *res = PyObject_CallFunctionObjArgs(cn_state.decorate, PyTuple_GET_ITEM(args, 0), self->name,
                                                  index, attrs, NULL);
     Py_DECREF(index);
     Py_DECREF(attrs);
@@ -1716,7 +1457,7 @@ scopeiter_finish(ScopeIterObject *self)
     if (self->token0 != NULL) {
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb);
-        if (PyContextVar_Reset(g_scope_var, self->token0) < 0)
+        if (PyContextVar_Reset(cn_state.scope_var, self->token0) < 0)
             PyErr_Clear(); /* abandoned in another context: leave that one be */
         PyErr_Restore(et, ev, tb);
         Py_CLEAR(self->token0);
@@ -1745,12 +1486,12 @@ ScopeIter_next(ScopeIterObject *self)
     if (self->token0 == NULL) {
         /* first item: remember the enclosing scope, and how to restore the context */
         PyObject *cur = NULL;
-        if (PyContextVar_Get(g_scope_var, NULL, &cur) < 0)
+        if (PyContextVar_Get(cn_state.scope_var, NULL, &cur) < 0)
             goto fail;
         if (cur == Py_None)
             Py_CLEAR(cur);
         self->outer = cur;
-        self->token0 = PyContextVar_Set(g_scope_var, cur ? cur : Py_None);
+        self->token0 = PyContextVar_Set(cn_state.scope_var, cur ? cur : Py_None);
         if (self->token0 == NULL)
             goto fail;
     }
@@ -1851,13 +1592,13 @@ make_scope_iter(PyObject *iterable, PyObject *name)
 static PyObject *
 mod_epochs(PyObject *m, PyObject *iterable)
 {
-    return make_scope_iter(iterable, g_epoch_name);
+    return make_scope_iter(iterable, cn_state.epoch_name);
 }
 
 static PyObject *
 mod_batches(PyObject *m, PyObject *iterable)
 {
-    return make_scope_iter(iterable, g_batch_name);
+    return make_scope_iter(iterable, cn_state.batch_name);
 }
 
 static PyObject *
@@ -1892,11 +1633,11 @@ mod_mark(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
         for (Py_ssize_t i = 0; i < nk; i++) {
             PyObject *k = PyTuple_GET_ITEM(kwnames, i);
             PyObject *v = args[2 + i];
-            if (k == g_str_kind || PyUnicode_Compare(k, g_str_kind) == 0) {
-                if (v == g_str_point || (PyUnicode_Check(v) && PyUnicode_Compare(v, g_str_point) == 0))
+            if (k == cn_state.str_kind || PyUnicode_Compare(k, cn_state.str_kind) == 0) {
+                if (v == cn_state.str_point || (PyUnicode_Check(v) && PyUnicode_Compare(v, cn_state.str_point) == 0))
                     summary = 0;
-                else if (v == g_str_summary ||
-                         (PyUnicode_Check(v) && PyUnicode_Compare(v, g_str_summary) == 0))
+                else if (v == cn_state.str_summary ||
+                         (PyUnicode_Check(v) && PyUnicode_Compare(v, cn_state.str_summary) == 0))
                     summary = 1;
                 else {
                     Py_XDECREF(attrs);
@@ -1930,14 +1671,14 @@ mod_mark(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
     PyObject *name_ref = NULL;
     if (resolve_name(r, name, &name_id, &name_ref, "mark") < 0)
         goto fail;
-    if (!atomic_load_explicit(&g_recording, memory_order_relaxed)) {
+    if (!atomic_load_explicit(&cn_state.recording, memory_order_relaxed)) {
         Py_XDECREF(name_ref);
         Py_XDECREF(cv.str);
         Py_XDECREF(attrs);
         Py_RETURN_NONE;
     }
     PyObject *cur = NULL;
-    if (PyContextVar_Get(g_scope_var, NULL, &cur) < 0) {
+    if (PyContextVar_Get(cn_state.scope_var, NULL, &cur) < 0) {
         Py_XDECREF(name_ref);
         goto fail;
     }
@@ -1946,9 +1687,9 @@ mod_mark(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
         hi = ((ScopeObject *)cur)->span_hi;
         lo = ((ScopeObject *)cur)->span_lo;
     }
-    else if (g_session != NULL) {
-        hi = g_session->span_hi;
-        lo = g_session->span_lo;
+    else if (cn_state.session != NULL) {
+        hi = cn_state.session->span_hi;
+        lo = cn_state.session->span_lo;
     }
     Py_XDECREF(cur);
     int64_t ts = wall_ns();
@@ -2325,7 +2066,7 @@ json_value(buf_t *b, PyObject *o, seen_t *seen)
         Py_DECREF(items);
         return;
     }
-    if (numpy_types_ready() && PyObject_IsInstance(o, g_numpy_generic) == 1) {
+    if (numpy_types_ready() && PyObject_IsInstance(o, cn_state.numpy_generic) == 1) {
         coerced_t cv;
         cv.str = NULL;
         if (coerce_value_slow(o, &cv, 0) == 0) {
@@ -2351,83 +2092,9 @@ json_value(buf_t *b, PyObject *o, seen_t *seen)
  * (no GIL) assigns mark ids and gathers each span's mark ids.
  * ==================================================================================== */
 
-typedef struct {
-    union {
-        struct {
-            uint64_t id_hi, id_lo; /* mark: its id */
-        };
-        uint64_t mids_omitted; /* span: mark ids over the list's cap, not listed */
-    };
-    uint32_t mids_off, mids_cnt;
-    int32_t ext;
-} aux_t;
-
-typedef struct {
-    uint32_t off, len; /* bytes in the batch arena */
-} tok_t;
-
-/* What the GIL pass extracted from a record's Python objects. */
-typedef struct {
-    tok_t name;                    /* raw UTF-8 name (F_NAME_REF) */
-    tok_t val;                     /* mark: raw UTF-8 string value, capped */
-    tok_t attrs;                   /* attrs as a JSON object */
-    tok_t oattrs;                  /* attrs as OTLP KeyValues: [varint len][KeyValue]... */
-    uint32_t oattrs_n, oattrs_dropped;
-    tok_t etype, emsg, estack;     /* span: the exception, raw UTF-8 */
-} ext_t;
-
-/* The slots [start, end) came from one ring: its thread's name (thread.name over OTLP). */
-typedef struct {
-    size_t start, end;
-    tok_t name;
-} thr_t;
-
-typedef struct {
-    PyObject_HEAD
-    slot_t *slots;
-    aux_t *aux;
-    size_t nslots;
-    ext_t *ext;
-    size_t next, ext_cap;
-    uint64_t *mids; /* pairs */
-    size_t nmids, mids_cap;
-    buf_t arena;
-    size_t n_marks, n_spans;
-    int64_t pid;
-    int64_t rank;
-    thr_t *thr; /* in slot order */
-    size_t nthr, thr_cap;
-} BatchObject;
-
 static PyTypeObject Batch_Type;
 
-/* open-span table: span id -> mark ids seen so far. A span lists at most a bounded number
- * of its mark ids (the first ones) and counts the rest, so a span that stays open for the
- * life of a process (the session root, a server's outer scope) keeps a constant size;
- * every mark record still names its span_id, which is how readers join. */
-#define SESSION_MARK_IDS_MAX 1000u
-#define SPAN_MARK_IDS_MAX 1000000u
-typedef struct open_span {
-    uint64_t hi, lo;
-    uint64_t *ids; /* pairs */
-    uint32_t n;    /* pairs */
-    uint32_t max;  /* pairs kept at most */
-    uint64_t omitted;
-    size_t cap;    /* uint64 entries */
-    struct open_span *next;
-} open_span_t;
-
-/* the current session root's id: its marks get the small cap */
-static _Atomic uint64_t g_session_hi, g_session_lo;
-
-static open_span_t **g_open;
-static size_t g_open_cap, g_open_n;
-static rng_t g_collect_rng;
-static int g_collect_rng_ready;
-static pthread_mutex_t g_collect_mu = PTHREAD_MUTEX_INITIALIZER;
 static _Thread_local int tl_collecting; /* this thread is inside collect() */
-static _Atomic uint64_t g_marks_collected, g_spans_collected, g_open_overflow;
-static PyObject *g_format_exception; /* traceback.format_exception, loaded lazily */
 
 static inline size_t
 open_hash(uint64_t hi, uint64_t lo, size_t cap)
@@ -2438,28 +2105,28 @@ open_hash(uint64_t hi, uint64_t lo, size_t cap)
 static open_span_t *
 open_find(uint64_t hi, uint64_t lo, int create)
 {
-    if (g_open_cap == 0) {
+    if (cn_state.open_cap == 0) {
         if (!create)
             return NULL;
-        g_open_cap = 1024;
-        g_open = calloc(g_open_cap, sizeof(open_span_t *));
-        if (g_open == NULL) {
-            g_open_cap = 0;
+        cn_state.open_cap = 1024;
+        cn_state.open_tab = calloc(cn_state.open_cap, sizeof(open_span_t *));
+        if (cn_state.open_tab == NULL) {
+            cn_state.open_cap = 0;
             return NULL;
         }
     }
-    size_t h = open_hash(hi, lo, g_open_cap);
-    for (open_span_t *e = g_open[h]; e; e = e->next)
+    size_t h = open_hash(hi, lo, cn_state.open_cap);
+    for (open_span_t *e = cn_state.open_tab[h]; e; e = e->next)
         if (e->hi == hi && e->lo == lo)
             return e;
     if (!create)
         return NULL;
-    if (g_open_n * 2 > g_open_cap) {
-        size_t ncap = g_open_cap * 2;
+    if (cn_state.open_n * 2 > cn_state.open_cap) {
+        size_t ncap = cn_state.open_cap * 2;
         open_span_t **nt = calloc(ncap, sizeof(open_span_t *));
         if (nt != NULL) {
-            for (size_t i = 0; i < g_open_cap; i++) {
-                open_span_t *e = g_open[i];
+            for (size_t i = 0; i < cn_state.open_cap; i++) {
+                open_span_t *e = cn_state.open_tab[i];
                 while (e) {
                     open_span_t *nx = e->next;
                     size_t k = open_hash(e->hi, e->lo, ncap);
@@ -2468,10 +2135,10 @@ open_find(uint64_t hi, uint64_t lo, int create)
                     e = nx;
                 }
             }
-            free(g_open);
-            g_open = nt;
-            g_open_cap = ncap;
-            h = open_hash(hi, lo, g_open_cap);
+            free(cn_state.open_tab);
+            cn_state.open_tab = nt;
+            cn_state.open_cap = ncap;
+            h = open_hash(hi, lo, cn_state.open_cap);
         }
     }
     open_span_t *e = calloc(1, sizeof(open_span_t));
@@ -2479,28 +2146,28 @@ open_find(uint64_t hi, uint64_t lo, int create)
         return NULL;
     e->hi = hi;
     e->lo = lo;
-    e->max = hi == atomic_load_explicit(&g_session_hi, memory_order_relaxed) &&
-                     lo == atomic_load_explicit(&g_session_lo, memory_order_relaxed)
+    e->max = hi == atomic_load_explicit(&cn_state.session_hi, memory_order_relaxed) &&
+                     lo == atomic_load_explicit(&cn_state.session_lo, memory_order_relaxed)
                  ? SESSION_MARK_IDS_MAX
                  : SPAN_MARK_IDS_MAX;
-    e->next = g_open[h];
-    g_open[h] = e;
-    g_open_n++;
+    e->next = cn_state.open_tab[h];
+    cn_state.open_tab[h] = e;
+    cn_state.open_n++;
     return e;
 }
 
 static void
 open_remove(open_span_t *target)
 {
-    size_t h = open_hash(target->hi, target->lo, g_open_cap);
-    open_span_t **pp = &g_open[h];
+    size_t h = open_hash(target->hi, target->lo, cn_state.open_cap);
+    open_span_t **pp = &cn_state.open_tab[h];
     while (*pp && *pp != target)
         pp = &(*pp)->next;
     if (*pp) {
         *pp = target->next;
         free(target->ids);
         free(target);
-        g_open_n--;
+        cn_state.open_n--;
     }
 }
 
@@ -2519,8 +2186,8 @@ batch_new(void)
     b->nmids = b->mids_cap = 0;
     memset(&b->arena, 0, sizeof(buf_t));
     b->n_marks = b->n_spans = 0;
-    b->pid = g_pid;
-    b->rank = g_rank;
+    b->pid = cn_state.pid;
+    b->rank = cn_state.rank;
     b->thr = NULL;
     b->nthr = b->thr_cap = 0;
     return b;
@@ -2562,12 +2229,12 @@ claim_ring(ring_t *r, slot_t *dst, size_t room)
 static void
 ring_free_locked(ring_t *r)
 {
-    atomic_fetch_add(&g_freed_marks_recorded, atomic_load(&r->marks_recorded));
-    atomic_fetch_add(&g_freed_spans_recorded, atomic_load(&r->spans_recorded));
-    atomic_fetch_add(&g_freed_depth_drops, atomic_load(&r->depth_drops));
-    atomic_fetch_add(&g_freed_marks_dropped, atomic_load(&r->marks_dropped));
-    atomic_fetch_add(&g_freed_spans_dropped, atomic_load(&r->spans_dropped));
-    atomic_fetch_add(&g_rings_freed, 1);
+    atomic_fetch_add(&cn_state.freed_marks_recorded, atomic_load(&r->marks_recorded));
+    atomic_fetch_add(&cn_state.freed_spans_recorded, atomic_load(&r->spans_recorded));
+    atomic_fetch_add(&cn_state.freed_depth_drops, atomic_load(&r->depth_drops));
+    atomic_fetch_add(&cn_state.freed_marks_dropped, atomic_load(&r->marks_dropped));
+    atomic_fetch_add(&cn_state.freed_spans_dropped, atomic_load(&r->spans_dropped));
+    atomic_fetch_add(&cn_state.rings_freed, 1);
     free(r->thread_name);
     free(r->slots);
     free(r);
@@ -2621,12 +2288,6 @@ arena_str_of(BatchObject *b, PyObject *o)
 
 static void otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_t *n, uint32_t *dropped,
                        int span_error);
-static int g_otlp;                          /* render OTLP attributes in the GIL pass */
-static uint32_t g_span_attr_limit = 128, g_event_attr_limit = 128;
-/* OTEL_SPAN_LINK_COUNT_LIMIT / OTEL_LINK_ATTRIBUTE_COUNT_LIMIT: a span has at most one link
- * (to the session) with one attribute, so only 0 changes anything */
-static uint32_t g_link_limit = 128, g_link_attr_limit = 128;
-static int64_t g_value_len_limit = -1;      /* OTEL_*ATTRIBUTE_VALUE_LENGTH_LIMIT */
 
 /* Phase 2 for one slot (GIL held). */
 static void
@@ -2652,9 +2313,9 @@ resolve_refs(BatchObject *b, size_t i)
         size_t st = a->len;
         json_value(a, attrs, &seen);
         e->attrs = arena_since(b, st);
-        if (g_otlp && PyDict_Check(attrs)) {
+        if (cn_state.otlp && PyDict_Check(attrs)) {
             st = a->len;
-            uint32_t limit = s->type == R_MARK ? g_event_attr_limit : g_span_attr_limit;
+            uint32_t limit = s->type == R_MARK ? cn_state.event_attr_limit : cn_state.span_attr_limit;
             /* a failed span: error / error.message are the status over OTLP, not attributes */
             otlp_attrs(a, attrs, limit, &e->oattrs_n, &e->oattrs_dropped,
                        s->type == R_SPAN && (s->flags & F_ERROR));
@@ -2685,16 +2346,16 @@ resolve_refs(BatchObject *b, size_t i)
         Py_XDECREF(qn);
         Py_XDECREF(mod);
         e->emsg = arena_str_of(b, exc);
-        if (g_format_exception == NULL) {
+        if (cn_state.format_exception == NULL) {
             PyObject *tbm = PyImport_ImportModule("traceback");
             if (tbm) {
-                g_format_exception = PyObject_GetAttrString(tbm, "format_exception");
+                cn_state.format_exception = PyObject_GetAttrString(tbm, "format_exception");
                 Py_DECREF(tbm);
             }
             PyErr_Clear();
         }
-        if (g_format_exception) {
-            PyObject *lines = PyObject_CallOneArg(g_format_exception, exc);
+        if (cn_state.format_exception) {
+            PyObject *lines = PyObject_CallOneArg(cn_state.format_exception, exc);
             PyObject *empty = lines ? PyUnicode_FromString("") : NULL;
             PyObject *text = empty ? PyUnicode_Join(empty, lines) : NULL;
             if (text)
@@ -2727,7 +2388,7 @@ assign_mark_ids(BatchObject *b)
         slot_t *s = &b->slots[i];
         if (s->type != R_MARK)
             continue;
-        uint64_t hi = rng_next(&g_collect_rng), lo = rng_next(&g_collect_rng);
+        uint64_t hi = rng_next(&cn_state.collect_rng), lo = rng_next(&cn_state.collect_rng);
         /* RFC 4122 version 4 layout: 122 random bits */
         hi = (hi & 0xFFFFFFFFFFFF0FFFULL) | 0x0000000000004000ULL;
         lo = (lo & 0x3FFFFFFFFFFFFFFFULL) | 0x8000000000000000ULL;
@@ -2738,7 +2399,7 @@ assign_mark_ids(BatchObject *b)
             continue;
         open_span_t *e = open_find(s->span_hi, s->span_lo, 1);
         if (e == NULL) {
-            atomic_fetch_add(&g_open_overflow, 1);
+            atomic_fetch_add(&cn_state.open_overflow, 1);
             continue;
         }
         if (e->n >= e->max) {
@@ -2746,7 +2407,7 @@ assign_mark_ids(BatchObject *b)
             continue;
         }
         if (ARRAY_GROW(e->ids, e->cap, 2 * e->n + 1, 16) < 0) { /* pairs: 2 entries each */
-            atomic_fetch_add(&g_open_overflow, 1);
+            atomic_fetch_add(&cn_state.open_overflow, 1);
             continue;
         }
         e->ids[2 * e->n] = hi;
@@ -2792,14 +2453,14 @@ mod_collect(PyObject *m, PyObject *args)
     tl_collecting = 1;
     int need_gil = 0, oom = 0;
     Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&g_collect_mu);
-    if (!g_collect_rng_ready) {
-        rng_seed(&g_collect_rng);
-        g_collect_rng_ready = 1;
+    pthread_mutex_lock(&cn_state.collect_mu);
+    if (!cn_state.collect_rng_ready) {
+        rng_seed(&cn_state.collect_rng);
+        cn_state.collect_rng_ready = 1;
     }
-    pthread_mutex_lock(&g_registry_mu);
+    pthread_mutex_lock(&cn_state.registry_mu);
     uint64_t avail = 0;
-    for (ring_t *r = g_rings; r; r = r->next)
+    for (ring_t *r = cn_state.rings; r; r = r->next)
         avail += atomic_load(&r->head) - atomic_load(&r->tail);
     size_t room = avail < (uint64_t)max_slots ? (size_t)avail : (size_t)max_slots;
     if (room > 0) {
@@ -2808,7 +2469,7 @@ mod_collect(PyObject *m, PyObject *args)
         if (b->slots == NULL || b->aux == NULL)
             oom = 1;
     }
-    for (ring_t *r = g_rings; r && !oom && b->nslots < room; r = r->next) {
+    for (ring_t *r = cn_state.rings; r && !oom && b->nslots < room; r = r->next) {
         size_t first = b->nslots;
         b->nslots += claim_ring(r, b->slots + b->nslots, room - b->nslots);
         if (b->nslots > first && r->thread_name && ARRAY_GROW(b->thr, b->thr_cap, b->nthr, 8) == 0) {
@@ -2817,7 +2478,7 @@ mod_collect(PyObject *m, PyObject *args)
             b->thr[b->nthr++] = (thr_t){first, b->nslots, arena_since(b, at)};
         }
     }
-    pthread_mutex_unlock(&g_registry_mu);
+    pthread_mutex_unlock(&cn_state.registry_mu);
     for (size_t i = 0; i < b->nslots; i++) {
         b->aux[i].ext = -1;
         if (b->slots[i].type != R_SPAN2 && (b->slots[i].flags & F_REFS))
@@ -2825,7 +2486,7 @@ mod_collect(PyObject *m, PyObject *args)
     }
     if (!need_gil) {
         assign_mark_ids(b);
-        pthread_mutex_unlock(&g_collect_mu);
+        pthread_mutex_unlock(&cn_state.collect_mu);
     }
     Py_END_ALLOW_THREADS
     if (need_gil) {
@@ -2835,7 +2496,7 @@ mod_collect(PyObject *m, PyObject *args)
                 resolve_refs(b, i);
         Py_BEGIN_ALLOW_THREADS
         assign_mark_ids(b);
-        pthread_mutex_unlock(&g_collect_mu);
+        pthread_mutex_unlock(&cn_state.collect_mu);
         Py_END_ALLOW_THREADS
     }
     tl_collecting = 0;
@@ -2844,9 +2505,9 @@ mod_collect(PyObject *m, PyObject *args)
         return PyErr_NoMemory();
     }
     if (b->nslots > 0)
-        atomic_store_explicit(&g_progress_ns, wall_ns(), memory_order_relaxed);
-    atomic_fetch_add(&g_marks_collected, b->n_marks);
-    atomic_fetch_add(&g_spans_collected, b->n_spans);
+        atomic_store_explicit(&cn_state.progress_ns, wall_ns(), memory_order_relaxed);
+    atomic_fetch_add(&cn_state.marks_collected, b->n_marks);
+    atomic_fetch_add(&cn_state.spans_collected, b->n_spans);
     if (b->nslots == 0) {
         Py_DECREF(b);
         Py_RETURN_NONE;
@@ -2860,8 +2521,8 @@ mod_free_orphans(PyObject *m, PyObject *unused)
 {
     ring_t *dead = NULL;
     Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&g_registry_mu);
-    ring_t **pp = &g_rings;
+    pthread_mutex_lock(&cn_state.registry_mu);
+    ring_t **pp = &cn_state.rings;
     while (*pp) {
         ring_t *r = *pp;
         if (atomic_load_explicit(&r->orphaned, memory_order_acquire) &&
@@ -2874,7 +2535,7 @@ mod_free_orphans(PyObject *m, PyObject *unused)
             pp = &r->next;
         }
     }
-    pthread_mutex_unlock(&g_registry_mu);
+    pthread_mutex_unlock(&cn_state.registry_mu);
     Py_END_ALLOW_THREADS
     long n = 0;
     while (dead) {
@@ -3282,16 +2943,16 @@ static PyTypeObject Batch_Type = {
  * pb_splice_kvs): pb.h. The KeyValue helpers below apply the configured limits. */
 
 /* OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT counts characters: the byte length of the first
- * g_value_len_limit characters of UTF-8 text (all of it without a limit). */
+ * cn_state.value_len_limit characters of UTF-8 text (all of it without a limit). */
 static inline size_t
 limited_utf8(const char *p, size_t n)
 {
-    if (g_value_len_limit < 0)
+    if (cn_state.value_len_limit < 0)
         return n;
     size_t chars = 0;
     for (size_t i = 0; i < n; i++) {
         if (((unsigned char)p[i] & 0xC0) != 0x80) {
-            if (chars == (size_t)g_value_len_limit)
+            if (chars == (size_t)cn_state.value_len_limit)
                 return i;
             chars++;
         }
@@ -3388,7 +3049,7 @@ otlp_any_value(buf_t *a, PyObject *v)
 {
     coerced_t cv = {.str = NULL};
     if (!(PyBool_Check(v) || PyLong_Check(v) || PyFloat_Check(v) || PyUnicode_Check(v)) &&
-        numpy_types_ready() && PyObject_IsInstance(v, g_numpy_generic) == 1 &&
+        numpy_types_ready() && PyObject_IsInstance(v, cn_state.numpy_generic) == 1 &&
         coerce_value_slow(v, &cv, 0) == 0) {
         PyObject *conv = cv.str ? cv.str
                          : cv.vtype == VT_FLOAT ? PyFloat_FromDouble(cv.v.d)
@@ -3766,7 +3427,7 @@ otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i)
     pb_hex_kv(ev, 3, "cirron.mark.id", b->aux[i].id_hi, b->aux[i].id_lo);
     uint32_t dropped = 0;
     if (x && x->oattrs.len) {
-        uint32_t room = g_event_attr_limit > 3 ? g_event_attr_limit - 3 : 0;
+        uint32_t room = cn_state.event_attr_limit > 3 ? cn_state.event_attr_limit - 3 : 0;
         uint32_t kept = pb_splice_kvs(ev, 3, b->arena.data + x->oattrs.off, x->oattrs.len, room);
         dropped = x->oattrs_n - kept + x->oattrs_dropped;
     }
@@ -3840,7 +3501,7 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
     pb_tag(o, 8, WT_I64);
     pb_fixed(o, (uint64_t)s->v.i, 8);
     /* attributes: the scope's own, then cirron.*, then summaries, up to the limit */
-    uint32_t limit = g_span_attr_limit, n = 0, dropped = 0;
+    uint32_t limit = cn_state.span_attr_limit, n = 0, dropped = 0;
     if (x && x->oattrs.len) {
         n = pb_splice_kvs(o, 9, b->arena.data + x->oattrs.off, x->oattrs.len, limit);
         dropped += x->oattrs_n - n + x->oattrs_dropped;
@@ -3913,7 +3574,7 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
         pb_varint(o, ev_dropped);
     }
     if ((s->vtype & SF_NEW_TRACE) && (c->session_trace_hi | c->session_trace_lo)) {
-        if (g_link_limit == 0) {
+        if (cn_state.link_limit == 0) {
             pb_tag(o, 14, WT_VARINT); /* dropped_links_count */
             pb_varint(o, 1);
         }
@@ -3921,7 +3582,7 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
             size_t ln = pb_begin(o, 13);
             pb_id(o, 1, c->session_trace_hi, c->session_trace_lo, 16);
             pb_id(o, 2, s2->parent_hi, 0, 8);
-            if (g_link_attr_limit > 0)
+            if (cn_state.link_attr_limit > 0)
                 pb_str_kv(o, 4, "cirron.link", 11, "session", 7);
             else {
                 pb_tag(o, 5, WT_VARINT); /* the link's dropped_attributes_count */
@@ -4071,45 +3732,45 @@ mod_configure(PyObject *m, PyObject *args, PyObject *kw)
                                      &attached, &link_limit, &link_attr_limit))
         return NULL;
     if (link_limit >= 0)
-        g_link_limit = (uint32_t)(link_limit > UINT32_MAX ? UINT32_MAX : link_limit);
+        cn_state.link_limit = (uint32_t)(link_limit > UINT32_MAX ? UINT32_MAX : link_limit);
     if (link_attr_limit >= 0)
-        g_link_attr_limit = (uint32_t)(link_attr_limit > UINT32_MAX ? UINT32_MAX : link_attr_limit);
+        cn_state.link_attr_limit = (uint32_t)(link_attr_limit > UINT32_MAX ? UINT32_MAX : link_attr_limit);
     if (attached != -1)
-        g_otel_attached = attached;
+        cn_state.otel_attached = attached;
     if (otlp != -1)
-        g_otlp = otlp;
+        cn_state.otlp = otlp;
     if (span_limit >= 0)
-        g_span_attr_limit = (uint32_t)span_limit;
+        cn_state.span_attr_limit = (uint32_t)span_limit;
     if (event_limit >= 0)
-        g_event_attr_limit = (uint32_t)event_limit;
+        cn_state.event_attr_limit = (uint32_t)event_limit;
     if (value_limit != LLONG_MIN)
-        g_value_len_limit = value_limit;
+        cn_state.value_len_limit = value_limit;
     if (otel_context != -1)
-        g_otel_context = otel_context;
+        cn_state.otel_context = otel_context;
     if (per_child != -1)
-        g_trace_per_child = per_child;
+        cn_state.trace_per_child = per_child;
     if (cap != -1) {
         if (cap < 64 || cap > (1 << 26)) {
             PyErr_SetString(PyExc_ValueError, "ring_capacity must be between 64 and 67108864");
             return NULL;
         }
-        g_ring_capacity = (uint64_t)cap; /* applies to rings created from now on */
+        cn_state.ring_capacity = (uint64_t)cap; /* applies to rings created from now on */
     }
     if (cpu != -1)
-        g_capture_cpu = cpu;
+        cn_state.capture_cpu = cpu;
     if (rank != LLONG_MIN)
-        g_rank = rank;
+        cn_state.rank = rank;
     if (recording != -1)
-        atomic_store(&g_recording, recording);
+        atomic_store(&cn_state.recording, recording);
     if (full_wait >= 0)
-        atomic_store(&g_full_wait_ns, (int64_t)(full_wait * 1e9));
+        atomic_store(&cn_state.full_wait_ns, (int64_t)(full_wait * 1e9));
     if (cat != NULL) {
         Py_INCREF(cat);
-        Py_XSETREF(g_warning_category, cat);
+        Py_XSETREF(cn_state.warning_category, cat);
     }
     if (decorate != NULL) {
         Py_INCREF(decorate);
-        Py_XSETREF(g_decorate, decorate);
+        Py_XSETREF(cn_state.decorate, decorate);
     }
     Py_RETURN_NONE;
 }
@@ -4126,17 +3787,17 @@ mod_session_begin(PyObject *m, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "session_begin(): parent must be a Scope");
         return NULL;
     }
-    if (g_session != NULL)
-        return Py_NewRef((PyObject *)g_session);
+    if (cn_state.session != NULL)
+        return Py_NewRef((PyObject *)cn_state.session);
     ring_t *r = get_ring();
     if (r == NULL)
         return NULL;
     /* The root is not pushed on the context: every thread and task sees it as the parent
      * of its outermost scope, and marks with no scope open attach to it. */
     PyObject *cur = NULL;
-    if (PyContextVar_Get(g_scope_var, NULL, &cur) < 0)
+    if (PyContextVar_Get(cn_state.scope_var, NULL, &cur) < 0)
         return NULL;
-    ScopeObject *s = scope_make(g_session_name, NULL, attrs, r);
+    ScopeObject *s = scope_make(cn_state.session_name, NULL, attrs, r);
     if (s == NULL) {
         Py_XDECREF(cur);
         return NULL;
@@ -4156,19 +3817,19 @@ mod_session_begin(PyObject *m, PyObject *args)
     }
     Py_XDECREF(cur);
     scope_start(s, 0);
-    atomic_store_explicit(&g_session_hi, s->span_hi, memory_order_relaxed);
-    atomic_store_explicit(&g_session_lo, s->span_lo, memory_order_relaxed);
-    g_session = s;
+    atomic_store_explicit(&cn_state.session_hi, s->span_hi, memory_order_relaxed);
+    atomic_store_explicit(&cn_state.session_lo, s->span_lo, memory_order_relaxed);
+    cn_state.session = s;
     return Py_NewRef((PyObject *)s);
 }
 
 static PyObject *
 mod_session_end(PyObject *m, PyObject *unused)
 {
-    ScopeObject *s = g_session;
+    ScopeObject *s = cn_state.session;
     if (s == NULL)
         Py_RETURN_NONE;
-    g_session = NULL;
+    cn_state.session = NULL;
     scope_close(s, NULL, NULL);
     Py_DECREF(s);
     Py_RETURN_NONE;
@@ -4183,24 +3844,24 @@ mod_set_sampler(PyObject *m, PyObject *args)
     unsigned long long bound;
     if (!PyArg_ParseTuple(args, "pK:set_sampler", &all, &bound))
         return NULL;
-    g_sample_bound = (uint64_t)bound;
-    g_sample_all = all;
+    cn_state.sample_bound = (uint64_t)bound;
+    cn_state.sample_all = all;
     Py_RETURN_NONE;
 }
 
 static PyObject *
 mod_session(PyObject *m, PyObject *unused)
 {
-    if (g_session == NULL)
+    if (cn_state.session == NULL)
         Py_RETURN_NONE;
-    return Py_NewRef((PyObject *)g_session);
+    return Py_NewRef((PyObject *)cn_state.session);
 }
 
 static PyObject *
 mod_current_scope(PyObject *m, PyObject *unused)
 {
     PyObject *cur = NULL;
-    if (PyContextVar_Get(g_scope_var, NULL, &cur) < 0)
+    if (PyContextVar_Get(cn_state.scope_var, NULL, &cur) < 0)
         return NULL;
     if (cur == NULL)
         Py_RETURN_NONE;
@@ -4216,9 +3877,9 @@ mod_wait(PyObject *m, PyObject *arg)
         return NULL;
     int woken;
     Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&g_wake_mu);
-    atomic_store(&g_drainer_sleeping, 1);
-    if (!atomic_load(&g_wake_flag) && timeout > 0) {
+    pthread_mutex_lock(&cn_state.wake_mu);
+    atomic_store(&cn_state.drainer_sleeping, 1);
+    if (!atomic_load(&cn_state.wake_flag) && timeout > 0) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
         double whole = floor(timeout);
@@ -4228,14 +3889,14 @@ mod_wait(PyObject *m, PyObject *arg)
             ts.tv_sec++;
             ts.tv_nsec -= 1000000000L;
         }
-        pthread_cond_timedwait(&g_wake_cv, &g_wake_mu, &ts);
+        pthread_cond_timedwait(&cn_state.wake_cv, &cn_state.wake_mu, &ts);
     }
-    atomic_store(&g_drainer_sleeping, 0);
-    woken = atomic_exchange(&g_wake_flag, 0);
-    pthread_mutex_unlock(&g_wake_mu);
+    atomic_store(&cn_state.drainer_sleeping, 0);
+    woken = atomic_exchange(&cn_state.wake_flag, 0);
+    pthread_mutex_unlock(&cn_state.wake_mu);
     Py_END_ALLOW_THREADS
     if (woken)
-        atomic_fetch_add(&g_wakeups, 1);
+        atomic_fetch_add(&cn_state.wakeups, 1);
     return PyBool_FromLong(woken);
 }
 
@@ -4243,7 +3904,7 @@ mod_wait(PyObject *m, PyObject *arg)
 static PyObject *
 mod_progress(PyObject *m, PyObject *unused)
 {
-    atomic_store_explicit(&g_progress_ns, wall_ns(), memory_order_relaxed);
+    atomic_store_explicit(&cn_state.progress_ns, wall_ns(), memory_order_relaxed);
     Py_RETURN_NONE;
 }
 
@@ -4259,10 +3920,10 @@ static uint64_t
 pending_slots(void)
 {
     uint64_t n = 0;
-    pthread_mutex_lock(&g_registry_mu);
-    for (ring_t *r = g_rings; r; r = r->next)
+    pthread_mutex_lock(&cn_state.registry_mu);
+    for (ring_t *r = cn_state.rings; r; r = r->next)
         n += atomic_load(&r->head) - atomic_load(&r->tail);
-    pthread_mutex_unlock(&g_registry_mu);
+    pthread_mutex_unlock(&cn_state.registry_mu);
     return n;
 }
 
@@ -4279,12 +3940,12 @@ mod_pending(PyObject *m, PyObject *unused)
 static PyObject *
 mod_stats(PyObject *m, PyObject *unused)
 {
-    uint64_t mr = atomic_load(&g_freed_marks_recorded), sr = atomic_load(&g_freed_spans_recorded),
-             dd = atomic_load(&g_freed_depth_drops), md = atomic_load(&g_freed_marks_dropped),
-             sd = atomic_load(&g_freed_spans_dropped), pend = 0, live = 0;
+    uint64_t mr = atomic_load(&cn_state.freed_marks_recorded), sr = atomic_load(&cn_state.freed_spans_recorded),
+             dd = atomic_load(&cn_state.freed_depth_drops), md = atomic_load(&cn_state.freed_marks_dropped),
+             sd = atomic_load(&cn_state.freed_spans_dropped), pend = 0, live = 0;
     Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&g_registry_mu);
-    for (ring_t *r = g_rings; r; r = r->next) {
+    pthread_mutex_lock(&cn_state.registry_mu);
+    for (ring_t *r = cn_state.rings; r; r = r->next) {
         mr += atomic_load(&r->marks_recorded);
         sr += atomic_load(&r->spans_recorded);
         dd += atomic_load(&r->depth_drops);
@@ -4293,20 +3954,20 @@ mod_stats(PyObject *m, PyObject *unused)
         pend += atomic_load(&r->head) - atomic_load(&r->tail);
         live += !atomic_load(&r->orphaned);
     }
-    pthread_mutex_unlock(&g_registry_mu);
+    pthread_mutex_unlock(&cn_state.registry_mu);
     Py_END_ALLOW_THREADS
     return Py_BuildValue(
         "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:I,s:K}", "marks_recorded",
         (unsigned long long)mr, "spans_recorded", (unsigned long long)sr, "scope_depth_drops",
         (unsigned long long)dd, "marks_dropped", (unsigned long long)md, "spans_dropped",
         (unsigned long long)sd, "pending_slots", (unsigned long long)pend, "marks_collected",
-        (unsigned long long)atomic_load(&g_marks_collected), "spans_collected",
-        (unsigned long long)atomic_load(&g_spans_collected), "rings_live", (unsigned long long)live,
-        "rings_created", (unsigned long long)atomic_load(&g_rings_created), "rings_freed",
-        (unsigned long long)atomic_load(&g_rings_freed), "wakeups",
-        (unsigned long long)atomic_load(&g_wakeups), "open_spans", (Py_ssize_t)g_open_n,
-        "names", (unsigned int)atomic_load(&g_name_count), "mark_id_overflow",
-        (unsigned long long)atomic_load(&g_open_overflow));
+        (unsigned long long)atomic_load(&cn_state.marks_collected), "spans_collected",
+        (unsigned long long)atomic_load(&cn_state.spans_collected), "rings_live", (unsigned long long)live,
+        "rings_created", (unsigned long long)atomic_load(&cn_state.rings_created), "rings_freed",
+        (unsigned long long)atomic_load(&cn_state.rings_freed), "wakeups",
+        (unsigned long long)atomic_load(&cn_state.wakeups), "open_spans", (Py_ssize_t)cn_state.open_n,
+        "names", (unsigned int)atomic_load(&cn_state.name_count), "mark_id_overflow",
+        (unsigned long long)atomic_load(&cn_state.open_overflow));
 }
 
 static PyObject *
@@ -4315,7 +3976,7 @@ mod_name_of(PyObject *m, PyObject *arg)
     Py_ssize_t i = PyLong_AsSsize_t(arg);
     if (i == -1 && PyErr_Occurred())
         return NULL;
-    return PySequence_GetItem(g_name_objs, i);
+    return PySequence_GetItem(cn_state.name_objs, i);
 }
 
 /* fork(): the prepare/parent hooks keep the registry lock consistent; the child resets. */
@@ -4324,30 +3985,30 @@ atfork_prepare(void)
 {
     /* Only the registry lock: its holders never wait for the GIL while holding it, and the
      * forking thread holds the GIL. The collector lock is simply re-made in the child. */
-    pthread_mutex_lock(&g_registry_mu);
+    pthread_mutex_lock(&cn_state.registry_mu);
 }
 
 static void
 atfork_parent(void)
 {
-    pthread_mutex_unlock(&g_registry_mu);
+    pthread_mutex_unlock(&cn_state.registry_mu);
 }
 
 static void
 atfork_child(void)
 {
-    pthread_mutex_init(&g_registry_mu, NULL);
-    pthread_mutex_init(&g_collect_mu, NULL);
-    pthread_mutex_init(&g_wake_mu, NULL);
-    pthread_cond_init(&g_wake_cv, NULL);
-    atomic_store(&g_drainer_sleeping, 0);
-    atomic_store(&g_wake_flag, 0);
+    pthread_mutex_init(&cn_state.registry_mu, NULL);
+    pthread_mutex_init(&cn_state.collect_mu, NULL);
+    pthread_mutex_init(&cn_state.wake_mu, NULL);
+    pthread_cond_init(&cn_state.wake_cv, NULL);
+    atomic_store(&cn_state.drainer_sleeping, 0);
+    atomic_store(&cn_state.wake_flag, 0);
     /* a collect() in flight in the parent may have left the open-span table mid-update:
      * abandon it (a bounded leak, once per fork) rather than walk it */
-    g_open = NULL;
-    g_open_cap = 0;
-    g_open_n = 0;
-    g_pid = (int64_t)getpid();
+    cn_state.open_tab = NULL;
+    cn_state.open_cap = 0;
+    cn_state.open_n = 0;
+    cn_state.pid = (int64_t)getpid();
 }
 
 /* after_fork_child(): called from os.register_at_fork in the child, GIL held. The child
@@ -4356,10 +4017,10 @@ atfork_child(void)
 static PyObject *
 mod_after_fork_child(PyObject *m, PyObject *unused)
 {
-    g_pid = (int64_t)getpid();
+    cn_state.pid = (int64_t)getpid();
     ring_t *keep = tl_ring;
-    ring_t *r = g_rings;
-    g_rings = NULL;
+    ring_t *r = cn_state.rings;
+    cn_state.rings = NULL;
     while (r) {
         ring_t *nx = r->next;
         for (uint64_t t = atomic_load(&r->tail), h = atomic_load(&r->head); t < h; t++) {
@@ -4380,7 +4041,7 @@ mod_after_fork_child(PyObject *m, PyObject *unused)
             rng_seed(&r->rng);
             r->next = NULL;
             r->thread_id = (uint64_t)PyThread_get_thread_ident();
-            g_rings = r;
+            cn_state.rings = r;
         }
         else {
             /* threads that do not exist in the child: their name caches are garbage to us */
@@ -4392,17 +4053,17 @@ mod_after_fork_child(PyObject *m, PyObject *unused)
         }
         r = nx;
     }
-    atomic_store(&g_freed_marks_recorded, 0);
-    atomic_store(&g_freed_spans_recorded, 0);
-    atomic_store(&g_freed_depth_drops, 0);
-    atomic_store(&g_freed_marks_dropped, 0);
-    atomic_store(&g_freed_spans_dropped, 0);
-    atomic_store(&g_marks_collected, 0);
-    atomic_store(&g_spans_collected, 0);
-    atomic_store(&g_rings_freed, 0);
-    atomic_store(&g_rings_created, g_rings ? 1 : 0);
-    rng_seed(&g_collect_rng);
-    g_collect_rng_ready = 1;
+    atomic_store(&cn_state.freed_marks_recorded, 0);
+    atomic_store(&cn_state.freed_spans_recorded, 0);
+    atomic_store(&cn_state.freed_depth_drops, 0);
+    atomic_store(&cn_state.freed_marks_dropped, 0);
+    atomic_store(&cn_state.freed_spans_dropped, 0);
+    atomic_store(&cn_state.marks_collected, 0);
+    atomic_store(&cn_state.spans_collected, 0);
+    atomic_store(&cn_state.rings_freed, 0);
+    atomic_store(&cn_state.rings_created, cn_state.rings ? 1 : 0);
+    rng_seed(&cn_state.collect_rng);
+    cn_state.collect_rng_ready = 1;
     Py_RETURN_NONE;
 }
 
@@ -4479,27 +4140,27 @@ native_init_globals(void)
     if (PyType_Ready(&Scope_Type) < 0 || PyType_Ready(&ScopeIter_Type) < 0 ||
         PyType_Ready(&Batch_Type) < 0 || PyType_Ready(&OtlpState_Type) < 0)
         return -1;
-    if (pthread_key_create(&g_ring_key, ring_thread_exit) != 0) {
+    if (pthread_key_create(&cn_state.ring_key, ring_thread_exit) != 0) {
         PyErr_SetString(PyExc_RuntimeError, "cirron_otel: pthread_key_create failed");
         return -1;
     }
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
-    g_pid = (int64_t)getpid();
-    g_scope_var = PyContextVar_New("cirron_otel.current_scope", NULL);
-    g_otel_var = PyContextVar_New("cirron_otel.otel_context", NULL);
-    g_name_ids = PyDict_New();
-    g_name_objs = PyList_New(0);
-    g_str_point = PyUnicode_InternFromString("point");
-    g_str_summary = PyUnicode_InternFromString("summary");
-    g_str_kind = PyUnicode_InternFromString("kind");
-    g_str_index = PyUnicode_InternFromString("index");
-    g_str_item = PyUnicode_InternFromString("item");
-    g_session_name = PyUnicode_InternFromString("cirron.session");
-    g_epoch_name = PyUnicode_InternFromString("epoch");
-    g_batch_name = PyUnicode_InternFromString("batch");
-    if (!g_scope_var || !g_otel_var || !g_name_ids || !g_name_objs || !g_str_point || !g_str_summary ||
-        !g_str_kind || !g_str_index || !g_str_item || !g_session_name || !g_epoch_name ||
-        !g_batch_name)
+    cn_state.pid = (int64_t)getpid();
+    cn_state.scope_var = PyContextVar_New("cirron_otel.current_scope", NULL);
+    cn_state.otel_var = PyContextVar_New("cirron_otel.otel_context", NULL);
+    cn_state.name_ids = PyDict_New();
+    cn_state.name_objs = PyList_New(0);
+    cn_state.str_point = PyUnicode_InternFromString("point");
+    cn_state.str_summary = PyUnicode_InternFromString("summary");
+    cn_state.str_kind = PyUnicode_InternFromString("kind");
+    cn_state.str_index = PyUnicode_InternFromString("index");
+    cn_state.str_item = PyUnicode_InternFromString("item");
+    cn_state.session_name = PyUnicode_InternFromString("cirron.session");
+    cn_state.epoch_name = PyUnicode_InternFromString("epoch");
+    cn_state.batch_name = PyUnicode_InternFromString("batch");
+    if (!cn_state.scope_var || !cn_state.otel_var || !cn_state.name_ids || !cn_state.name_objs || !cn_state.str_point || !cn_state.str_summary ||
+        !cn_state.str_kind || !cn_state.str_index || !cn_state.str_item || !cn_state.session_name || !cn_state.epoch_name ||
+        !cn_state.batch_name)
         return -1;
     done = 1;
     return 0;
@@ -4514,8 +4175,8 @@ native_exec(PyObject *m)
         PyModule_AddObjectRef(m, "ScopeIterator", (PyObject *)&ScopeIter_Type) < 0 ||
         PyModule_AddObjectRef(m, "Batch", (PyObject *)&Batch_Type) < 0 ||
         PyModule_AddObjectRef(m, "OtlpState", (PyObject *)&OtlpState_Type) < 0 ||
-        PyModule_AddObjectRef(m, "scope_var", g_scope_var) < 0 ||
-        PyModule_AddObjectRef(m, "otel_var", g_otel_var) < 0 ||
+        PyModule_AddObjectRef(m, "scope_var", cn_state.scope_var) < 0 ||
+        PyModule_AddObjectRef(m, "otel_var", cn_state.otel_var) < 0 ||
         PyModule_AddIntConstant(m, "MAX_DEPTH", MAX_DEPTH) < 0 ||
         PyModule_AddIntConstant(m, "STR_VALUE_CAP", STR_VALUE_CAP) < 0)
         return -1;
