@@ -6,17 +6,34 @@ setup(
     ext_modules=[
         Extension(
             "cirron_otel._native",
-            sources=["src/cirron_otel/_native.c"],
+            # compilation units in the order a record goes through them (native.h: what they share)
+            sources=[
+                "src/cirron_otel/record.c",
+                "src/cirron_otel/scope.c",
+                "src/cirron_otel/render.c",
+                "src/cirron_otel/drain.c",
+                "src/cirron_otel/spool.c",
+                "src/cirron_otel/otlp.c",
+                "src/cirron_otel/module.c",
+            ],
             # header-only units: a change to one of them rebuilds the extension
             depends=[
                 "src/cirron_otel/buf.h",
                 "src/cirron_otel/compat.h",
                 "src/cirron_otel/grisu2.h",
+                "src/cirron_otel/json.h",
                 "src/cirron_otel/native.h",
                 "src/cirron_otel/pb.h",
                 "src/cirron_otel/_pow10.h",
             ],
-            extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wno-missing-field-initializers"],
+            extra_compile_args=[
+                "-std=c11",
+                "-O2",
+                "-Wall",
+                "-Wextra",
+                "-Wno-unused-parameter",  # CPython's callback signatures
+                "-Wno-missing-field-initializers",
+            ],
             libraries=["pthread"],
         )
     ]

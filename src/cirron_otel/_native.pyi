@@ -1,4 +1,4 @@
-"""Type stub for the native producer module (`_native.c`)."""
+"""Type stub for the native producer module (C units `record.c` … `module.c`, header `native.h`)."""
 
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar

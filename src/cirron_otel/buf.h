@@ -1,7 +1,7 @@
 /*
  * buf.h — the growable byte buffer the spool and OTLP encoders write into. Header-only, no
  * Python: a failed allocation sets `oom` and every later write is dropped, so a caller checks
- * `oom` once when it is done.
+ * `oom` once when it is done. ARRAY_GROW: the same for a malloc'd array of structs.
  */
 #ifndef CIRRON_OTEL_BUF_H
 #define CIRRON_OTEL_BUF_H
@@ -55,5 +55,23 @@ buf_put(buf_t *b, const char *s, size_t n)
 
 /* string literals only: sizeof a pointer would be wrong */
 #define BUF_LIT(b, s) buf_put((b), ("" s ""), sizeof(s) - 1)
+
+/* Room for one more element in a malloc'd array that doubles (first size `first`).
+ * ARRAY_GROW evaluates to 0, or -1 when out of memory (the array is left as it was). */
+static CIRRON_MAYBE_UNUSED int
+array_grow_impl(void *arrp, size_t *cap, size_t elem, size_t first)
+{
+    void **arr = (void **)arrp;
+    size_t ncap = *cap ? *cap * 2 : first;
+    void *grown = realloc(*arr, elem * ncap);
+    if (grown == NULL)
+        return -1;
+    *arr = grown;
+    *cap = ncap;
+    return 0;
+}
+
+#define ARRAY_GROW(arr, cap, used, first) \
+    ((size_t)(used) < (cap) ? 0 : array_grow_impl((void *)&(arr), &(cap), sizeof *(arr), (first)))
 
 #endif /* CIRRON_OTEL_BUF_H */

@@ -3,7 +3,7 @@
 #define CIRRON_COMPAT_H
 
 /* Functions the compiler inlines only by its own judgement are `static` (not `inline`), as they
- * were in _native.c; unused, they must not warn in a unit that includes this header. */
+ * were in the single-file _native.c; unused, they must not warn in a unit that includes this header. */
 #if defined(__GNUC__) || defined(__clang__)
 #define CIRRON_MAYBE_UNUSED __attribute__((unused))
 #else

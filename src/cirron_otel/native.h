@@ -374,6 +374,58 @@ typedef struct {
 
 extern CN_INTERNAL cn_state_t cn_state;
 
+/* -- what each unit offers the others --------------------------------------------------- */
+
+/* record.c: ids, names, rings, values, attribute capture, code locations */
+extern CN_INTERNAL _Thread_local ring_t *cn_tl_ring; /* this thread's ring, NULL until its first record */
+CN_INTERNAL void cn_rng_seed(rng_t *r);
+CN_INTERNAL uint32_t cn_name_intern(PyObject *name);
+CN_INTERNAL void cn_wake_drainer(void);
+CN_INTERNAL void cn_ring_thread_exit(void *ring);
+CN_INTERNAL ring_t *cn_get_ring_slow(void);
+CN_INTERNAL void cn_slot_release_refs(slot_t *s);
+CN_INTERNAL void cn_warn_once(int *flag, const char *msg);
+CN_INTERNAL void cn_ring_make_room(ring_t *r, uint64_t h, uint64_t need);
+CN_INTERNAL int cn_numpy_types_ready(void);
+CN_INTERNAL int cn_coerce_value_slow(PyObject *value, coerced_t *out, int depth);
+CN_INTERNAL PyObject *cn_mod_code_location(PyObject *m, PyObject *args);
+
+/* scope.c: scopes, iterators, mark(), the session */
+extern CN_INTERNAL PyTypeObject cn_Scope_Type, cn_ScopeIter_Type;
+CN_INTERNAL PyObject *cn_hex128(uint64_t hi, uint64_t lo);
+CN_INTERNAL PyObject *cn_mod_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
+CN_INTERNAL PyObject *cn_mod_code_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs,
+                                        PyObject *kwnames);
+CN_INTERNAL PyObject *cn_mod_epochs(PyObject *m, PyObject *iterable);
+CN_INTERNAL PyObject *cn_mod_batches(PyObject *m, PyObject *iterable);
+CN_INTERNAL PyObject *cn_mod_scoped_iter(PyObject *m, PyObject *args);
+CN_INTERNAL PyObject *cn_mod_mark(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
+CN_INTERNAL PyObject *cn_mod_session_begin(PyObject *m, PyObject *args);
+CN_INTERNAL PyObject *cn_mod_session_end(PyObject *m, PyObject *unused);
+CN_INTERNAL PyObject *cn_mod_session(PyObject *m, PyObject *unused);
+CN_INTERNAL PyObject *cn_mod_current_scope(PyObject *m, PyObject *unused);
+CN_INTERNAL PyObject *cn_mod_set_sampler(PyObject *m, PyObject *args);
+
+/* render.c: Python attributes as JSON and as OTLP KeyValues (GIL held) */
+CN_INTERNAL void cn_render_json(buf_t *b, PyObject *o);
+CN_INTERNAL void cn_otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_t *n, uint32_t *dropped,
+                               int span_error);
+
+/* drain.c: records claimed from the rings into Batch objects */
+extern CN_INTERNAL PyTypeObject cn_Batch_Type;
+CN_INTERNAL PyObject *cn_mod_collect(PyObject *m, PyObject *args);
+CN_INTERNAL PyObject *cn_mod_free_orphans(PyObject *m, PyObject *unused);
+
+/* spool.c: the spool v1 JSON encoder */
+CN_INTERNAL PyObject *cn_mod_encode_spool(PyObject *m, PyObject *args, PyObject *kw);
+CN_INTERNAL PyObject *cn_mod_write_spool(PyObject *m, PyObject *args, PyObject *kw);
+
+/* otlp.c: the OpenTelemetry mapping, encoded as OTLP protobuf */
+extern CN_INTERNAL PyTypeObject cn_OtlpState_Type;
+CN_INTERNAL PyObject *cn_mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw);
+
+/* -- inline: names, code locations ---------------------------------------------------- */
+
 static inline const name_entry_t *
 name_get(uint32_t id)
 {
@@ -386,6 +438,181 @@ code_get(uint32_t id)
     if (id == 0 || id >= atomic_load_explicit(&cn_state.code_n, memory_order_acquire))
         return NULL;
     return &cn_state.code_chunks[id / CODE_CHUNK][id % CODE_CHUNK];
+}
+
+/* -- inline: the hot path (mark, scope enter/exit, iterator steps) ------------------------ */
+
+static inline ring_t *
+get_ring(void)
+{
+    ring_t *r = cn_tl_ring;
+    if (r != NULL)
+        return r;
+    return cn_get_ring_slow();
+}
+
+static inline slot_t *
+ring_reserve(ring_t *r, uint64_t need)
+{
+    uint64_t h = atomic_load_explicit(&r->head, memory_order_relaxed);
+    if (h + need - r->cached_tail > r->cap)
+        cn_ring_make_room(r, h, need);
+    return &r->slots[h & r->mask];
+}
+
+static inline void
+ring_publish(ring_t *r, uint64_t n)
+{
+    uint64_t h = atomic_load_explicit(&r->head, memory_order_relaxed) + n;
+    atomic_store_explicit(&r->head, h, memory_order_release);
+    uint64_t used = h - r->cached_tail;
+    if (used >= r->hw && used - n < r->hw) {
+        r->no_wait = 0;
+        cn_wake_drainer();
+    }
+}
+
+static inline void
+counter_inc(_Atomic uint64_t *c)
+{
+    /* single writer: a relaxed load+store is enough and avoids a locked instruction */
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1, memory_order_relaxed);
+}
+
+static inline int
+coerce_int(PyObject *value, coerced_t *out)
+{
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (overflow) {
+        PyErr_Format(PyExc_OverflowError, "cirron_otel.mark(): int value %R is outside int64", value);
+        return -1;
+    }
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    out->vtype = VT_INT;
+    out->v.i = x;
+    return 0;
+}
+
+static inline int
+coerce_value(PyObject *value, coerced_t *out)
+{
+    PyTypeObject *t = Py_TYPE(value);
+    if (t == &PyFloat_Type) {
+        out->vtype = VT_FLOAT;
+        out->v.d = PyFloat_AS_DOUBLE(value);
+        return 0;
+    }
+    if (t == &PyLong_Type)
+        return coerce_int(value, out);
+    if (t == &PyBool_Type) {
+        out->vtype = VT_BOOL;
+        out->v.i = value == Py_True;
+        return 0;
+    }
+    return cn_coerce_value_slow(value, out, 0);
+}
+
+/* Name -> interned id (or a reference in the record when the table is full). */
+static inline int
+resolve_name(ring_t *r, PyObject *name, uint32_t *id_out, PyObject **ref_out, const char *what)
+{
+    name_cache_t *e = &r->name_cache[((uintptr_t)name >> 4) & (NAME_CACHE_SIZE - 1)];
+    if (e->key == name) {
+        *id_out = e->id;
+        return 0;
+    }
+    if (!PyUnicode_Check(name)) {
+        PyErr_Format(PyExc_TypeError, "cirron_otel.%s() name must be a str, not %s", what,
+                     Py_TYPE(name)->tp_name);
+        return -1;
+    }
+    if (PyUnicode_GET_LENGTH(name) == 0) {
+        PyErr_Format(PyExc_ValueError, "cirron_otel.%s() name must be a non-empty string", what);
+        return -1;
+    }
+    uint32_t id = cn_name_intern(name);
+    if (id == UINT32_MAX)
+        return -1;
+    if (id == UINT32_MAX - 1) {
+        Py_INCREF(name);
+        *ref_out = name;
+        *id_out = 0;
+        return 0;
+    }
+    Py_INCREF(name);
+    Py_XSETREF(e->key, name);
+    e->id = id;
+    *id_out = id;
+    return 0;
+}
+
+/* Attribute values are captured at the call: the collector renders them later, so a list
+ * or dict the caller mutates afterwards must not change what is written. Built-in mutable
+ * containers are copied (lists, dicts and tuples structurally, recursively; sets and
+ * bytearrays as the str() they are rendered as anyway). Scalars and other objects are kept
+ * by reference (other objects are rendered by their str() at collection). */
+#define ATTR_COPY_BUDGET 100000 /* items examined per call; past it, values are kept as is */
+
+typedef struct {
+    PyObject *path[ATTR_MAX_DEPTH + 1];
+    int n;
+    Py_ssize_t budget;
+} capture_t;
+
+static inline int
+attr_needs_copy(PyObject *v)
+{
+    PyTypeObject *t = Py_TYPE(v);
+    if (t == &PyFloat_Type || t == &PyLong_Type || t == &PyUnicode_Type || t == &PyBool_Type)
+        return 0;
+    return PyList_Check(v) || PyDict_Check(v) || PyTuple_Check(v) || PySet_Check(v) ||
+           PyByteArray_Check(v);
+}
+
+CN_INTERNAL PyObject *cn_attr_capture(PyObject *v, capture_t *c);
+
+/* the value to store for one attribute (new reference; never fails) */
+static inline PyObject *
+attr_value(PyObject *v)
+{
+    if (!attr_needs_copy(v))
+        return Py_NewRef(v);
+    capture_t c = {.n = 0, .budget = ATTR_COPY_BUDGET};
+    return cn_attr_capture(v, &c);
+}
+
+/* -- inline: the drainer and the encoders ---------------------------------------------- */
+
+static inline const char *
+arena_at(BatchObject *b, uint32_t off)
+{
+    return b->arena.data + off;
+}
+
+/* OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT counts characters: the byte length of the first
+ * cn_state.value_len_limit characters of UTF-8 text (all of it without a limit). */
+static inline size_t
+limited_utf8(const char *p, size_t n)
+{
+    if (cn_state.value_len_limit < 0)
+        return n;
+    size_t chars = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (((unsigned char)p[i] & 0xC0) != 0x80) {
+            if (chars == (size_t)cn_state.value_len_limit)
+                return i;
+            chars++;
+        }
+    }
+    return n;
+}
+
+static inline size_t
+open_hash(uint64_t hi, uint64_t lo, size_t cap)
+{
+    return (size_t)((hi ^ (lo * 0x9E3779B97F4A7C15ULL)) & (cap - 1));
 }
 
 #endif /* CIRRON_OTEL_NATIVE_H */

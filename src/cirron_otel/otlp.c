@@ -1,0 +1,605 @@
+/*
+ * otlp.c — the OpenTelemetry mapping of spans and marks, encoded as OTLP protobuf.
+ *
+ * otlp_encode() turns batches into one ExportTraceServiceRequest (bytes), applying the
+ * mapping documented in the README: a closed scope is a span, a point mark an event on its
+ * span, a summary mark the attribute cirron.summary.<name> (last wins). Marks arrive before
+ * their span closes (possibly batches earlier), so an OtlpState keeps, per open span, its
+ * last `event limit` events already encoded and its summaries, until the span closes.
+ * Attribute values were rendered as KeyValues in the drainer's GIL pass (render.c).
+ */
+#include "native.h"
+
+#include <stdlib.h>
+
+#include "json.h" /* hex64 */
+#include "pb.h"
+
+
+/* Wire-format writers (pb_varint, pb_tag, pb_fixed, pb_bytes, pb_id, pb_begin/pb_end,
+ * pb_splice_kvs): pb.h. The KeyValue helpers below apply the configured limits. */
+
+static void
+pb_str_kv(buf_t *b, int field, const char *key, size_t klen, const char *val, size_t vlen)
+{
+    size_t kv = pb_begin(b, field);
+    pb_bytes(b, 1, key, klen);
+    size_t av = pb_begin(b, 2);
+    pb_bytes(b, 1, val, limited_utf8(val, vlen));
+    pb_end(b, av);
+    pb_end(b, kv);
+}
+
+static void
+pb_int_kv(buf_t *b, int field, const char *key, int64_t v)
+{
+    size_t kv = pb_begin(b, field);
+    pb_bytes(b, 1, key, strlen(key));
+    size_t av = pb_begin(b, 2);
+    pb_tag(b, 3, WT_VARINT);
+    pb_varint(b, (uint64_t)v);
+    pb_end(b, av);
+    pb_end(b, kv);
+}
+
+static void
+pb_hex_kv(buf_t *b, int field, const char *key, uint64_t hi, uint64_t lo)
+{
+    char hex[32];
+    hex64(hex, hi);
+    hex64(hex + 16, lo);
+    pb_str_kv(b, field, key, strlen(key), hex, 32);
+}
+
+/* -- open-span state ------------------------------------------------------------------- */
+
+typedef struct {
+    uint32_t name_id;
+    buf_t kv; /* one encoded KeyValue (no tag) */
+    char *name_raw;
+    uint32_t name_len;
+} summary_t;
+
+typedef struct ospan_s {
+    uint64_t hi, lo;
+    buf_t ev;            /* encoded events, each [varint len][Event] */
+    uint32_t *ev_off;    /* start offset of each kept event in ev */
+    uint32_t n_ev, first; /* kept events are [first, n_ev) */
+    size_t ev_cap;
+    uint64_t total_ev;
+    summary_t *sum;
+    uint32_t n_sum;
+    size_t sum_cap;
+    struct ospan_s *next;
+} ospan_t;
+
+typedef struct {
+    PyObject_HEAD
+    ospan_t **tab;
+    size_t cap, n;
+    uint32_t event_limit;
+    uint64_t root_marks, unsampled_spans, events_dropped;
+} OtlpStateObject;
+
+static void
+ospan_free(ospan_t *e)
+{
+    free(e->ev.data);
+    free(e->ev_off);
+    for (uint32_t k = 0; k < e->n_sum; k++) {
+        free(e->sum[k].kv.data);
+        free(e->sum[k].name_raw);
+    }
+    free(e->sum);
+    free(e);
+}
+
+static ospan_t *
+ospan_find(OtlpStateObject *st, uint64_t hi, uint64_t lo, int create)
+{
+    if (st->cap == 0) {
+        if (!create)
+            return NULL;
+        st->cap = 256;
+        st->tab = calloc(st->cap, sizeof(ospan_t *));
+        if (st->tab == NULL) {
+            st->cap = 0;
+            return NULL;
+        }
+    }
+    size_t h = open_hash(hi, lo, st->cap);
+    for (ospan_t *e = st->tab[h]; e; e = e->next)
+        if (e->hi == hi && e->lo == lo)
+            return e;
+    if (!create)
+        return NULL;
+    if (st->n * 2 > st->cap) {
+        size_t ncap = st->cap * 2;
+        ospan_t **nt = calloc(ncap, sizeof(ospan_t *));
+        if (nt) {
+            for (size_t k = 0; k < st->cap; k++) {
+                for (ospan_t *e = st->tab[k], *nx; e; e = nx) {
+                    nx = e->next;
+                    size_t q = open_hash(e->hi, e->lo, ncap);
+                    e->next = nt[q];
+                    nt[q] = e;
+                }
+            }
+            free(st->tab);
+            st->tab = nt;
+            st->cap = ncap;
+            h = open_hash(hi, lo, st->cap);
+        }
+    }
+    ospan_t *e = calloc(1, sizeof(ospan_t));
+    if (e == NULL)
+        return NULL;
+    e->hi = hi;
+    e->lo = lo;
+    e->next = st->tab[h];
+    st->tab[h] = e;
+    st->n++;
+    return e;
+}
+
+static void
+ospan_remove(OtlpStateObject *st, ospan_t *target)
+{
+    size_t h = open_hash(target->hi, target->lo, st->cap);
+    ospan_t **pp = &st->tab[h];
+    while (*pp && *pp != target)
+        pp = &(*pp)->next;
+    if (*pp) {
+        *pp = target->next;
+        st->n--;
+    }
+    ospan_free(target);
+}
+
+static void
+OtlpState_dealloc(OtlpStateObject *st)
+{
+    for (size_t k = 0; k < st->cap; k++)
+        for (ospan_t *e = st->tab[k], *nx; e; e = nx) {
+            nx = e->next;
+            ospan_free(e);
+        }
+    free(st->tab);
+    PyObject_Free(st);
+}
+
+static PyObject *
+OtlpState_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"event_limit", NULL};
+    unsigned int limit = 128;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|I:OtlpState", kwlist, &limit))
+        return NULL;
+    OtlpStateObject *st = PyObject_New(OtlpStateObject, &cn_OtlpState_Type);
+    if (st == NULL)
+        return NULL;
+    st->tab = NULL;
+    st->cap = st->n = 0;
+    st->event_limit = limit;
+    st->root_marks = st->unsampled_spans = st->events_dropped = 0;
+    return (PyObject *)st;
+}
+
+static PyObject *
+OtlpState_get(OtlpStateObject *st, void *which)
+{
+    switch ((intptr_t)which) {
+    case 0: return PyLong_FromSize_t(st->n);
+    case 1: return PyLong_FromUnsignedLongLong(st->root_marks);
+    case 2: return PyLong_FromUnsignedLongLong(st->unsampled_spans);
+    default: return PyLong_FromUnsignedLongLong(st->events_dropped);
+    }
+}
+
+static PyGetSetDef OtlpState_getset[] = {
+    {"open_spans", (getter)OtlpState_get, NULL, "spans with marks waiting for their close", (void *)0},
+    {"root_marks", (getter)OtlpState_get, NULL, "marks on \"root\": spool only", (void *)1},
+    {"unsampled_spans", (getter)OtlpState_get, NULL, "spans not exported (parent not sampled)", (void *)2},
+    {"events_dropped", (getter)OtlpState_get, NULL, "events over the event count limit", (void *)3},
+    {NULL},
+};
+
+PyTypeObject cn_OtlpState_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cirron_otel.OtlpState",
+    .tp_basicsize = sizeof(OtlpStateObject),
+    .tp_dealloc = (destructor)OtlpState_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Marks of spans that are still open, kept for the OTLP encoder.",
+    .tp_new = OtlpState_new,
+    .tp_getset = OtlpState_getset,
+};
+
+static inline const char *
+slot_name(BatchObject *b, size_t i, size_t *len)
+{
+    slot_t *s = &b->slots[i];
+    ext_t *e = b->aux[i].ext >= 0 ? &b->ext[b->aux[i].ext] : NULL;
+    if ((s->flags & F_NAME_REF) && e) {
+        *len = e->name.len;
+        return b->arena.data + e->name.off;
+    }
+    const name_entry_t *ne = name_get(s->name_id);
+    *len = ne->raw_len;
+    return ne->raw;
+}
+
+/* the mark's value as an AnyValue body */
+static void
+pb_mark_value(buf_t *o, BatchObject *b, size_t i)
+{
+    slot_t *s = &b->slots[i];
+    ext_t *e = b->aux[i].ext >= 0 ? &b->ext[b->aux[i].ext] : NULL;
+    switch (s->vtype) {
+    case VT_FLOAT: {
+        uint64_t bits;
+        memcpy(&bits, &s->v.d, 8);
+        pb_tag(o, 4, WT_I64);
+        pb_fixed(o, bits, 8);
+        break;
+    }
+    case VT_INT:
+        pb_tag(o, 3, WT_VARINT);
+        pb_varint(o, (uint64_t)s->v.i);
+        break;
+    case VT_BOOL:
+        pb_tag(o, 2, WT_VARINT);
+        pb_varint(o, (uint64_t)s->v.i);
+        break;
+    default:
+        if (e)
+            pb_bytes(o, 1, b->arena.data + e->val.off, limited_utf8(b->arena.data + e->val.off, e->val.len));
+        else
+            pb_bytes(o, 1, "", 0);
+    }
+}
+
+static void
+otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i)
+{
+    slot_t *s = &b->slots[i];
+    if (s->flags & F_ROOTLESS) {
+        st->root_marks++;
+        return;
+    }
+    ospan_t *e = ospan_find(st, s->span_hi, s->span_lo, 1);
+    if (e == NULL)
+        return;
+    ext_t *x = b->aux[i].ext >= 0 ? &b->ext[b->aux[i].ext] : NULL;
+    size_t nlen;
+    const char *name = slot_name(b, i, &nlen);
+    if (s->flags & F_SUMMARY) {
+        summary_t *sm = NULL;
+        for (uint32_t k = 0; k < e->n_sum; k++)
+            if (e->sum[k].name_len == nlen && memcmp(e->sum[k].name_raw, name, nlen) == 0)
+                sm = &e->sum[k];
+        if (sm == NULL) {
+            if (ARRAY_GROW(e->sum, e->sum_cap, e->n_sum, 4) < 0)
+                return;
+            sm = &e->sum[e->n_sum++];
+            memset(sm, 0, sizeof *sm);
+            sm->name_raw = malloc(nlen ? nlen : 1);
+            if (sm->name_raw)
+                memcpy(sm->name_raw, name, nlen);
+            sm->name_len = (uint32_t)nlen;
+        }
+        sm->kv.len = 0; /* the last summary of a name wins */
+        BUF_LIT(&sm->kv, "cirron.summary.");
+        size_t keylen = sm->kv.len + nlen;
+        buf_put(&sm->kv, name, nlen);
+        /* rebuild as KeyValue{key, value} */
+        buf_t kv = {0};
+        pb_bytes(&kv, 1, sm->kv.data, keylen);
+        size_t av = pb_begin(&kv, 2);
+        pb_mark_value(&kv, b, i);
+        pb_end(&kv, av);
+        free(sm->kv.data);
+        sm->kv = kv;
+        return;
+    }
+    /* a point mark: one Event, kept among the span's last event_limit events */
+    if (ARRAY_GROW(e->ev_off, e->ev_cap, e->n_ev, 16) < 0)
+        return;
+    buf_t *ev = &e->ev;
+    e->ev_off[e->n_ev++] = (uint32_t)ev->len;
+    size_t lenpos = ev->len;
+    buf_reserve(ev, 5);
+    ev->len += 5;
+    size_t body = ev->len;
+    (void)lenpos;
+    pb_tag(ev, 1, WT_I64);
+    pb_fixed(ev, (uint64_t)s->ts, 8);
+    pb_bytes(ev, 2, name, nlen);
+    size_t kv = pb_begin(ev, 3);
+    pb_bytes(ev, 1, "cirron.mark.value", 17);
+    size_t av = pb_begin(ev, 2);
+    pb_mark_value(ev, b, i);
+    pb_end(ev, av);
+    pb_end(ev, kv);
+    pb_str_kv(ev, 3, "cirron.mark.kind", 16, "point", 5);
+    pb_hex_kv(ev, 3, "cirron.mark.id", b->aux[i].id_hi, b->aux[i].id_lo);
+    uint32_t dropped = 0;
+    if (x && x->oattrs.len) {
+        uint32_t room = cn_state.event_attr_limit > 3 ? cn_state.event_attr_limit - 3 : 0;
+        uint32_t kept = pb_splice_kvs(ev, 3, b->arena.data + x->oattrs.off, x->oattrs.len, room);
+        dropped = x->oattrs_n - kept + x->oattrs_dropped;
+    }
+    if (dropped) {
+        pb_tag(ev, 4, WT_VARINT);
+        pb_varint(ev, dropped);
+    }
+    pb_end(ev, body);
+    e->total_ev++;
+    if (e->n_ev - e->first > st->event_limit) {
+        e->first++; /* drop the oldest, as the SDK does */
+        st->events_dropped++;
+        if (e->first > st->event_limit) { /* compact */
+            uint32_t base = e->ev_off[e->first];
+            memmove(ev->data, ev->data + base, ev->len - base);
+            ev->len -= base;
+            for (uint32_t k = e->first; k < e->n_ev; k++)
+                e->ev_off[k - e->first] = e->ev_off[k] - base;
+            e->n_ev -= e->first;
+            e->first = 0;
+        }
+    }
+}
+
+typedef struct {
+    uint64_t session_trace_hi, session_trace_lo;
+    uint32_t spans;
+} otlp_ctx_t;
+
+/* the name of the thread that recorded slot i (NULL: unknown) */
+static const tok_t *
+batch_thread_name(const BatchObject *b, size_t i)
+{
+    size_t lo = 0, hi = b->nthr;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (b->thr[mid].end <= i)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < b->nthr && b->thr[lo].start <= i ? &b->thr[lo].name : NULL;
+}
+
+static void
+otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_t *c)
+{
+    slot_t *s = &b->slots[i];
+    slot2_t *s2 = (slot2_t *)&b->slots[i + 1];
+    ext_t *x = b->aux[i].ext >= 0 ? &b->ext[b->aux[i].ext] : NULL;
+    ospan_t *e = ospan_find(st, s->span_hi, s->span_lo, 0);
+    if (s->vtype & SF_UNSAMPLED) {
+        st->unsampled_spans++;
+        if (e)
+            ospan_remove(st, e);
+        return;
+    }
+    size_t sp = pb_begin(o, 2); /* ScopeSpans.spans */
+    pb_id(o, 1, s2->trace_hi, s2->trace_lo, 16);
+    pb_id(o, 2, s->span_hi, 0, 8);
+    int is_root = s2->parent_hi == 0 || (s->vtype & SF_NEW_TRACE);
+    if (!is_root)
+        pb_id(o, 4, s2->parent_hi, 0, 8);
+    size_t nlen;
+    const char *name = slot_name(b, i, &nlen);
+    pb_bytes(o, 5, name, nlen);
+    pb_tag(o, 6, WT_VARINT);
+    pb_varint(o, 1); /* SPAN_KIND_INTERNAL */
+    pb_tag(o, 7, WT_I64);
+    pb_fixed(o, (uint64_t)s->ts, 8);
+    pb_tag(o, 8, WT_I64);
+    pb_fixed(o, (uint64_t)s->v.i, 8);
+    /* attributes: the scope's own, then cirron.*, then summaries, up to the limit */
+    uint32_t limit = cn_state.span_attr_limit, n = 0, dropped = 0;
+    if (x && x->oattrs.len) {
+        n = pb_splice_kvs(o, 9, b->arena.data + x->oattrs.off, x->oattrs.len, limit);
+        dropped += x->oattrs_n - n + x->oattrs_dropped;
+    }
+#define ROOM() (n < limit ? (n++, 1) : (dropped++, 0))
+    const code_loc_t *code = code_get(s2->code_id);
+    if (code != NULL) {
+        if (ROOM())
+            pb_str_kv(o, 9, "code.function.name", 18, code->func, code->func_len);
+        if (code->file && ROOM())
+            pb_str_kv(o, 9, "code.file.path", 14, code->file, code->file_len);
+        if (code->line >= 0 && ROOM())
+            pb_int_kv(o, 9, "code.line.number", code->line);
+    }
+    if ((s->flags & F_HAS_INDEX) && ROOM())
+        pb_int_kv(o, 9, "cirron.index", s2->index);
+    if (ROOM())
+        pb_hex_kv(o, 9, "cirron.span_id", s->span_hi, s->span_lo);
+    if (ROOM())
+        pb_int_kv(o, 9, "thread.id", (int64_t)s2->thread_id);
+    const tok_t *tname = batch_thread_name(b, i);
+    if (tname != NULL && ROOM())
+        pb_str_kv(o, 9, "thread.name", 11, b->arena.data + tname->off, tname->len);
+    if (ROOM())
+        pb_int_kv(o, 9, "cirron.rank", b->rank);
+    if ((s->flags & F_HAS_CPU) && ROOM())
+        pb_int_kv(o, 9, "cirron.cpu_ns", s2->cpu_ns);
+    if ((s->vtype & SF_NEW_TRACE) && ROOM())
+        pb_hex_kv(o, 9, "cirron.session.id", s2->parent_hi, s2->parent_lo);
+    if (e)
+        for (uint32_t k = 0; k < e->n_sum; k++)
+            if (ROOM())
+                pb_bytes(o, 9, e->sum[k].kv.data, e->sum[k].kv.len);
+#undef ROOM
+    if (dropped) {
+        pb_tag(o, 10, WT_VARINT);
+        pb_varint(o, dropped);
+    }
+    /* events: the marks (already encoded), then the exception */
+    uint64_t ev_dropped = 0;
+    int has_exception = (s->flags & F_ERROR) && x && x->etype.len;
+    if (e) {
+        /* the exception event counts toward the limit too: like the SDK, the oldest go */
+        uint32_t first = e->first;
+        if (has_exception && e->n_ev - first >= st->event_limit && first < e->n_ev)
+            first += (e->n_ev - first) - (st->event_limit ? st->event_limit - 1 : 0);
+        for (uint32_t k = first; k < e->n_ev; k++) {
+            uint32_t start = e->ev_off[k];
+            uint32_t end = k + 1 < e->n_ev ? e->ev_off[k + 1] : (uint32_t)e->ev.len;
+            /* stored as [varint len][Event]: add the field tag */
+            pb_tag(o, 11, WT_LEN);
+            buf_put(o, e->ev.data + start, end - start);
+        }
+        ev_dropped = e->total_ev - (e->n_ev - first);
+    }
+    if (has_exception && st->event_limit == 0)
+        ev_dropped++;
+    else if (has_exception) {
+        size_t ev = pb_begin(o, 11);
+        pb_tag(o, 1, WT_I64);
+        pb_fixed(o, (uint64_t)s->v.i, 8);
+        pb_bytes(o, 2, "exception", 9);
+        pb_str_kv(o, 3, "exception.type", 14, b->arena.data + x->etype.off, x->etype.len);
+        pb_str_kv(o, 3, "exception.message", 17, b->arena.data + x->emsg.off, x->emsg.len);
+        pb_str_kv(o, 3, "exception.stacktrace", 20, b->arena.data + x->estack.off, x->estack.len);
+        pb_end(o, ev);
+    }
+    if (ev_dropped) {
+        pb_tag(o, 12, WT_VARINT);
+        pb_varint(o, ev_dropped);
+    }
+    if ((s->vtype & SF_NEW_TRACE) && (c->session_trace_hi | c->session_trace_lo)) {
+        if (cn_state.link_limit == 0) {
+            pb_tag(o, 14, WT_VARINT); /* dropped_links_count */
+            pb_varint(o, 1);
+        }
+        else {
+            size_t ln = pb_begin(o, 13);
+            pb_id(o, 1, c->session_trace_hi, c->session_trace_lo, 16);
+            pb_id(o, 2, s2->parent_hi, 0, 8);
+            if (cn_state.link_attr_limit > 0)
+                pb_str_kv(o, 4, "cirron.link", 11, "session", 7);
+            else {
+                pb_tag(o, 5, WT_VARINT); /* the link's dropped_attributes_count */
+                pb_varint(o, 1);
+            }
+            pb_end(o, ln);
+        }
+    }
+    if (s->flags & F_ERROR) {
+        size_t stt = pb_begin(o, 15);
+        if (x && x->emsg.len)
+            pb_bytes(o, 2, b->arena.data + x->emsg.off, x->emsg.len);
+        pb_tag(o, 3, WT_VARINT);
+        pb_varint(o, 2); /* STATUS_CODE_ERROR */
+        pb_end(o, stt);
+    }
+    pb_tag(o, 16, WT_I32);
+    pb_fixed(o, 0x101, 4); /* sampled; is_remote known (false) */
+    pb_end(o, sp);
+    if (e)
+        ospan_remove(st, e);
+    c->spans++;
+}
+
+typedef struct {
+    buf_t o;
+    size_t rs, ss;
+    uint32_t spans;
+} otlp_req_t;
+
+static void
+otlp_req_open(otlp_req_t *r, const char *res, size_t res_len, const char *sname, size_t sname_len,
+              const char *sver, size_t sver_len)
+{
+    memset(r, 0, sizeof *r);
+    r->rs = pb_begin(&r->o, 1); /* ExportTraceServiceRequest.resource_spans */
+    pb_bytes(&r->o, 1, res, res_len);
+    r->ss = pb_begin(&r->o, 2); /* ResourceSpans.scope_spans */
+    size_t sc = pb_begin(&r->o, 1); /* ScopeSpans.scope */
+    pb_bytes(&r->o, 1, sname, sname_len);
+    pb_bytes(&r->o, 2, sver, sver_len);
+    pb_end(&r->o, sc);
+}
+
+/* otlp_encode(state, batches, resource, scope_name, scope_version, session_trace=(hi, lo),
+ *             max_request_bytes=1 MiB) -> [(request bytes, spans), ...]
+ * Requests are cut near max_request_bytes (collectors refuse messages over 4 MiB). */
+PyObject *
+cn_mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"state", "batches", "resource", "scope_name", "scope_version",
+                             "session_trace", "max_request_bytes", NULL};
+    PyObject *state, *seq;
+    const char *res, *sname, *sver;
+    Py_ssize_t res_len, sname_len, sver_len, max_bytes = 1 << 20;
+    unsigned long long th = 0, tl = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!Oy#s#s#|(KK)n:otlp_encode", kwlist,
+                                     &cn_OtlpState_Type, &state, &seq, &res, &res_len, &sname,
+                                     &sname_len, &sver, &sver_len, &th, &tl, &max_bytes))
+        return NULL;
+    PyObject *fast = PySequence_Fast(seq, "otlp_encode() takes a sequence of Batch objects");
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t nb = PySequence_Fast_GET_SIZE(fast);
+    for (Py_ssize_t k = 0; k < nb; k++)
+        if (!PyObject_TypeCheck(PySequence_Fast_GET_ITEM(fast, k), &cn_Batch_Type)) {
+            Py_DECREF(fast);
+            PyErr_SetString(PyExc_TypeError, "otlp_encode() takes a sequence of Batch objects");
+            return NULL;
+        }
+    OtlpStateObject *st = (OtlpStateObject *)state;
+    otlp_ctx_t c = {.session_trace_hi = th, .session_trace_lo = tl};
+    otlp_req_t *reqs = NULL;
+    size_t nreq = 0, capreq = 0;
+    int oom = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t k = 0; k < nb && !oom; k++) {
+        BatchObject *b = (BatchObject *)PySequence_Fast_GET_ITEM(fast, k);
+        /* in slot order: a span's marks precede its close in its thread's ring, and marks
+         * of other threads (on the session) precede the session's close */
+        for (size_t i = 0; i < b->nslots; i++)
+            if (b->slots[i].type == R_MARK)
+                otlp_add_mark(st, b, i);
+        for (size_t i = 0; i < b->nslots && !oom; i++) {
+            if (b->slots[i].type != R_SPAN)
+                continue;
+            if (nreq == 0 || reqs[nreq - 1].o.len >= (size_t)max_bytes) {
+                if (ARRAY_GROW(reqs, capreq, nreq, 4) < 0) {
+                    oom = 1;
+                    break;
+                }
+                otlp_req_open(&reqs[nreq++], res, (size_t)res_len, sname, (size_t)sname_len, sver,
+                              (size_t)sver_len);
+            }
+            otlp_req_t *r = &reqs[nreq - 1];
+            uint32_t before = c.spans;
+            otlp_add_span(&r->o, st, b, i, &c);
+            r->spans += c.spans - before;
+        }
+    }
+    for (size_t q = 0; q < nreq; q++) {
+        pb_end(&reqs[q].o, reqs[q].ss);
+        pb_end(&reqs[q].o, reqs[q].rs);
+        oom |= reqs[q].o.oom;
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(fast);
+    PyObject *out = oom ? NULL : PyList_New(0);
+    for (size_t q = 0; q < nreq; q++) {
+        if (out != NULL && reqs[q].spans > 0) {
+            PyObject *item = Py_BuildValue("(y#I)", reqs[q].o.data, (Py_ssize_t)reqs[q].o.len,
+                                           reqs[q].spans);
+            if (item == NULL || PyList_Append(out, item) < 0)
+                Py_CLEAR(out);
+            Py_XDECREF(item);
+        }
+        free(reqs[q].o.data);
+    }
+    free(reqs);
+    if (oom)
+        return PyErr_NoMemory();
+    return out;
+}
