@@ -13,73 +13,19 @@
 
 static _Thread_local int tl_collecting; /* this thread is inside collect() */
 
+/* The open span with this id, added when new; NULL when out of memory. */
 static open_span_t *
-open_find(uint64_t hi, uint64_t lo, int create)
+open_span_get(uint64_t hi, uint64_t lo)
 {
-    if (cn_state.open_cap == 0) {
-        if (!create)
-            return NULL;
-        cn_state.open_cap = 1024;
-        cn_state.open_tab = calloc(cn_state.open_cap, sizeof(open_span_t *));
-        if (cn_state.open_tab == NULL) {
-            cn_state.open_cap = 0;
-            return NULL;
-        }
-    }
-    size_t h = open_hash(hi, lo, cn_state.open_cap);
-    for (open_span_t *e = cn_state.open_tab[h]; e; e = e->next)
-        if (e->hi == hi && e->lo == lo)
-            return e;
-    if (!create)
-        return NULL;
-    if (cn_state.open_n * 2 > cn_state.open_cap) {
-        size_t ncap = cn_state.open_cap * 2;
-        open_span_t **nt = calloc(ncap, sizeof(open_span_t *));
-        if (nt != NULL) {
-            for (size_t i = 0; i < cn_state.open_cap; i++) {
-                open_span_t *e = cn_state.open_tab[i];
-                while (e) {
-                    open_span_t *nx = e->next;
-                    size_t k = open_hash(e->hi, e->lo, ncap);
-                    e->next = nt[k];
-                    nt[k] = e;
-                    e = nx;
-                }
-            }
-            free(cn_state.open_tab);
-            cn_state.open_tab = nt;
-            cn_state.open_cap = ncap;
-            h = open_hash(hi, lo, cn_state.open_cap);
-        }
-    }
-    open_span_t *e = calloc(1, sizeof(open_span_t));
-    if (e == NULL)
-        return NULL;
-    e->hi = hi;
-    e->lo = lo;
-    e->max = hi == atomic_load_explicit(&cn_state.session_hi, memory_order_relaxed) &&
-                     lo == atomic_load_explicit(&cn_state.session_lo, memory_order_relaxed)
-                 ? SESSION_MARK_IDS_MAX
-                 : SPAN_MARK_IDS_MAX;
-    e->next = cn_state.open_tab[h];
-    cn_state.open_tab[h] = e;
-    cn_state.open_n++;
+    int added;
+    open_span_t *e = (open_span_t *)spantab_get(&cn_state.open_spans, hi, lo, sizeof(open_span_t),
+                                                1024, &added);
+    if (e != NULL && added)
+        e->max = hi == atomic_load_explicit(&cn_state.session_hi, memory_order_relaxed) &&
+                         lo == atomic_load_explicit(&cn_state.session_lo, memory_order_relaxed)
+                     ? SESSION_MARK_IDS_MAX
+                     : SPAN_MARK_IDS_MAX;
     return e;
-}
-
-static void
-open_remove(open_span_t *target)
-{
-    size_t h = open_hash(target->hi, target->lo, cn_state.open_cap);
-    open_span_t **pp = &cn_state.open_tab[h];
-    while (*pp && *pp != target)
-        pp = &(*pp)->next;
-    if (*pp) {
-        *pp = target->next;
-        free(target->ids);
-        free(target);
-        cn_state.open_n--;
-    }
 }
 
 static BatchObject *
@@ -304,7 +250,7 @@ assign_mark_ids(BatchObject *b)
         b->n_marks++;
         if (s->flags & F_ROOTLESS)
             continue;
-        open_span_t *e = open_find(s->span_hi, s->span_lo, 1);
+        open_span_t *e = open_span_get(s->span_hi, s->span_lo);
         if (e == NULL) {
             atomic_fetch_add(&cn_state.open_overflow, 1);
             continue;
@@ -326,7 +272,7 @@ assign_mark_ids(BatchObject *b)
         if (s->type != R_SPAN)
             continue;
         b->n_spans++;
-        open_span_t *e = open_find(s->span_hi, s->span_lo, 0);
+        open_span_t *e = (open_span_t *)spantab_find(&cn_state.open_spans, s->span_hi, s->span_lo);
         b->aux[i].mids_off = (uint32_t)(b->nmids / 2);
         b->aux[i].mids_cnt = 0;
         b->aux[i].mids_omitted = 0;
@@ -335,7 +281,9 @@ assign_mark_ids(BatchObject *b)
             for (uint32_t k = 0; k < e->n; k++)
                 if (mids_push(b, e->ids[2 * k], e->ids[2 * k + 1]) == 0)
                     b->aux[i].mids_cnt++;
-            open_remove(e);
+            spantab_remove(&cn_state.open_spans, &e->key);
+            free(e->ids);
+            free(e);
         }
     }
 }

@@ -178,7 +178,7 @@ mod_stats(PyObject *m, PyObject *unused)
         (unsigned long long)atomic_load(&cn_state.spans_collected), "rings_live", (unsigned long long)live,
         "rings_created", (unsigned long long)atomic_load(&cn_state.rings_created), "rings_freed",
         (unsigned long long)atomic_load(&cn_state.rings_freed), "wakeups",
-        (unsigned long long)atomic_load(&cn_state.wakeups), "open_spans", (Py_ssize_t)cn_state.open_n,
+        (unsigned long long)atomic_load(&cn_state.wakeups), "open_spans", (Py_ssize_t)cn_state.open_spans.n,
         "names", (unsigned int)atomic_load(&cn_state.name_count), "mark_id_overflow",
         (unsigned long long)atomic_load(&cn_state.open_overflow));
 }
@@ -218,9 +218,7 @@ atfork_child(void)
     atomic_store(&cn_state.wake_flag, 0);
     /* a collect() in flight in the parent may have left the open-span table mid-update:
      * abandon it (a bounded leak, once per fork) rather than walk it */
-    cn_state.open_tab = NULL;
-    cn_state.open_cap = 0;
-    cn_state.open_n = 0;
+    cn_state.open_spans = (spantab_t){0};
     cn_state.pid = (int64_t)getpid();
 }
 

@@ -20,7 +20,8 @@
 #include <time.h>
 
 #include "buf.h"    /* buf_t: the growable buffer the encoders write into */
-#include "compat.h" /* CN_INTERNAL */
+#include "compat.h"  /* CN_INTERNAL */
+#include "spantab.h" /* spantab_t: open spans by id */
 
 #define MAX_DEPTH 64
 #define STR_VALUE_CAP 256
@@ -282,14 +283,13 @@ typedef struct {
  * every mark record still names its span_id, which is how readers join. */
 #define SESSION_MARK_IDS_MAX 1000u
 #define SPAN_MARK_IDS_MAX 1000000u
-typedef struct open_span {
-    uint64_t hi, lo;
-    uint64_t *ids; /* pairs */
+typedef struct {
+    span_key_t key; /* first: an entry of cn_state.open_spans (spantab.h) */
+    uint64_t *ids;  /* pairs */
     uint32_t n;    /* pairs */
     uint32_t max;  /* pairs kept at most */
     uint64_t omitted;
     size_t cap;    /* uint64 entries */
-    struct open_span *next;
 } open_span_t;
 
 /* -- the process-wide state -------------------------------------------------------------
@@ -345,8 +345,7 @@ typedef struct {
     _Atomic int drainer_sleeping;
     _Atomic uint64_t wakeups;
     _Atomic uint64_t session_hi, session_lo; /* the session root's id: its marks get the small cap */
-    open_span_t **open_tab;
-    size_t open_cap, open_n;
+    spantab_t open_spans; /* span id -> open_span_t */
     rng_t collect_rng;
     int collect_rng_ready;
     pthread_mutex_t collect_mu;
@@ -607,12 +606,6 @@ limited_utf8(const char *p, size_t n)
         }
     }
     return n;
-}
-
-static inline size_t
-open_hash(uint64_t hi, uint64_t lo, size_t cap)
-{
-    return (size_t)((hi ^ (lo * 0x9E3779B97F4A7C15ULL)) & (cap - 1));
 }
 
 #endif /* CIRRON_OTEL_NATIVE_H */

@@ -60,8 +60,8 @@ typedef struct {
     uint32_t name_len;
 } summary_t;
 
-typedef struct ospan_s {
-    uint64_t hi, lo;
+typedef struct {
+    span_key_t key;      /* first: an entry of OtlpState.spans (spantab.h) */
     buf_t ev;            /* encoded events, each [varint len][Event] */
     uint32_t *ev_off;    /* start offset of each kept event in ev */
     uint32_t n_ev, first; /* kept events are [first, n_ev) */
@@ -70,13 +70,11 @@ typedef struct ospan_s {
     summary_t *sum;
     uint32_t n_sum;
     size_t sum_cap;
-    struct ospan_s *next;
 } ospan_t;
 
 typedef struct {
     PyObject_HEAD
-    ospan_t **tab;
-    size_t cap, n;
+    spantab_t spans; /* span id -> ospan_t */
     uint32_t event_limit;
     uint64_t root_marks, unsampled_spans, events_dropped;
 } OtlpStateObject;
@@ -94,77 +92,20 @@ ospan_free(ospan_t *e)
     free(e);
 }
 
-static ospan_t *
-ospan_find(OtlpStateObject *st, uint64_t hi, uint64_t lo, int create)
-{
-    if (st->cap == 0) {
-        if (!create)
-            return NULL;
-        st->cap = 256;
-        st->tab = calloc(st->cap, sizeof(ospan_t *));
-        if (st->tab == NULL) {
-            st->cap = 0;
-            return NULL;
-        }
-    }
-    size_t h = open_hash(hi, lo, st->cap);
-    for (ospan_t *e = st->tab[h]; e; e = e->next)
-        if (e->hi == hi && e->lo == lo)
-            return e;
-    if (!create)
-        return NULL;
-    if (st->n * 2 > st->cap) {
-        size_t ncap = st->cap * 2;
-        ospan_t **nt = calloc(ncap, sizeof(ospan_t *));
-        if (nt) {
-            for (size_t k = 0; k < st->cap; k++) {
-                for (ospan_t *e = st->tab[k], *nx; e; e = nx) {
-                    nx = e->next;
-                    size_t q = open_hash(e->hi, e->lo, ncap);
-                    e->next = nt[q];
-                    nt[q] = e;
-                }
-            }
-            free(st->tab);
-            st->tab = nt;
-            st->cap = ncap;
-            h = open_hash(hi, lo, st->cap);
-        }
-    }
-    ospan_t *e = calloc(1, sizeof(ospan_t));
-    if (e == NULL)
-        return NULL;
-    e->hi = hi;
-    e->lo = lo;
-    e->next = st->tab[h];
-    st->tab[h] = e;
-    st->n++;
-    return e;
-}
-
 static void
 ospan_remove(OtlpStateObject *st, ospan_t *target)
 {
-    size_t h = open_hash(target->hi, target->lo, st->cap);
-    ospan_t **pp = &st->tab[h];
-    while (*pp && *pp != target)
-        pp = &(*pp)->next;
-    if (*pp) {
-        *pp = target->next;
-        st->n--;
-    }
+    spantab_remove(&st->spans, &target->key);
     ospan_free(target);
 }
 
 static void
 OtlpState_dealloc(OtlpStateObject *st)
 {
-    for (size_t k = 0; k < st->cap; k++)
-        for (ospan_t *e = st->tab[k], *nx; e; e = nx) {
-            nx = e->next;
-            ospan_free(e);
-        }
-    free(st->tab);
+    for (size_t k = 0; k < st->spans.cap; k++)
+        if (st->spans.slot[k] != NULL)
+            ospan_free((ospan_t *)st->spans.slot[k]);
+    spantab_free(&st->spans);
     PyObject_Free(st);
 }
 
@@ -178,8 +119,7 @@ OtlpState_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     OtlpStateObject *st = PyObject_New(OtlpStateObject, &cn_OtlpState_Type);
     if (st == NULL)
         return NULL;
-    st->tab = NULL;
-    st->cap = st->n = 0;
+    st->spans = (spantab_t){0};
     st->event_limit = limit;
     st->root_marks = st->unsampled_spans = st->events_dropped = 0;
     return (PyObject *)st;
@@ -189,7 +129,7 @@ static PyObject *
 OtlpState_get(OtlpStateObject *st, void *which)
 {
     switch ((intptr_t)which) {
-    case 0: return PyLong_FromSize_t(st->n);
+    case 0: return PyLong_FromSize_t(st->spans.n);
     case 1: return PyLong_FromUnsignedLongLong(st->root_marks);
     case 2: return PyLong_FromUnsignedLongLong(st->unsampled_spans);
     default: return PyLong_FromUnsignedLongLong(st->events_dropped);
@@ -266,7 +206,8 @@ otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i)
         st->root_marks++;
         return;
     }
-    ospan_t *e = ospan_find(st, s->span_hi, s->span_lo, 1);
+    ospan_t *e =
+        (ospan_t *)spantab_get(&st->spans, s->span_hi, s->span_lo, sizeof(ospan_t), 256, NULL);
     if (e == NULL)
         return;
     ext_t *x = b->aux[i].ext >= 0 ? &b->ext[b->aux[i].ext] : NULL;
@@ -375,7 +316,7 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
     slot_t *s = &b->slots[i];
     slot2_t *s2 = (slot2_t *)&b->slots[i + 1];
     ext_t *x = b->aux[i].ext >= 0 ? &b->ext[b->aux[i].ext] : NULL;
-    ospan_t *e = ospan_find(st, s->span_hi, s->span_lo, 0);
+    ospan_t *e = (ospan_t *)spantab_find(&st->spans, s->span_hi, s->span_lo);
     if (s->vtype & SF_UNSAMPLED) {
         st->unsampled_spans++;
         if (e)
