@@ -45,7 +45,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, StatusCode
 
-from cirron_otel import _profiler
+from cirron_otel import _native, _profiler
 from cirron_otel._config import DEFAULT_SPOOL_MAX_BYTES, MAX_RECORDS_PER_FILE
 from cirron_otel._config import default_output_dir as _default_output_dir
 from cirron_otel._version import __version__
@@ -58,20 +58,21 @@ STRING_CAP = 256  # UTF-8 bytes of a mark's string value, and of error.message
 ID_MAP_SIZE = 65_536  # Cirron span ids remembered for resolving later children's parents
 MAX_DEPTH = 32  # nesting of attribute values written as JSON; deeper becomes str()
 
-MARK_VALUE = "cirron.mark.value"
-MARK_KIND = "cirron.mark.kind"
-MARK_ID = "cirron.mark.id"
+# The mapping's attribute keys are defined once, in the native module (mapping.h).
+MARK_VALUE = _native.KEY_MARK_VALUE
+MARK_KIND = _native.KEY_MARK_KIND
+MARK_ID = _native.KEY_MARK_ID
 MARK_KEYS = frozenset({MARK_VALUE, MARK_KIND, MARK_ID})
-SUMMARY_PREFIX = "cirron.summary."
-SPAN_ID = "cirron.span_id"
-SESSION_ID = "cirron.session.id"
+SUMMARY_PREFIX = _native.KEY_SUMMARY_PREFIX
+SPAN_ID = _native.KEY_SPAN_ID
+SESSION_ID = _native.KEY_SESSION_ID
 # Attributes the Cirron mapping adds to a span: fields of the spool record, not attrs.
-FIELD_KEYS = frozenset({"cirron.index", SPAN_ID, "thread.id", "cirron.rank", "cirron.cpu_ns",
-                        "cirron.gpu_ns", SESSION_ID})
+FIELD_KEYS = frozenset({_native.KEY_INDEX, SPAN_ID, _native.KEY_THREAD_ID, _native.KEY_RANK,
+                        _native.KEY_CPU_NS, _native.KEY_GPU_NS, SESSION_ID})
 # Attributes the Cirron mapping adds to a span that the spool does not keep at all (the
 # thread's name; a decorated function's code location): left out of a Cirron span's attrs.
-MAPPING_ONLY_KEYS = FIELD_KEYS | {"thread.name", "code.function.name", "code.file.path",
-                                  "code.line.number"}
+MAPPING_ONLY_KEYS = FIELD_KEYS | {_native.KEY_THREAD_NAME, _native.KEY_CODE_FUNCTION,
+                                  _native.KEY_CODE_FILE, _native.KEY_CODE_LINE}
 
 Record = dict[str, Any]
 Unit = list[Record]  # a span record followed by its marks
@@ -204,7 +205,7 @@ def _exception_event(span: ReadableSpan) -> Event | None:
     """The `exception` event that an ERROR status stands for (the last one), if any."""
     if span.status.status_code is not StatusCode.ERROR:
         return None
-    found = [event for event in span.events if event.name == "exception"]
+    found = [event for event in span.events if event.name == _native.EVENT_EXCEPTION]
     return found[-1] if found else None
 
 
@@ -213,9 +214,9 @@ def error_attrs(span: ReadableSpan, exception: Event | None) -> Record:
         return {}
     attrs: Record = {"error": True}
     event_attrs = (exception.attributes or {}) if exception is not None else {}
-    if "exception.type" in event_attrs:
-        attrs["error.type"] = _str_of(event_attrs["exception.type"])
-    message = event_attrs.get("exception.message", span.status.description)
+    if _native.KEY_EXCEPTION_TYPE in event_attrs:
+        attrs["error.type"] = _str_of(event_attrs[_native.KEY_EXCEPTION_TYPE])
+    message = event_attrs.get(_native.KEY_EXCEPTION_MESSAGE, span.status.description)
     if message is not None:
         attrs["error.message"] = cap_utf8(_str_of(message))
     return attrs
@@ -265,20 +266,20 @@ def span_unit(span: ReadableSpan, ids: CirronIds) -> Unit:
     for key, value in error_attrs(span, exception).items():
         attrs.setdefault(key, value)
     pid = _int_or_none(resource.get("process.pid"))
-    rank = _int_or_none(attributes.get("cirron.rank"))
+    rank = _int_or_none(attributes.get(_native.KEY_RANK))
     record: Record = {
         "id": span_id,
         "name": _nonempty(span.name),
         "parent_id": parent_id_of(span, ids),
-        "index": _int_or_none(attributes.get("cirron.index")),
+        "index": _int_or_none(attributes.get(_native.KEY_INDEX)),
         "start_ns": start_ns,
         "end_ns": end_ns,
-        "cpu_ns": _int_or_none(attributes.get("cirron.cpu_ns")),
-        "gpu_ns": _int_or_none(attributes.get("cirron.gpu_ns")),
+        "cpu_ns": _int_or_none(attributes.get(_native.KEY_CPU_NS)),
+        "gpu_ns": _int_or_none(attributes.get(_native.KEY_GPU_NS)),
         "memory_peak_bytes": None,
-        "thread_id": _int_or_none(attributes.get("thread.id")) or 0,
+        "thread_id": _int_or_none(attributes.get(_native.KEY_THREAD_ID)) or 0,
         "pid": pid if pid is not None and pid >= 1 else os.getpid(),
-        "rank": rank if rank is not None else _int_or_none(resource.get("cirron.rank")) or 0,
+        "rank": rank if rank is not None else _int_or_none(resource.get(_native.KEY_RANK)) or 0,
         "attrs": attrs,
         "mark_ids": [mark["id"] for mark in marks],
         "trace_id": f"{_context(span).trace_id:032x}",

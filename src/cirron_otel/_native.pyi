@@ -10,6 +10,27 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 MAX_DEPTH: int
 STR_VALUE_CAP: int
+# the attribute keys (and the exception event's name) of the OpenTelemetry mapping (mapping.h)
+KEY_INDEX: str
+KEY_SPAN_ID: str
+KEY_RANK: str
+KEY_CPU_NS: str
+KEY_GPU_NS: str
+KEY_SESSION_ID: str
+KEY_SUMMARY_PREFIX: str
+KEY_THREAD_ID: str
+KEY_THREAD_NAME: str
+KEY_CODE_FUNCTION: str
+KEY_CODE_FILE: str
+KEY_CODE_LINE: str
+KEY_MARK_VALUE: str
+KEY_MARK_KIND: str
+KEY_MARK_ID: str
+KEY_LINK: str
+EVENT_EXCEPTION: str
+KEY_EXCEPTION_TYPE: str
+KEY_EXCEPTION_MESSAGE: str
+KEY_EXCEPTION_STACKTRACE: str
 scope_var: ContextVar[Scope | None]
 # (context, anchor scope, trace_hi, trace_lo, span_id, trace_flags), set by the
 # OpenTelemetry runtime context of cirron_otel._otel_context

@@ -8,7 +8,8 @@
 #include <math.h>
 #include <unistd.h>
 
-#include "grisu2.h" /* format_f64 */
+#include "grisu2.h"  /* format_f64 */
+#include "mapping.h" /* the attribute keys, exported */
 
 /* the process-wide state (native.h) */
 CN_INTERNAL cn_state_t cn_state = CN_STATE_INIT;
@@ -391,6 +392,17 @@ native_exec(PyObject *m)
         PyModule_AddIntConstant(m, "MAX_DEPTH", MAX_DEPTH) < 0 ||
         PyModule_AddIntConstant(m, "STR_VALUE_CAP", STR_VALUE_CAP) < 0)
         return -1;
+    /* the mapping's attribute keys (mapping.h), for the Python side */
+    static const struct {
+        const char *name, *value;
+    } keys[] = {
+#define KEY_ENTRY(key) {#key, key},
+        MAPPING_KEYS(KEY_ENTRY)
+#undef KEY_ENTRY
+    };
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+        if (PyModule_AddStringConstant(m, keys[i].name, keys[i].value) < 0)
+            return -1;
     return 0;
 }
 

@@ -12,20 +12,21 @@
 
 #include <stdlib.h>
 
-#include "json.h" /* hex64 */
+#include "json.h"    /* hex64 */
+#include "mapping.h" /* field numbers and attribute keys */
 #include "pb.h"
 
 
-/* Wire-format writers (pb_varint, pb_tag, pb_fixed, pb_bytes, pb_id, pb_begin/pb_end,
- * pb_splice_kvs): pb.h. The KeyValue helpers below apply the configured limits. */
+/* Wire-format writers (pb_*, PB_LIT): pb.h; field numbers (SPAN_NAME, ...) and attribute
+ * keys (KEY_*): mapping.h. The KeyValue helpers below apply the configured limits. */
 
 static void
-pb_str_kv(buf_t *b, int field, const char *key, size_t klen, const char *val, size_t vlen)
+pb_str_kv(buf_t *b, int field, const char *key, const char *val, size_t vlen)
 {
     size_t kv = pb_begin(b, field);
-    pb_bytes(b, 1, key, klen);
-    size_t av = pb_begin(b, 2);
-    pb_bytes(b, 1, val, limited_utf8(val, vlen));
+    pb_bytes(b, KEY_VALUE_KEY, key, strlen(key));
+    size_t av = pb_begin(b, KEY_VALUE_VALUE);
+    pb_bytes(b, ANY_VALUE_STRING, val, limited_utf8(val, vlen));
     pb_end(b, av);
     pb_end(b, kv);
 }
@@ -34,10 +35,9 @@ static void
 pb_int_kv(buf_t *b, int field, const char *key, int64_t v)
 {
     size_t kv = pb_begin(b, field);
-    pb_bytes(b, 1, key, strlen(key));
-    size_t av = pb_begin(b, 2);
-    pb_tag(b, 3, WT_VARINT);
-    pb_varint(b, (uint64_t)v);
+    pb_bytes(b, KEY_VALUE_KEY, key, strlen(key));
+    size_t av = pb_begin(b, KEY_VALUE_VALUE);
+    pb_varint_field(b, ANY_VALUE_INT, (uint64_t)v);
     pb_end(b, av);
     pb_end(b, kv);
 }
@@ -48,7 +48,7 @@ pb_hex_kv(buf_t *b, int field, const char *key, uint64_t hi, uint64_t lo)
     char hex[32];
     hex64(hex, hi);
     hex64(hex + 16, lo);
-    pb_str_kv(b, field, key, strlen(key), hex, 32);
+    pb_str_kv(b, field, key, hex, 32);
 }
 
 /* -- open-span state ------------------------------------------------------------------- */
@@ -175,26 +175,21 @@ pb_mark_value(buf_t *o, BatchObject *b, size_t i)
     slot_t *s = &b->slots[i];
     ext_t *e = b->aux[i].ext >= 0 ? &b->ext[b->aux[i].ext] : NULL;
     switch (s->vtype) {
-    case VT_FLOAT: {
-        uint64_t bits;
-        memcpy(&bits, &s->v.d, 8);
-        pb_tag(o, 4, WT_I64);
-        pb_fixed(o, bits, 8);
+    case VT_FLOAT:
+        pb_double_field(o, ANY_VALUE_DOUBLE, s->v.d);
         break;
-    }
     case VT_INT:
-        pb_tag(o, 3, WT_VARINT);
-        pb_varint(o, (uint64_t)s->v.i);
+        pb_varint_field(o, ANY_VALUE_INT, (uint64_t)s->v.i);
         break;
     case VT_BOOL:
-        pb_tag(o, 2, WT_VARINT);
-        pb_varint(o, (uint64_t)s->v.i);
+        pb_varint_field(o, ANY_VALUE_BOOL, (uint64_t)s->v.i);
         break;
     default:
         if (e)
-            pb_bytes(o, 1, b->arena.data + e->val.off, limited_utf8(b->arena.data + e->val.off, e->val.len));
+            pb_bytes(o, ANY_VALUE_STRING, b->arena.data + e->val.off,
+                     limited_utf8(b->arena.data + e->val.off, e->val.len));
         else
-            pb_bytes(o, 1, "", 0);
+            PB_LIT(o, ANY_VALUE_STRING, "");
     }
 }
 
@@ -229,13 +224,13 @@ otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i)
             sm->name_len = (uint32_t)nlen;
         }
         sm->kv.len = 0; /* the last summary of a name wins */
-        BUF_LIT(&sm->kv, "cirron.summary.");
+        BUF_LIT(&sm->kv, KEY_SUMMARY_PREFIX);
         size_t keylen = sm->kv.len + nlen;
         buf_put(&sm->kv, name, nlen);
         /* rebuild as KeyValue{key, value} */
         buf_t kv = {0};
-        pb_bytes(&kv, 1, sm->kv.data, keylen);
-        size_t av = pb_begin(&kv, 2);
+        pb_bytes(&kv, KEY_VALUE_KEY, sm->kv.data, keylen);
+        size_t av = pb_begin(&kv, KEY_VALUE_VALUE);
         pb_mark_value(&kv, b, i);
         pb_end(&kv, av);
         free(sm->kv.data);
@@ -247,32 +242,25 @@ otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i)
         return;
     buf_t *ev = &e->ev;
     e->ev_off[e->n_ev++] = (uint32_t)ev->len;
-    size_t lenpos = ev->len;
-    buf_reserve(ev, 5);
-    ev->len += 5;
-    size_t body = ev->len;
-    (void)lenpos;
-    pb_tag(ev, 1, WT_I64);
-    pb_fixed(ev, (uint64_t)s->ts, 8);
-    pb_bytes(ev, 2, name, nlen);
-    size_t kv = pb_begin(ev, 3);
-    pb_bytes(ev, 1, "cirron.mark.value", 17);
-    size_t av = pb_begin(ev, 2);
+    size_t body = pb_begin_untagged(ev); /* kept as [varint len][Event] */
+    pb_fixed64_field(ev, EVENT_TIME_UNIX_NANO, (uint64_t)s->ts);
+    pb_bytes(ev, EVENT_NAME, name, nlen);
+    size_t kv = pb_begin(ev, EVENT_ATTRIBUTES);
+    PB_LIT(ev, KEY_VALUE_KEY, KEY_MARK_VALUE);
+    size_t av = pb_begin(ev, KEY_VALUE_VALUE);
     pb_mark_value(ev, b, i);
     pb_end(ev, av);
     pb_end(ev, kv);
-    pb_str_kv(ev, 3, "cirron.mark.kind", 16, "point", 5);
-    pb_hex_kv(ev, 3, "cirron.mark.id", b->aux[i].id_hi, b->aux[i].id_lo);
+    pb_str_kv(ev, EVENT_ATTRIBUTES, KEY_MARK_KIND, "point", strlen("point"));
+    pb_hex_kv(ev, EVENT_ATTRIBUTES, KEY_MARK_ID, b->aux[i].id_hi, b->aux[i].id_lo);
     uint32_t dropped = 0;
     if (x && x->oattrs.len) {
         uint32_t room = cn_state.event_attr_limit > 3 ? cn_state.event_attr_limit - 3 : 0;
-        uint32_t kept = pb_splice_kvs(ev, 3, b->arena.data + x->oattrs.off, x->oattrs.len, room);
+        uint32_t kept = pb_splice_kvs(ev, EVENT_ATTRIBUTES, b->arena.data + x->oattrs.off, x->oattrs.len, room);
         dropped = x->oattrs_n - kept + x->oattrs_dropped;
     }
-    if (dropped) {
-        pb_tag(ev, 4, WT_VARINT);
-        pb_varint(ev, dropped);
-    }
+    if (dropped)
+        pb_varint_field(ev, EVENT_DROPPED_ATTRIBUTES_COUNT, dropped);
     pb_end(ev, body);
     e->total_ev++;
     if (e->n_ev - e->first > st->event_limit) {
@@ -323,61 +311,56 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
             ospan_remove(st, e);
         return;
     }
-    size_t sp = pb_begin(o, 2); /* ScopeSpans.spans */
-    pb_id(o, 1, s2->trace_hi, s2->trace_lo, 16);
-    pb_id(o, 2, s->span_hi, 0, 8);
+    size_t sp = pb_begin(o, SCOPE_SPANS_SPANS);
+    pb_id(o, SPAN_TRACE_ID, s2->trace_hi, s2->trace_lo, 16);
+    pb_id(o, SPAN_SPAN_ID, s->span_hi, 0, 8);
     int is_root = s2->parent_hi == 0 || (s->vtype & SF_NEW_TRACE);
     if (!is_root)
-        pb_id(o, 4, s2->parent_hi, 0, 8);
+        pb_id(o, SPAN_PARENT_SPAN_ID, s2->parent_hi, 0, 8);
     size_t nlen;
     const char *name = slot_name(b, i, &nlen);
-    pb_bytes(o, 5, name, nlen);
-    pb_tag(o, 6, WT_VARINT);
-    pb_varint(o, 1); /* SPAN_KIND_INTERNAL */
-    pb_tag(o, 7, WT_I64);
-    pb_fixed(o, (uint64_t)s->ts, 8);
-    pb_tag(o, 8, WT_I64);
-    pb_fixed(o, (uint64_t)s->v.i, 8);
+    pb_bytes(o, SPAN_NAME, name, nlen);
+    pb_varint_field(o, SPAN_KIND, SPAN_KIND_INTERNAL);
+    pb_fixed64_field(o, SPAN_START_TIME_UNIX_NANO, (uint64_t)s->ts);
+    pb_fixed64_field(o, SPAN_END_TIME_UNIX_NANO, (uint64_t)s->v.i);
     /* attributes: the scope's own, then cirron.*, then summaries, up to the limit */
     uint32_t limit = cn_state.span_attr_limit, n = 0, dropped = 0;
     if (x && x->oattrs.len) {
-        n = pb_splice_kvs(o, 9, b->arena.data + x->oattrs.off, x->oattrs.len, limit);
+        n = pb_splice_kvs(o, SPAN_ATTRIBUTES, b->arena.data + x->oattrs.off, x->oattrs.len, limit);
         dropped += x->oattrs_n - n + x->oattrs_dropped;
     }
 #define ROOM() (n < limit ? (n++, 1) : (dropped++, 0))
     const code_loc_t *code = code_get(s2->code_id);
     if (code != NULL) {
         if (ROOM())
-            pb_str_kv(o, 9, "code.function.name", 18, code->func, code->func_len);
+            pb_str_kv(o, SPAN_ATTRIBUTES, KEY_CODE_FUNCTION, code->func, code->func_len);
         if (code->file && ROOM())
-            pb_str_kv(o, 9, "code.file.path", 14, code->file, code->file_len);
+            pb_str_kv(o, SPAN_ATTRIBUTES, KEY_CODE_FILE, code->file, code->file_len);
         if (code->line >= 0 && ROOM())
-            pb_int_kv(o, 9, "code.line.number", code->line);
+            pb_int_kv(o, SPAN_ATTRIBUTES, KEY_CODE_LINE, code->line);
     }
     if ((s->flags & F_HAS_INDEX) && ROOM())
-        pb_int_kv(o, 9, "cirron.index", s2->index);
+        pb_int_kv(o, SPAN_ATTRIBUTES, KEY_INDEX, s2->index);
     if (ROOM())
-        pb_hex_kv(o, 9, "cirron.span_id", s->span_hi, s->span_lo);
+        pb_hex_kv(o, SPAN_ATTRIBUTES, KEY_SPAN_ID, s->span_hi, s->span_lo);
     if (ROOM())
-        pb_int_kv(o, 9, "thread.id", (int64_t)s2->thread_id);
+        pb_int_kv(o, SPAN_ATTRIBUTES, KEY_THREAD_ID, (int64_t)s2->thread_id);
     const tok_t *tname = batch_thread_name(b, i);
     if (tname != NULL && ROOM())
-        pb_str_kv(o, 9, "thread.name", 11, b->arena.data + tname->off, tname->len);
+        pb_str_kv(o, SPAN_ATTRIBUTES, KEY_THREAD_NAME, b->arena.data + tname->off, tname->len);
     if (ROOM())
-        pb_int_kv(o, 9, "cirron.rank", b->rank);
+        pb_int_kv(o, SPAN_ATTRIBUTES, KEY_RANK, b->rank);
     if ((s->flags & F_HAS_CPU) && ROOM())
-        pb_int_kv(o, 9, "cirron.cpu_ns", s2->cpu_ns);
+        pb_int_kv(o, SPAN_ATTRIBUTES, KEY_CPU_NS, s2->cpu_ns);
     if ((s->vtype & SF_NEW_TRACE) && ROOM())
-        pb_hex_kv(o, 9, "cirron.session.id", s2->parent_hi, s2->parent_lo);
+        pb_hex_kv(o, SPAN_ATTRIBUTES, KEY_SESSION_ID, s2->parent_hi, s2->parent_lo);
     if (e)
         for (uint32_t k = 0; k < e->n_sum; k++)
             if (ROOM())
-                pb_bytes(o, 9, e->sum[k].kv.data, e->sum[k].kv.len);
+                pb_bytes(o, SPAN_ATTRIBUTES, e->sum[k].kv.data, e->sum[k].kv.len);
 #undef ROOM
-    if (dropped) {
-        pb_tag(o, 10, WT_VARINT);
-        pb_varint(o, dropped);
-    }
+    if (dropped)
+        pb_varint_field(o, SPAN_DROPPED_ATTRIBUTES_COUNT, dropped);
     /* events: the marks (already encoded), then the exception */
     uint64_t ev_dropped = 0;
     int has_exception = (s->flags & F_ERROR) && x && x->etype.len;
@@ -390,7 +373,7 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
             uint32_t start = e->ev_off[k];
             uint32_t end = k + 1 < e->n_ev ? e->ev_off[k + 1] : (uint32_t)e->ev.len;
             /* stored as [varint len][Event]: add the field tag */
-            pb_tag(o, 11, WT_LEN);
+            pb_tag(o, SPAN_EVENTS, WT_LEN);
             buf_put(o, e->ev.data + start, end - start);
         }
         ev_dropped = e->total_ev - (e->n_ev - first);
@@ -398,47 +381,40 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
     if (has_exception && st->event_limit == 0)
         ev_dropped++;
     else if (has_exception) {
-        size_t ev = pb_begin(o, 11);
-        pb_tag(o, 1, WT_I64);
-        pb_fixed(o, (uint64_t)s->v.i, 8);
-        pb_bytes(o, 2, "exception", 9);
-        pb_str_kv(o, 3, "exception.type", 14, b->arena.data + x->etype.off, x->etype.len);
-        pb_str_kv(o, 3, "exception.message", 17, b->arena.data + x->emsg.off, x->emsg.len);
-        pb_str_kv(o, 3, "exception.stacktrace", 20, b->arena.data + x->estack.off, x->estack.len);
+        size_t ev = pb_begin(o, SPAN_EVENTS);
+        pb_fixed64_field(o, EVENT_TIME_UNIX_NANO, (uint64_t)s->v.i);
+        PB_LIT(o, EVENT_NAME, EVENT_EXCEPTION);
+        pb_str_kv(o, EVENT_ATTRIBUTES, KEY_EXCEPTION_TYPE, b->arena.data + x->etype.off, x->etype.len);
+        pb_str_kv(o, EVENT_ATTRIBUTES, KEY_EXCEPTION_MESSAGE, b->arena.data + x->emsg.off, x->emsg.len);
+        pb_str_kv(o, EVENT_ATTRIBUTES, KEY_EXCEPTION_STACKTRACE, b->arena.data + x->estack.off,
+                  x->estack.len);
         pb_end(o, ev);
     }
-    if (ev_dropped) {
-        pb_tag(o, 12, WT_VARINT);
-        pb_varint(o, ev_dropped);
-    }
+    if (ev_dropped)
+        pb_varint_field(o, SPAN_DROPPED_EVENTS_COUNT, ev_dropped);
     if ((s->vtype & SF_NEW_TRACE) && (c->session_trace_hi | c->session_trace_lo)) {
         if (cn_state.link_limit == 0) {
-            pb_tag(o, 14, WT_VARINT); /* dropped_links_count */
-            pb_varint(o, 1);
+            pb_varint_field(o, SPAN_DROPPED_LINKS_COUNT, 1);
         }
         else {
-            size_t ln = pb_begin(o, 13);
-            pb_id(o, 1, c->session_trace_hi, c->session_trace_lo, 16);
-            pb_id(o, 2, s2->parent_hi, 0, 8);
+            size_t ln = pb_begin(o, SPAN_LINKS);
+            pb_id(o, LINK_TRACE_ID, c->session_trace_hi, c->session_trace_lo, 16);
+            pb_id(o, LINK_SPAN_ID, s2->parent_hi, 0, 8);
             if (cn_state.link_attr_limit > 0)
-                pb_str_kv(o, 4, "cirron.link", 11, "session", 7);
-            else {
-                pb_tag(o, 5, WT_VARINT); /* the link's dropped_attributes_count */
-                pb_varint(o, 1);
-            }
+                pb_str_kv(o, LINK_ATTRIBUTES, KEY_LINK, "session", strlen("session"));
+            else
+                pb_varint_field(o, LINK_DROPPED_ATTRIBUTES_COUNT, 1);
             pb_end(o, ln);
         }
     }
     if (s->flags & F_ERROR) {
-        size_t stt = pb_begin(o, 15);
+        size_t stt = pb_begin(o, SPAN_STATUS);
         if (x && x->emsg.len)
-            pb_bytes(o, 2, b->arena.data + x->emsg.off, x->emsg.len);
-        pb_tag(o, 3, WT_VARINT);
-        pb_varint(o, 2); /* STATUS_CODE_ERROR */
+            pb_bytes(o, STATUS_MESSAGE, b->arena.data + x->emsg.off, x->emsg.len);
+        pb_varint_field(o, STATUS_CODE, STATUS_CODE_ERROR);
         pb_end(o, stt);
     }
-    pb_tag(o, 16, WT_I32);
-    pb_fixed(o, 0x101, 4); /* sampled; is_remote known (false) */
+    pb_fixed32_field(o, SPAN_FLAGS, SPAN_FLAGS_SAMPLED_LOCAL);
     pb_end(o, sp);
     if (e)
         ospan_remove(st, e);
@@ -456,12 +432,12 @@ otlp_req_open(otlp_req_t *r, const char *res, size_t res_len, const char *sname,
               const char *sver, size_t sver_len)
 {
     memset(r, 0, sizeof *r);
-    r->rs = pb_begin(&r->o, 1); /* ExportTraceServiceRequest.resource_spans */
-    pb_bytes(&r->o, 1, res, res_len);
-    r->ss = pb_begin(&r->o, 2); /* ResourceSpans.scope_spans */
-    size_t sc = pb_begin(&r->o, 1); /* ScopeSpans.scope */
-    pb_bytes(&r->o, 1, sname, sname_len);
-    pb_bytes(&r->o, 2, sver, sver_len);
+    r->rs = pb_begin(&r->o, EXPORT_REQUEST_RESOURCE_SPANS);
+    pb_bytes(&r->o, RESOURCE_SPANS_RESOURCE, res, res_len); /* an encoded Resource */
+    r->ss = pb_begin(&r->o, RESOURCE_SPANS_SCOPE_SPANS);
+    size_t sc = pb_begin(&r->o, SCOPE_SPANS_SCOPE);
+    pb_bytes(&r->o, SCOPE_NAME, sname, sname_len);
+    pb_bytes(&r->o, SCOPE_VERSION, sver, sver_len);
     pb_end(&r->o, sc);
 }
 

@@ -61,14 +61,55 @@ pb_id(buf_t *b, int field, uint64_t hi, uint64_t lo, int nbytes)
     pb_bytes(b, field, raw, (size_t)nbytes);
 }
 
-/* Nested message: reserve a 5-byte length, then shrink it to its canonical size at end. */
+/* Scalar fields: tag and value. An int64 goes as its two's complement (protobuf's int64). */
+static inline void
+pb_varint_field(buf_t *b, int field, uint64_t v)
+{
+    pb_tag(b, field, WT_VARINT);
+    pb_varint(b, v);
+}
+
+static inline void
+pb_fixed64_field(buf_t *b, int field, uint64_t v)
+{
+    pb_tag(b, field, WT_I64);
+    pb_fixed(b, v, 8);
+}
+
+static inline void
+pb_fixed32_field(buf_t *b, int field, uint32_t v)
+{
+    pb_tag(b, field, WT_I32);
+    pb_fixed(b, v, 4);
+}
+
+static inline void
+pb_double_field(buf_t *b, int field, double d)
+{
+    uint64_t bits;
+    memcpy(&bits, &d, 8);
+    pb_fixed64_field(b, field, bits);
+}
+
+/* A string literal as a bytes/string field (its length counted by the compiler). */
+#define PB_LIT(b, field, s) pb_bytes((b), (field), ("" s ""), sizeof(s) - 1)
+
+/* Nested message: reserve a 5-byte length, then shrink it to its canonical size at pb_end.
+ * pb_begin_untagged: the same without the field tag, [varint len][message], for messages
+ * kept encoded until they are spliced into a repeated field (pb_splice_kvs). */
+static CIRRON_MAYBE_UNUSED size_t
+pb_begin_untagged(buf_t *b)
+{
+    buf_reserve(b, 5);
+    b->len += 5;
+    return b->len;
+}
+
 static CIRRON_MAYBE_UNUSED size_t
 pb_begin(buf_t *b, int field)
 {
     pb_tag(b, field, WT_LEN);
-    buf_reserve(b, 5);
-    b->len += 5;
-    return b->len;
+    return pb_begin_untagged(b);
 }
 
 static CIRRON_MAYBE_UNUSED void

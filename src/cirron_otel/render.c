@@ -9,6 +9,7 @@
 #include <stdlib.h>
 
 #include "json.h"
+#include "mapping.h" /* field numbers */
 #include "pb.h"
 
 /* ======================================================================================
@@ -262,27 +263,21 @@ static int
 otlp_scalar(buf_t *a, PyObject *v)
 {
     if (PyBool_Check(v)) {
-        pb_tag(a, 2, WT_VARINT);
-        pb_varint(a, v == Py_True);
+        pb_varint_field(a, ANY_VALUE_BOOL, v == Py_True);
         return 0;
     }
     if (PyLong_Check(v)) {
         int overflow = 0;
         long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
         if (!overflow && !(x == -1 && PyErr_Occurred())) {
-            pb_tag(a, 3, WT_VARINT);
-            pb_varint(a, (uint64_t)x);
+            pb_varint_field(a, ANY_VALUE_INT, (uint64_t)x);
             return 0;
         }
         PyErr_Clear();
         return 1;
     }
     if (PyFloat_Check(v)) {
-        double d = PyFloat_AS_DOUBLE(v);
-        uint64_t bits;
-        memcpy(&bits, &d, 8);
-        pb_tag(a, 4, WT_I64);
-        pb_fixed(a, bits, 8);
+        pb_double_field(a, ANY_VALUE_DOUBLE, PyFloat_AS_DOUBLE(v));
         return 0;
     }
     if (PyUnicode_Check(v)) {
@@ -298,11 +293,11 @@ otlp_str_value(buf_t *a, PyObject *str)
     PyObject *enc = PyUnicode_AsEncodedString(str, "utf-8", "backslashreplace");
     if (enc == NULL) {
         PyErr_Clear();
-        pb_bytes(a, 1, "<unencodable>", 13);
+        PB_LIT(a, ANY_VALUE_STRING, "<unencodable>");
         return;
     }
     const char *u = PyBytes_AS_STRING(enc);
-    pb_bytes(a, 1, u, limited_utf8(u, (size_t)PyBytes_GET_SIZE(enc)));
+    pb_bytes(a, ANY_VALUE_STRING, u, limited_utf8(u, (size_t)PyBytes_GET_SIZE(enc)));
     Py_DECREF(enc);
 }
 
@@ -336,9 +331,9 @@ otlp_any_value(buf_t *a, PyObject *v)
             ok = Py_TYPE(items[k]) == t0 && (t0 == &PyUnicode_Type || t0 == &PyBool_Type ||
                                              t0 == &PyLong_Type || t0 == &PyFloat_Type);
         if (ok) {
-            size_t arr = pb_begin(a, 5);
+            size_t arr = pb_begin(a, ANY_VALUE_ARRAY);
             for (Py_ssize_t k = 0; k < n; k++) {
-                size_t el = pb_begin(a, 1);
+                size_t el = pb_begin(a, ARRAY_VALUE_VALUES);
                 if (otlp_scalar(a, items[k]) != 0) {
                     PyObject *str = PyObject_Str(items[k]);
                     if (str) {
@@ -356,7 +351,7 @@ otlp_any_value(buf_t *a, PyObject *v)
     PyObject *str = PyObject_Str(v);
     if (str == NULL) {
         PyErr_Clear();
-        pb_bytes(a, 1, "<unserializable>", 16);
+        PB_LIT(a, ANY_VALUE_STRING, "<unserializable>");
         return;
     }
     otlp_str_value(a, str);
@@ -392,22 +387,17 @@ cn_otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_t *n, uint32_t *d
             (*dropped)++;
             continue;
         }
-        size_t lenpos = a->len;
-        buf_reserve(a, 5);
-        a->len += 5;
-        size_t body = a->len;
+        size_t body = pb_begin_untagged(a); /* [varint len][KeyValue] */
         PyObject *kenc = key_utf8(key);
         if (kenc) {
-            pb_bytes(a, 1, PyBytes_AS_STRING(kenc), (size_t)PyBytes_GET_SIZE(kenc));
+            pb_bytes(a, KEY_VALUE_KEY, PyBytes_AS_STRING(kenc), (size_t)PyBytes_GET_SIZE(kenc));
             Py_DECREF(kenc);
         }
         PyErr_Clear();
-        size_t av = pb_begin(a, 2);
+        size_t av = pb_begin(a, KEY_VALUE_VALUE);
         otlp_any_value(a, val);
         pb_end(a, av);
-        /* the length prefix, canonical: reuse pb_end's shrinking on a fake tag-less field */
         pb_end(a, body);
-        (void)lenpos;
         (*n)++;
     }
     free(skip);
