@@ -190,7 +190,8 @@ scope_open_under(ScopeObject *s, ring_t *r, int64_t ts, PyObject *cur, int push)
     s->span_flags = 0;
     uint64_t ot_hi, ot_lo, ot_span;
     int ot_sampled;
-    if (cn_state.otel_context && cn_state.otel_attached && otel_parent(cur, &ot_hi, &ot_lo, &ot_span, &ot_sampled)) {
+    if (cn_state.otel_context && cn_state.otel_attached &&
+        otel_parent(cur, &ot_hi, &ot_lo, &ot_span, &ot_sampled)) {
         /* a foreign span's spool id: its span id, then the first half of its trace id */
         s->parent_hi = ot_span;
         s->parent_lo = ot_hi;
@@ -434,11 +435,64 @@ cn_mod_code_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject
     return s;
 }
 
+/* -- keyword arguments ------------------------------------------------------------------
+ * scope() and mark() take their attributes as keyword arguments, beside a few keyword
+ * parameters of their own. kwargs_to_attrs gives each keyword argument to `param` first,
+ * which claims a parameter (1), leaves an attribute (0) or fails (-1, exception set); the
+ * attributes go into a new dict (*attrs stays NULL when there are none), their values
+ * captured now and rendered later (attr_value). Returns 0, or -1 with *attrs released. */
+typedef int (*kwarg_param_t)(PyObject *key, PyObject *value, void *ctx);
+
+static inline int
+kwargs_to_attrs(PyObject *const *values, PyObject *kwnames, kwarg_param_t param, void *ctx,
+                PyObject **attrs)
+{
+    *attrs = NULL;
+    Py_ssize_t nk = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nk; i++) {
+        PyObject *k = PyTuple_GET_ITEM(kwnames, i), *v = values[i];
+        int claimed = param(k, v, ctx);
+        if (claimed > 0)
+            continue;
+        if (claimed < 0 || (*attrs == NULL && (*attrs = PyDict_New()) == NULL))
+            goto fail;
+        PyObject *cv = attr_value(v);
+        int rc = PyDict_SetItem(*attrs, k, cv);
+        Py_DECREF(cv);
+        if (rc < 0)
+            goto fail;
+    }
+    return 0;
+fail:
+    Py_CLEAR(*attrs);
+    return -1;
+}
+
+typedef struct {
+    PyObject *name, *index;
+} scope_params_t;
+
+static int
+scope_param(PyObject *k, PyObject *v, void *ctx)
+{
+    scope_params_t *p = ctx;
+    if (p->index == NULL && PyUnicode_Compare(k, cn_state.str_index) == 0) {
+        p->index = v;
+        return 1;
+    }
+    if (p->name == NULL && PyUnicode_CompareWithASCIIString(k, "name") == 0) {
+        p->name = v;
+        return 1;
+    }
+    return 0;
+}
+
 /* scope(name, index=None, **attrs) */
 PyObject *
 cn_mod_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *name = NULL, *index = NULL, *attrs = NULL;
+    scope_params_t p = {NULL, NULL};
+    PyObject *attrs;
     if (nargs < 1 || nargs > 2) {
         if (nargs == 0 && kwnames == NULL) {
             PyErr_SetString(PyExc_TypeError, "cirron_otel.scope() missing required argument 'name'");
@@ -451,34 +505,12 @@ cn_mod_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwn
         }
     }
     if (nargs >= 1)
-        name = args[0];
+        p.name = args[0];
     if (nargs == 2)
-        index = args[1];
-    if (kwnames != NULL) {
-        Py_ssize_t nk = PyTuple_GET_SIZE(kwnames);
-        for (Py_ssize_t i = 0; i < nk; i++) {
-            PyObject *k = PyTuple_GET_ITEM(kwnames, i);
-            PyObject *v = args[nargs + i];
-            if (index == NULL && nargs < 2 && PyUnicode_Compare(k, cn_state.str_index) == 0) {
-                index = v;
-                continue;
-            }
-            if (name == NULL && PyUnicode_CompareWithASCIIString(k, "name") == 0) {
-                name = v;
-                continue;
-            }
-            if (attrs == NULL && (attrs = PyDict_New()) == NULL)
-                return NULL;
-            PyObject *cv = attr_value(v); /* captured now, rendered later */
-            int rc = PyDict_SetItem(attrs, k, cv);
-            Py_DECREF(cv);
-            if (rc < 0) {
-                Py_DECREF(attrs);
-                return NULL;
-            }
-        }
-    }
-    if (name == NULL) {
+        p.index = args[1];
+    if (kwargs_to_attrs(args + nargs, kwnames, scope_param, &p, &attrs) < 0)
+        return NULL;
+    if (p.name == NULL) {
         Py_XDECREF(attrs);
         PyErr_SetString(PyExc_TypeError, "cirron_otel.scope() missing required argument 'name'");
         return NULL;
@@ -488,7 +520,7 @@ cn_mod_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwn
         Py_XDECREF(attrs);
         return NULL;
     }
-    ScopeObject *s = scope_make(name, index, NULL, r);
+    ScopeObject *s = scope_make(p.name, p.index, NULL, r);
     if (s != NULL)
         s->attrs = attrs;
     else
@@ -902,6 +934,26 @@ cn_mod_scoped_iter(PyObject *m, PyObject *args)
  * mark()
  * ==================================================================================== */
 
+/* mark()'s keyword parameter: kind='point' | 'summary' (ctx: int summary) */
+static int
+mark_param(PyObject *k, PyObject *v, void *ctx)
+{
+    if (k != cn_state.str_kind && PyUnicode_Compare(k, cn_state.str_kind) != 0)
+        return 0;
+    if (v == cn_state.str_point ||
+        (PyUnicode_Check(v) && PyUnicode_Compare(v, cn_state.str_point) == 0))
+        *(int *)ctx = 0;
+    else if (v == cn_state.str_summary ||
+             (PyUnicode_Check(v) && PyUnicode_Compare(v, cn_state.str_summary) == 0))
+        *(int *)ctx = 1;
+    else {
+        PyErr_Format(PyExc_ValueError,
+                     "cirron_otel.mark() kind must be 'point' or 'summary'; got %R", v);
+        return -1;
+    }
+    return 1;
+}
+
 PyObject *
 cn_mod_mark(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
@@ -915,37 +967,9 @@ cn_mod_mark(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
     }
     PyObject *name = args[0];
     int summary = 0;
-    PyObject *attrs = NULL;
-    if (kwnames != NULL) {
-        Py_ssize_t nk = PyTuple_GET_SIZE(kwnames);
-        for (Py_ssize_t i = 0; i < nk; i++) {
-            PyObject *k = PyTuple_GET_ITEM(kwnames, i);
-            PyObject *v = args[2 + i];
-            if (k == cn_state.str_kind || PyUnicode_Compare(k, cn_state.str_kind) == 0) {
-                if (v == cn_state.str_point || (PyUnicode_Check(v) && PyUnicode_Compare(v, cn_state.str_point) == 0))
-                    summary = 0;
-                else if (v == cn_state.str_summary ||
-                         (PyUnicode_Check(v) && PyUnicode_Compare(v, cn_state.str_summary) == 0))
-                    summary = 1;
-                else {
-                    Py_XDECREF(attrs);
-                    PyErr_Format(PyExc_ValueError,
-                                 "cirron_otel.mark() kind must be 'point' or 'summary'; got %R", v);
-                    return NULL;
-                }
-                continue;
-            }
-            if (attrs == NULL && (attrs = PyDict_New()) == NULL)
-                return NULL;
-            PyObject *cv = attr_value(v); /* captured now, rendered later */
-            int rc = PyDict_SetItem(attrs, k, cv);
-            Py_DECREF(cv);
-            if (rc < 0) {
-                Py_DECREF(attrs);
-                return NULL;
-            }
-        }
-    }
+    PyObject *attrs;
+    if (kwargs_to_attrs(args + 2, kwnames, mark_param, &summary, &attrs) < 0)
+        return NULL;
     coerced_t cv;
     cv.str = NULL;
     if (coerce_value(args[1], &cv) < 0) {
