@@ -41,7 +41,8 @@ mod_configure(PyObject *m, PyObject *args, PyObject *kw)
     if (link_limit >= 0)
         cn_state.link_limit = (uint32_t)(link_limit > UINT32_MAX ? UINT32_MAX : link_limit);
     if (link_attr_limit >= 0)
-        cn_state.link_attr_limit = (uint32_t)(link_attr_limit > UINT32_MAX ? UINT32_MAX : link_attr_limit);
+        cn_state.link_attr_limit =
+            (uint32_t)(link_attr_limit > UINT32_MAX ? UINT32_MAX : link_attr_limit);
     if (attached != -1)
         cn_state.otel_attached = attached;
     if (otlp != -1)
@@ -154,8 +155,10 @@ mod_pending(PyObject *m, PyObject *unused)
 static PyObject *
 mod_stats(PyObject *m, PyObject *unused)
 {
-    uint64_t mr = atomic_load(&cn_state.freed_marks_recorded), sr = atomic_load(&cn_state.freed_spans_recorded),
-             dd = atomic_load(&cn_state.freed_depth_drops), md = atomic_load(&cn_state.freed_marks_dropped),
+    uint64_t mr = atomic_load(&cn_state.freed_marks_recorded),
+             sr = atomic_load(&cn_state.freed_spans_recorded),
+             dd = atomic_load(&cn_state.freed_depth_drops),
+             md = atomic_load(&cn_state.freed_marks_dropped),
              sd = atomic_load(&cn_state.freed_spans_dropped), pend = 0, live = 0;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&cn_state.registry_mu);
@@ -176,10 +179,12 @@ mod_stats(PyObject *m, PyObject *unused)
         (unsigned long long)dd, "marks_dropped", (unsigned long long)md, "spans_dropped",
         (unsigned long long)sd, "pending_slots", (unsigned long long)pend, "marks_collected",
         (unsigned long long)atomic_load(&cn_state.marks_collected), "spans_collected",
-        (unsigned long long)atomic_load(&cn_state.spans_collected), "rings_live", (unsigned long long)live,
+        (unsigned long long)atomic_load(&cn_state.spans_collected), "rings_live",
+        (unsigned long long)live,
         "rings_created", (unsigned long long)atomic_load(&cn_state.rings_created), "rings_freed",
         (unsigned long long)atomic_load(&cn_state.rings_freed), "wakeups",
-        (unsigned long long)atomic_load(&cn_state.wakeups), "open_spans", (Py_ssize_t)cn_state.open_spans.n,
+        (unsigned long long)atomic_load(&cn_state.wakeups), "open_spans",
+        (Py_ssize_t)cn_state.open_spans.n,
         "names", (unsigned int)atomic_load(&cn_state.name_count), "mark_id_overflow",
         (unsigned long long)atomic_load(&cn_state.open_overflow));
 }
@@ -307,7 +312,8 @@ mod_format_float(PyObject *m, PyObject *arg)
 
 static PyMethodDef module_methods[] = {
     {"format_float", (PyCFunction)mod_format_float, METH_O, NULL},
-    {"otlp_encode", (PyCFunction)(void (*)(void))cn_mod_otlp_encode, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"otlp_encode", (PyCFunction)(void (*)(void))cn_mod_otlp_encode, METH_VARARGS | METH_KEYWORDS,
+     NULL},
     {"mark", (PyCFunction)(void (*)(void))cn_mod_mark, METH_FASTCALL | METH_KEYWORDS,
      "mark(name, value, *, kind='point', **attrs)"},
     {"scope", (PyCFunction)(void (*)(void))cn_mod_scope, METH_FASTCALL | METH_KEYWORDS,
@@ -329,7 +335,8 @@ static PyMethodDef module_methods[] = {
     {"free_orphans", (PyCFunction)cn_mod_free_orphans, METH_NOARGS, NULL},
     {"encode_spool", (PyCFunction)(void (*)(void))cn_mod_encode_spool, METH_VARARGS | METH_KEYWORDS,
      NULL},
-    {"write_spool", (PyCFunction)(void (*)(void))cn_mod_write_spool, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"write_spool", (PyCFunction)(void (*)(void))cn_mod_write_spool, METH_VARARGS | METH_KEYWORDS,
+     NULL},
     {"wait", (PyCFunction)mod_wait, METH_O, NULL},
     {"wake", (PyCFunction)mod_wake, METH_NOARGS, NULL},
     {"progress", (PyCFunction)mod_progress, METH_NOARGS, NULL},
@@ -370,9 +377,9 @@ native_init_globals(void)
     cn_state.session_name = PyUnicode_InternFromString("cirron.session");
     cn_state.epoch_name = PyUnicode_InternFromString("epoch");
     cn_state.batch_name = PyUnicode_InternFromString("batch");
-    if (!cn_state.scope_var || !cn_state.otel_var || !cn_state.name_ids || !cn_state.name_objs || !cn_state.str_point || !cn_state.str_summary ||
-        !cn_state.str_kind || !cn_state.str_index || !cn_state.str_item || !cn_state.session_name || !cn_state.epoch_name ||
-        !cn_state.batch_name)
+    if (!cn_state.scope_var || !cn_state.otel_var || !cn_state.name_ids || !cn_state.name_objs ||
+        !cn_state.str_point || !cn_state.str_summary || !cn_state.str_kind || !cn_state.str_index ||
+        !cn_state.str_item || !cn_state.session_name || !cn_state.epoch_name || !cn_state.batch_name)
         return -1;
     done = 1;
     return 0;

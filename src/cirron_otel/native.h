@@ -376,7 +376,8 @@ extern CN_INTERNAL cn_state_t cn_state;
 /* -- what each unit offers the others --------------------------------------------------- */
 
 /* record.c: ids, names, rings, values, attribute capture, code locations */
-extern CN_INTERNAL _Thread_local ring_t *cn_tl_ring; /* this thread's ring, NULL until its first record */
+/* this thread's ring, NULL until its first record */
+extern CN_INTERNAL _Thread_local ring_t *cn_tl_ring;
 CN_INTERNAL void cn_rng_seed(rng_t *r);
 CN_INTERNAL uint32_t cn_name_intern(PyObject *name);
 CN_INTERNAL void cn_wake_drainer(void);
@@ -392,13 +393,15 @@ CN_INTERNAL PyObject *cn_mod_code_location(PyObject *m, PyObject *args);
 /* scope.c: scopes, iterators, mark(), the session */
 extern CN_INTERNAL PyTypeObject cn_Scope_Type, cn_ScopeIter_Type;
 CN_INTERNAL PyObject *cn_hex128(uint64_t hi, uint64_t lo);
-CN_INTERNAL PyObject *cn_mod_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
+CN_INTERNAL PyObject *cn_mod_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs,
+                                   PyObject *kwnames);
 CN_INTERNAL PyObject *cn_mod_code_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs,
                                         PyObject *kwnames);
 CN_INTERNAL PyObject *cn_mod_epochs(PyObject *m, PyObject *iterable);
 CN_INTERNAL PyObject *cn_mod_batches(PyObject *m, PyObject *iterable);
 CN_INTERNAL PyObject *cn_mod_scoped_iter(PyObject *m, PyObject *args);
-CN_INTERNAL PyObject *cn_mod_mark(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
+CN_INTERNAL PyObject *cn_mod_mark(PyObject *m, PyObject *const *args, Py_ssize_t nargs,
+                                  PyObject *kwnames);
 CN_INTERNAL PyObject *cn_mod_session_begin(PyObject *m, PyObject *args);
 CN_INTERNAL PyObject *cn_mod_session_end(PyObject *m, PyObject *unused);
 CN_INTERNAL PyObject *cn_mod_session(PyObject *m, PyObject *unused);

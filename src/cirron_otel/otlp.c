@@ -256,7 +256,8 @@ otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i)
     uint32_t dropped = 0;
     if (x && x->oattrs.len) {
         uint32_t room = cn_state.event_attr_limit > 3 ? cn_state.event_attr_limit - 3 : 0;
-        uint32_t kept = pb_splice_kvs(ev, EVENT_ATTRIBUTES, b->arena.data + x->oattrs.off, x->oattrs.len, room);
+        uint32_t kept =
+            pb_splice_kvs(ev, EVENT_ATTRIBUTES, b->arena.data + x->oattrs.off, x->oattrs.len, room);
         dropped = x->oattrs_n - kept + x->oattrs_dropped;
     }
     if (dropped)

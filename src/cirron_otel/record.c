@@ -340,7 +340,8 @@ cn_numpy_types_ready(void)
     cn_state.numpy_floating = PyObject_GetAttrString(np, "floating");
     cn_state.numpy_integer = PyObject_GetAttrString(np, "integer");
     cn_state.numpy_bool = PyObject_GetAttrString(np, "bool_");
-    if (!cn_state.numpy_generic || !cn_state.numpy_floating || !cn_state.numpy_integer || !cn_state.numpy_bool) {
+    if (!cn_state.numpy_generic || !cn_state.numpy_floating || !cn_state.numpy_integer ||
+        !cn_state.numpy_bool) {
         PyErr_Clear();
         Py_CLEAR(cn_state.numpy_generic);
         Py_CLEAR(cn_state.numpy_floating);

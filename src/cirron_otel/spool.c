@@ -10,6 +10,28 @@
 
 #include "json.h"
 
+/* A record's name as a JSON string: its interned token, or its own bytes (table full). */
+static inline void
+encode_name(buf_t *o, BatchObject *b, const slot_t *s, const ext_t *e)
+{
+    if ((s->flags & F_NAME_REF) && e && e->name.len)
+        json_escape_utf8(o, arena_at(b, e->name.off), e->name.len);
+    else {
+        const name_entry_t *ne = name_get(s->name_id);
+        buf_put(o, ne->tok, ne->len);
+    }
+}
+
+/* A record's attrs as a JSON object (rendered in the drainer's GIL pass). */
+static inline void
+encode_attrs(buf_t *o, BatchObject *b, const ext_t *e)
+{
+    if (e && e->attrs.len)
+        buf_put(o, arena_at(b, e->attrs.off), e->attrs.len);
+    else
+        BUF_LIT(o, "{}");
+}
+
 static void
 encode_span(buf_t *o, BatchObject *b, size_t i, int with_trace)
 {
@@ -20,12 +42,7 @@ encode_span(buf_t *o, BatchObject *b, size_t i, int with_trace)
     BUF_LIT(o, "{\"id\":");
     buf_id(o, s->span_hi, s->span_lo);
     BUF_LIT(o, ",\"name\":");
-    if ((s->flags & F_NAME_REF) && e && e->name.len)
-        json_escape_utf8(o, arena_at(b, e->name.off), e->name.len);
-    else {
-        const name_entry_t *ne = name_get(s->name_id);
-        buf_put(o, ne->tok, ne->len);
-    }
+    encode_name(o, b, s, e);
     BUF_LIT(o, ",\"parent_id\":");
     if (s2->parent_hi == 0)
         BUF_LIT(o, "null");
@@ -52,10 +69,7 @@ encode_span(buf_t *o, BatchObject *b, size_t i, int with_trace)
     BUF_LIT(o, ",\"rank\":");
     buf_i64(o, b->rank);
     BUF_LIT(o, ",\"attrs\":");
-    if (e && e->attrs.len)
-        buf_put(o, arena_at(b, e->attrs.off), e->attrs.len);
-    else
-        BUF_LIT(o, "{}");
+    encode_attrs(o, b, e);
     BUF_LIT(o, ",\"mark_ids\":[");
     for (uint32_t k = 0; k < ax->mids_cnt; k++) {
         if (k)
@@ -89,12 +103,7 @@ encode_mark(buf_t *o, BatchObject *b, size_t i)
     else
         buf_id(o, s->span_hi, s->span_lo);
     BUF_LIT(o, ",\"name\":");
-    if ((s->flags & F_NAME_REF) && e && e->name.len)
-        json_escape_utf8(o, arena_at(b, e->name.off), e->name.len);
-    else {
-        const name_entry_t *ne = name_get(s->name_id);
-        buf_put(o, ne->tok, ne->len);
-    }
+    encode_name(o, b, s, e);
     const char *nonfinite = NULL;
     switch (s->vtype) {
     case VT_FLOAT:
@@ -129,10 +138,7 @@ encode_mark(buf_t *o, BatchObject *b, size_t i)
         BUF_LIT(o, "\"");
     }
     BUF_LIT(o, ",\"attrs\":");
-    if (e && e->attrs.len)
-        buf_put(o, arena_at(b, e->attrs.off), e->attrs.len);
-    else
-        BUF_LIT(o, "{}");
+    encode_attrs(o, b, e);
     BUF_LIT(o, ",\"ts_ns\":");
     buf_i64(o, s->ts);
     if (s->flags & F_SUMMARY)
