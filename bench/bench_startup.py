@@ -13,7 +13,7 @@ interpreter (which also includes the exit: the final flush and fsync).
 A tree is `label=DIR` (put first on PYTHONPATH: it must hold `cirron_otel/exporters` too, or
 the editable install's own `exporters/` is imported with it) or `label=@REV`: `src/` and
 `exporters/` at that git revision, laid out as installed, with the native module built in
-this work tree (so revisions that differ in `_native.c` are not comparable this way).
+this work tree (so revisions that differ in the C units are not comparable this way).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
         with ci.scope("forward"):
             ci.mark("loss", 0.5)
 
-`mark`, `scope`, `epochs` and `batches` are native (see `_native.c`); the rest is the thin
+`mark`, `scope`, `epochs` and `batches` are native (see `scope.c`); the rest is the thin
 Python layer in `_profiler.py`.
 """
 

@@ -237,7 +237,7 @@ class Drainer(threading.Thread):
         for _ in range(rounds):
             if not drain_all and any(w.full() and w.sink.backpressure for w in self.workers):
                 return  # the spool is behind: let the rings hold the records meanwhile
-            batch = _native.collect(self.max_records)
+            batch = _native.drain(self.max_records)
             if batch is None:
                 return
             self._pending.append(batch)

@@ -1,7 +1,7 @@
 /*
  * drain.c — the drainer's claim step and the Batch it fills.
  *
- * collect() runs on the drainer thread. Phase 1 (no GIL) copies records out of every ring
+ * drain() runs on the drainer thread. Phase 1 (no GIL) copies records out of every ring
  * and claims them with one CAS per ring; records a producer stole meanwhile are dropped
  * from the copy. Phase 2 (GIL, only when claimed records hold Python references) renders
  * attrs / string values / exceptions (render.c) and releases the references. Phase 3 (no
@@ -11,7 +11,7 @@
 
 #include <stdlib.h>
 
-static _Thread_local int tl_collecting; /* this thread is inside collect() */
+static _Thread_local int tl_draining; /* this thread is inside drain() */
 
 /* The open span with this id, added when new; NULL when out of memory. */
 static open_span_t *
@@ -232,7 +232,7 @@ mids_push(BatchObject *b, uint64_t hi, uint64_t lo)
     return 0;
 }
 
-/* Phase 3 (collect mutex held, no GIL): mark ids, and each closing span's mark ids. Marks
+/* Phase 3 (drain mutex held, no GIL): mark ids, and each closing span's mark ids. Marks
  * go first, so a span closing in this batch sees every mark recorded before it. */
 static void
 assign_mark_ids(BatchObject *b)
@@ -241,7 +241,7 @@ assign_mark_ids(BatchObject *b)
         slot_t *s = &b->slots[i];
         if (s->type != R_MARK)
             continue;
-        uint64_t hi = rng_next(&cn_state.collect_rng), lo = rng_next(&cn_state.collect_rng);
+        uint64_t hi = rng_next(&cn_state.drain_rng), lo = rng_next(&cn_state.drain_rng);
         /* RFC 4122 version 4 layout: 122 random bits */
         hi = (hi & 0xFFFFFFFFFFFF0FFFULL) | 0x0000000000004000ULL;
         lo = (lo & 0x3FFFFFFFFFFFFFFFULL) | 0x8000000000000000ULL;
@@ -288,30 +288,30 @@ assign_mark_ids(BatchObject *b)
     }
 }
 
-/* collect(max_slots) -> Batch | None */
+/* drain(max_slots) -> Batch | None: claim up to max_slots records from the rings */
 PyObject *
-cn_mod_collect(PyObject *m, PyObject *args)
+cn_mod_drain(PyObject *m, PyObject *args)
 {
     Py_ssize_t max_slots = 100000;
-    if (!PyArg_ParseTuple(args, "|n:collect", &max_slots))
+    if (!PyArg_ParseTuple(args, "|n:drain", &max_slots))
         return NULL;
     if (max_slots < 16)
         max_slots = 16;
     /* Called again from inside itself (user code run by the GIL pass, e.g. an attribute's
-     * __str__, reaching collect()): the collect mutex is ours already, waiting would hang
+     * __str__, reaching drain()): the drain mutex is ours already, waiting would hang
      * this thread for good. Nothing to hand out. */
-    if (tl_collecting)
+    if (tl_draining)
         Py_RETURN_NONE;
     BatchObject *b = batch_new();
     if (b == NULL)
         return NULL;
-    tl_collecting = 1;
+    tl_draining = 1;
     int need_gil = 0, oom = 0;
     Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&cn_state.collect_mu);
-    if (!cn_state.collect_rng_ready) {
-        cn_rng_seed(&cn_state.collect_rng);
-        cn_state.collect_rng_ready = 1;
+    pthread_mutex_lock(&cn_state.drain_mu);
+    if (!cn_state.drain_rng_ready) {
+        cn_rng_seed(&cn_state.drain_rng);
+        cn_state.drain_rng_ready = 1;
     }
     pthread_mutex_lock(&cn_state.registry_mu);
     uint64_t avail = 0;
@@ -341,20 +341,20 @@ cn_mod_collect(PyObject *m, PyObject *args)
     }
     if (!need_gil) {
         assign_mark_ids(b);
-        pthread_mutex_unlock(&cn_state.collect_mu);
+        pthread_mutex_unlock(&cn_state.drain_mu);
     }
     Py_END_ALLOW_THREADS
     if (need_gil) {
-        /* the collect mutex stays held: this batch's mark ids must be assigned in order */
+        /* the drain mutex stays held: this batch's mark ids must be assigned in order */
         for (size_t i = 0; i < b->nslots; i++)
             if (b->slots[i].type != R_SPAN2 && (b->slots[i].flags & F_REFS))
                 resolve_refs(b, i);
         Py_BEGIN_ALLOW_THREADS
         assign_mark_ids(b);
-        pthread_mutex_unlock(&cn_state.collect_mu);
+        pthread_mutex_unlock(&cn_state.drain_mu);
         Py_END_ALLOW_THREADS
     }
-    tl_collecting = 0;
+    tl_draining = 0;
     if (oom) {
         Py_DECREF(b);
         return PyErr_NoMemory();
@@ -370,7 +370,7 @@ cn_mod_collect(PyObject *m, PyObject *args)
     return (PyObject *)b;
 }
 
-/* Free the rings of threads that have exited and whose records are all collected. GIL held. */
+/* Free the rings of threads that have exited and whose records are all drained. GIL held. */
 PyObject *
 cn_mod_free_orphans(PyObject *m, PyObject *unused)
 {
@@ -487,7 +487,7 @@ PyTypeObject cn_Batch_Type = {
     .tp_basicsize = sizeof(BatchObject),
     .tp_dealloc = (destructor)Batch_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Records collected from the rings, ready to encode. Holds no Python references.",
+    .tp_doc = "Records drained from the rings, ready to encode. Holds no Python references.",
     .tp_as_sequence = &Batch_as_sequence,
     .tp_methods = Batch_methods,
     .tp_getset = Batch_getset,

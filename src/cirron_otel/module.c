@@ -130,7 +130,7 @@ mod_wake(PyObject *m, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* pending() -> records recorded but not yet collected, over all rings */
+/* pending() -> records recorded but not yet drained, over all rings */
 static uint64_t
 pending_slots(void)
 {
@@ -203,7 +203,7 @@ static void
 atfork_prepare(void)
 {
     /* Only the registry lock: its holders never wait for the GIL while holding it, and the
-     * forking thread holds the GIL. The collector lock is simply re-made in the child. */
+     * forking thread holds the GIL. The drain lock is simply re-made in the child. */
     pthread_mutex_lock(&cn_state.registry_mu);
 }
 
@@ -217,12 +217,12 @@ static void
 atfork_child(void)
 {
     pthread_mutex_init(&cn_state.registry_mu, NULL);
-    pthread_mutex_init(&cn_state.collect_mu, NULL);
+    pthread_mutex_init(&cn_state.drain_mu, NULL);
     pthread_mutex_init(&cn_state.wake_mu, NULL);
     pthread_cond_init(&cn_state.wake_cv, NULL);
     atomic_store(&cn_state.drainer_sleeping, 0);
     atomic_store(&cn_state.wake_flag, 0);
-    /* a collect() in flight in the parent may have left the open-span table mid-update:
+    /* a drain() in flight in the parent may have left the open-span table mid-update:
      * abandon it (a bounded leak, once per fork) rather than walk it */
     cn_state.open_spans = (spantab_t){0};
     cn_state.pid = (int64_t)getpid();
@@ -279,8 +279,8 @@ mod_after_fork_child(PyObject *m, PyObject *unused)
     atomic_store(&cn_state.spans_collected, 0);
     atomic_store(&cn_state.rings_freed, 0);
     atomic_store(&cn_state.rings_created, cn_state.rings ? 1 : 0);
-    cn_rng_seed(&cn_state.collect_rng);
-    cn_state.collect_rng_ready = 1;
+    cn_rng_seed(&cn_state.drain_rng);
+    cn_state.drain_rng_ready = 1;
     Py_RETURN_NONE;
 }
 
@@ -331,7 +331,7 @@ static PyMethodDef module_methods[] = {
     {"session", (PyCFunction)cn_mod_session, METH_NOARGS, NULL},
     {"set_sampler", (PyCFunction)cn_mod_set_sampler, METH_VARARGS, "set_sampler(sample_all, bound)"},
     {"configure", (PyCFunction)(void (*)(void))mod_configure, METH_VARARGS | METH_KEYWORDS, NULL},
-    {"collect", (PyCFunction)cn_mod_collect, METH_VARARGS, NULL},
+    {"drain", (PyCFunction)cn_mod_drain, METH_VARARGS, "drain(max_slots=100000) -> Batch | None"},
     {"free_orphans", (PyCFunction)cn_mod_free_orphans, METH_NOARGS, NULL},
     {"encode_spool", (PyCFunction)(void (*)(void))cn_mod_encode_spool, METH_VARARGS | METH_KEYWORDS,
      NULL},
@@ -418,7 +418,7 @@ static PyModuleDef_Slot native_slots[] = {
 #ifdef Py_mod_multiple_interpreters /* 3.12+: the state is process-wide C globals */
     {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
 #endif
-#ifdef Py_mod_gil /* 3.13+: rings, scopes and the collector rely on the GIL (a free-threaded
+#ifdef Py_mod_gil /* 3.13+: rings, scopes and the drainer rely on the GIL (a free-threaded
                    * interpreter re-enables it, with a RuntimeWarning, when importing us) */
     {Py_mod_gil, Py_MOD_GIL_USED},
 #endif
@@ -427,7 +427,7 @@ static PyModuleDef_Slot native_slots[] = {
 
 static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT, "cirron_otel._native",
-    "Native producer side of cirron-otel: rings, scopes, marks, collector, spool encoder.", 0,
+    "Native producer side of cirron-otel: rings, scopes, marks, the drainer's claim step, encoders.", 0,
     module_methods, native_slots,
 };
 

@@ -19,7 +19,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "buf.h"    /* buf_t: the growable buffer the encoders write into */
+#include "buf.h"     /* buf_t: the growable buffer the encoders write into */
 #include "compat.h"  /* CN_INTERNAL */
 #include "spantab.h" /* spantab_t: open spans by id */
 
@@ -346,9 +346,9 @@ typedef struct {
     _Atomic uint64_t wakeups;
     _Atomic uint64_t session_hi, session_lo; /* the session root's id: its marks get the small cap */
     spantab_t open_spans; /* span id -> open_span_t */
-    rng_t collect_rng;
-    int collect_rng_ready;
-    pthread_mutex_t collect_mu;
+    rng_t drain_rng;
+    int drain_rng_ready;
+    pthread_mutex_t drain_mu;
     _Atomic uint64_t marks_collected, spans_collected, open_overflow;
     PyObject *format_exception; /* traceback.format_exception, loaded lazily */
 
@@ -366,7 +366,7 @@ typedef struct {
         .recording = 1, .trace_per_child = 1, .sample_all = 1, .ring_capacity = 65536,          \
         .code_n = 1, .registry_mu = PTHREAD_MUTEX_INITIALIZER,                                 \
         .wake_mu = PTHREAD_MUTEX_INITIALIZER, .wake_cv = PTHREAD_COND_INITIALIZER,             \
-        .collect_mu = PTHREAD_MUTEX_INITIALIZER, .span_attr_limit = 128,                       \
+        .drain_mu = PTHREAD_MUTEX_INITIALIZER, .span_attr_limit = 128,                       \
         .event_attr_limit = 128, .link_limit = 128, .link_attr_limit = 128,                    \
         .value_len_limit = -1,                                                                 \
     }
@@ -415,7 +415,7 @@ CN_INTERNAL void cn_otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_
 
 /* drain.c: records claimed from the rings into Batch objects */
 extern CN_INTERNAL PyTypeObject cn_Batch_Type;
-CN_INTERNAL PyObject *cn_mod_collect(PyObject *m, PyObject *args);
+CN_INTERNAL PyObject *cn_mod_drain(PyObject *m, PyObject *args);
 CN_INTERNAL PyObject *cn_mod_free_orphans(PyObject *m, PyObject *unused);
 
 /* spool.c: the spool v1 JSON encoder */
@@ -550,11 +550,11 @@ resolve_name(ring_t *r, PyObject *name, uint32_t *id_out, PyObject **ref_out, co
     return 0;
 }
 
-/* Attribute values are captured at the call: the collector renders them later, so a list
+/* Attribute values are captured at the call: the drainer renders them later, so a list
  * or dict the caller mutates afterwards must not change what is written. Built-in mutable
  * containers are copied (lists, dicts and tuples structurally, recursively; sets and
  * bytearrays as the str() they are rendered as anyway). Scalars and other objects are kept
- * by reference (other objects are rendered by their str() at collection). */
+ * by reference (other objects are rendered by their str() when drained). */
 #define ATTR_COPY_BUDGET 100000 /* items examined per call; past it, values are kept as is */
 
 typedef struct {

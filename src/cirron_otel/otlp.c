@@ -444,7 +444,8 @@ otlp_req_open(otlp_req_t *r, const char *res, size_t res_len, const char *sname,
 
 /* otlp_encode(state, batches, resource, scope_name, scope_version, session_trace=(hi, lo),
  *             max_request_bytes=1 MiB) -> [(request bytes, spans), ...]
- * Requests are cut near max_request_bytes (collectors refuse messages over 4 MiB). */
+ * Requests are cut near max_request_bytes (an OpenTelemetry Collector refuses messages over
+ * 4 MiB by default). */
 PyObject *
 cn_mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
 {

@@ -230,7 +230,7 @@ cn_get_ring_slow(void)
     uint32_t len = 0;
     char *name = current_thread_name(&len);
     if (name != NULL) {
-        pthread_mutex_lock(&cn_state.registry_mu); /* the collector reads it under this lock */
+        pthread_mutex_lock(&cn_state.registry_mu); /* the drainer reads it under this lock */
         r->thread_name = name;
         r->thread_name_len = len;
         pthread_mutex_unlock(&cn_state.registry_mu);
@@ -416,7 +416,7 @@ attr_str_now(PyObject *v)
     PyObject *str = PyObject_Str(v);
     if (str == NULL) {
         PyErr_Clear();
-        return Py_NewRef(v); /* rendered (as str() or "<unserializable>") at collection */
+        return Py_NewRef(v); /* rendered (as str() or "<unserializable>") when drained */
     }
     return str;
 }

@@ -315,7 +315,7 @@ scope_close_at(ScopeObject *self, PyObject *exc_type, PyObject *exc, int64_t end
     self->end_ns = end;
     if (self->token != NULL) {
         if (PyContextVar_Reset(cn_state.scope_var, self->token) < 0) {
-            /* exited in another context (e.g. an abandoned iterator collected elsewhere) */
+            /* exited in another context (e.g. an abandoned iterator garbage-collected elsewhere) */
             PyErr_Clear();
         }
         Py_CLEAR(self->token);

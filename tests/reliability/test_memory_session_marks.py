@@ -109,7 +109,7 @@ def test_otlp_state_of_the_session_span_stays_bounded() -> None:
             for k in range(20):
                 for i in range(50_000):
                     _native.mark("loss", 0.5, step=i)
-                while (b := _native.collect(100_000)) is not None:
+                while (b := _native.drain(100_000)) is not None:
                     _native.otlp_encode(state, [b], b"", "cirron_otel", "0")
                     del b
             gc.collect()

@@ -121,7 +121,7 @@ def test_collect_reentered_from_the_gil_pass_returns_nothing(out: Path) -> None:
 
         class Collects:
             def __str__(self):
-                got.append(_native.collect())
+                got.append(_native.drain())
                 return "collects"
 
         ci.mark("evil", 1, obj=Collects())

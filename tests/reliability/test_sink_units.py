@@ -35,13 +35,13 @@ class _Stuck(Sink):
 
 
 def _batch(scopes: int) -> _native.Batch:
-    while _native.collect(1_000_000) is not None:  # whatever earlier tests left in the rings
+    while _native.drain(1_000_000) is not None:  # whatever earlier tests left in the rings
         pass
     for i in range(scopes):  # before profile(): recorded into the ring, collected by hand
         with ci.scope("s"):
             ci.mark("m", i)
             ci.mark("m2", i)
-    batch = _native.collect(1_000_000)
+    batch = _native.drain(1_000_000)
     assert batch is not None and batch.span_count == scopes and batch.mark_count == 2 * scopes
     return batch
 
