@@ -3,7 +3,7 @@
 Why not the native encoder: `_native.otlp_encode` takes only native `Batch` objects, which
 exist only inside a profiling process (records claimed from its rings); it cannot be fed
 records read back from a spool. So this module applies the same mapping (README, "The
-mapping"; `otlp_add_span` / `otlp_add_mark` in `_native.c`) to spool records, with the same
+mapping"; `otlp_add_span` / `otlp_add_mark` in `otlp.c`) to spool records, with the same
 resource and scope, the same span limits (`OTEL_SPAN_*`, through the SDK's `SpanLimits`, as
 `profile()` reads them), the same oldest-first event dropping, and requests cut between spans
 near 1 MiB, then fitted under the collector's limit by the live `otlp_fit`.
