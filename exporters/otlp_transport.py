@@ -6,7 +6,7 @@ hides what the OTLP sink must know: whether a rejected request may ever succeed.
 the OTLP specification calls the failure retryable and how long the collector asked to wait.
 The sink's queue does the retrying.
 
-- gRPC: `grpc` and the generated `TraceServiceStub`.
+- gRPC: a unary `Export` call on a `grpc` channel, carrying the serialized request as it is.
 - HTTP/protobuf: a `requests.Session` POSTing `application/x-protobuf`.
 
 Both take an `OtlpTransportConfig` (endpoint, headers, timeout, compression, TLS files),
@@ -142,8 +142,7 @@ class GrpcTransport:
         import google.rpc.error_details_pb2
         import google.rpc.status_pb2  # noqa: F401
         import grpc
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
         self.config = config
         self._grpc = grpc
@@ -164,8 +163,13 @@ class GrpcTransport:
             )
             self._channel = grpc.secure_channel(config.endpoint, credentials, options=options,
                                                 compression=compression)
-        self._stub = TraceServiceStub(self._channel)
-        self._parse = ExportTraceServiceRequest.FromString
+        # The request is already serialized (the native encoder's bytes, or an outbox file):
+        # sent as it is, not parsed into a message for gRPC to serialize again.
+        self._export = self._channel.unary_unary(
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            request_serializer=None,
+            response_deserializer=ExportTraceServiceResponse.FromString,
+        )
         self._metadata = tuple(config.headers) or None
         # gRPC does not survive a fork() while a thread is in a call: it skips its fork
         # handlers, and the child crashes (SIGSEGV) when it makes a channel of its own. So the
@@ -180,12 +184,11 @@ class GrpcTransport:
         return self.config.endpoint
 
     def send(self, request: bytes) -> SendError | PartialSuccess | None:
-        message = self._parse(request)
         with self._call_lock:
             if self._forking:
                 return SendError("not sent: the process is forking", retryable=True)
-            call = self._call = self._stub.Export.future(message, timeout=self.config.timeout,
-                                                         metadata=self._metadata)
+            call = self._call = self._export.future(request, timeout=self.config.timeout,
+                                                    metadata=self._metadata)
         try:
             response = call.result()
         except self._grpc.FutureCancelledError:
