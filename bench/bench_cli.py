@@ -65,8 +65,9 @@ def run(command: list[str]) -> tuple[float, int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--gb", type=float, default=1.0, help="spool size to write (GB, 10**9 bytes)")
     parser.add_argument("--dir", default="bench-cli-spool", help="output directory (reused if big enough)")
     parser.add_argument("--commands", nargs="+", default=["inspect"], choices=["inspect", "validate"])
@@ -87,8 +88,10 @@ def main() -> None:
         # Each command in its own fresh process; ru_maxrss of children is a running maximum, so
         # run the smaller ones first or read each number as "at most".
         wall, peak, code = run([sys.executable, "-m", "cirron_otel", command, "--json", args.dir])
-        print(f"{command}: exit {code}, {wall:.1f} s, {size / 1e6 / wall:.0f} MB/s, "
-              f"peak RSS {peak / 2**20:.0f} MiB")
+        print(
+            f"{command}: exit {code}, {wall:.1f} s, {size / 1e6 / wall:.0f} MB/s, "
+            f"peak RSS {peak / 2**20:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

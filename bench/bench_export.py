@@ -116,9 +116,20 @@ print(json.dumps({"emit": emit, "drain": drain, "busy": busy, "marks": emitted, 
 def run_worker(mode: str, seconds: float, endpoint: str, protocol: str, rate: float) -> dict:
     with tempfile.TemporaryDirectory() as out:
         r = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(WORKER), mode, str(seconds), out, endpoint, protocol,
-             str(rate)],
-            capture_output=True, text=True, timeout=seconds * 20 + 120,
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(WORKER),
+                mode,
+                str(seconds),
+                out,
+                endpoint,
+                protocol,
+                str(rate),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds * 20 + 120,
         )
         if r.returncode != 0:
             raise SystemExit(f"worker {mode} failed:\n{r.stderr}")
@@ -149,14 +160,17 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
-    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True)
+    receiver = subprocess.Popen(
+        [sys.executable, "-c", RECEIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         gport, hport = receiver.stdout.readline().split()
         endpoint = f"http://127.0.0.1:{gport if args.protocol == 'grpc' else hport}"
         offered = f"{args.rate:,.0f} records/s offered" if args.rate else "flat out"
-        print(f"receiver: {endpoint} ({args.protocol}); {args.seconds:g} s per run, {offered}; "
-              f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs")
+        print(
+            f"receiver: {endpoint} ({args.protocol}); {args.seconds:g} s per run, {offered}; "
+            f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs"
+        )
         rings = run_worker("rings", args.seconds, endpoint, args.protocol, args.rate)
         spool = run_worker("spool", args.seconds, endpoint, args.protocol, args.rate)
         both = run_worker("both", args.seconds, endpoint, args.protocol, args.rate)
@@ -174,14 +188,17 @@ def main() -> None:
     elapsed = both["emit"] + both["drain"]
     spool_records = both["spool_records"]
     otlp_records = got_spans + got_events
-    drops = (h["mark_drop_count"] + h["span_drop_count"] + otlp.get("dropped", 0)
-             + h["sinks"]["spool"]["dropped"])
+    drops = (
+        h["mark_drop_count"] + h["span_drop_count"] + otlp.get("dropped", 0) + h["sinks"]["spool"]["dropped"]
+    )
     rows = [
         ("producer busy ns/record, profiler disabled", f"{per_record_ns(rings):.0f}"),
         ("producer busy ns/record, spool on", f"{per_record_ns(spool):.0f}"),
         ("producer busy ns/record, spool + OTLP on", f"{per_record_ns(both):.0f}"),
-        ("producer slowdown while exports run (vs disabled)",
-         f"{per_record_ns(both) / per_record_ns(rings):.2f}x"),
+        (
+            "producer slowdown while exports run (vs disabled)",
+            f"{per_record_ns(both) / per_record_ns(rings):.2f}x",
+        ),
         ("records recorded (spool + OTLP run)", f"{both['marks'] + both['spans']:,}"),
         ("records in the spool", f"{spool_records:,}"),
         ("records received over OTLP (spans + events)", f"{otlp_records:,} in {requests:,} requests"),
@@ -194,13 +211,22 @@ def main() -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    ok = (drops == 0 and spool_records == both["marks"] + both["spans"] and otlp_records == spool_records
-          and min(spool_records, otlp_records) / elapsed >= 200_000)
+    ok = (
+        drops == 0
+        and spool_records == both["marks"] + both["spans"]
+        and otlp_records == spool_records
+        and min(spool_records, otlp_records) / elapsed >= 200_000
+    )
     print(f"required: >= 200,000 records/s delivered to both, zero drops -> {'PASS' if ok else 'FAIL'}")
     if args.json:
         with open(args.json, "w") as f:
-            results = {"rings": rings, "spool": spool, "both": both,
-                       "received": [got_spans, got_events, requests], "pass": ok}
+            results = {
+                "rings": rings,
+                "spool": spool,
+                "both": both,
+                "received": [got_spans, got_events, requests],
+                "pass": ok,
+            }
             json.dump(results, f, indent=1, default=str)
 
 

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROFILE = (
     "import time, sys; t = time.perf_counter(); import cirron_otel as ci; ci.profile(output='spool'); "
     "sys.stderr.write(f'{(time.perf_counter() - t) * 1e3:.3f} '"
-    "f'{sum(m.split(\".\")[0] == \"opentelemetry\" for m in sys.modules)}\\n')"
+    'f\'{sum(m.split(".")[0] == "opentelemetry" for m in sys.modules)}\\n\')'
 )
 
 
@@ -43,8 +43,9 @@ def tree_at_revision(rev: str, dest: str) -> str:
     """`src/` and `exporters/` at git revision `rev` under `dest`, exporters inside the package
     as in a wheel, plus this work tree's built native module; returns the directory for
     PYTHONPATH."""
-    archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "src", "exporters"],
-                             capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", ROOT, "archive", rev, "src", "exporters"], capture_output=True, check=True
+    ).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     package = os.path.join(dest, "src", "cirron_otel")
@@ -78,8 +79,14 @@ def main() -> None:
             for label, (src, code) in cases.items():
                 case_env = {**env, "PYTHONPATH": src} if src else env
                 start = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-c", code], env=case_env, capture_output=True,
-                                      text=True, check=True, timeout=120)
+                proc = subprocess.run(
+                    [sys.executable, "-c", code],
+                    env=case_env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=120,
+                )
                 elapsed = (time.perf_counter() - start) * 1e3
                 if round_ == 0:
                     continue  # warm-up: fills the bytecode cache
@@ -92,9 +99,11 @@ def main() -> None:
     print(f"Python {sys.version.split()[0]}, {args.n} processes per case; bare interpreter: {bare:.1f} ms")
     for label in trees:
         w, i = statistics.median(whole[label]), inproc[label]
-        print(f"{label}: import + profile() {statistics.median(i):.1f} ms median (min {min(i):.1f}); "
-              f"whole process {w:.1f} ms (+{w - bare:.1f} over bare, exit included); "
-              f"opentelemetry modules imported: {otel[label]}")
+        print(
+            f"{label}: import + profile() {statistics.median(i):.1f} ms median (min {min(i):.1f}); "
+            f"whole process {w:.1f} ms (+{w - bare:.1f} over bare, exit included); "
+            f"opentelemetry modules imported: {otel[label]}"
+        )
 
 
 if __name__ == "__main__":

@@ -66,13 +66,15 @@ def tracer_provider(settings: Settings, *, provider: Any, session_trace: Session
     return TracerProviderSink(provider, session_trace=session_trace)
 
 
-def span_exporter(settings: Settings, *, name: str, session_trace: SessionTrace,
-                  otlp_limits: OtlpLimits) -> Sink:
+def span_exporter(
+    settings: Settings, *, name: str, session_trace: SessionTrace, otlp_limits: OtlpLimits
+) -> Sink:
     from .otlp import build_resource
     from .span_exporter import SpanExporterSink, load_span_exporter
 
     exporter = load_span_exporter(name)
     event_limit = otlp_limits()
     attrs, _ = build_resource(settings.service_name, settings.rank)
-    return SpanExporterSink(name, exporter, resource_attrs=attrs, session_trace=session_trace,
-                            event_limit=event_limit)
+    return SpanExporterSink(
+        name, exporter, resource_attrs=attrs, session_trace=session_trace, event_limit=event_limit
+    )

@@ -67,12 +67,25 @@ SUMMARY_PREFIX = _native.KEY_SUMMARY_PREFIX
 SPAN_ID = _native.KEY_SPAN_ID
 SESSION_ID = _native.KEY_SESSION_ID
 # Attributes the Cirron mapping adds to a span: fields of the spool record, not attrs.
-FIELD_KEYS = frozenset({_native.KEY_INDEX, SPAN_ID, _native.KEY_THREAD_ID, _native.KEY_RANK,
-                        _native.KEY_CPU_NS, _native.KEY_GPU_NS, SESSION_ID})
+FIELD_KEYS = frozenset(
+    {
+        _native.KEY_INDEX,
+        SPAN_ID,
+        _native.KEY_THREAD_ID,
+        _native.KEY_RANK,
+        _native.KEY_CPU_NS,
+        _native.KEY_GPU_NS,
+        SESSION_ID,
+    }
+)
 # Attributes the Cirron mapping adds to a span that the spool does not keep at all (the
 # thread's name; a decorated function's code location): left out of a Cirron span's attrs.
-MAPPING_ONLY_KEYS = FIELD_KEYS | {_native.KEY_THREAD_NAME, _native.KEY_CODE_FUNCTION,
-                                  _native.KEY_CODE_FILE, _native.KEY_CODE_LINE}
+MAPPING_ONLY_KEYS = FIELD_KEYS | {
+    _native.KEY_THREAD_NAME,
+    _native.KEY_CODE_FUNCTION,
+    _native.KEY_CODE_FILE,
+    _native.KEY_CODE_LINE,
+}
 
 Record = dict[str, Any]
 Unit = list[Record]  # a span record followed by its marks
@@ -222,30 +235,44 @@ def error_attrs(span: ReadableSpan, exception: Event | None) -> Record:
     return attrs
 
 
-def mark_record(mark_id: str, span_id: str, name: str, value: Any, attrs: Record, ts_ns: int,
-                kind: str) -> Record:
-    return {"id": mark_id, "span_id": span_id, "name": _nonempty(name), **typed_value(value),
-            "attrs": attrs, "ts_ns": ts_ns, "kind": kind}
+def mark_record(
+    mark_id: str, span_id: str, name: str, value: Any, attrs: Record, ts_ns: int, kind: str
+) -> Record:
+    return {
+        "id": mark_id,
+        "span_id": span_id,
+        "name": _nonempty(name),
+        **typed_value(value),
+        "attrs": attrs,
+        "ts_ns": ts_ns,
+        "kind": kind,
+    }
 
 
 def event_mark(event: Event, span_id: str) -> Record:
     """A `cirron.mark.*` event as the original mark; any other event as a string mark."""
     attrs = event.attributes or {}
     if not MARK_KEYS.intersection(attrs):
-        return mark_record(uuid.uuid4().hex, span_id, event.name, event.name, json_attrs(attrs),
-                           event.timestamp, "point")
+        return mark_record(
+            uuid.uuid4().hex, span_id, event.name, event.name, json_attrs(attrs), event.timestamp, "point"
+        )
     kind = attrs.get(MARK_KIND)
     return mark_record(
-        _hex32_or_none(attrs.get(MARK_ID)) or uuid.uuid4().hex, span_id, event.name,
-        attrs.get(MARK_VALUE, ""), json_attrs(attrs, MARK_KEYS), event.timestamp,
+        _hex32_or_none(attrs.get(MARK_ID)) or uuid.uuid4().hex,
+        span_id,
+        event.name,
+        attrs.get(MARK_VALUE, ""),
+        json_attrs(attrs, MARK_KEYS),
+        event.timestamp,
         kind if kind in ("point", "summary") else "point",
     )
 
 
 def summary_marks(span: ReadableSpan, span_id: str, end_ns: int) -> list[Record]:
     return [
-        mark_record(uuid.uuid4().hex, span_id, key[len(SUMMARY_PREFIX):], value, {}, end_ns, "summary")
-        for key, value in (span.attributes or {}).items() if key.startswith(SUMMARY_PREFIX)
+        mark_record(uuid.uuid4().hex, span_id, key[len(SUMMARY_PREFIX) :], value, {}, end_ns, "summary")
+        for key, value in (span.attributes or {}).items()
+        if key.startswith(SUMMARY_PREFIX)
     ]
 
 
@@ -295,7 +322,7 @@ def pack(units: Sequence[Unit], max_records: int) -> Iterator[list[Record]]:
             yield group
             group = []
         for start in range(0, len(unit), max_records):
-            piece = unit[start:start + max_records]
+            piece = unit[start : start + max_records]
             if group and len(group) + len(piece) > max_records:
                 yield group
                 group = []
@@ -336,10 +363,10 @@ class SpoolSpanExporter(SpanExporter):
 
     max_records_per_file: int = MAX_RECORDS_PER_FILE
 
-    def __init__(self, output_dir: str | os.PathLike[str] | None = None, *,
-                 max_bytes: int = DEFAULT_SPOOL_MAX_BYTES) -> None:
-        self.directory = SpoolDirectory(default_output_dir() if output_dir is None else output_dir,
-                                        max_bytes)
+    def __init__(
+        self, output_dir: str | os.PathLike[str] | None = None, *, max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
+    ) -> None:
+        self.directory = SpoolDirectory(default_output_dir() if output_dir is None else output_dir, max_bytes)
         self.last_error: str | None = None
         self.failed_exports = 0
         self.files_written = 0

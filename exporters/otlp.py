@@ -53,8 +53,15 @@ from .otlp_transport import (
 )
 from .spool_dir import SpoolDirectory, new_file_name
 
-__all__ = ["GrpcTransport", "HttpTransport", "OtlpSink", "SendError", "Transport", "build_resource",
-           "make_transport"]
+__all__ = [
+    "GrpcTransport",
+    "HttpTransport",
+    "OtlpSink",
+    "SendError",
+    "Transport",
+    "build_resource",
+    "make_transport",
+]
 
 OUTBOX_DIR = "otlp-outbox"
 QUARANTINE_SUFFIX = ".corrupt"
@@ -82,8 +89,14 @@ def build_resource(service_name: str | None, rank: int) -> tuple[dict[str, Any],
     SDK, `telemetry.*` naming this package), as attributes and as OTLP protobuf bytes."""
     from opentelemetry.sdk.resources import Resource
 
-    resource = Resource.create({"process.pid": os.getpid(), "host.name": socket.gethostname(),
-                                "cirron.rank": rank, **TELEMETRY_ATTRS})
+    resource = Resource.create(
+        {
+            "process.pid": os.getpid(),
+            "host.name": socket.gethostname(),
+            "cirron.rank": rank,
+            **TELEMETRY_ATTRS,
+        }
+    )
     if service_name:
         resource = resource.merge(Resource({"service.name": service_name}))
     elif str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
@@ -107,8 +120,9 @@ def encode_resource(attrs: dict[str, Any]) -> bytes:
             return AnyValue(array_value=ArrayValue(values=[any_value(x) for x in v]))
         return AnyValue(string_value=str(v))
 
-    return PbResource(attributes=[KeyValue(key=k, value=any_value(v)) for k, v in attrs.items()]
-                      ).SerializeToString()
+    return PbResource(
+        attributes=[KeyValue(key=k, value=any_value(v)) for k, v in attrs.items()]
+    ).SerializeToString()
 
 
 @dataclass
@@ -155,7 +169,8 @@ class OtlpSink(OtlpEncodingSink):
         self.state = _native.OtlpState(event_limit)
         self.outbox = (
             SpoolDirectory(outbox_dir, outbox_max_bytes, subdir=OUTBOX_DIR, suffix=".pb")
-            if outbox_dir is not None else None
+            if outbox_dir is not None
+            else None
         )
         self._queue: deque[_Request] = deque()
         self._memory_limit = memory_queue_requests
@@ -169,16 +184,22 @@ class OtlpSink(OtlpEncodingSink):
         self._exiting = False  # at_exit(): shutdown() stops at the first retryable failure
         self._process_lock = threading.Lock()
         self.stats.set(
-            requests_sent=0, requests_rejected=0, outbox=self.outbox.path if self.outbox else None,
-            outbox_quarantined=0, requests_split=0, values_truncated=0, sender_errors=0,
-            root_marks=0, unsampled_spans=0, events_dropped=0,
+            requests_sent=0,
+            requests_rejected=0,
+            outbox=self.outbox.path if self.outbox else None,
+            outbox_quarantined=0,
+            requests_split=0,
+            values_truncated=0,
+            sender_errors=0,
+            root_marks=0,
+            unsampled_spans=0,
+            events_dropped=0,
         )
         if self.outbox is not None:  # requests a previous run could not deliver, oldest first
             for name, _ in self.outbox.scan()[0]:
                 self._queue.append(_Request(name, None, _spans_in(name)))
                 self.stats.add(pending=_spans_in(name))
-        self._sender = threading.Thread(target=self._send_loop, name="cirron-otel-otlp-sender",
-                                        daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name="cirron-otel-otlp-sender", daemon=True)
         self._sender.start()
 
     # -- Sink interface ------------------------------------------------------------------
@@ -237,8 +258,10 @@ class OtlpSink(OtlpEncodingSink):
             self._cv.notify_all()
             while self._queue and self._sender.is_alive():
                 left = deadline - time.monotonic()
-                if left <= 0 or (self._exiting and (self._retryable_failures != failures
-                                                    or self._not_before > time.monotonic())):
+                if left <= 0 or (
+                    self._exiting
+                    and (self._retryable_failures != failures or self._not_before > time.monotonic())
+                ):
                     break
                 self._cv.wait(min(left, 0.1))
             self._stopping = True
@@ -268,8 +291,11 @@ class OtlpSink(OtlpEncodingSink):
             return []
         self.stats.add(requests_split=1, values_truncated=fitted.truncated_values)
         if fitted.dropped_spans:
-            self._drop(fitted.dropped_spans, "span too large",
-                       f"{fitted.dropped_spans} spans over {self.max_request_bytes} bytes even truncated")
+            self._drop(
+                fitted.dropped_spans,
+                "span too large",
+                f"{fitted.dropped_spans} spans over {self.max_request_bytes} bytes even truncated",
+            )
         return fitted.parts
 
     def _enqueue(self, request: bytes, spans: int) -> None:
@@ -296,8 +322,14 @@ class OtlpSink(OtlpEncodingSink):
             over_disk = self.outbox is not None and self.outbox.over_cap()
             if not (over_memory or over_disk):
                 return
-            victim = next((item for item in self._queue if item is not self._inflight
-                           and (item.name is None) == over_memory), None)
+            victim = next(
+                (
+                    item
+                    for item in self._queue
+                    if item is not self._inflight and (item.name is None) == over_memory
+                ),
+                None,
+            )
             if victim is None or (over_disk and not over_memory and victim is self._queue[-1]):
                 return  # keep the newest request: the cap evicts older ones only
             self._queue.remove(victim)
@@ -360,8 +392,9 @@ class OtlpSink(OtlpEncodingSink):
                     self.stats.add(pending=-head.spans, exported=head.spans, requests_sent=1)
                 elif isinstance(outcome, PartialSuccess):  # some spans refused for good
                     rejected = min(outcome.rejected_spans, head.spans)
-                    self.stats.add(pending=-head.spans, exported=head.spans - rejected, dropped=rejected,
-                                   requests_sent=1)
+                    self.stats.add(
+                        pending=-head.spans, exported=head.spans - rejected, dropped=rejected, requests_sent=1
+                    )
                 elif outcome == _CORRUPT:
                     self.stats.add(pending=-head.spans, dropped=head.spans, outbox_quarantined=1)
                 elif error is not None:
@@ -377,8 +410,9 @@ class OtlpSink(OtlpEncodingSink):
             self.stats.error("spans rejected", f"{outcome.rejected_spans} spans: {outcome.message}")
         elif error is not None:
             kind = "export failed" if error.retryable else "request rejected"
-            self.stats.error(kind, error.message if error.retryable
-                             else f"{error.message} ({head.spans} spans dropped)")
+            self.stats.error(
+                kind, error.message if error.retryable else f"{error.message} ({head.spans} spans dropped)"
+            )
 
     def _deliver(self, head: _Request) -> SendError | PartialSuccess | str | list[_Request]:
         """One attempt at the head, under the outbox lock: read, check, send, then delete."""
@@ -437,8 +471,9 @@ class OtlpSink(OtlpEncodingSink):
                 os.replace(path, path + QUARANTINE_SUFFIX)
             except OSError as exc2:
                 why += f"; could not rename it aside: {exc}; {exc2}"
-        self.stats.error("corrupt outbox file quarantined",
-                         f"{head.name}: {why} ({head.spans} spans dropped)")
+        self.stats.error(
+            "corrupt outbox file quarantined", f"{head.name}: {why} ({head.spans} spans dropped)"
+        )
         return _CORRUPT
 
     @contextlib.contextmanager
@@ -472,8 +507,11 @@ class OtlpSink(OtlpEncodingSink):
             self.stats.error("outbox cleanup failed", exc)
 
     def _update_counters(self) -> None:
-        self.stats.set(root_marks=self.state.root_marks, unsampled_spans=self.state.unsampled_spans,
-                       events_dropped=self.state.events_dropped)
+        self.stats.set(
+            root_marks=self.state.root_marks,
+            unsampled_spans=self.state.unsampled_spans,
+            events_dropped=self.state.events_dropped,
+        )
 
 
 def _check(data: bytes, spans: int) -> str | None:

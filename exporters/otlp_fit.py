@@ -52,8 +52,13 @@ def fit_request(data: bytes, max_bytes: int) -> Fitted:
 
     for ri, rs in enumerate(request.resource_spans):
         for si, ss in enumerate(rs.scope_spans):
-            overhead = rs.resource.ByteSize() + ss.scope.ByteSize() + len(rs.schema_url) \
-                + len(ss.schema_url) + _GROUP_FRAME
+            overhead = (
+                rs.resource.ByteSize()
+                + ss.scope.ByteSize()
+                + len(rs.schema_url)
+                + len(ss.schema_url)
+                + _GROUP_FRAME
+            )
             for span in ss.spans:
                 budget = max_bytes - overhead - _SPAN_FRAME
                 if span.ByteSize() > budget:

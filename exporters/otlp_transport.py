@@ -31,8 +31,9 @@ MAX_SERVER_DELAY = 300.0
 
 # OTLP specification, "Failures": the gRPC codes worth retrying. RESOURCE_EXHAUSTED only when
 # the server says when (RetryInfo); every other code is permanent.
-GRPC_RETRYABLE = frozenset({"UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "OUT_OF_RANGE",
-                            "DATA_LOSS"})
+GRPC_RETRYABLE = frozenset(
+    {"UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "OUT_OF_RANGE", "DATA_LOSS"}
+)
 HTTP_RETRYABLE = frozenset({429, 502, 503, 504})
 
 
@@ -150,9 +151,12 @@ class GrpcTransport:
         compression = grpc.Compression.Gzip if gzipped else grpc.Compression.NoCompression
         # The sink backs off on its own; the channel must not add minutes of reconnect backoff
         # after a long outage (gRPC's default grows to 120 s).
-        options = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
-                   ("grpc.max_reconnect_backoff_ms", 2000),
-                   ("grpc.primary_user_agent", f"cirron-otel/{__version__}")]
+        options = [
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.min_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+            ("grpc.primary_user_agent", f"cirron-otel/{__version__}"),
+        ]
         if config.insecure:
             self._channel = grpc.insecure_channel(config.endpoint, options=options, compression=compression)
         else:
@@ -161,8 +165,9 @@ class GrpcTransport:
                 private_key=_read(config.client_key),
                 certificate_chain=_read(config.client_certificate),
             )
-            self._channel = grpc.secure_channel(config.endpoint, credentials, options=options,
-                                                compression=compression)
+            self._channel = grpc.secure_channel(
+                config.endpoint, credentials, options=options, compression=compression
+            )
         # The request is already serialized (the native encoder's bytes, or an outbox file):
         # sent as it is, not parsed into a message for gRPC to serialize again.
         self._export = self._channel.unary_unary(
@@ -187,13 +192,15 @@ class GrpcTransport:
         with self._call_lock:
             if self._forking:
                 return SendError("not sent: the process is forking", retryable=True)
-            call = self._call = self._export.future(request, timeout=self.config.timeout,
-                                                    metadata=self._metadata)
+            call = self._call = self._export.future(
+                request, timeout=self.config.timeout, metadata=self._metadata
+            )
         try:
             response = call.result()
         except self._grpc.FutureCancelledError:
-            return SendError("gRPC CANCELLED: the process forked while the request was on the wire",
-                             retryable=True)
+            return SendError(
+                "gRPC CANCELLED: the process forked while the request was on the wire", retryable=True
+            )
         except self._grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             name = code.name if code is not None else "UNKNOWN"
@@ -238,8 +245,9 @@ class HttpTransport:
         self._requests = requests
         self._response_type = ExportTraceServiceResponse
         self._session = requests.Session()
-        self._session.headers.update({"Content-Type": "application/x-protobuf",
-                                      "User-Agent": f"cirron-otel/{__version__}"})
+        self._session.headers.update(
+            {"Content-Type": "application/x-protobuf", "User-Agent": f"cirron-otel/{__version__}"}
+        )
         if config.compression == "gzip":
             self._session.headers["Content-Encoding"] = "gzip"
         self._session.headers.update(dict(config.headers))
@@ -256,8 +264,13 @@ class HttpTransport:
         body = gzip.compress(request, compresslevel=6) if self.config.compression == "gzip" else request
         exceptions = self._requests.exceptions
         try:
-            response = self._session.post(self.config.endpoint, data=body, timeout=self.config.timeout,
-                                          verify=self._verify, cert=self._cert)
+            response = self._session.post(
+                self.config.endpoint,
+                data=body,
+                timeout=self.config.timeout,
+                verify=self._verify,
+                cert=self._cert,
+            )
         except (exceptions.ConnectionError, exceptions.Timeout, exceptions.ChunkedEncodingError) as exc:
             return SendError(f"{type(exc).__name__}: {exc}", retryable=True)
         except exceptions.RequestException as exc:  # a bad URL, a bad certificate path: never succeeds

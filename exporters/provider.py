@@ -52,11 +52,13 @@ def readable_spans(request: bytes, resource: Any) -> list[Any]:
                 context = SpanContext(trace_id, int.from_bytes(sp.span_id, "big"), False, sampled)
                 parent = (
                     SpanContext(trace_id, int.from_bytes(sp.parent_span_id, "big"), False, sampled)
-                    if sp.parent_span_id else None
+                    if sp.parent_span_id
+                    else None
                 )
                 status = (
                     Status(StatusCode.ERROR, sp.status.message or None)
-                    if sp.status.code == 2 else Status(StatusCode.UNSET)
+                    if sp.status.code == 2
+                    else Status(StatusCode.UNSET)
                 )
                 span = ReadableSpan(
                     name=sp.name,
@@ -66,9 +68,15 @@ def readable_spans(request: bytes, resource: Any) -> list[Any]:
                     attributes=_attrs(sp.attributes),
                     events=[Event(e.name, _attrs(e.attributes), e.time_unix_nano) for e in sp.events],
                     links=[
-                        Link(SpanContext(int.from_bytes(ln.trace_id, "big"),
-                                         int.from_bytes(ln.span_id, "big"), False, sampled),
-                             _attrs(ln.attributes))
+                        Link(
+                            SpanContext(
+                                int.from_bytes(ln.trace_id, "big"),
+                                int.from_bytes(ln.span_id, "big"),
+                                False,
+                                sampled,
+                            ),
+                            _attrs(ln.attributes),
+                        )
                         for ln in sp.links
                     ],
                     kind=SpanKind.INTERNAL,

@@ -38,8 +38,15 @@ class SpanExporterSink(OtlpEncodingSink):
 
     backpressure = False
 
-    def __init__(self, name: str, exporter: Any, *, resource_attrs: dict[str, Any],
-                 session_trace: Callable[[], tuple[int, int]], event_limit: int = 128) -> None:
+    def __init__(
+        self,
+        name: str,
+        exporter: Any,
+        *,
+        resource_attrs: dict[str, Any],
+        session_trace: Callable[[], tuple[int, int]],
+        event_limit: int = 128,
+    ) -> None:
         self.name = name
         super().__init__()
         from opentelemetry.sdk.resources import Resource

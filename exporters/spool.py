@@ -44,8 +44,16 @@ class _PendingFile:
 
     __slots__ = ("batch_id", "batches", "created_ns", "data", "marks", "spans")
 
-    def __init__(self, *, created_ns: int, batch_id: str, batches: list[_native.Batch], marks: int,
-                 spans: int, data: bytes | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        created_ns: int,
+        batch_id: str,
+        batches: list[_native.Batch],
+        marks: int,
+        spans: int,
+        data: bytes | None = None,
+    ) -> None:
         self.created_ns = created_ns
         self.batch_id = batch_id
         self.batches = batches
@@ -101,9 +109,17 @@ class SpoolSink(Sink):
         self._queued_records = 0
         self._failing = False
         self._last_write_error = ""
-        self.stats.set(files_written=0, bytes_written=0, marks_written=0, spans_written=0,
-                       evicted_files=0, split_files=0, last_drop_reason=None,
-                       spool_dir=self.spool_dir, stale_tmp_removed=self.directory.stale_tmp_removed)
+        self.stats.set(
+            files_written=0,
+            bytes_written=0,
+            marks_written=0,
+            spans_written=0,
+            evicted_files=0,
+            split_files=0,
+            last_drop_reason=None,
+            spool_dir=self.spool_dir,
+            stale_tmp_removed=self.directory.stale_tmp_removed,
+        )
         if self.directory.last_cleanup_error:
             self.stats.error("stale .tmp cleanup failed", self.directory.last_cleanup_error)
 
@@ -144,8 +160,14 @@ class SpoolSink(Sink):
             self._failing = False
             self._queue.popleft()
             self._queued_records -= item.records
-            self.stats.add(pending=-item.records, exported=item.records, files_written=1,
-                           bytes_written=size, marks_written=item.marks, spans_written=item.spans)
+            self.stats.add(
+                pending=-item.records,
+                exported=item.records,
+                files_written=1,
+                bytes_written=size,
+                marks_written=item.marks,
+                spans_written=item.spans,
+            )
             evicted = self.directory.enforce_cap(item.name, lambda e: self.stats.error("eviction failed", e))
             if evicted:
                 self.stats.add(evicted_files=evicted)
@@ -194,17 +216,26 @@ class SpoolSink(Sink):
         per_piece = max(1, len(records) * (free // 2) // len(data))
         pieces: list[_PendingFile] = []
         for i, start in enumerate(range(0, len(records), per_piece)):
-            chunk = records[start:start + per_piece]
-            piece_doc = {**doc, "batch_id": new_batch_id(), "created_ns": item.created_ns + i,
-                         "spans": [r for kind, r in chunk if kind == "spans"],
-                         "marks": [r for kind, r in chunk if kind == "marks"]}
+            chunk = records[start : start + per_piece]
+            piece_doc = {
+                **doc,
+                "batch_id": new_batch_id(),
+                "created_ns": item.created_ns + i,
+                "spans": [r for kind, r in chunk if kind == "spans"],
+                "marks": [r for kind, r in chunk if kind == "marks"],
+            }
             spans = len(piece_doc["spans"])
-            pieces.append(_PendingFile(
-                created_ns=piece_doc["created_ns"], batch_id=piece_doc["batch_id"], batches=[],
-                marks=len(chunk) - spans, spans=spans,
-                # ASCII escapes: lone surrogates in strings survive the round trip.
-                data=json.dumps(piece_doc, allow_nan=False, separators=(",", ":")).encode("ascii"),
-            ))
+            pieces.append(
+                _PendingFile(
+                    created_ns=piece_doc["created_ns"],
+                    batch_id=piece_doc["batch_id"],
+                    batches=[],
+                    marks=len(chunk) - spans,
+                    spans=spans,
+                    # ASCII escapes: lone surrogates in strings survive the round trip.
+                    data=json.dumps(piece_doc, allow_nan=False, separators=(",", ":")).encode("ascii"),
+                )
+            )
         self._queue.popleft()
         self._queue.extendleft(reversed(pieces))
         self.stats.add(split_files=len(pieces))

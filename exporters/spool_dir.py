@@ -80,8 +80,13 @@ class SpoolDirectory:
     """
 
     def __init__(
-        self, output_dir: str | os.PathLike[str], max_bytes: int, *, subdir: str = "spool",
-        suffix: str = ".json", file_mode: str | None = None,
+        self,
+        output_dir: str | os.PathLike[str],
+        max_bytes: int,
+        *,
+        subdir: str = "spool",
+        suffix: str = ".json",
+        file_mode: str | None = None,
     ) -> None:
         self.path = os.path.join(os.fspath(output_dir), subdir)
         self.suffix = suffix
@@ -200,7 +205,7 @@ class SpoolDirectory:
         def fill(fd: int) -> int:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             return len(data)
 
         return self.write(name, fill)

@@ -67,9 +67,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     report: pytest.TestReport = outcome.get_result()
     if report.skipped and not hasattr(report, "wasxfail") and running_in_ci():
         report.outcome = "failed"
-        report.longrepr = (f"{item.nodeid} is a {REAL_BACKEND} test and CI is set "
-                           f"(CI={os.environ.get('CI')!r}): it must run, not skip. "
-                           f"Skip reason: {_skip_reason(report)}")
+        report.longrepr = (
+            f"{item.nodeid} is a {REAL_BACKEND} test and CI is set "
+            f"(CI={os.environ.get('CI')!r}): it must run, not skip. "
+            f"Skip reason: {_skip_reason(report)}"
+        )
     outcomes = item.config.stash[_real_outcomes]
     if report.failed:
         outcomes[item.nodeid] = "failed"
@@ -79,11 +81,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         outcomes.setdefault(item.nodeid, "passed")
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
-                            config: pytest.Config) -> None:
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
+) -> None:
     counts = Counter(config.stash.get(_real_outcomes, {}).values())
-    line = (f"real backends: {counts['passed']} passed, {counts['failed']} failed, "
-            f"{counts['skipped']} skipped")
+    line = f"real backends: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
     if running_in_ci():
         line += " (CI: a skipped real-backend test fails the run)"
     terminalreporter.write_sep("-", line)

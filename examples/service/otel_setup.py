@@ -10,8 +10,11 @@ from opentelemetry.sdk.trace.export import SpanExporter
 def otlp_exporter() -> SpanExporter:
     """The official OTLP exporter for the protocol the standard variables select (it reads the
     endpoint, headers, timeout, compression and TLS settings from them itself)."""
-    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
+    )
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     elif protocol == "http/protobuf":

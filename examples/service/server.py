@@ -119,8 +119,12 @@ async def healthz() -> dict[str, str]:
 async def model_info() -> dict[str, Any]:
     # An async handler: runs in the request's asyncio task, under the request span.
     model = load_model()
-    return {"model": MODEL_NAME, "weights": model.weights.tolist(), "bias": model.bias,
-            "train_rmse": model.train_rmse}
+    return {
+        "model": MODEL_NAME,
+        "weights": model.weights.tolist(),
+        "bias": model.bias,
+        "train_rmse": model.train_rmse,
+    }
 
 
 @app.post("/predict")

@@ -49,9 +49,24 @@ def current_scope() -> Scope | None:
 
 # cirron-sdk 0.3.0's other public names (cirron_otel.compat, cirron_otel.inference), imported on
 # first use so `import cirron_otel` stays cheap.
-_COMPAT = frozenset({"Cirron", "get_default", "watch", "wrap", "load", "map", "secret", "env", "deps",
-                     "find_cirron_yaml", "load_cirron_yaml", "CirronYaml", "ProfilingConfig",
-                     "ServingConfig"})
+_COMPAT = frozenset(
+    {
+        "Cirron",
+        "get_default",
+        "watch",
+        "wrap",
+        "load",
+        "map",
+        "secret",
+        "env",
+        "deps",
+        "find_cirron_yaml",
+        "load_cirron_yaml",
+        "CirronYaml",
+        "ProfilingConfig",
+        "ServingConfig",
+    }
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -26,8 +26,14 @@ FILE_MODES = ("user", "group")
 # it with room for gRPC framing and the resource/scope a split request repeats.
 DEFAULT_OTLP_MAX_REQUEST_BYTES = 4 * 1024 * 1024 - 64 * 1024
 DEFAULT_OTLP_QUEUE_REQUESTS = 256
-SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
-            "parentbased_traceidratio")
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
 DEFAULT_SAMPLER = "parentbased_always_on"
 
 
@@ -139,11 +145,14 @@ def _rank_from_env(env: Mapping[str, str]) -> int:
         try:
             rank = int(raw.strip())
         except ValueError:
-            raise ValueError(f"cirron_otel.profile(): environment variable {key} must be an integer "
-                             f"in [0, {MAX_RANK}], got {raw!r}") from None
+            raise ValueError(
+                f"cirron_otel.profile(): environment variable {key} must be an integer "
+                f"in [0, {MAX_RANK}], got {raw!r}"
+            ) from None
         if not 0 <= rank <= MAX_RANK:
-            raise ValueError(f"cirron_otel.profile(): environment variable {key} must be in "
-                             f"[0, {MAX_RANK}], got {raw!r}")
+            raise ValueError(
+                f"cirron_otel.profile(): environment variable {key} must be in [0, {MAX_RANK}], got {raw!r}"
+            )
         return rank
     return 0
 
@@ -195,9 +204,14 @@ def _number(name: str, value: object, *, integer: bool = False) -> None:
 # Span limits the OpenTelemetry SDK reads for OTLP export; checked here, so a bad value is
 # a ValueError from profile() naming the variable instead of OTLP export turned off.
 OTEL_LIMIT_VARIABLES = (
-    "OTEL_SPAN_EVENT_COUNT_LIMIT", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT",
-    "OTEL_ATTRIBUTE_COUNT_LIMIT", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
-    "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_SPAN_LINK_COUNT_LIMIT", "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_SPAN_EVENT_COUNT_LIMIT",
+    "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+    "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+    "OTEL_SPAN_LINK_COUNT_LIMIT",
+    "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT",
 )
 MAX_OTEL_LIMIT = (1 << 31) - 1
 
@@ -209,8 +223,10 @@ def _check_otel_limits(env: Mapping[str, str]) -> None:
             continue
         text = raw.strip()
         if not (text.isascii() and text.isdigit() and int(text) <= MAX_OTEL_LIMIT):
-            raise ValueError(f"cirron_otel.profile(): environment variable {key} must be an integer "
-                             f"in [0, {MAX_OTEL_LIMIT}], got {raw!r}")
+            raise ValueError(
+                f"cirron_otel.profile(): environment variable {key} must be an integer "
+                f"in [0, {MAX_OTEL_LIMIT}], got {raw!r}"
+            )
 
 
 def _file_mode(value: Any, env: Mapping[str, str]) -> str:
@@ -290,8 +306,10 @@ def traces_sampler(env: Mapping[str, str]) -> tuple[str, float]:
     falls back to parentbased_always_on, an unusable ratio to 1.0, each with a warning."""
     name = (_env_value(env, "OTEL_TRACES_SAMPLER") or DEFAULT_SAMPLER).lower()
     if name not in SAMPLERS:
-        _env_warn("OTEL_TRACES_SAMPLER", f"unknown sampler {name!r} (Cirron applies {', '.join(SAMPLERS)}); "
-                                         f"using {DEFAULT_SAMPLER}")
+        _env_warn(
+            "OTEL_TRACES_SAMPLER",
+            f"unknown sampler {name!r} (Cirron applies {', '.join(SAMPLERS)}); using {DEFAULT_SAMPLER}",
+        )
         name = DEFAULT_SAMPLER
     if not name.endswith("traceidratio"):
         return name, 1.0
@@ -403,8 +421,9 @@ def resolve(
         or "grpc"
     )
     if protocol not in VALID_PROTOCOLS:
-        raise ValueError(f"cirron_otel.profile(): otlp_protocol must be one of {VALID_PROTOCOLS}, "
-                         f"got {protocol!r}")
+        raise ValueError(
+            f"cirron_otel.profile(): otlp_protocol must be one of {VALID_PROTOCOLS}, got {protocol!r}"
+        )
     if trace_per not in VALID_TRACE_PER:
         raise ValueError(
             f"cirron_otel.profile(): trace_per must be one of {VALID_TRACE_PER}, got {trace_per!r}"
@@ -421,8 +440,11 @@ def resolve(
     else:  # profile(output=...) wins; default: the spool, and OTLP when an endpoint is configured
         outputs = _outputs(output, bool(otlp_endpoint) or _otlp_configured(env))
         if disabled and "otlp" in outputs:
-            _env_warn("OTEL_SDK_DISABLED", "true: OTLP export is off, although profile(output=...) "
-                      "asks for it" + ("" if "spool" in outputs else "; nothing is written"))
+            _env_warn(
+                "OTEL_SDK_DISABLED",
+                "true: OTLP export is off, although profile(output=...) "
+                "asks for it" + ("" if "spool" in outputs else "; nothing is written"),
+            )
             outputs = outputs - {"otlp"}
     if "otlp" in outputs or span_exporters:
         _check_otel_limits(env)
@@ -504,15 +526,18 @@ def parse_otlp_headers(raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def otlp_transport_config(protocol: str, endpoint: str | None,
-                          env: Mapping[str, str] | None = None) -> OtlpTransportConfig:
+def otlp_transport_config(
+    protocol: str, endpoint: str | None, env: Mapping[str, str] | None = None
+) -> OtlpTransportConfig:
     """Resolve the transport exactly as the OTLP exporter specification says; ValueError naming
     the variable for a value it cannot use."""
     env = os.environ if env is None else env
     specific = _otlp_var(env, "ENDPOINT") if endpoint is None else None
     if endpoint is not None:
-        url, from_generic = endpoint, protocol == "http/protobuf" and not endpoint.rstrip("/").endswith(
-            "/v1/traces")
+        url, from_generic = (
+            endpoint,
+            protocol == "http/protobuf" and not endpoint.rstrip("/").endswith("/v1/traces"),
+        )
     elif specific is not None:
         url, from_generic = specific[1], specific[0] == "OTEL_EXPORTER_OTLP_ENDPOINT"
     else:
@@ -543,13 +568,17 @@ def otlp_transport_config(protocol: str, endpoint: str | None,
         except ValueError:
             timeout_ms = float("nan")
         if not (_finite(timeout_ms) and 0 < timeout_ms <= MAX_SECONDS * 1000):
-            raise ValueError(f"{raw_timeout[0]} must be a number of milliseconds in "
-                             f"(0, {MAX_SECONDS * 1000:.0f}], got {raw_timeout[1]!r}")
+            raise ValueError(
+                f"{raw_timeout[0]} must be a number of milliseconds in "
+                f"(0, {MAX_SECONDS * 1000:.0f}], got {raw_timeout[1]!r}"
+            )
     compression = _otlp_var(env, "COMPRESSION")
     if compression is not None and compression[1].lower() not in OTLP_COMPRESSIONS:
         raise ValueError(f"{compression[0]} must be one of {OTLP_COMPRESSIONS}, got {compression[1]!r}")
-    files = {name: (_otlp_var(env, name) or (None, None))[1]
-             for name in ("CERTIFICATE", "CLIENT_KEY", "CLIENT_CERTIFICATE")}
+    files = {
+        name: (_otlp_var(env, name) or (None, None))[1]
+        for name in ("CERTIFICATE", "CLIENT_KEY", "CLIENT_CERTIFICATE")
+    }
     return OtlpTransportConfig(
         protocol=protocol,
         endpoint=target,
@@ -609,23 +638,41 @@ def restore_children_env() -> None:
 
 SNAPSHOT_MODES = ("stats", "sampled", "full")
 SDK_CONFIG_FILENAMES = ("cirron.yaml", "cirron.yml", "cirron.json")
-SDK_DEFAULTS: Mapping[str, Any] = MappingProxyType({
-    "api_key": None, "api_endpoint": "https://api.cirron.com", "workspace_id": None,
-    "output_dir": "./.cirron/", "snapshots": "stats", "sample_rate": 0.01, "flush_interval": 1.0,
-    "spool_max_bytes": DEFAULT_SPOOL_MAX_BYTES, "ingest_path": "/v1/ingest/spans",
-    "load_warn_bytes": 1 << 30, "load_max_bytes": 10 << 30,
-})
+SDK_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "api_key": None,
+        "api_endpoint": "https://api.cirron.com",
+        "workspace_id": None,
+        "output_dir": "./.cirron/",
+        "snapshots": "stats",
+        "sample_rate": 0.01,
+        "flush_interval": 1.0,
+        "spool_max_bytes": DEFAULT_SPOOL_MAX_BYTES,
+        "ingest_path": "/v1/ingest/spans",
+        "load_warn_bytes": 1 << 30,
+        "load_max_bytes": 10 << 30,
+    }
+)
 # The SDK ignores a CIRRON_* value it cannot parse (falls back to the next layer); so do we.
 _SDK_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "api_key": ("CIRRON_API_KEY", str), "api_endpoint": ("CIRRON_API_ENDPOINT", str),
-    "workspace_id": ("CIRRON_WORKSPACE_ID", str), "output_dir": ("CIRRON_OUTPUT_DIR", str),
+    "api_key": ("CIRRON_API_KEY", str),
+    "api_endpoint": ("CIRRON_API_ENDPOINT", str),
+    "workspace_id": ("CIRRON_WORKSPACE_ID", str),
+    "output_dir": ("CIRRON_OUTPUT_DIR", str),
     "snapshots": ("CIRRON_SNAPSHOTS", lambda v: v if v in SNAPSHOT_MODES else None),
-    "sample_rate": ("CIRRON_SAMPLE_RATE", float), "flush_interval": ("CIRRON_FLUSH_INTERVAL", float),
-    "spool_max_bytes": ("CIRRON_SPOOL_MAX_BYTES", int), "ingest_path": ("CIRRON_INGEST_PATH", str),
-    "load_warn_bytes": ("CIRRON_LOAD_WARN_BYTES", int), "load_max_bytes": ("CIRRON_LOAD_MAX_BYTES", int),
+    "sample_rate": ("CIRRON_SAMPLE_RATE", float),
+    "flush_interval": ("CIRRON_FLUSH_INTERVAL", float),
+    "spool_max_bytes": ("CIRRON_SPOOL_MAX_BYTES", int),
+    "ingest_path": ("CIRRON_INGEST_PATH", str),
+    "load_warn_bytes": ("CIRRON_LOAD_WARN_BYTES", int),
+    "load_max_bytes": ("CIRRON_LOAD_MAX_BYTES", int),
 }
-PLATFORM_CONTEXT_ENV = (("run_id", "CIRRON_RUN_ID"), ("pipeline_id", "CIRRON_PIPELINE_ID"),
-                        ("deployment_id", "CIRRON_DEPLOYMENT_ID"), ("workspace_id", "CIRRON_WORKSPACE_ID"))
+PLATFORM_CONTEXT_ENV = (
+    ("run_id", "CIRRON_RUN_ID"),
+    ("pipeline_id", "CIRRON_PIPELINE_ID"),
+    ("deployment_id", "CIRRON_DEPLOYMENT_ID"),
+    ("workspace_id", "CIRRON_WORKSPACE_ID"),
+)
 
 
 def sdk_instance_config(explicit: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -703,8 +750,10 @@ def load_cirron_yaml_profiling(path: str | os.PathLike[str] | None = None) -> di
             try:
                 import yaml  # PyYAML, only when a cirron.yaml exists
             except ImportError as exc:
-                raise CirronYamlError(f"{found}: reading cirron.yaml needs PyYAML (pip install pyyaml); "
-                                      "or write the same content as cirron.json") from exc
+                raise CirronYamlError(
+                    f"{found}: reading cirron.yaml needs PyYAML (pip install pyyaml); "
+                    "or write the same content as cirron.json"
+                ) from exc
             data = yaml.safe_load(text)
     except CirronYamlError:
         raise
@@ -722,12 +771,23 @@ def load_cirron_yaml_profiling(path: str | os.PathLike[str] | None = None) -> di
     return dict(section)
 
 
-def sdk_profiling(instance: Mapping[str, Any], *, config: Mapping[str, Any] | None, frameworks: Any,
-                  snapshots: Any, sample_rate: Any, flush_interval: Any,
-                  path: str | os.PathLike[str] | None) -> dict[str, Any]:
+def sdk_profiling(
+    instance: Mapping[str, Any],
+    *,
+    config: Mapping[str, Any] | None,
+    frameworks: Any,
+    snapshots: Any,
+    sample_rate: Any,
+    flush_interval: Any,
+    path: str | os.PathLike[str] | None,
+) -> dict[str, Any]:
     """The SDK's profiling section resolved and validated (ValueError as its pydantic model's)."""
-    resolved: dict[str, Any] = {"snapshots": instance["snapshots"], "sample_rate": instance["sample_rate"],
-                                "flush_interval": instance["flush_interval"], "frameworks": None}
+    resolved: dict[str, Any] = {
+        "snapshots": instance["snapshots"],
+        "sample_rate": instance["sample_rate"],
+        "flush_interval": instance["flush_interval"],
+        "frameworks": None,
+    }
     resolved.update(load_cirron_yaml_profiling(path))
     if config is not None:
         from collections.abc import Mapping as _Mapping  # typing names are not imported at start-up
@@ -735,13 +795,18 @@ def sdk_profiling(instance: Mapping[str, Any], *, config: Mapping[str, Any] | No
         if not isinstance(config, _Mapping):
             raise TypeError(f"cirron_otel.profile(): config must be a dict, not {type(config).__name__}")
         resolved.update(config)
-    for key, value in (("frameworks", frameworks), ("snapshots", snapshots), ("sample_rate", sample_rate),
-                       ("flush_interval", flush_interval)):
+    for key, value in (
+        ("frameworks", frameworks),
+        ("snapshots", snapshots),
+        ("sample_rate", sample_rate),
+        ("flush_interval", flush_interval),
+    ):
         if value is not None:
             resolved[key] = value
     if resolved["snapshots"] not in SNAPSHOT_MODES:
-        raise ValueError(f"cirron_otel.profile(): snapshots must be one of {SNAPSHOT_MODES}, "
-                         f"got {resolved['snapshots']!r}")
+        raise ValueError(
+            f"cirron_otel.profile(): snapshots must be one of {SNAPSHOT_MODES}, got {resolved['snapshots']!r}"
+        )
     rate = resolved["sample_rate"]
     if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
         raise ValueError(f"cirron_otel.profile(): sample_rate must be a number in [0, 1], got {rate!r}")

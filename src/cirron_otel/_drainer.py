@@ -70,8 +70,11 @@ class SinkWorker(threading.Thread):
     def submit(self, batches: list[_native.Batch], records: int) -> int:
         """Queue batches; returns a ticket for `wait_done`, or -1 if dropped (queue full)."""
         with self._cv:
-            if self._queued_records and self._queued_records + records > self.max_queued_records \
-                    and not self.sink.backpressure:
+            if (
+                self._queued_records
+                and self._queued_records + records > self.max_queued_records
+                and not self.sink.backpressure
+            ):
                 self.sink.stats.add(dropped=self.sink.count(batches))
                 self.sink.stats.error("queue full", f"{records} records dropped: the sink is behind")
                 return -1
@@ -173,8 +176,11 @@ class Drainer(threading.Thread):
         if self.on_own_thread():
             # the drainer may be inside its native claim step (holding its mutex) and a worker
             # would wait for itself: either deadlocks, so refuse at once
-            warn_once("reentrant-flush", "cirron_otel: flush() called from cirron_otel's own thread "
-                      "(e.g. inside an attribute's __str__); ignored")
+            warn_once(
+                "reentrant-flush",
+                "cirron_otel: flush() called from cirron_otel's own thread "
+                "(e.g. inside an attribute's __str__); ignored",
+            )
             return False
         if not self.is_alive():
             return False

@@ -106,8 +106,9 @@ def build(prof: Profiler | None, hooks: list[str]) -> Health:
         native=True,
         span_drop_count=native.get("spans_dropped", 0),
         drainer_state=drainer_state,
-        otel_transport="otlp" if "otlp" in sinks else ("tracer_provider" if sinks.get("tracer_provider")
-                                                        is not None else None),
+        otel_transport="otlp"
+        if "otlp" in sinks
+        else ("tracer_provider" if sinks.get("tracer_provider") is not None else None),
         process_hooks=list(hooks),
         process=_platform_context(prof.settings.rank) if prof is not None else {},
         otel_context=bool(getattr(prof, "otel_context", False)),
@@ -134,8 +135,14 @@ def _otel(prof: Profiler | None) -> OtelHealth:
     if prof is None:
         from ._config import DEFAULT_SAMPLER
 
-        return OtelHealth(sdk_disabled=False, export="off", exporters=[], sampler=DEFAULT_SAMPLER,
-                          sampler_ratio=None, unsampled_spans=0)
+        return OtelHealth(
+            sdk_disabled=False,
+            export="off",
+            exporters=[],
+            sampler=DEFAULT_SAMPLER,
+            sampler_ratio=None,
+            unsampled_spans=0,
+        )
     s = prof.settings
     exporters = [x.name for x in prof.sinks if x.name != "spool"]
     return OtelHealth(
@@ -145,8 +152,9 @@ def _otel(prof: Profiler | None) -> OtelHealth:
         sampler=s.sampler,
         sampler_ratio=s.sampler_ratio if s.sampler.endswith("traceidratio") else None,
         # every OpenTelemetry sink encodes the same spans: each counts the same unsampled ones
-        unsampled_spans=max((getattr(getattr(x, "state", None), "unsampled_spans", 0) for x in prof.sinks),
-                            default=0),
+        unsampled_spans=max(
+            (getattr(getattr(x, "state", None), "unsampled_spans", 0) for x in prof.sinks), default=0
+        ),
     )
 
 

@@ -62,8 +62,9 @@ def _mark_usage(result: Any, scope: Any) -> None:
             scope.attrs["gen_ai.response.model"] = model
         if not usage:
             return
-        prompt, completion, total = (usage.get(k) for k in ("prompt_tokens", "completion_tokens",
-                                                              "total_tokens"))
+        prompt, completion, total = (
+            usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+        )
         if prompt is not None:
             _summary("prompt_tokens", prompt, source="openai")
             _summary("input_tokens", prompt, source="openai", normalized=True)
@@ -145,8 +146,9 @@ def _stream(req: _Request, gen: Iterator[Any], chunk_timing: bool) -> Iterator[A
                 req.ctx.run(close)
             except Exception as exc:
                 _count_error("stream_close", exc)
-        req.ctx.run(_finish_stream, explicit if explicit is not None else count, req.start_ns, first_ns,
-                    req.scope)
+        req.ctx.run(
+            _finish_stream, explicit if explicit is not None else count, req.start_ns, first_ns, req.scope
+        )
         req.close()
 
 
@@ -183,8 +185,9 @@ async def _astream(req: _Request, agen: AsyncIterator[Any], chunk_timing: bool) 
                 await aclose()
             except Exception as exc:
                 _count_error("stream_close", exc)
-        req.ctx.run(_finish_stream, explicit if explicit is not None else count, req.start_ns, first_ns,
-                    req.scope)
+        req.ctx.run(
+            _finish_stream, explicit if explicit is not None else count, req.start_ns, first_ns, req.scope
+        )
         req.close()
 
 
@@ -197,15 +200,19 @@ def _finish(req: _Request, result: Any, cfg: dict[str, Any]) -> Any:
     chunk_timing = bool(cfg.get("stream_chunk_timing", False))
     if inspect.isasyncgen(result):
         return _astream(req, result, chunk_timing)
-    if inspect.isgenerator(result) or (hasattr(result, "__iter__") and hasattr(result, "__next__")
-                                       and not isinstance(result, str | bytes | dict | list | tuple)):
+    if inspect.isgenerator(result) or (
+        hasattr(result, "__iter__")
+        and hasattr(result, "__next__")
+        and not isinstance(result, str | bytes | dict | list | tuple)
+    ):
         return _stream(req, result, chunk_timing)
     req.close()
     return result
 
 
-def inference(fn: Callable[..., Any] | None = None, *,
-              config: dict[str, Any] | None = None) -> Callable[..., Any]:
+def inference(
+    fn: Callable[..., Any] | None = None, *, config: dict[str, Any] | None = None
+) -> Callable[..., Any]:
     """`@ci.inference` or `@ci.inference(config={...})` (see the module docstring)."""
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"cirron_otel.inference(): config must be a dict, not {type(config).__name__}")
@@ -215,6 +222,7 @@ def inference(fn: Callable[..., Any] | None = None, *,
         if not callable(func):
             raise TypeError(f"cirron_otel.inference(): expected a function, got {type(func).__name__}")
         if inspect.iscoroutinefunction(func):
+
             @functools.wraps(func)
             async def awrapper(*args: Any, **kwargs: Any) -> Any:
                 import asyncio

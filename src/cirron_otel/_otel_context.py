@@ -53,6 +53,7 @@ if TYPE_CHECKING:
         def get_current(self) -> Context: ...
         def detach(self, token: object) -> None: ...
 
+
 _MASK64 = (1 << 64) - 1
 _OTEL_CONTEXT = "opentelemetry.context"
 
@@ -152,8 +153,9 @@ class _InstallOnImport:
     def __init__(self) -> None:
         self._loader: Any = None
 
-    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-                  ) -> ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
         if fullname != _OTEL_CONTEXT:
             return None
         for finder in list(sys.meta_path):
@@ -202,8 +204,10 @@ def _on_otel_context_imported() -> None:
         except Exception as exc:  # never break the application's import
             from ._warn import warn_once
 
-            warn_once("otel-context", f"cirron_otel: scopes will not join OpenTelemetry's context: "
-                                      f"{type(exc).__name__}: {exc}")
+            warn_once(
+                "otel-context",
+                f"cirron_otel: scopes will not join OpenTelemetry's context: {type(exc).__name__}: {exc}",
+            )
             _native.configure(otel_context=False)
 
 

@@ -61,9 +61,7 @@ class ScopeSpan(NonRecordingSpan):
         if self.is_recording():
             self.scope.attrs.update(attributes)
 
-    def add_event(
-        self, name: str, attributes: types.Attributes = None, timestamp: int | None = None
-    ) -> None:
+    def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
         if self.is_recording() and _native.current_scope() is self.scope:
             _native.mark(name, name, **dict(attributes or {}))
 

@@ -99,30 +99,45 @@ class Profiler:
         if "log" in s.outputs or "stdout" in s.outputs:  # cirron-sdk's one line per closed span
             from ._line_sinks import LogSink, StdoutSink
 
-            sinks.extend(sink() for name, sink in (("log", LogSink), ("stdout", StdoutSink))
-                         if name in s.outputs)
+            sinks.extend(
+                sink() for name, sink in (("log", LogSink), ("stdout", StdoutSink)) if name in s.outputs
+            )
         # OTEL_SDK_DISABLED: no OpenTelemetry export of any kind, not even through the app's
         # provider (the SDK's own provider then exports nothing either).
-        provider = None if s.otel_sdk_disabled else _sdk_tracer_provider(s.tracer_provider,
-                                                                         s.env_tracer_provider)
+        provider = (
+            None if s.otel_sdk_disabled else _sdk_tracer_provider(s.tracer_provider, s.env_tracer_provider)
+        )
         if provider is not None:
             # The application's provider: Cirron spans go where its spans go.
             self._configure_otlp_limits()
             sinks.append(make_sink("tracer_provider", s, provider=provider, session_trace=_session_trace))
         if "otlp" in s.outputs and (provider is None or s.otlp_endpoint):
             try:
-                sinks.append(make_sink("otlp", s, session_trace=_session_trace,
-                                       otlp_limits=self._configure_otlp_limits))
+                sinks.append(
+                    make_sink(
+                        "otlp", s, session_trace=_session_trace, otlp_limits=self._configure_otlp_limits
+                    )
+                )
             except Exception as exc:  # a broken OTLP setup must not stop profiling
                 warn_once("otlp-setup", f"cirron_otel: OTLP export disabled: {type(exc).__name__}: {exc}")
         if provider is None:  # with the app's provider, its own exporters are the ones configured
             for name in s.span_exporters:
                 try:
-                    sinks.append(make_sink("span_exporter", s, name=name, session_trace=_session_trace,
-                                           otlp_limits=self._configure_otlp_limits))
+                    sinks.append(
+                        make_sink(
+                            "span_exporter",
+                            s,
+                            name=name,
+                            session_trace=_session_trace,
+                            otlp_limits=self._configure_otlp_limits,
+                        )
+                    )
                 except Exception as exc:
-                    warn_once(f"exporter:{name}", f"cirron_otel: OTEL_TRACES_EXPORTER: exporter {name!r} "
-                                                  f"not used: {type(exc).__name__}: {exc}")
+                    warn_once(
+                        f"exporter:{name}",
+                        f"cirron_otel: OTEL_TRACES_EXPORTER: exporter {name!r} "
+                        f"not used: {type(exc).__name__}: {exc}",
+                    )
         return sinks
 
     def _configure_otlp_limits(self) -> int:
@@ -265,8 +280,12 @@ class Profiler:
 
         return sdk_platform_context() if self.settings.enabled else {}
 
-    def trace(self, format: Literal["tree", "dict", "json", "df"] = "tree", name: str | None = None,
-              last: int | None = None) -> Any:
+    def trace(
+        self,
+        format: Literal["tree", "dict", "json", "df"] = "tree",
+        name: str | None = None,
+        last: int | None = None,
+    ) -> Any:
         return trace(format=format, name=name, last=last)
 
 
@@ -312,8 +331,10 @@ def _install_otel_context() -> bool:
     try:
         return install()
     except Exception as exc:  # e.g. OpenTelemetry changed a private attribute: scopes only
-        warn_once("otel-context", f"cirron_otel: scopes will not join OpenTelemetry's context: "
-                                  f"{type(exc).__name__}: {exc}")
+        warn_once(
+            "otel-context",
+            f"cirron_otel: scopes will not join OpenTelemetry's context: {type(exc).__name__}: {exc}",
+        )
         return False
 
 
@@ -331,8 +352,9 @@ def _install_hooks(settings: Settings) -> None:
     if "atexit" not in _hooks:
         _hooks.append("atexit")  # registered at import (see the end of this module)
     if "fork" not in _hooks and hasattr(os, "register_at_fork"):
-        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                            after_in_child=_after_fork_in_child)
+        os.register_at_fork(
+            before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+        )
         _hooks.append("fork")
     if settings.install_signal_handlers and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -456,9 +478,7 @@ def _register_multiprocessing_finalizer() -> None:
     # that, so register the finalizer from one of those.
     mp_util = sys.modules.get("multiprocessing.util")
     if mp_util is not None and _active is not None:
-        mp_util.register_after_fork(
-            _active, lambda _prof: mp_util.Finalize(None, _at_exit, exitpriority=100)
-        )
+        mp_util.register_after_fork(_active, lambda _prof: mp_util.Finalize(None, _at_exit, exitpriority=100))
 
 
 # -- children started by spawn / forkserver (or any program the profiled one starts) ----------
@@ -550,13 +570,33 @@ def profile(
     trace_buffer_records, spool_retry_records, file_mode, install_signal_handlers,
     session_attrs, ... See README for each.
     """
-    return _profile(None, config=config, frameworks=frameworks, snapshots=snapshots,
-                    sample_rate=sample_rate, flush_interval=flush_interval, enabled=enabled, path=path,
-                    output=output, ours=kwargs)
+    return _profile(
+        None,
+        config=config,
+        frameworks=frameworks,
+        snapshots=snapshots,
+        sample_rate=sample_rate,
+        flush_interval=flush_interval,
+        enabled=enabled,
+        path=path,
+        output=output,
+        ours=kwargs,
+    )
 
 
-def _profile(cirron: Any, *, config: Any, frameworks: Any, snapshots: Any, sample_rate: Any,
-             flush_interval: Any, enabled: bool, path: Any, output: Any, ours: dict[str, Any]) -> Profiler:
+def _profile(
+    cirron: Any,
+    *,
+    config: Any,
+    frameworks: Any,
+    snapshots: Any,
+    sample_rate: Any,
+    flush_interval: Any,
+    enabled: bool,
+    path: Any,
+    output: Any,
+    ours: dict[str, Any],
+) -> Profiler:
     global _active, _last
     with _lock:
         if _active is not None and _active.running:
@@ -569,8 +609,16 @@ def _profile(cirron: Any, *, config: Any, frameworks: Any, snapshots: Any, sampl
             kwargs["flush_interval"] = flush_interval
         if enabled:  # the SDK resolves nothing for a disabled profiler either
             kwargs = compat.sdk_profile_kwargs(
-                cirron, config=config, frameworks=frameworks, snapshots=snapshots, sample_rate=sample_rate,
-                flush_interval=flush_interval, path=path, output=output, ours=kwargs)
+                cirron,
+                config=config,
+                frameworks=frameworks,
+                snapshots=snapshots,
+                sample_rate=sample_rate,
+                flush_interval=flush_interval,
+                path=path,
+                output=output,
+                ours=kwargs,
+            )
             # the session span's attributes as the SDK writes them; the caller's session_attrs win
             attrs, _ = compat.session_attrs(compat.profiling_config()["frameworks"])
             kwargs["session_attrs"] = {**attrs, **(kwargs.get("session_attrs") or {})}

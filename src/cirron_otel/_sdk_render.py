@@ -118,10 +118,17 @@ def dict_tree(spans: list[Span], marks: dict[str, list[Mark]]) -> dict[str, Any]
     def to_dict(node: dict[str, Any]) -> dict[str, Any]:
         s = node["span"]
         return {
-            "id": s.get("id"), "parent_id": s.get("parent_id"), "name": s.get("name"),
-            "index": s.get("index"), "start_ns": s.get("start_ns"), "end_ns": s.get("end_ns"),
-            "wall_us": wall_us(s), "cpu_ns": s.get("cpu_ns"), "gpu_ns": s.get("gpu_ns"),
-            "memory_peak_bytes": s.get("memory_peak_bytes"), "attrs": s.get("attrs") or {},
+            "id": s.get("id"),
+            "parent_id": s.get("parent_id"),
+            "name": s.get("name"),
+            "index": s.get("index"),
+            "start_ns": s.get("start_ns"),
+            "end_ns": s.get("end_ns"),
+            "wall_us": wall_us(s),
+            "cpu_ns": s.get("cpu_ns"),
+            "gpu_ns": s.get("gpu_ns"),
+            "memory_peak_bytes": s.get("memory_peak_bytes"),
+            "attrs": s.get("attrs") or {},
             "marks": [_mark_node(m) for m in node["marks"]],
             "children": [to_dict(c) for c in node["children"]],
         }
@@ -140,10 +147,21 @@ def df_rows(spans: list[Span], marks: dict[str, list[Mark]]) -> list[dict[str, A
             cur = ids[cur].get("parent_id")
         return d
 
-    return [{"id": s["id"], "parent_id": s.get("parent_id"), "name": s.get("name"), "index": s.get("index"),
-             "wall_us": wall_us(s), "cpu_ns": s.get("cpu_ns"), "gpu_ns": s.get("gpu_ns"),
-             "memory_peak_bytes": s.get("memory_peak_bytes"), "mark_count": len(marks.get(s["id"], [])),
-             "depth": depth(s)} for s in spans]
+    return [
+        {
+            "id": s["id"],
+            "parent_id": s.get("parent_id"),
+            "name": s.get("name"),
+            "index": s.get("index"),
+            "wall_us": wall_us(s),
+            "cpu_ns": s.get("cpu_ns"),
+            "gpu_ns": s.get("gpu_ns"),
+            "memory_peak_bytes": s.get("memory_peak_bytes"),
+            "mark_count": len(marks.get(s["id"], [])),
+            "depth": depth(s),
+        }
+        for s in spans
+    ]
 
 
 class TraceText:

@@ -58,8 +58,9 @@ def render(
         except ImportError as exc:
             from .errors import CirronDependencyError
 
-            raise CirronDependencyError("cirron_otel.trace(format='df') requires pandas. "
-                                        "Install with: pip install pandas") from exc
+            raise CirronDependencyError(
+                "cirron_otel.trace(format='df') requires pandas. Install with: pip install pandas"
+            ) from exc
         return pd.DataFrame(r.df_rows(spans, by_span))
     tree = r.dict_tree(spans, by_span)
     return tree if format == "dict" else json.dumps(tree)

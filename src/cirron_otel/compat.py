@@ -25,8 +25,12 @@ if TYPE_CHECKING:
 # -- the SDK's profiling state (what framework hooks and snapshot capture read) ------------------
 
 _state_lock = threading.Lock()
-_profiling: dict[str, Any] = {"snapshots": "stats", "sample_rate": 0.01, "flush_interval": 1.0,
-                              "frameworks": None}
+_profiling: dict[str, Any] = {
+    "snapshots": "stats",
+    "sample_rate": 0.01,
+    "flush_interval": 1.0,
+    "frameworks": None,
+}
 _detected: list[str] = []
 
 
@@ -37,16 +41,31 @@ def profiling_config() -> dict[str, Any]:
 
 
 def sdk_profile_kwargs(
-    cirron: Cirron | None, *, config: Any, frameworks: Any, snapshots: Any, sample_rate: Any,
-    flush_interval: Any, path: Any, output: Any, ours: dict[str, Any],
+    cirron: Cirron | None,
+    *,
+    config: Any,
+    frameworks: Any,
+    snapshots: Any,
+    sample_rate: Any,
+    flush_interval: Any,
+    path: Any,
+    output: Any,
+    ours: dict[str, Any],
 ) -> dict[str, Any]:
     """Our `resolve()` keyword arguments for an SDK-style `profile(...)` call; records the SDK's
     profiling section (validated: ValueError / CirronYamlError at the call, as the SDK)."""
     from ._config import sdk_profiling
 
     ci = cirron if cirron is not None else get_default()
-    resolved = sdk_profiling(ci._config, config=config, frameworks=frameworks, snapshots=snapshots,
-                             sample_rate=sample_rate, flush_interval=flush_interval, path=path)
+    resolved = sdk_profiling(
+        ci._config,
+        config=config,
+        frameworks=frameworks,
+        snapshots=snapshots,
+        sample_rate=sample_rate,
+        flush_interval=flush_interval,
+        path=path,
+    )
     # Surface the effective values on the instance, as the SDK does (its hooks read them there).
     ci.snapshots, ci.sample_rate = resolved["snapshots"], resolved["sample_rate"]
     ci.flush_interval = resolved["flush_interval"]
@@ -146,11 +165,19 @@ class Cirron:
     ) -> None:
         from ._config import SDK_DEFAULTS, sdk_instance_config
 
-        explicit = {"api_key": api_key, "api_endpoint": api_endpoint, "workspace_id": workspace_id,
-                    "output_dir": output_dir, "snapshots": snapshots, "sample_rate": sample_rate,
-                    "flush_interval": flush_interval, "spool_max_bytes": spool_max_bytes,
-                    "ingest_path": ingest_path, "load_warn_bytes": load_warn_bytes,
-                    "load_max_bytes": load_max_bytes}
+        explicit = {
+            "api_key": api_key,
+            "api_endpoint": api_endpoint,
+            "workspace_id": workspace_id,
+            "output_dir": output_dir,
+            "snapshots": snapshots,
+            "sample_rate": sample_rate,
+            "flush_interval": flush_interval,
+            "spool_max_bytes": spool_max_bytes,
+            "ingest_path": ingest_path,
+            "load_warn_bytes": load_warn_bytes,
+            "load_max_bytes": load_max_bytes,
+        }
         self._explicit = {k: v for k, v in explicit.items() if v is not None}
         self._config = sdk_instance_config(self._explicit)
         self._env_output_dir = self._config["output_dir"] != SDK_DEFAULTS["output_dir"]
@@ -169,15 +196,32 @@ class Cirron:
         self.output = output
         self.trace_buffer_max_spans = trace_buffer_max_spans
 
-    def profile(self, config: dict[str, Any] | None = None, *, frameworks: list[str] | None = None,
-                snapshots: str | None = None, sample_rate: float | None = None,
-                flush_interval: float | None = None, enabled: bool = True, path: str | None = None,
-                output: str | list[str] | None = None) -> Any:
+    def profile(
+        self,
+        config: dict[str, Any] | None = None,
+        *,
+        frameworks: list[str] | None = None,
+        snapshots: str | None = None,
+        sample_rate: float | None = None,
+        flush_interval: float | None = None,
+        enabled: bool = True,
+        path: str | None = None,
+        output: str | list[str] | None = None,
+    ) -> Any:
         from ._profiler import _profile
 
-        return _profile(self, config=config, frameworks=frameworks, snapshots=snapshots,
-                        sample_rate=sample_rate, flush_interval=flush_interval, enabled=enabled,
-                        path=path, output=output, ours={})
+        return _profile(
+            self,
+            config=config,
+            frameworks=frameworks,
+            snapshots=snapshots,
+            sample_rate=sample_rate,
+            flush_interval=flush_interval,
+            enabled=enabled,
+            path=path,
+            output=output,
+            ours={},
+        )
 
     def trace(self, format: str = "tree", name: str | None = None, last: int | None = None) -> Any:
         from ._profiler import trace
@@ -204,8 +248,9 @@ class Cirron:
 
         return batches(iterable)
 
-    def inference(self, fn: Callable[..., Any] | None = None, *,
-                  config: dict[str, Any] | None = None) -> Callable[..., Any]:
+    def inference(
+        self, fn: Callable[..., Any] | None = None, *, config: dict[str, Any] | None = None
+    ) -> Callable[..., Any]:
         from ._inference import inference
 
         return inference(fn, config=config)
@@ -340,23 +385,23 @@ def wrap(estimator: Any) -> Any:
 
 NOT_PROVIDED: dict[str, str] = {
     "load": "data loading (ci.load) is not part of cirron-otel; read data with pandas / polars / "
-            "your framework's loaders (or keep cirron-sdk installed and use cirron.load)",
+    "your framework's loaders (or keep cirron-sdk installed and use cirron.load)",
     "map": "ci.map (a ci.load helper) is not part of cirron-otel; apply the function to your data directly",
     "secret": "secrets (ci.secret) are not part of cirron-otel; read os.environ or your secret manager",
     "env": "ci.env (.env loading) is not part of cirron-otel; use os.environ, or python-dotenv's "
-           "load_dotenv() then os.environ",
+    "load_dotenv() then os.environ",
     "deps": "ci.deps (optional-extra checks) is not part of cirron-otel; use importlib.util.find_spec",
     "find_cirron_yaml": "cirron.yaml handling beyond its `profiling:` section is not part of "
-                        "cirron-otel; profile(path=...) reads that section",
+    "cirron-otel; profile(path=...) reads that section",
     "load_cirron_yaml": "cirron.yaml handling beyond its `profiling:` section is not part of "
-                        "cirron-otel; profile(path=...) reads that section",
+    "cirron-otel; profile(path=...) reads that section",
     "CirronYaml": "the cirron.yaml pydantic models are not part of cirron-otel",
     "ProfilingConfig": "the cirron.yaml pydantic models are not part of cirron-otel; pass a dict "
-                       "as profile(config=...)",
+    "as profile(config=...)",
     "ServingConfig": "the cirron.yaml pydantic models are not part of cirron-otel",
     "ingest": "the Cirron platform's HTTP ingest is not part of cirron-otel; send to an "
-              "OpenTelemetry collector (profile(output='otlp') or OTEL_EXPORTER_OTLP_ENDPOINT), "
-              "or upload the spool",
+    "OpenTelemetry collector (profile(output='otlp') or OTEL_EXPORTER_OTLP_ENDPOINT), "
+    "or upload the spool",
 }
 
 

@@ -43,12 +43,15 @@ class SinkStats:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return (f"SinkStats(name={self.name!r}, exported={self.exported}, failed={self.failed}, "
-                f"dropped={self.dropped}, pending={self.pending}, last_error={self.last_error!r}, "
-                f"extra={self.extra!r})")
+        return (
+            f"SinkStats(name={self.name!r}, exported={self.exported}, failed={self.failed}, "
+            f"dropped={self.dropped}, pending={self.pending}, last_error={self.last_error!r}, "
+            f"extra={self.extra!r})"
+        )
 
-    def add(self, *, exported: int = 0, failed: int = 0, dropped: int = 0, pending: int = 0,
-            **extra: int) -> None:
+    def add(
+        self, *, exported: int = 0, failed: int = 0, dropped: int = 0, pending: int = 0, **extra: int
+    ) -> None:
         """Add to the counters at once (negative `pending` for what left the sink); `extra`
         names counters of `self.extra`, which must have been given a starting value."""
         with self._lock:

@@ -108,15 +108,29 @@ def run_demo(tmp: Path, label: str, protocol: str, endpoint: str, jaeger: Jaeger
     OTEL_* variables; then its traces as `jaeger` shows them."""
     service = f"cirron-train-{label}-{uuid.uuid4().hex[:8]}"
     output_dir = tmp / "cirron"
-    env = clean_env({
-        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
-        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
-        "OTEL_SERVICE_NAME": service,
-    })
+    env = clean_env(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+            "OTEL_SERVICE_NAME": service,
+        }
+    )
     r = subprocess.run(
-        [sys.executable, str(TRAIN), "--epochs", str(EPOCHS), "--batches", str(BATCHES),
-         "--output-dir", str(output_dir)],
-        cwd=tmp, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(TRAIN),
+            "--epochs",
+            str(EPOCHS),
+            "--batches",
+            str(BATCHES),
+            "--output-dir",
+            str(output_dir),
+        ],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 0, f"the demo failed:\n{r.stdout}\n{r.stderr}"
     assert not r.stderr.strip(), f"the demo wrote to stderr (export trouble?):\n{r.stderr}"
@@ -128,8 +142,9 @@ def run_demo(tmp: Path, label: str, protocol: str, endpoint: str, jaeger: Jaeger
 
 
 @pytest.fixture(scope="module", params=list(PROTOCOLS), ids=list(PROTOCOLS))
-def direct_run(request: pytest.FixtureRequest, jaeger: Jaeger, tmp_path_factory: pytest.TempPathFactory
-               ) -> DemoRun:
+def direct_run(
+    request: pytest.FixtureRequest, jaeger: Jaeger, tmp_path_factory: pytest.TempPathFactory
+) -> DemoRun:
     """The demo exporting straight to Jaeger's OTLP receiver, once per protocol."""
     protocol = PROTOCOLS[request.param]
     endpoint = jaeger.otlp_grpc_endpoint if request.param == "grpc" else jaeger.otlp_http_endpoint
@@ -168,8 +183,10 @@ def tag_types(span: dict[str, Any]) -> dict[str, str]:
 
 def logs(span: dict[str, Any]) -> list[dict[str, Any]]:
     """Each log as {field: value}, plus "_ts" (µs)."""
-    return [{**{f["key"]: f["value"] for f in log["fields"]}, "_ts": log["timestamp"]}
-            for log in span.get("logs") or []]
+    return [
+        {**{f["key"]: f["value"] for f in log["fields"]}, "_ts": log["timestamp"]}
+        for log in span.get("logs") or []
+    ]
 
 
 def refs(span: dict[str, Any], kind: str) -> list[tuple[str, str]]:
@@ -185,9 +202,12 @@ class Shape:
     by_id: dict[str, dict[str, Any]]  # Jaeger spanID -> span, every span
 
     def children(self, span: dict[str, Any], name: str | None = None) -> list[dict[str, Any]]:
-        out = [s for s in self.by_id.values()
-               if (span["traceID"], span["spanID"]) in refs(s, "CHILD_OF")
-               and (name is None or s["operationName"] == name)]
+        out = [
+            s
+            for s in self.by_id.values()
+            if (span["traceID"], span["spanID"]) in refs(s, "CHILD_OF")
+            and (name is None or s["operationName"] == name)
+        ]
         return sorted(out, key=lambda s: s["startTime"])
 
 
@@ -311,8 +331,11 @@ def check_point_marks(run: DemoRun) -> None:
         seen.add(mark["id"])
     # and no other logs anywhere but the exception
     all_logs = [(s["operationName"], entry) for s in shape.by_id.values() for entry in logs(s)]
-    extra = [(name, entry) for name, entry in all_logs
-             if entry.get("cirron.mark.id") not in seen and entry.get("event") != "exception"]
+    extra = [
+        (name, entry)
+        for name, entry in all_logs
+        if entry.get("cirron.mark.id") not in seen and entry.get("event") != "exception"
+    ]
     assert not extra
     assert len(all_logs) == len(point_marks) + 1
 
@@ -323,8 +346,11 @@ def check_summaries_and_attrs(run: DemoRun) -> None:
     spool = spool_by_id(run)
     for epoch in shape.epochs:
         index = tags(epoch)["cirron.index"]
-        expected = {f"cirron.summary.{m['name']}": m["value"] for m in summaries
-                    if spool[m["span_id"]]["name"] == "epoch" and spool[m["span_id"]]["index"] == index}
+        expected = {
+            f"cirron.summary.{m['name']}": m["value"]
+            for m in summaries
+            if spool[m["span_id"]]["name"] == "epoch" and spool[m["span_id"]]["index"] == index
+        }
         names = {"cirron.summary.train_loss", "cirron.summary.val_loss"}
         if index == FAILING_EPOCH:  # its validation raised before val_loss was marked
             names.remove("cirron.summary.val_loss")
@@ -336,8 +362,11 @@ def check_summaries_and_attrs(run: DemoRun) -> None:
         (validate,) = shape.children(epoch, "validate")
         assert tags(validate)["samples"] == 256 and tag_types(validate)["samples"] == "int64"
     # no summary tags anywhere else; session attrs as tags on the session span
-    assert not [s for s in shape.by_id.values() if s["operationName"] != "epoch"
-                and any(k.startswith("cirron.summary.") for k in tags(s))]
+    assert not [
+        s
+        for s in shape.by_id.values()
+        if s["operationName"] != "epoch" and any(k.startswith("cirron.summary.") for k in tags(s))
+    ]
     assert tags(shape.session)["model"] == "two-layer-tanh"
     assert tags(shape.session)["lr"] == 0.1
 
@@ -397,14 +426,23 @@ def test_the_failed_validate_scope_has_error_status_and_an_exception_log(direct_
 @pytest.mark.real_backend
 def test_collector_validates_the_repo_config(otelcol_bin: Path, tmp_path: Path):
     def validate(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(otelcol_bin), "validate", f"--config={config}"], cwd=ROOT,
-                              env=clean_env(env), capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [str(otelcol_bin), "validate", f"--config={config}"],
+            cwd=ROOT,
+            env=clean_env(env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     # as compose runs it (every ${env:...} at its default), and as the tests run it on loopback
     r = validate(COLLECTOR_CONFIG, {})
     assert r.returncode == 0, r.stderr
-    loopback = {"COLLECTOR_LISTEN_HOST": "127.0.0.1", "JAEGER_OTLP_ENDPOINT": "127.0.0.1:14317",
-                "COLLECTOR_TRACES_EXPORTERS": "[otlp_grpc/jaeger]"}
+    loopback = {
+        "COLLECTOR_LISTEN_HOST": "127.0.0.1",
+        "JAEGER_OTLP_ENDPOINT": "127.0.0.1:14317",
+        "COLLECTOR_TRACES_EXPORTERS": "[otlp_grpc/jaeger]",
+    }
     r = validate(COLLECTOR_CONFIG, loopback)
     assert r.returncode == 0, r.stderr
     # control: validate does check components against this build
@@ -416,8 +454,9 @@ def test_collector_validates_the_repo_config(otelcol_bin: Path, tmp_path: Path):
 
 @pytest.mark.real_backend
 def test_collector_build_has_exactly_the_components_the_config_uses(otelcol_bin: Path):
-    r = subprocess.run([str(otelcol_bin), "components"], capture_output=True, text=True, timeout=60,
-                       env=clean_env())
+    r = subprocess.run(
+        [str(otelcol_bin), "components"], capture_output=True, text=True, timeout=60, env=clean_env()
+    )
     assert r.returncode == 0, r.stderr
     built = yaml.safe_load(r.stdout)
     config = load_config(COLLECTOR_CONFIG)
@@ -428,8 +467,14 @@ def test_collector_build_has_exactly_the_components_the_config_uses(otelcol_bin:
 
 @pytest.mark.real_backend
 def test_jaeger_validates_the_repo_config(jaeger_bin: Path):
-    r = subprocess.run([str(jaeger_bin), "validate", f"--config={JAEGER_CONFIG}"], cwd=ROOT,
-                       env=clean_env(), capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [str(jaeger_bin), "validate", f"--config={JAEGER_CONFIG}"],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -464,12 +509,24 @@ def test_docker_compose_config_accepts_the_file():
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip(f"docker-compose is not installed (Debian: {APT_DOCKER_COMPOSE})")
-    r = subprocess.run([binary, "-f", str(COMPOSE_FILE), "config"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=60, env=clean_env())
+    r = subprocess.run(
+        [binary, "-f", str(COMPOSE_FILE), "config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
     assert r.returncode == 0, r.stderr
     resolved = yaml.safe_load(r.stdout)
-    assert set(resolved["services"]) == {"collector", "jaeger", "tempo-init", "tempo", "prometheus",
-                                         "grafana"}
+    assert set(resolved["services"]) == {
+        "collector",
+        "jaeger",
+        "tempo-init",
+        "tempo",
+        "prometheus",
+        "grafana",
+    }
     for name, service in resolved["services"].items():
         for volume in service.get("volumes") or []:
             source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source", "")
@@ -493,8 +550,11 @@ def test_ports_and_endpoints_agree_across_compose_and_configs():
     grafana = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/datasources.yaml").read_text())
 
     # each service mounts its repo config where its command reads it
-    for name, source in (("collector", "deploy/collector/config.yaml"),
-                         ("jaeger", "deploy/jaeger/config.yaml"), ("tempo", "deploy/tempo/tempo.yaml")):
+    for name, source in (
+        ("collector", "deploy/collector/config.yaml"),
+        ("jaeger", "deploy/jaeger/config.yaml"),
+        ("tempo", "deploy/tempo/tempo.yaml"),
+    ):
         target = _config_path_in_container(services[name])
         assert f"./{source}:{target}:ro" in services[name]["volumes"], (name, services[name]["volumes"])
 
@@ -577,15 +637,18 @@ def _readme_section(title: str) -> str:
     m = re.search(rf"^(#+)[^\n]*{re.escape(title)}[^\n]*$", text, re.IGNORECASE | re.MULTILINE)
     assert m, f'README.md has no "{title}" section'
     level = len(m.group(1))
-    end = re.search(rf"^#{{1,{level}}} ", text[m.end():], re.MULTILINE)
-    return text[m.end(): m.end() + end.start()] if end else text[m.end():]
+    end = re.search(rf"^#{{1,{level}}} ", text[m.end() :], re.MULTILINE)
+    return text[m.end() : m.end() + end.start()] if end else text[m.end() :]
 
 
 def test_readme_see_it_in_jaeger_and_grafana_matches_the_stack():
     section = _readme_section("see it in Jaeger and Grafana")
     services = compose()["services"]
-    for needle in ("OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317", "http://localhost:16686",
-                   "http://localhost:3000"):
+    for needle in (
+        "OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317",
+        "http://localhost:16686",
+        "http://localhost:3000",
+    ):
         assert needle in section, needle
     assert 4317 in compose_published(services["collector"])
     assert 16686 in compose_published(services["jaeger"])

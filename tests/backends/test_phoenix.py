@@ -96,24 +96,42 @@ def run_demo(tmp: Path, env: dict[str, str]) -> DemoRun:
     with server_err.open("w") as err:
         server = subprocess.Popen(
             [sys.executable, str(SERVER), "--host", "127.0.0.1", "--port", "0"],
-            stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=tmp,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=env,
+            cwd=tmp,
         )
     try:
         line = _read_line(server, 60)
         match = re.fullmatch(r"listening on (http://127\.0\.0\.1:\d+)\n", line)
         assert match, f"server said {line!r}; stderr:\n{server_err.read_text()}"
         client = subprocess.run(
-            [sys.executable, str(CLIENT), "--url", match[1], "--requests", str(N_REQUESTS),
-             "--rows", str(ROWS)],
-            capture_output=True, text=True, env=env, cwd=tmp, timeout=120,
+            [
+                sys.executable,
+                str(CLIENT),
+                "--url",
+                match[1],
+                "--requests",
+                str(N_REQUESTS),
+                "--rows",
+                str(ROWS),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp,
+            timeout=120,
         )
     finally:
         server_rc = _stop(server)
     assert server.stdout is not None
     server_out = server.stdout.read()
     server.stdout.close()
-    details = (f"client stdout:\n{client.stdout}\nclient stderr:\n{client.stderr}\n"
-               f"server stderr:\n{server_err.read_text()}")
+    details = (
+        f"client stdout:\n{client.stdout}\nclient stderr:\n{client.stderr}\n"
+        f"server stderr:\n{server_err.read_text()}"
+    )
     assert client.returncode == 0, details
     assert server_rc == 0, details
     assert "server stopped" in server_out, details
@@ -147,11 +165,19 @@ class Span:
 
 def from_receiver(s: SpanDict) -> Span:
     return Span(
-        trace_id=s["trace_id"], span_id=s["span_id"], parent_id=s["parent_span_id"], name=s["name"],
-        start_ns=s["start_ns"], end_ns=s["end_ns"], status={0: UNSET, 1: "OK", 2: ERROR}[s["status"]["code"]],
-        status_message=s["status"]["message"], attributes=s["attributes"],
-        events=[(e["name"], e["attributes"]) for e in s["events"]], kind=s["kind"],
-        service=s["resource"].get("service.name"), scope=s["scope"]["name"],
+        trace_id=s["trace_id"],
+        span_id=s["span_id"],
+        parent_id=s["parent_span_id"],
+        name=s["name"],
+        start_ns=s["start_ns"],
+        end_ns=s["end_ns"],
+        status={0: UNSET, 1: "OK", 2: ERROR}[s["status"]["code"]],
+        status_message=s["status"]["message"],
+        attributes=s["attributes"],
+        events=[(e["name"], e["attributes"]) for e in s["events"]],
+        kind=s["kind"],
+        service=s["resource"].get("service.name"),
+        scope=s["scope"]["name"],
     )
 
 
@@ -162,9 +188,15 @@ def _ns(iso: str) -> int:
 
 def from_phoenix(s: dict[str, Any]) -> Span:
     return Span(
-        trace_id=s["context"]["trace_id"], span_id=s["context"]["span_id"], parent_id=s["parent_id"] or "",
-        name=s["name"], start_ns=_ns(s["start_time"]), end_ns=_ns(s["end_time"]), status=s["status_code"],
-        status_message=s["status_message"] or "", attributes=s["attributes"],
+        trace_id=s["context"]["trace_id"],
+        span_id=s["context"]["span_id"],
+        parent_id=s["parent_id"] or "",
+        name=s["name"],
+        start_ns=_ns(s["start_time"]),
+        end_ns=_ns(s["end_time"]),
+        status=s["status_code"],
+        status_message=s["status_message"] or "",
+        attributes=s["attributes"],
         events=[(e["name"], e["attributes"]) for e in s["events"]],
     )
 
@@ -266,9 +298,12 @@ def check_trace(spans: list[Span], run: DemoRun) -> None:
     assert attrs["exception.type"] == "ValueError"
     assert attrs["exception.message"] == message
     assert "server.py" in attrs["exception.stacktrace"]
-    assert by_id[failed.parent_id].attributes.get("http.status_code",
-                                                  by_id[failed.parent_id].attributes.get(
-                                                      "http.response.status_code")) == 422
+    assert (
+        by_id[failed.parent_id].attributes.get(
+            "http.status_code", by_id[failed.parent_id].attributes.get("http.response.status_code")
+        )
+        == 422
+    )
 
 
 # -- against the in-process receivers -------------------------------------------------------------
@@ -279,7 +314,8 @@ def check_trace(spans: list[Span], run: DemoRun) -> None:
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_service_demo_one_trace(protocol: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     receiver: GrpcReceiver | HttpReceiver = request.getfixturevalue(
-        "grpc_receiver" if protocol == "grpc" else "http_receiver")
+        "grpc_receiver" if protocol == "grpc" else "http_receiver"
+    )
     env = _clean_env(OTEL_EXPORTER_OTLP_PROTOCOL=protocol, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint)
     run = run_demo(tmp_path, env)
     received = [from_receiver(s) for s in receiver.spans()]  # both programs flushed before exiting
@@ -362,16 +398,19 @@ def phoenix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Phoenix]:
     )
     log = work / "phoenix.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", _PHOENIX_LAUNCHER], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, cwd=work)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _PHOENIX_LAUNCHER], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work
+        )
     server = Phoenix(f"http://127.0.0.1:{port}", log)
     try:
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"Phoenix exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(
-                    f"{server.url}/healthz", timeout=2) as response:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{server.url}/healthz", timeout=2) as response,
+            ):
                 if response.status == 200:
                     break
             if time.monotonic() > deadline:
@@ -401,7 +440,8 @@ def test_phoenix_one_trace(phoenix: Phoenix, tmp_path: Path) -> None:
             break
         time.sleep(0.25)
     assert len(stored) == expected_span_count(), (
-        f"{len(stored)} spans of trace {run.trace_id} in Phoenix:\n{phoenix.log.read_text()[-4000:]}")
+        f"{len(stored)} spans of trace {run.trace_id} in Phoenix:\n{phoenix.log.read_text()[-4000:]}"
+    )
     check_trace([from_phoenix(s) for s in stored], run)
     # The project holds the Cirron session span too, in its own trace.
     while not (sessions := phoenix.get(f"/v1/projects/{project}/spans", name="cirron.session")["data"]):

@@ -17,8 +17,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from .conftest import TRAIN, cli, load_records
 
-REQUIRED = {"X": {"name", "ph", "ts", "dur", "pid", "tid"}, "C": {"name", "ph", "ts", "pid", "args"},
-            "i": {"name", "ph", "ts", "pid", "tid", "s"}, "M": {"name", "ph", "pid", "args"}}
+REQUIRED = {
+    "X": {"name", "ph", "ts", "dur", "pid", "tid"},
+    "C": {"name", "ph", "ts", "pid", "args"},
+    "i": {"name", "ph", "ts", "pid", "tid", "s"},
+    "M": {"name", "ph", "pid", "args"},
+}
 
 
 def chrome(spool: Path, tmp_path: Path, fmt: str = "perfetto") -> list[dict[str, Any]]:
@@ -47,8 +51,9 @@ def test_chrome_trace_events_have_the_required_fields(train_spool: Path, tmp_pat
     for e in events:
         by_ph[e["ph"]].append(e)
     assert len(by_ph["X"]) == len(spans)
-    numeric = [m for m in marks
-               if m["kind"] == "point" and m["value_type"] != "string" and m["value"] is not None]
+    numeric = [
+        m for m in marks if m["kind"] == "point" and m["value_type"] != "string" and m["value"] is not None
+    ]
     assert len(by_ph["C"]) == len(numeric)
     assert len(by_ph["i"]) == sum(1 for m in marks if m["value_type"] == "string")
     names = {e["args"]["name"] for e in by_ph["M"] if e["name"] == "process_name"}
@@ -140,16 +145,25 @@ def normalized(requests: list[ExportTraceServiceRequest]) -> dict[str, dict[str,
     out: dict[str, dict[str, Any]] = {}
     for request in requests:
         for rs in request.resource_spans:
-            resource = {kv.key: json_format.MessageToDict(kv.value) for kv in rs.resource.attributes
-                        if kv.key not in NOT_IN_SPOOL_RESOURCE}
+            resource = {
+                kv.key: json_format.MessageToDict(kv.value)
+                for kv in rs.resource.attributes
+                if kv.key not in NOT_IN_SPOOL_RESOURCE
+            }
             for ss in rs.scope_spans:
                 for span in ss.spans:
                     d = json_format.MessageToDict(span)
-                    d["attributes"] = {a["key"]: a["value"] for a in d.get("attributes", [])
-                                       if a["key"] not in NOT_IN_SPOOL_SPAN_ATTRS}
+                    d["attributes"] = {
+                        a["key"]: a["value"]
+                        for a in d.get("attributes", [])
+                        if a["key"] not in NOT_IN_SPOOL_SPAN_ATTRS
+                    }
                     for ev in d.get("events", []):
-                        ev["attributes"] = {a["key"]: a["value"] for a in ev.get("attributes", [])
-                                            if a["key"] != "exception.stacktrace"}
+                        ev["attributes"] = {
+                            a["key"]: a["value"]
+                            for a in ev.get("attributes", [])
+                            if a["key"] != "exception.stacktrace"
+                        }
                     d["resource"] = resource
                     d["scope"] = json_format.MessageToDict(ss.scope)
                     assert span.span_id.hex() not in out, "a span twice"
@@ -157,17 +171,23 @@ def normalized(requests: list[ExportTraceServiceRequest]) -> dict[str, dict[str,
     return out
 
 
-LIVE = TRAIN.replace("ci.profile(output_dir=sys.argv[1],",
-                     "ci.profile(output_dir=sys.argv[1], output='spool,otlp',")
+LIVE = TRAIN.replace(
+    "ci.profile(output_dir=sys.argv[1],", "ci.profile(output_dir=sys.argv[1], output='spool,otlp',"
+)
 
 
 def test_otlp_mapping_equals_the_live_export(grpc_receiver: Any, tmp_path: Path) -> None:
     out = tmp_path / "cirron"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
-           "OTEL_EXPORTER_OTLP_ENDPOINT": grpc_receiver.endpoint, "OTEL_SERVICE_NAME": "live-vs-spool",
-           "RANK": "3", "OTEL_SPAN_EVENT_COUNT_LIMIT": "1"}
-    proc = subprocess.run([sys.executable, "-c", LIVE, str(out)], env=env, capture_output=True, text=True,
-                          timeout=60)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+        "OTEL_EXPORTER_OTLP_ENDPOINT": grpc_receiver.endpoint,
+        "OTEL_SERVICE_NAME": "live-vs-spool",
+        "RANK": "3",
+        "OTEL_SPAN_EVENT_COUNT_LIMIT": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", LIVE, str(out)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     spans, _ = load_records(out)
     grpc_receiver.wait_for_spans(len(spans), timeout=20)
@@ -175,8 +195,12 @@ def test_otlp_mapping_equals_the_live_export(grpc_receiver: Any, tmp_path: Path)
     from cirron_otel.cli.otlp_map import Limits, iter_parts
 
     limits = Limits(events=1)  # as OTEL_SPAN_EVENT_COUNT_LIMIT=1 above
-    mine = normalized([ExportTraceServiceRequest.FromString(p.data) for _, p in
-                       iter_parts(out, {"service_name": "live-vs-spool", "limits": limits})])
+    mine = normalized(
+        [
+            ExportTraceServiceRequest.FromString(p.data)
+            for _, p in iter_parts(out, {"service_name": "live-vs-spool", "limits": limits})
+        ]
+    )
     assert mine.keys() == live.keys()
     assert any(s["droppedEventsCount"] for s in live.values() if "droppedEventsCount" in s)  # the limit bit
     for span_id, expected in live.items():

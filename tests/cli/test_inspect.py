@@ -18,8 +18,7 @@ def test_entry_points_and_help(train_spool: Path) -> None:
         proc = subprocess.run([*argv, "--help"], capture_output=True, text=True, check=True)
         for command in ("inspect", "validate", "export", "replay", "tail"):
             assert command in proc.stdout
-        proc = subprocess.run([*argv, "inspect", "--json", str(train_spool)], capture_output=True,
-                              text=True)
+        proc = subprocess.run([*argv, "inspect", "--json", str(train_spool)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["files"] > 0
 
@@ -32,8 +31,10 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
 
 
 def test_import_cirron_otel_loads_no_cli() -> None:
-    proc = run_python("import sys, cirron_otel; print(sorted(m for m in sys.modules "
-                      "if m.startswith(('click', 'cirron_otel.cli'))))")
+    proc = run_python(
+        "import sys, cirron_otel; print(sorted(m for m in sys.modules "
+        "if m.startswith(('click', 'cirron_otel.cli'))))"
+    )
     assert proc.stdout.strip() == "[]"
 
 
@@ -66,8 +67,9 @@ def test_inspect_counts_match_the_records(train_spool: Path) -> None:
     assert doc["drops"]["root_marks"] == 2  # "before_profile", one per rank
     top = [t["name"] for t in doc["top_scopes"]]
     assert "cirron.session" not in top
-    assert [t["total_ns"] for t in doc["top_scopes"]] == sorted((t["total_ns"] for t in doc["top_scopes"]),
-                                                                reverse=True)
+    assert [t["total_ns"] for t in doc["top_scopes"]] == sorted(
+        (t["total_ns"] for t in doc["top_scopes"]), reverse=True
+    )
 
 
 def test_inspect_sessions_per_process_and_rank(train_spool: Path) -> None:
@@ -108,14 +110,17 @@ def test_inspect_unreadable_file_exits_1_and_says_which(tmp_path: Path) -> None:
 
 def test_inspect_a_spool_still_being_written_and_one_file(tmp_path: Path) -> None:
     out = tmp_path / "cirron"
-    run_python("""
+    run_python(
+        """
         import os, sys, cirron_otel as ci
         ci.profile(output_dir=sys.argv[1], install_signal_handlers=False)
         with ci.scope("step"):
             ci.mark("x", 1.5)
         ci.flush()
         os._exit(0)   # killed: no session record
-    """, str(out))
+    """,
+        str(out),
+    )
     (out / "spool" / "00000000000000000001-partial.json.tmp").write_text("{")
     doc = json.loads(cli("inspect", "--json", str(out / "spool")).stdout)
     assert doc["files"] == 1 and doc["sessions"][0]["closed"] is False

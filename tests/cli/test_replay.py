@@ -30,8 +30,13 @@ ci.shutdown()
 
 
 def received_span_ids(receiver: Any) -> Counter[str]:
-    return Counter(s.span_id.hex() for r in list(receiver.requests) for rs in r.resource_spans
-                   for ss in rs.scope_spans for s in ss.spans)
+    return Counter(
+        s.span_id.hex()
+        for r in list(receiver.requests)
+        for rs in r.resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+    )
 
 
 def spool_span_ids(out: Path) -> Counter[str]:
@@ -58,11 +63,21 @@ def _protocol(receiver: Any) -> str:
     return "grpc" if type(receiver).__name__.startswith("Grpc") else "http/protobuf"
 
 
-def test_replay_delivers_every_span_once_then_resumes_to_nothing(receiver: Any, train_spool: Path,
-                                                                   tmp_path: Path) -> None:
+def test_replay_delivers_every_span_once_then_resumes_to_nothing(
+    receiver: Any, train_spool: Path, tmp_path: Path
+) -> None:
     state = tmp_path / "replay.state"
-    args = ["replay", str(train_spool), "--endpoint", receiver.endpoint, "--protocol", _protocol(receiver),
-            "--state", str(state), "--no-progress"]
+    args = [
+        "replay",
+        str(train_spool),
+        "--endpoint",
+        receiver.endpoint,
+        "--protocol",
+        _protocol(receiver),
+        "--state",
+        str(state),
+        "--no-progress",
+    ]
     result = cli(*args)
     assert result.exit_code == 0, result.output
     assert received_span_ids(receiver) == spool_span_ids(train_spool)
@@ -102,13 +117,15 @@ def _b64_ids(doc: dict[str, Any]) -> dict[str, Any]:
 def _drop_instance_id(doc: dict[str, Any]) -> dict[str, Any]:
     # service.instance.id is the SDK's random per-process id (each command is a process)
     for rs in doc["resourceSpans"]:
-        rs["resource"]["attributes"] = [a for a in rs["resource"]["attributes"]
-                                        if a["key"] != "service.instance.id"]
+        rs["resource"]["attributes"] = [
+            a for a in rs["resource"]["attributes"] if a["key"] != "service.instance.id"
+        ]
     return doc
 
 
-def test_replay_honours_the_otel_environment(http_receiver: Any, train_spool: Path, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replay_honours_the_otel_environment(
+    http_receiver: Any, train_spool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", http_receiver.endpoint)  # /v1/traces is added
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=run%2042")
@@ -123,25 +140,41 @@ def test_replay_honours_the_otel_environment(http_receiver: Any, train_spool: Pa
     assert {s["resource"]["service.name"] for s in spans} == {"offline-run"}
     assert {s["resource"]["deployment.environment"] for s in spans} == {"lab"}
     spool_spans, _ = load_records(train_spool)
-    assert {(s["resource"]["process.pid"], s["resource"]["cirron.rank"]) for s in spans} == \
-        {(s["pid"], s["rank"]) for s in spool_spans}
+    assert {(s["resource"]["process.pid"], s["resource"]["cirron.rank"]) for s in spans} == {
+        (s["pid"], s["rank"]) for s in spool_spans
+    }
     assert {s["resource"]["host.name"] for s in spans} == {"node-a"}  # from the session attrs
 
 
 def test_retryable_failures_are_retried(grpc_receiver: Any, train_spool: Path, tmp_path: Path) -> None:
     grpc_receiver.fail_next(2, grpc.StatusCode.UNAVAILABLE)
-    result = cli("replay", str(train_spool), "--endpoint", grpc_receiver.endpoint, "--state",
-                 str(tmp_path / "s"), "--no-progress")
+    result = cli(
+        "replay",
+        str(train_spool),
+        "--endpoint",
+        grpc_receiver.endpoint,
+        "--state",
+        str(tmp_path / "s"),
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     assert "2 failed attempts" in result.stdout
     assert received_span_ids(grpc_receiver) == spool_span_ids(train_spool)
 
 
-def test_permanent_rejection_drops_that_request_only(grpc_receiver: Any, train_spool: Path,
-                                                     tmp_path: Path) -> None:
+def test_permanent_rejection_drops_that_request_only(
+    grpc_receiver: Any, train_spool: Path, tmp_path: Path
+) -> None:
     grpc_receiver.fail_next(1, grpc.StatusCode.INVALID_ARGUMENT)
-    args = ["replay", str(train_spool), "--endpoint", grpc_receiver.endpoint, "--state", str(tmp_path / "s"),
-            "--no-progress"]
+    args = [
+        "replay",
+        str(train_spool),
+        "--endpoint",
+        grpc_receiver.endpoint,
+        "--state",
+        str(tmp_path / "s"),
+        "--no-progress",
+    ]
     result = cli(*args)
     assert result.exit_code == 1
     assert "rejected: gRPC INVALID_ARGUMENT" in result.stderr
@@ -153,25 +186,57 @@ def test_permanent_rejection_drops_that_request_only(grpc_receiver: Any, train_s
     assert again.exit_code == 0 and received_span_ids(grpc_receiver) == received
 
 
-def test_unreachable_collector_gives_up_then_resumes(grpc_receiver: Any, train_spool: Path,
-                                                      tmp_path: Path) -> None:
+def test_unreachable_collector_gives_up_then_resumes(
+    grpc_receiver: Any, train_spool: Path, tmp_path: Path
+) -> None:
     state = tmp_path / "s"
-    dead = cli("replay", str(train_spool), "--endpoint", "http://127.0.0.1:9", "--retry-for", "0.5",
-               "--state", str(state), "--no-progress")
+    dead = cli(
+        "replay",
+        str(train_spool),
+        "--endpoint",
+        "http://127.0.0.1:9",
+        "--retry-for",
+        "0.5",
+        "--state",
+        str(state),
+        "--no-progress",
+    )
     assert dead.exit_code == 1 and "run again to resume" in dead.stderr
-    result = cli("replay", str(train_spool), "--endpoint", grpc_receiver.endpoint, "--state", str(state),
-                 "--no-progress")
+    result = cli(
+        "replay",
+        str(train_spool),
+        "--endpoint",
+        grpc_receiver.endpoint,
+        "--state",
+        str(state),
+        "--no-progress",
+    )
     assert result.exit_code == 0
     assert received_span_ids(grpc_receiver) == spool_span_ids(train_spool)
 
 
-def test_interrupted_replay_resumes_nothing_twice_nothing_missing(grpc_receiver: Any, many_files: Path,
-                                                                 tmp_path: Path) -> None:
+def test_interrupted_replay_resumes_nothing_twice_nothing_missing(
+    grpc_receiver: Any, many_files: Path, tmp_path: Path
+) -> None:
     grpc_receiver.delay = 0.05  # a slow collector: the replay is still running when interrupted
     state = tmp_path / "replay.state"
-    proc = subprocess.Popen([sys.executable, "-m", "cirron_otel", "replay", str(many_files), "--endpoint",
-                             grpc_receiver.endpoint, "--state", str(state), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cirron_otel",
+            "replay",
+            str(many_files),
+            "--endpoint",
+            grpc_receiver.endpoint,
+            "--state",
+            str(state),
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: len(grpc_receiver.requests) >= 5)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
@@ -182,8 +247,15 @@ def test_interrupted_replay_resumes_nothing_twice_nothing_missing(grpc_receiver:
     recorded = [json.loads(line) for line in state.read_text().splitlines()[1:]]
     assert sum(e["spans"] for e in recorded) == sum(partial.values())  # every answer recorded
     grpc_receiver.delay = 0.0
-    result = cli("replay", str(many_files), "--endpoint", grpc_receiver.endpoint, "--state", str(state),
-                 "--no-progress")
+    result = cli(
+        "replay",
+        str(many_files),
+        "--endpoint",
+        grpc_receiver.endpoint,
+        "--state",
+        str(state),
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     assert received_span_ids(grpc_receiver) == expected  # every span exactly once
 
@@ -238,8 +310,19 @@ def test_replay_to_jaeger_looks_like_a_live_run(jaeger: Any, protocol: str, tmp_
     service = f"replay-{protocol.replace('/', '-')}-{os.getpid()}"
     endpoint = jaeger.otlp_grpc_endpoint if protocol == "grpc" else jaeger.otlp_http_endpoint
     state = tmp_path / "s"
-    args = ["replay", str(out), "--endpoint", endpoint, "--protocol", protocol, "--service-name", service,
-            "--state", str(state), "--no-progress"]
+    args = [
+        "replay",
+        str(out),
+        "--endpoint",
+        endpoint,
+        "--protocol",
+        protocol,
+        "--service-name",
+        service,
+        "--state",
+        str(state),
+        "--no-progress",
+    ]
     assert cli(*args).exit_code == 0
     assert cli(*args).exit_code == 0  # resumed: nothing sent twice
 
@@ -275,7 +358,8 @@ def test_replay_to_jaeger_looks_like_a_live_run(jaeger: Any, protocol: str, tmp_
 
 def test_marks_of_a_killed_run_on_spans_never_closed(grpc_receiver: Any, tmp_path: Path) -> None:
     out = tmp_path / "cirron"
-    run_python("""
+    run_python(
+        """
         import os, sys, cirron_otel as ci
         ci.profile(output_dir=sys.argv[1], install_signal_handlers=False)
         with ci.scope("done"):
@@ -286,10 +370,24 @@ def test_marks_of_a_killed_run_on_spans_never_closed(grpc_receiver: Any, tmp_pat
         ci.mark("c", 3)
         ci.flush()
         os._exit(0)   # killed: "open" and the session never close
-    """, str(out))
-    result = cli("replay", str(out), "--endpoint", grpc_receiver.endpoint, "--state", str(tmp_path / "s"),
-                 "--no-progress")
+    """,
+        str(out),
+    )
+    result = cli(
+        "replay",
+        str(out),
+        "--endpoint",
+        grpc_receiver.endpoint,
+        "--state",
+        str(tmp_path / "s"),
+        "--no-progress",
+    )
     assert result.exit_code == 0
     assert "2 marks attach to spans the spool does not hold" in result.stderr
-    assert [s.name for r in grpc_receiver.requests for rs in r.resource_spans for ss in rs.scope_spans
-            for s in ss.spans] == ["done"]
+    assert [
+        s.name
+        for r in grpc_receiver.requests
+        for rs in r.resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+    ] == ["done"]

@@ -26,8 +26,12 @@ ci.shutdown()
 
 def test_tail_follows_a_running_program(tmp_path: Path) -> None:
     out = tmp_path / "cirron"  # does not exist yet: tail waits for it
-    tail = subprocess.Popen([sys.executable, "-m", "cirron_otel", "tail", str(out), "--json",
-                             "--interval", "0.02"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "cirron_otel", "tail", str(out), "--json", "--interval", "0.02"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(0.5)  # tail is up and looking before the first file lands
         run_python(LIVE, str(out))

@@ -32,7 +32,8 @@ def test_library_spools_are_valid(train_spool: Path) -> None:
 def test_many_files_and_session_marks_over_the_list_cap(tmp_path: Path) -> None:
     # > 1,000 marks on the session: its mark_ids is cut and mark_ids_omitted says how many more
     out = tmp_path / "cirron"
-    run_python("""
+    run_python(
+        """
         import sys, cirron_otel as ci
         ci.profile(output_dir=sys.argv[1], install_signal_handlers=False, flush_interval=0.01)
         for i in range(1500):
@@ -42,7 +43,9 @@ def test_many_files_and_session_marks_over_the_list_cap(tmp_path: Path) -> None:
                     ci.mark("inner", i)
                 ci.flush()
         ci.shutdown()
-    """, str(out))
+    """,
+        str(out),
+    )
     assert len(list((out / "spool").glob("*.json"))) > 3
     assert problems(out) == []
 
@@ -75,8 +78,11 @@ def spool(tmp_path: Path) -> Path:
 
 def test_nan_token_is_not_json(spool: Path) -> None:
     path = sorted((spool / "spool").glob("*.json"))[-1]
-    path.write_text(path.read_text().replace('"value":null,"value_nonfinite":"nan"', '"value":NaN', 1)
-                    .replace('"end_ns":', '"end_ns":Infinity,"x":', 1))
+    path.write_text(
+        path.read_text()
+        .replace('"value":null,"value_nonfinite":"nan"', '"value":NaN', 1)
+        .replace('"end_ns":', '"end_ns":Infinity,"x":', 1)
+    )
     found = problems(spool)
     # first the file itself; then what its lost records leave dangling elsewhere
     assert found[0]["file"] == path.name and found[0]["record"] == ""
@@ -112,9 +118,19 @@ def test_file_name_must_match_the_batch(spool: Path) -> None:
     assert "file name does not match" in problems(spool)[0]["message"]
 
 
-@pytest.mark.parametrize("case", ["mark_on_missing_span", "dangling_parent", "missing_listed_mark",
-                                  "unlisted_mark", "duplicate_span", "duplicate_mark_across_files",
-                                  "span_ends_before_start", "mark_outside_span"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "mark_on_missing_span",
+        "dangling_parent",
+        "missing_listed_mark",
+        "unlisted_mark",
+        "duplicate_span",
+        "duplicate_mark_across_files",
+        "span_ends_before_start",
+        "mark_outside_span",
+    ],
+)
 def test_referential_damage(spool: Path, case: str) -> None:
     expect: dict[str, Any] = {}
     ghost = "f" * 32
@@ -162,8 +178,12 @@ def test_referential_damage(spool: Path, case: str) -> None:
 
     paths = damage(spool, edit)
     found = problems(spool)
-    assert any(p["file"] == paths[expect["file"]].name and p["record"] == expect["record"]
-               and expect["text"] in p["message"] for p in found), found
+    assert any(
+        p["file"] == paths[expect["file"]].name
+        and p["record"] == expect["record"]
+        and expect["text"] in p["message"]
+        for p in found
+    ), found
 
 
 def test_text_output_lists_file_and_record(spool: Path) -> None:
@@ -234,13 +254,16 @@ def test_a_mark_after_its_span_is_checked_too(spool: Path) -> None:
 
 def test_session_with_a_partial_mark_list(tmp_path: Path) -> None:
     out = tmp_path / "cirron"
-    run_python("""
+    run_python(
+        """
         import sys, cirron_otel as ci
         ci.profile(output_dir=sys.argv[1], install_signal_handlers=False)
         for i in range(1200):
             ci.mark("m", i)
         ci.shutdown()
-    """, str(out))
+    """,
+        str(out),
+    )
 
     def drop_listed(docs: list[Doc]) -> None:
         _, _, session = _find(docs, "spans", lambda s: s.get("mark_ids_omitted"))

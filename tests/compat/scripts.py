@@ -2,7 +2,7 @@
 `cirron` or `cirron_otel`, the only line that differs. Each prints one JSON document of what
 its calls returned; the spool is left in the working directory."""
 
-TRAINING = r'''
+TRAINING = r"""
 import json, sys
 ci = __import__(sys.argv[1])
 out = {}
@@ -34,9 +34,9 @@ ci.shutdown()
 out["health_after"] = ci.health()
 out["dict_after"] = ci.trace(format="dict")
 print("@@" + json.dumps(out, default=str))
-'''
+"""
 
-INFERENCE = r'''
+INFERENCE = r"""
 import json, sys
 ci = __import__(sys.argv[1])
 ci.profile()
@@ -56,9 +56,9 @@ with ci.scope("outer"):
 chunks = list(stream(3))
 print("@@" + json.dumps({"result": r, "chunks": chunks, "config": stream._cirron_config}))
 ci.shutdown()
-'''
+"""
 
-CONFIG = r'''
+CONFIG = r"""
 import json, sys
 ci = __import__(sys.argv[1])
 out = {}
@@ -89,18 +89,18 @@ m = object()
 out["watch"] = ci.watch(m) is m and ci.watch(None) is None
 ci.shutdown()
 print("@@" + json.dumps(out))
-'''
+"""
 
-OUTPUT_STDOUT = r'''
+OUTPUT_STDOUT = r"""
 import sys
 ci = __import__(sys.argv[1])
 ci.profile(output="stdout")
 with ci.scope("only"):
     ci.mark("x", 2)
 ci.shutdown()
-'''
+"""
 
-OUTPUT_NONE = r'''
+OUTPUT_NONE = r"""
 import json, os, sys
 ci = __import__(sys.argv[1])
 ci.profile(output="none")
@@ -108,18 +108,18 @@ with ci.scope("s"):
     pass
 ci.shutdown()
 print("@@" + json.dumps({"spool": os.path.exists(".cirron/spool") and bool(os.listdir(".cirron/spool"))}))
-'''
+"""
 
-DISABLED = r'''
+DISABLED = r"""
 import json, sys
 ci = __import__(sys.argv[1])
 ci.profile(enabled=False)
 with ci.scope("s"):
     ci.mark("m", 1)
 print("@@" + json.dumps({"health": ci.health()}))
-'''
+"""
 
-ASYNC_INFERENCE = r'''
+ASYNC_INFERENCE = r"""
 import asyncio, json, sys
 ci = __import__(sys.argv[1])
 ci.profile()
@@ -144,9 +144,9 @@ async def main():
 
 print("@@" + json.dumps(asyncio.run(main())))
 ci.shutdown()
-'''
+"""
 
-HANDLE = r'''
+HANDLE = r"""
 import json, os, sys
 ci = __import__(sys.argv[1])
 c = ci.Cirron(output_dir="custom_out", flush_interval=0.5)
@@ -161,4 +161,4 @@ out = {"enabled": prof.enabled, "hooks": prof.installed_hooks, "ctx": prof.platf
 prof.shutdown()
 out["after"] = ci.health()["enabled"]
 print("@@" + json.dumps(out))
-'''
+"""

@@ -28,14 +28,21 @@ TIMES = {"start_ns", "end_ns", "ts_ns", "created_ns", "wall_us", "thread_id", "p
 TIMED_MARKS = {"time_to_first_token_ms", "request_duration_ms", "tokens_per_second", "chunk_ms"}
 
 
-def run(script: str, module: str, tmp: Path,
-        env: dict[str, str] | None = None) -> tuple[dict[str, Any], str, Path]:
+def run(
+    script: str, module: str, tmp: Path, env: dict[str, str] | None = None
+) -> tuple[dict[str, Any], str, Path]:
     cwd = tmp / module
     cwd.mkdir()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CIRRON_", "OTEL_"))}
     full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-c", script, module], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, module],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, f"{module}: {proc.stderr[-3000:]}"
     lines = [x for x in proc.stdout.splitlines() if x.startswith("@@")]
     result = json.loads(lines[-1][2:]) if lines else {}
@@ -60,8 +67,11 @@ def normalize(records: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     mark_ids = {m["id"]: f"mark{i}" for i, m in enumerate(marks)}
 
     def attrs(a: dict[str, Any]) -> dict[str, Any]:
-        return {k: ("<id>" if k == "request_id" else ("<pid>" if k == "pid" else v))
-                for k, v in a.items() if not k.startswith("gen_ai.")}
+        return {
+            k: ("<id>" if k == "request_id" else ("<pid>" if k == "pid" else v))
+            for k, v in a.items()
+            if not k.startswith("gen_ai.")
+        }
 
     out_spans = []
     for s in spans:
@@ -80,16 +90,23 @@ def normalize(records: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         m["attrs"] = attrs(m["attrs"])
         out_marks.append(m)
     headers = [{k: v for k, v in h.items() if k not in TIMES} for h in records["headers"]]
-    return {"spans": out_spans, "marks": out_marks, "snapshots": records["snapshots"],
-            "header_keys": sorted({k for h in headers for k in h}),
-            "schema": {h["schema_version"] for h in headers}}
+    return {
+        "spans": out_spans,
+        "marks": out_marks,
+        "snapshots": records["snapshots"],
+        "header_keys": sorted({k for h in headers for k in h}),
+        "schema": {h["schema_version"] for h in headers},
+    }
 
 
 def tree(doc: Any) -> Any:
     """trace(format='dict') with ids and times dropped (structure, names, attrs, marks kept)."""
     if isinstance(doc, dict):
-        return {k: (tree(v) if k != "attrs" else {a: b for a, b in v.items() if a != "pid"})
-                for k, v in doc.items() if k not in TIMES | {"id", "parent_id"}}
+        return {
+            k: (tree(v) if k != "attrs" else {a: b for a, b in v.items() if a != "pid"})
+            for k, v in doc.items()
+            if k not in TIMES | {"id", "parent_id"}
+        }
     if isinstance(doc, list):
         return [tree(x) for x in doc]
     return doc
@@ -122,8 +139,9 @@ def test_training_script_trace_returns_the_sdks(both) -> None:
     assert ours["dict"]["span_count"] == sdk["dict"]["span_count"] == 21
 
     def walls(nodes: list[dict[str, Any]]) -> list[bool]:  # wall_us is the duration in µs
-        return [n["wall_us"] == (n["end_ns"] - n["start_ns"]) // 1000 and all(walls(n["children"]))
-                for n in nodes]
+        return [
+            n["wall_us"] == (n["end_ns"] - n["start_ns"]) // 1000 and all(walls(n["children"])) for n in nodes
+        ]
 
     assert all(walls(ours["dict"]["roots"])) and all(walls(sdk["dict"]["roots"]))
     assert ours["df_columns"] == sdk["df_columns"] and ours["df_rows"] == sdk["df_rows"]
@@ -206,24 +224,32 @@ def test_config_errors_wrap_and_watch_as_the_sdk(both) -> None:
 
 
 def test_cirron_yaml_profiling_section_and_environment(tmp_path: Path) -> None:
-    script = r'''
+    script = r"""
 import json, sys
 ci = __import__(sys.argv[1])
 ci.profile()
 d = ci.get_default()
 print("@@" + json.dumps([d.snapshots, d.sample_rate, d.flush_interval]))
 ci.shutdown()
-'''
+"""
     results = {}
     for m in MODULES:
         cwd = tmp_path / m
         (cwd / "sub").mkdir(parents=True)
-        (cwd / "cirron.yaml").write_text("name: m\nframework: pytorch\ntype: regression\nversion: '1'\n"
-                                         "profiling:\n  snapshots: sampled\n  sample_rate: 0.3\n")
+        (cwd / "cirron.yaml").write_text(
+            "name: m\nframework: pytorch\ntype: regression\nversion: '1'\n"
+            "profiling:\n  snapshots: sampled\n  sample_rate: 0.3\n"
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CIRRON_", "OTEL_"))}
         env["CIRRON_FLUSH_INTERVAL"] = "0.7"
-        proc = subprocess.run([sys.executable, "-c", script, m], cwd=cwd / "sub", env=env,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", script, m],
+            cwd=cwd / "sub",
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         results[m] = json.loads(proc.stdout.split("@@")[-1])
     assert results["cirron_otel"] == results["cirron"] == ["sampled", 0.3, 0.7]
@@ -248,8 +274,17 @@ def test_every_public_sdk_name_exists() -> None:
     assert missing == []
 
 
-@pytest.mark.parametrize("name, args", [("load", ("ds",)), ("map", (len,)), ("secret", ("k",)),
-                                        ("env", ("HOME",)), ("deps", ()), ("load_cirron_yaml", ())])
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("load", ("ds",)),
+        ("map", (len,)),
+        ("secret", ("k",)),
+        ("env", ("HOME",)),
+        ("deps", ()),
+        ("load_cirron_yaml", ()),
+    ],
+)
 def test_what_is_not_instrumentation_fails_clearly(name: str, args: tuple[Any, ...]) -> None:
     import cirron_otel as ci
 
@@ -260,7 +295,7 @@ def test_what_is_not_instrumentation_fails_clearly(name: str, args: tuple[Any, .
 
 
 def test_trace_df_without_pandas_names_pandas(tmp_path: Path) -> None:
-    script = r'''
+    script = r"""
 import sys
 sys.modules["pandas"] = None  # as if not installed
 import cirron_otel as ci
@@ -272,9 +307,10 @@ try:
 except ci.CirronDependencyError as e:
     print("@@", e)
 ci.shutdown()
-'''
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert "@@" in proc.stdout and "pandas" in proc.stdout.split("@@")[1], proc.stderr
 
 
@@ -297,10 +333,13 @@ def test_trace_tree_is_a_rich_object_in_jupyter(monkeypatch: pytest.MonkeyPatch,
     assert repr(shown) == str(shown)
 
 
-@pytest.mark.parametrize("text, error", [("profiling: [1\n", "Malformed"), ("- 1\n", "mapping"),
-                                         ("profiling:\n  snapshots: all\n", None)])
-def test_bad_cirron_yaml_fails_at_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str,
-                                          error: str | None) -> None:
+@pytest.mark.parametrize(
+    "text, error",
+    [("profiling: [1\n", "Malformed"), ("- 1\n", "mapping"), ("profiling:\n  snapshots: all\n", None)],
+)
+def test_bad_cirron_yaml_fails_at_profile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, error: str | None
+) -> None:
     import cirron_otel as ci
     from cirron_otel import _config
 
@@ -308,8 +347,15 @@ def test_bad_cirron_yaml_fails_at_profile(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.chdir(tmp_path)
     if error is None:  # a value the SDK's model refuses: ValueError, as pydantic's there
         with pytest.raises(ValueError, match="snapshots"):
-            _config.sdk_profiling(_config.SDK_DEFAULTS, config=None, frameworks=None, snapshots=None,
-                                  sample_rate=None, flush_interval=None, path=None)
+            _config.sdk_profiling(
+                _config.SDK_DEFAULTS,
+                config=None,
+                frameworks=None,
+                snapshots=None,
+                sample_rate=None,
+                flush_interval=None,
+                path=None,
+            )
     else:
         with pytest.raises(ci.CirronYamlError, match=error):
             _config.load_cirron_yaml_profiling()

@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_training_demo(tmp_path):
     r = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "train.py"), "--epochs", "3", "--batches", "4"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 0, r.stderr
     # trace() prints the closed spans as cirron-sdk does: epochs are the roots (the session is open)

@@ -162,8 +162,9 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     mnt.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount(8) here: cannot make a 256 KiB tmpfs for the disk-full test")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a 256 KiB tmpfs (needs root/CAP_SYS_ADMIN): {r.stderr.strip()}")
     try:
@@ -326,8 +327,9 @@ def test_warnings_as_errors_never_raise_into_user_code(out):
         }}))
         """
     )
-    r = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr and "Warning" not in r.stderr, r.stderr
     res = json.loads(r.stdout)

@@ -125,8 +125,19 @@ def test_otel_context_false_installs_nothing(tmp_path: Path) -> None:
 # What `import cirron_otel; ci.profile(output="spool")` and writing the spool must not import:
 # each costs milliseconds of every profiled program's start-up (at most 5 ms in all),
 # and only OTLP, health(), a spool file split after ENOSPC or a decorated scope needs one.
-HEAVY_MODULES = ("dataclasses", "uuid", "platform", "json", "inspect", "socket", "ssl", "asyncio",
-                 "opentelemetry", "google.protobuf", "grpc")
+HEAVY_MODULES = (
+    "dataclasses",
+    "uuid",
+    "platform",
+    "json",
+    "inspect",
+    "socket",
+    "ssl",
+    "asyncio",
+    "opentelemetry",
+    "google.protobuf",
+    "grpc",
+)
 # `typing` too, for `import cirron_otel` alone; profile() still imports it through _otel_context
 # (its `_Runtime` Protocol class): see test_spool_only_profile_does_not_import_typing.
 HEAVY_AT_IMPORT = (*HEAVY_MODULES, "typing")

@@ -192,8 +192,14 @@ def _exported(out, receiver: GrpcReceiver) -> dict[str, SpanDict]:
 
 
 def _profile_to(out, receiver: GrpcReceiver) -> None:
-    ci.profile(output_dir=str(out), otlp_endpoint=receiver.endpoint, otlp_protocol="grpc",
-               flush_interval=0.05, install_signal_handlers=False, tracer_provider=None)
+    ci.profile(
+        output_dir=str(out),
+        otlp_endpoint=receiver.endpoint,
+        otlp_protocol="grpc",
+        flush_interval=0.05,
+        install_signal_handlers=False,
+        tracer_provider=None,
+    )
 
 
 def test_set_status_on_the_current_span_reaches_the_exported_span(out, grpc_receiver):
@@ -276,7 +282,9 @@ def test_traceparent_continues_the_trace_in_another_process(provider, tmp_path):
     server_out = tmp_path / "server"
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(SERVER), str(server_out)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ},
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
     )
     try:
         port = int(proc.stdout.readline())

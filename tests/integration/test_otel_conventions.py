@@ -140,7 +140,8 @@ def _instrument() -> str:
 def test_context_under_opentelemetry_instrument(context_var: str | None, tmp_path: Path) -> None:
     """The distro's auto-instrumentation imports and configures OpenTelemetry before the app."""
     app = tmp_path / "app.py"
-    app.write_text(textwrap.dedent("""
+    app.write_text(
+        textwrap.dedent("""
         import sys
         assert "opentelemetry.context" in sys.modules, "auto-instrumentation did not run first"
         import cirron_otel as ci
@@ -148,14 +149,22 @@ def test_context_under_opentelemetry_instrument(context_var: str | None, tmp_pat
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
         assert isinstance(trace.get_tracer_provider(), TracerProvider), "the distro set no SDK provider"
-    """) + NESTING)
-    env = {**os.environ, "CIRRON_OUTPUT_DIR": str(tmp_path / "out"), "OTEL_TRACES_EXPORTER": "none",
-           "OTEL_METRICS_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none"}
+    """)
+        + NESTING
+    )
+    env = {
+        **os.environ,
+        "CIRRON_OUTPUT_DIR": str(tmp_path / "out"),
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+    }
     env.pop("OTEL_PYTHON_CONTEXT", None)
     if context_var:
         env["OTEL_PYTHON_CONTEXT"] = context_var
-    proc = subprocess.run([_instrument(), sys.executable, str(app)], capture_output=True, text=True,
-                          timeout=120, env=env)
+    proc = subprocess.run(
+        [_instrument(), sys.executable, str(app)], capture_output=True, text=True, timeout=120, env=env
+    )
     _assert_nested_both_ways(_result(proc))
 
 
@@ -220,7 +229,8 @@ def test_private_attributes_only_in_otel_private() -> None:
     offenders = [
         str(path.relative_to(ROOT))
         for path in [*(ROOT / "src" / "cirron_otel").glob("*.py"), *(ROOT / "exporters").glob("*.py")]
-        if path.name != "_otel_private.py" and not path.name.startswith("otlp")
+        if path.name != "_otel_private.py"
+        and not path.name.startswith("otlp")
         and names.search(path.read_text())
     ]
     assert offenders == []

@@ -42,6 +42,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     clear_env(monkeypatch)
     _warn.reset()  # each test sees the warnings it provokes (they are once per process)
 
+
 pytestmark = pytest.mark.timeout(180)
 
 EPOCHS = 60  # each epoch a trace of its own (trace_per="child"), with one nested span
@@ -62,11 +63,13 @@ WORKLOAD = """
 """
 
 
-def run_workload(out: Path, env: dict[str, str], *, profile: str = "", before: str = "",
-                 epochs: int = EPOCHS) -> tuple[dict[str, Any], str, str]:
+def run_workload(
+    out: Path, env: dict[str, str], *, profile: str = "", before: str = "", epochs: int = EPOCHS
+) -> tuple[dict[str, Any], str, str]:
     """(health, stdout before its last line, stderr) of the workload run with `env`."""
-    code = WORKLOAD.format(profile=profile, before=textwrap.indent(textwrap.dedent(before), "    ").strip(),
-                           epochs=epochs)
+    code = WORKLOAD.format(
+        profile=profile, before=textwrap.indent(textwrap.dedent(before), "    ").strip(), epochs=epochs
+    )
     run = run_script(code, env={"CIRRON_OUTPUT_DIR": str(out), **env}, timeout=120)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
@@ -75,8 +78,11 @@ def run_workload(out: Path, env: dict[str, str], *, profile: str = "", before: s
 
 
 def otlp_env(receiver: Receiver, **more: str) -> dict[str, str]:
-    return {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-            "OTEL_EXPORTER_OTLP_PROTOCOL": protocol(receiver), **more}
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol(receiver),
+        **more,
+    }
 
 
 def warnings_about(stderr: str, variable: str) -> int:
@@ -87,12 +93,22 @@ def warnings_about(stderr: str, variable: str) -> int:
 # -- parsing, as the SDK environment specification says ------------------------------------------
 
 
-@pytest.mark.parametrize(("value", "disabled", "warned"), [
-    (None, False, False), ("", False, False), ("true", True, False), (" TRUE ", True, False),
-    ("false", False, False), ("False", False, False), ("1", False, True), ("yes", False, True),
-])
+@pytest.mark.parametrize(
+    ("value", "disabled", "warned"),
+    [
+        (None, False, False),
+        ("", False, False),
+        ("true", True, False),
+        (" TRUE ", True, False),
+        ("false", False, False),
+        ("False", False, False),
+        ("1", False, True),
+        ("yes", False, True),
+    ],
+)
 def test_sdk_disabled_reads_true_in_any_case_and_warns_about_anything_but_true_or_false(
-        value: str | None, disabled: bool, warned: bool):
+    value: str | None, disabled: bool, warned: bool
+):
     env = {} if value is None else {"OTEL_SDK_DISABLED": value}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -100,23 +116,27 @@ def test_sdk_disabled_reads_true_in_any_case_and_warns_about_anything_but_true_o
     assert [("OTEL_SDK_DISABLED" in str(w.message)) for w in caught] == ([True] if warned else [])
 
 
-@pytest.mark.parametrize(("sampler", "arg", "expected", "warned"), [
-    (None, None, ("parentbased_always_on", 1.0), None),
-    ("", "0.5", ("parentbased_always_on", 1.0), None),
-    ("always_off", "0.5", ("always_off", 1.0), None),
-    ("AlWays_On", None, ("always_on", 1.0), None),
-    ("traceidratio", "0.25", ("traceidratio", 0.25), None),
-    ("parentbased_traceidratio", " 0 ", ("parentbased_traceidratio", 0.0), None),
-    ("traceidratio", None, ("traceidratio", 1.0), None),  # the specification's default
-    ("traceidratio", "1.5", ("traceidratio", 1.0), "OTEL_TRACES_SAMPLER_ARG"),
-    ("traceidratio", "-0.1", ("traceidratio", 1.0), "OTEL_TRACES_SAMPLER_ARG"),
-    ("traceidratio", "nan", ("traceidratio", 1.0), "OTEL_TRACES_SAMPLER_ARG"),
-    ("traceidratio", "half", ("traceidratio", 1.0), "OTEL_TRACES_SAMPLER_ARG"),
-    ("jaeger_remote", None, ("parentbased_always_on", 1.0), "OTEL_TRACES_SAMPLER"),
-    ("xray", "0.1", ("parentbased_always_on", 1.0), "OTEL_TRACES_SAMPLER"),
-])
+@pytest.mark.parametrize(
+    ("sampler", "arg", "expected", "warned"),
+    [
+        (None, None, ("parentbased_always_on", 1.0), None),
+        ("", "0.5", ("parentbased_always_on", 1.0), None),
+        ("always_off", "0.5", ("always_off", 1.0), None),
+        ("AlWays_On", None, ("always_on", 1.0), None),
+        ("traceidratio", "0.25", ("traceidratio", 0.25), None),
+        ("parentbased_traceidratio", " 0 ", ("parentbased_traceidratio", 0.0), None),
+        ("traceidratio", None, ("traceidratio", 1.0), None),  # the specification's default
+        ("traceidratio", "1.5", ("traceidratio", 1.0), "OTEL_TRACES_SAMPLER_ARG"),
+        ("traceidratio", "-0.1", ("traceidratio", 1.0), "OTEL_TRACES_SAMPLER_ARG"),
+        ("traceidratio", "nan", ("traceidratio", 1.0), "OTEL_TRACES_SAMPLER_ARG"),
+        ("traceidratio", "half", ("traceidratio", 1.0), "OTEL_TRACES_SAMPLER_ARG"),
+        ("jaeger_remote", None, ("parentbased_always_on", 1.0), "OTEL_TRACES_SAMPLER"),
+        ("xray", "0.1", ("parentbased_always_on", 1.0), "OTEL_TRACES_SAMPLER"),
+    ],
+)
 def test_sampler_variables_fall_back_to_the_default_with_a_warning_naming_the_variable(
-        sampler: str | None, arg: str | None, expected: tuple[str, float], warned: str | None):
+    sampler: str | None, arg: str | None, expected: tuple[str, float], warned: str | None
+):
     pairs = (("OTEL_TRACES_SAMPLER", sampler), ("OTEL_TRACES_SAMPLER_ARG", arg))
     env = {k: v for k, v in pairs if v is not None}
     with warnings.catch_warnings(record=True) as caught:
@@ -133,37 +153,53 @@ def test_the_ratio_bound_is_the_sdks(rate: float):
     assert (sample_all, bound) == ((True, (1 << 64) - 1) if sdk > (1 << 64) - 1 else (False, sdk))
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    (None, None),
-    ("", None),
-    ("none", (False, None, ())),
-    (" NONE ", (False, None, ())),
-    ("otlp", (True, None, ())),
-    ("otlp_proto_http", (True, "http/protobuf", ())),
-    ("otlp_proto_grpc", (True, "grpc", ())),
-    ("cirron_spool", (False, None, ())),
-    ("console, otlp ,cirron_spool", (True, None, ("console",))),
-    ("console,console,my_exporter", (False, None, ("console", "my_exporter"))),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("none", (False, None, ())),
+        (" NONE ", (False, None, ())),
+        ("otlp", (True, None, ())),
+        ("otlp_proto_http", (True, "http/protobuf", ())),
+        ("otlp_proto_grpc", (True, "grpc", ())),
+        ("cirron_spool", (False, None, ())),
+        ("console, otlp ,cirron_spool", (True, None, ("console",))),
+        ("console,console,my_exporter", (False, None, ("console", "my_exporter"))),
+    ],
+)
 def test_traces_exporter_lists(value: str | None, expected: Any):
     assert traces_exporters({} if value is None else {"OTEL_TRACES_EXPORTER": value}) == expected
 
 
-@pytest.mark.parametrize(("env", "output", "outputs", "exporters"), [
-    ({}, None, {"spool"}, ()),
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, None, {"spool", "otlp"}, ()),
-    ({"OTEL_TRACES_EXPORTER": "otlp"}, None, {"spool", "otlp"}, ()),  # the default endpoint, as the SDK
-    ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, None, {"spool"}, ()),
-    ({"OTEL_TRACES_EXPORTER": "cirron_spool", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c"}, None, {"spool"},
-     ()),
-    ({"OTEL_TRACES_EXPORTER": "console"}, None, {"spool"}, ("console",)),
-    ({"OTEL_TRACES_EXPORTER": "none"}, "spool,otlp", {"spool", "otlp"}, ()),  # profile(output=) wins
-    ({"OTEL_TRACES_EXPORTER": "otlp,console"}, "spool", {"spool"}, ()),
-    ({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "otlp,console"}, None, {"spool"}, ()),
-    ({"OTEL_SDK_DISABLED": "true"}, "spool,otlp", {"spool"}, ()),  # disabled wins, with a warning
-])
-def test_what_profile_exports(env: dict[str, str], output: str | None, outputs: set[str],
-                              exporters: tuple[str, ...]):
+@pytest.mark.parametrize(
+    ("env", "output", "outputs", "exporters"),
+    [
+        ({}, None, {"spool"}, ()),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, None, {"spool", "otlp"}, ()),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, None, {"spool", "otlp"}, ()),  # the default endpoint, as the SDK
+        (
+            {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"},
+            None,
+            {"spool"},
+            (),
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "cirron_spool", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c"},
+            None,
+            {"spool"},
+            (),
+        ),
+        ({"OTEL_TRACES_EXPORTER": "console"}, None, {"spool"}, ("console",)),
+        ({"OTEL_TRACES_EXPORTER": "none"}, "spool,otlp", {"spool", "otlp"}, ()),  # profile(output=) wins
+        ({"OTEL_TRACES_EXPORTER": "otlp,console"}, "spool", {"spool"}, ()),
+        ({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "otlp,console"}, None, {"spool"}, ()),
+        ({"OTEL_SDK_DISABLED": "true"}, "spool,otlp", {"spool"}, ()),  # disabled wins, with a warning
+    ],
+)
+def test_what_profile_exports(
+    env: dict[str, str], output: str | None, outputs: set[str], exporters: tuple[str, ...]
+):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         settings = resolve(output=output, env=env)
@@ -171,7 +207,9 @@ def test_what_profile_exports(env: dict[str, str], output: str | None, outputs: 
     disabled_but_asked = env.get("OTEL_SDK_DISABLED") == "true" and output is not None
     assert [str(w.message) for w in caught if "OTEL_SDK_DISABLED" in str(w.message)] == (
         ["cirron_otel: OTEL_SDK_DISABLED: true: OTLP export is off, although profile(output=...) asks for it"]
-        if disabled_but_asked else [])
+        if disabled_but_asked
+        else []
+    )
 
 
 # -- OTEL_SDK_DISABLED -----------------------------------------------------------------------------
@@ -191,8 +229,9 @@ APP_PROVIDER = """
 
 
 @pytest.mark.parametrize("how", ["default", "output=spool,otlp"])
-def test_sdk_disabled_exports_nothing_and_the_spool_keeps_everything(out: Path, grpc_receiver: GrpcReceiver,
-                                                                     how: str):
+def test_sdk_disabled_exports_nothing_and_the_spool_keeps_everything(
+    out: Path, grpc_receiver: GrpcReceiver, how: str
+):
     env = otlp_env(grpc_receiver, OTEL_SDK_DISABLED="true")
     profile = ", output='spool,otlp'" if how.startswith("output") else ""
     health, _, stderr = run_workload(out, env, profile=profile)
@@ -243,11 +282,13 @@ def by_trace(spans: list[dict[str, Any]], key: str) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize("trace_per", ["child", "session"])
-@pytest.mark.parametrize("sampler", ["always_off", "parentbased_always_off", "always_on",
-                                     "parentbased_always_on"])
+@pytest.mark.parametrize(
+    "sampler", ["always_off", "parentbased_always_off", "always_on", "parentbased_always_on"]
+)
 def test_always_on_and_off(out: Path, grpc_receiver: GrpcReceiver, sampler: str, trace_per: str):
-    health, _, stderr = run_workload(out, otlp_env(grpc_receiver, OTEL_TRACES_SAMPLER=sampler),
-                                     profile=f", trace_per={trace_per!r}")
+    health, _, stderr = run_workload(
+        out, otlp_env(grpc_receiver, OTEL_TRACES_SAMPLER=sampler), profile=f", trace_per={trace_per!r}"
+    )
     spool, _ = spans_and_marks(out)
     assert len(spool) == 2 * EPOCHS + 1  # the spool always keeps everything
     on = sampler.endswith("always_on")
@@ -262,7 +303,8 @@ def test_always_on_and_off(out: Path, grpc_receiver: GrpcReceiver, sampler: str,
 @pytest.mark.parametrize("trace_per", ["child", "session"])
 @pytest.mark.parametrize("sampler", ["traceidratio", "parentbased_traceidratio"])
 def test_traceidratio_decides_each_trace_as_the_sdk_does_and_every_span_of_it_alike(
-        out: Path, receiver_any: Receiver, sampler: str, trace_per: str):
+    out: Path, receiver_any: Receiver, sampler: str, trace_per: str
+):
     rate = 0.3
     epochs = 150 if trace_per == "child" else 20
     env = otlp_env(receiver_any, OTEL_TRACES_SAMPLER=sampler, OTEL_TRACES_SAMPLER_ARG=str(rate))
@@ -292,12 +334,19 @@ def receiver_any(request: pytest.FixtureRequest) -> Receiver:
     return request.getfixturevalue("grpc_receiver" if request.param == "grpc" else "http_receiver")
 
 
-@pytest.mark.parametrize(("env", "variable"), [
-    ({"OTEL_TRACES_SAMPLER": "bogus"}, "OTEL_TRACES_SAMPLER"),
-    ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.5"}, "OTEL_TRACES_SAMPLER_ARG"),
-])
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"OTEL_TRACES_SAMPLER": "bogus"}, "OTEL_TRACES_SAMPLER"),
+        (
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.5"},
+            "OTEL_TRACES_SAMPLER_ARG",
+        ),
+    ],
+)
 def test_an_invalid_sampler_warns_once_naming_the_variable_and_samples_everything(
-        out: Path, grpc_receiver: GrpcReceiver, env: dict[str, str], variable: str):
+    out: Path, grpc_receiver: GrpcReceiver, env: dict[str, str], variable: str
+):
     twice = """
         ci.profile(flush_interval=0.05, install_signal_handlers=False)  # read again: not warned again
         ci.shutdown()
@@ -310,14 +359,22 @@ def test_an_invalid_sampler_warns_once_naming_the_variable_and_samples_everythin
 
 def _start(out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, sampler: str) -> None:
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
-    ci.profile(output_dir=str(out), otlp_endpoint=receiver.endpoint, flush_interval=0.05,
-               install_signal_handlers=False, tracer_provider=None)
+    ci.profile(
+        output_dir=str(out),
+        otlp_endpoint=receiver.endpoint,
+        flush_interval=0.05,
+        install_signal_handlers=False,
+        tracer_provider=None,
+    )
 
 
-@pytest.mark.parametrize(("ours", "apps"), [("always_off", ALWAYS_ON), ("always_on", ALWAYS_OFF),
-                                             ("parentbased_always_off", ALWAYS_ON)])
-def test_under_an_apps_span_the_apps_sampler_wins(out: Path, grpc_receiver: GrpcReceiver,
-                                                  monkeypatch: pytest.MonkeyPatch, ours: str, apps: Any):
+@pytest.mark.parametrize(
+    ("ours", "apps"),
+    [("always_off", ALWAYS_ON), ("always_on", ALWAYS_OFF), ("parentbased_always_off", ALWAYS_ON)],
+)
+def test_under_an_apps_span_the_apps_sampler_wins(
+    out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch, ours: str, apps: Any
+):
     _start(out, grpc_receiver, monkeypatch, ours)
     tracer = TracerProvider(sampler=apps).get_tracer("app")
     with tracer.start_as_current_span("request"), ci.scope("under_app"), ci.scope("deeper"):
@@ -329,15 +386,19 @@ def test_under_an_apps_span_the_apps_sampler_wins(out: Path, grpc_receiver: Grpc
     app_sampled = apps is ALWAYS_ON
     assert {"under_app", "deeper"} <= names if app_sampled else not names & {"under_app", "deeper"}
     ours_on = ours.endswith("always_on")
-    assert {"cirron_root", "cirron_child", "cirron.session"} <= names if ours_on \
+    assert (
+        {"cirron_root", "cirron_child", "cirron.session"} <= names
+        if ours_on
         else not names & {"cirron_root", "cirron_child", "cirron.session"}
+    )
     in_spool = {s["name"] for s in spans_and_marks(out)[0]}
     assert in_spool >= {"under_app", "deeper", "cirron_root", "cirron_child"}  # the spool keeps all
 
 
 @pytest.mark.parametrize("sampler", ["always_off", "always_on"])
 def test_opentelemetry_sees_the_decision_of_a_trace_cirron_started(
-        out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch, sampler: str):
+    out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch, sampler: str
+):
     """The scope's span context, the traceparent it propagates and an app span started inside all
     carry the decision, as they would for an SDK root span."""
     _start(out, grpc_receiver, monkeypatch, sampler)
@@ -359,8 +420,9 @@ def test_opentelemetry_sees_the_decision_of_a_trace_cirron_started(
 
 
 @pytest.mark.parametrize("sampler", ["always_off", "always_on", "traceidratio"])
-def test_a_forked_childs_session_shares_its_parents_decision(out: Path, grpc_receiver: GrpcReceiver,
-                                                             sampler: str):
+def test_a_forked_childs_session_shares_its_parents_decision(
+    out: Path, grpc_receiver: GrpcReceiver, sampler: str
+):
     code = """
         import os, cirron_otel as ci
         ci.profile(flush_interval=0.05, install_signal_handlers=False, trace_per="session")
@@ -376,8 +438,12 @@ def test_a_forked_childs_session_shares_its_parents_decision(out: Path, grpc_rec
     """
     for attempt in range(2 if sampler == "traceidratio" else 1):  # each run checked against the SDK
         out_n = out / str(attempt)
-        env = otlp_env(grpc_receiver, OTEL_TRACES_SAMPLER=sampler, OTEL_TRACES_SAMPLER_ARG="0.5",
-                       CIRRON_OUTPUT_DIR=str(out_n))
+        env = otlp_env(
+            grpc_receiver,
+            OTEL_TRACES_SAMPLER=sampler,
+            OTEL_TRACES_SAMPLER_ARG="0.5",
+            CIRRON_OUTPUT_DIR=str(out_n),
+        )
         grpc_receiver.clear()
         run = run_script(code, env=env, timeout=60)
         assert run.returncode == 0, run.stderr
@@ -429,16 +495,19 @@ def test_exporter_console_is_sampled_too(out: Path):
 
 
 def test_an_unknown_exporter_warns_naming_the_variable_and_the_others_still_work(
-        out: Path, grpc_receiver: GrpcReceiver):
+    out: Path, grpc_receiver: GrpcReceiver
+):
     _, _, stderr = run_workload(out, otlp_env(grpc_receiver, OTEL_TRACES_EXPORTER="no_such_exporter,otlp"))
     assert warnings_about(stderr, "OTEL_TRACES_EXPORTER") == 1 and "'no_such_exporter'" in stderr
     assert grpc_receiver.span_count() == 2 * EPOCHS + 1
 
 
-@pytest.mark.parametrize(("exporter", "output", "sent"), [("otlp", "spool", False),
-                                                          ("none", "spool,otlp", True)])
-def test_profile_output_wins_over_the_variable(out: Path, grpc_receiver: GrpcReceiver, exporter: str,
-                                               output: str, sent: bool):
+@pytest.mark.parametrize(
+    ("exporter", "output", "sent"), [("otlp", "spool", False), ("none", "spool,otlp", True)]
+)
+def test_profile_output_wins_over_the_variable(
+    out: Path, grpc_receiver: GrpcReceiver, exporter: str, output: str, sent: bool
+):
     run_workload(out, otlp_env(grpc_receiver, OTEL_TRACES_EXPORTER=exporter), profile=f", output={output!r}")
     assert grpc_receiver.span_count() == (2 * EPOCHS + 1 if sent else 0)
 
@@ -493,10 +562,20 @@ def run_instrumented(tmp_path: Path, app_code: str) -> None:
     app.write_text(textwrap.dedent(app_code))
     out = tmp_path / "cirron"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CIRRON_"))}
-    env.update(OTEL_TRACES_EXPORTER="cirron_spool", OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none",
-               CIRRON_OUTPUT_DIR=str(out))
-    run = subprocess.run([str(instrument), sys.executable, str(app)], capture_output=True, text=True,
-                         timeout=120, env=env, cwd=tmp_path)
+    env.update(
+        OTEL_TRACES_EXPORTER="cirron_spool",
+        OTEL_METRICS_EXPORTER="none",
+        OTEL_LOGS_EXPORTER="none",
+        CIRRON_OUTPUT_DIR=str(out),
+    )
+    run = subprocess.run(
+        [str(instrument), sys.executable, str(app)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
 
 
@@ -517,8 +596,12 @@ def test_under_opentelemetry_instrument_with_cirron_spool_each_record_once(tmp_p
     # flush(): Cirron's spans reach the app's provider, and its cirron_spool exporter, before exit
     run_instrumented(tmp_path, INSTRUMENTED_APP.format(profile="", epochs=EPOCHS, after="ci.flush()"))
     spans, marks = spans_and_marks(tmp_path / "cirron")
-    assert Counter(s["name"] for s in spans) == {"request": 1, "epoch": EPOCHS, "step": EPOCHS,
-                                                 "cirron.session": 1}
+    assert Counter(s["name"] for s in spans) == {
+        "request": 1,
+        "epoch": EPOCHS,
+        "step": EPOCHS,
+        "cirron.session": 1,
+    }
     assert max(Counter(s["id"] for s in spans).values()) == 1 and len(marks) == EPOCHS
 
 
@@ -548,7 +631,8 @@ EXIT_MARGIN = 0.5  # the interpreter's own finalization, on a loaded 2-core mach
 
 @pytest.mark.parametrize("proto", ["grpc", "http/protobuf"])
 def test_an_unreachable_collector_does_not_hold_the_exit_and_the_next_run_delivers(
-        out: Path, grpc_receiver: GrpcReceiver, http_receiver: HttpReceiver, proto: str):
+    out: Path, grpc_receiver: GrpcReceiver, http_receiver: HttpReceiver, proto: str
+):
     receiver: Receiver = grpc_receiver if proto == "grpc" else http_receiver
     receiver.stop()  # its port now refuses connections
     env = otlp_env(receiver, CIRRON_OUTPUT_DIR=str(out))
@@ -567,8 +651,9 @@ def test_an_unreachable_collector_does_not_hold_the_exit_and_the_next_run_delive
     assert not list((out / "otlp-outbox").glob("*.pb"))
 
 
-def test_without_an_outbox_the_exit_is_as_quick_and_the_loss_is_counted(out: Path,
-                                                                         grpc_receiver: GrpcReceiver):
+def test_without_an_outbox_the_exit_is_as_quick_and_the_loss_is_counted(
+    out: Path, grpc_receiver: GrpcReceiver
+):
     grpc_receiver.stop()
     code = """
         import atexit, json, time
@@ -593,8 +678,13 @@ def test_an_explicit_shutdown_still_retries_until_its_timeout(out: Path, grpc_re
     """Only the exit gives up at the first failure: shutdown(timeout) keeps retrying (the collector
     comes back meanwhile)."""
     grpc_receiver.stop()
-    ci.profile(output_dir=str(out), otlp_endpoint=grpc_receiver.endpoint, flush_interval=0.05,
-               install_signal_handlers=False, tracer_provider=None)
+    ci.profile(
+        output_dir=str(out),
+        otlp_endpoint=grpc_receiver.endpoint,
+        flush_interval=0.05,
+        install_signal_handlers=False,
+        tracer_provider=None,
+    )
     with ci.scope("late"):
         pass
     back = threading.Timer(1.0, grpc_receiver.start)

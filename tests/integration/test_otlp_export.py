@@ -120,14 +120,44 @@ def session_of(spans: list[Record]) -> Record:
 CFG = {"lr": 0.1, "layers": [64, 32]}
 MIXED = [1, "a"]
 NESTED = [[1], [2]]
-FORWARD_ATTRS = dict(variant="fp16", n=3, f=1.5, ok=True, tags=["a", "b"], sizes=[1, 2], pair=(3, 4),
-                     cfg=CFG, mixed=MIXED, nested=NESTED, huge=2**70)
+FORWARD_ATTRS = dict(
+    variant="fp16",
+    n=3,
+    f=1.5,
+    ok=True,
+    tags=["a", "b"],
+    sizes=[1, 2],
+    pair=(3, 4),
+    cfg=CFG,
+    mixed=MIXED,
+    nested=NESTED,
+    huge=2**70,
+)
 # What OTLP must carry: values an attribute can hold as they are, anything else as its str().
-FORWARD_OTLP = dict(variant="fp16", n=3, f=1.5, ok=True, tags=["a", "b"], sizes=[1, 2], pair=[3, 4],
-                    cfg=str(CFG), mixed=str(MIXED), nested=str(NESTED), huge=str(2**70), late="set-later")
+FORWARD_OTLP = dict(
+    variant="fp16",
+    n=3,
+    f=1.5,
+    ok=True,
+    tags=["a", "b"],
+    sizes=[1, 2],
+    pair=[3, 4],
+    cfg=str(CFG),
+    mixed=str(MIXED),
+    nested=str(NESTED),
+    huge=str(2**70),
+    late="set-later",
+)
 POINT_VALUES: list[tuple[str, Any]] = [
-    ("f", 0.25), ("i", -7), ("big", 2**62), ("s", "text"), ("b", True), ("b0", False),
-    ("nan", NAN), ("inf", INF), ("ninf", -INF),
+    ("f", 0.25),
+    ("i", -7),
+    ("big", 2**62),
+    ("s", "text"),
+    ("b", True),
+    ("b0", False),
+    ("nan", NAN),
+    ("inf", INF),
+    ("ninf", -INF),
 ]
 
 
@@ -169,8 +199,12 @@ def test_round_trip_every_spool_span_and_mark_arrives_as_the_mapping_says(out: P
         "batch": {},
     }
     assert {s["name"] for s in spans} == set(own_attrs)
-    assert one(spans, "bad")["attrs"] == {"phase": "eval", "error": True, "error.type": "ValueError",
-                                          "error.message": "boom"}
+    assert one(spans, "bad")["attrs"] == {
+        "phase": "eval",
+        "error": True,
+        "error.type": "ValueError",
+        "error.message": "boom",
+    }
     assert len([s for s in spans if s["name"] == "forward"]) == 4
 
     for s in spans:
@@ -187,9 +221,14 @@ def test_round_trip_every_spool_span_and_mark_arrives_as_the_mapping_says(out: P
         elif s["parent_id"] == session["id"]:
             assert o["parent_span_id"] == "", where
             assert o["trace_id"] != session["trace_id"], where
-            assert o["links"] == [{"trace_id": session["trace_id"], "span_id": otel_id(session["id"]),
-                                   "attributes": {"cirron.link": "session"},
-                                   "dropped_attributes_count": 0}], where
+            assert o["links"] == [
+                {
+                    "trace_id": session["trace_id"],
+                    "span_id": otel_id(session["id"]),
+                    "attributes": {"cirron.link": "session"},
+                    "dropped_attributes_count": 0,
+                }
+            ], where
         else:
             parent = table[otel_id(s["parent_id"])]
             assert o["parent_span_id"] == parent["span_id"], where
@@ -216,9 +255,20 @@ def test_round_trip_every_spool_span_and_mark_arrives_as_the_mapping_says(out: P
         # point marks: one event each, in recording order, typed value, id and attrs
         events = [e for e in o["events"] if e["name"] != "exception"]
         want_events = [
-            (m["name"], m["ts_ns"], norm_attrs({"cirron.mark.value": mark_value(m), "cirron.mark.id": m["id"],
-                                                "cirron.mark.kind": "point", **m["attrs"]}))
-            for m in own_marks if m["kind"] == "point"
+            (
+                m["name"],
+                m["ts_ns"],
+                norm_attrs(
+                    {
+                        "cirron.mark.value": mark_value(m),
+                        "cirron.mark.id": m["id"],
+                        "cirron.mark.kind": "point",
+                        **m["attrs"],
+                    }
+                ),
+            )
+            for m in own_marks
+            if m["kind"] == "point"
         ]
         assert [(e["name"], e["time_ns"], norm_attrs(e["attributes"])) for e in events] == want_events, where
         if s["name"] == "bad":
@@ -251,7 +301,9 @@ def test_round_trip_every_spool_span_and_mark_arrives_as_the_mapping_says(out: P
     # both summaries of a name stay in the spool, with their ids and attrs
     accs = [m for m in marks if m["span_id"] == first_forward["id"] and m["name"] == "acc"]
     assert [(m["kind"], m["value"], m["attrs"]) for m in accs] == [
-        ("summary", 0.5, {}), ("summary", 0.75, {"src": "val"})]
+        ("summary", 0.5, {}),
+        ("summary", 0.75, {"src": "val"}),
+    ]
     assert len({m["id"] for m in accs}) == 2
 
     # marks on the session root land on cirron.session; "root" marks are spool-only, counted
@@ -304,7 +356,8 @@ def _nested_workload() -> None:
 
 
 def test_default_trace_per_child_every_direct_child_of_the_session_starts_a_linked_trace(
-        out: Path, receiver: Receiver):
+    out: Path, receiver: Receiver
+):
     start(out, receiver)
     _nested_workload()
     spans, _, received = finish(out, receiver)
@@ -324,7 +377,8 @@ def test_default_trace_per_child_every_direct_child_of_the_session_starts_a_link
         assert o["trace_id"] == child["trace_id"] != session["trace_id"]
         child_traces.add(o["trace_id"])
         assert [(lk["trace_id"], lk["span_id"]) for lk in o["links"]] == [
-            (session["trace_id"], otel_id(session["id"]))]
+            (session["trace_id"], otel_id(session["id"]))
+        ]
         assert o["attributes"]["cirron.session.id"] == session["id"]
     assert len(child_traces) == len(children), "each direct child has a trace of its own"
 
@@ -358,14 +412,20 @@ def test_trace_per_session_keeps_everything_in_one_trace(out: Path, receiver: Re
 
 
 def test_scope_inside_an_otel_sdk_span_joins_that_trace_and_an_sdk_span_inside_a_scope_is_its_child(
-        out: Path, receiver: Receiver):
+    out: Path, receiver: Receiver
+):
     memory = InMemorySpanExporter()
     provider = TracerProvider()  # the test's own, not the global one
     provider.add_span_processor(SimpleSpanProcessor(memory))
     tracer = provider.get_tracer("app")
     start(out, receiver)
-    with tracer.start_as_current_span("request") as request, ci.scope("handler") as handler, \
-            ci.scope("inner"), tracer.start_as_current_span("db"), ci.scope("in_db"):
+    with (
+        tracer.start_as_current_span("request") as request,
+        ci.scope("handler") as handler,
+        ci.scope("inner"),
+        tracer.start_as_current_span("db"),
+        ci.scope("in_db"),
+    ):
         pass
     with ci.scope("epoch_like"):  # outside the OTel span again: a fresh trace per child
         pass
@@ -406,15 +466,23 @@ def _unsampled_parent_always_off() -> Any:
 
 
 def _unsampled_parent_non_recording() -> Any:
-    ctx = SpanContext(trace_id=0x0AF7651916CD43DD8448EB211C80319C, span_id=0x00F067AA0BA902B7,
-                      is_remote=True, trace_flags=TraceFlags(TraceFlags.DEFAULT))
+    ctx = SpanContext(
+        trace_id=0x0AF7651916CD43DD8448EB211C80319C,
+        span_id=0x00F067AA0BA902B7,
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.DEFAULT),
+    )
     return trace.use_span(NonRecordingSpan(ctx), end_on_exit=False)
 
 
-@pytest.mark.parametrize("parent", [_unsampled_parent_always_off, _unsampled_parent_non_recording],
-                         ids=["always_off", "non_recording"])
+@pytest.mark.parametrize(
+    "parent",
+    [_unsampled_parent_always_off, _unsampled_parent_non_recording],
+    ids=["always_off", "non_recording"],
+)
 def test_scope_under_unsampled_otel_parent_is_spool_only(
-        out: Path, receiver: Receiver, parent: Callable[[], Any]):
+    out: Path, receiver: Receiver, parent: Callable[[], Any]
+):
     start(out, receiver)
     with parent() as otel_span, ci.scope("hidden") as hidden:
         ci.mark("hidden_mark", 1)
@@ -448,13 +516,22 @@ def test_scope_under_unsampled_otel_parent_is_spool_only(
 # -- 4. resource and instrumentation scope ---------------------------------------------------
 
 
-@pytest.mark.parametrize(("arg", "env", "expected"), [
-    ("from-arg", "from-env", "from-arg"),
-    (None, "from-env", "from-env"),
-    (None, None, "cirron"),
-])
-def test_resource_and_instrumentation_scope(out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch,
-                                            arg: str | None, env: str | None, expected: str):
+@pytest.mark.parametrize(
+    ("arg", "env", "expected"),
+    [
+        ("from-arg", "from-env", "from-arg"),
+        (None, "from-env", "from-env"),
+        (None, None, "cirron"),
+    ],
+)
+def test_resource_and_instrumentation_scope(
+    out: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+    arg: str | None,
+    env: str | None,
+    expected: str,
+):
     if env is not None:
         monkeypatch.setenv("OTEL_SERVICE_NAME", env)
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=ci,team=ml")
@@ -486,7 +563,8 @@ def test_resource_and_instrumentation_scope(out: Path, receiver: Receiver, monke
 
 @pytest.mark.parametrize("split", [False, True], ids=["one_batch", "across_batches"])
 def test_event_count_limit_keeps_the_last_events_and_counts_the_dropped(
-        out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, split: bool):
+    out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, split: bool
+):
     monkeypatch.setenv("OTEL_SPAN_EVENT_COUNT_LIMIT", "5")
     start(out, receiver)
     with ci.scope("busy") as busy:
@@ -507,11 +585,14 @@ def test_event_count_limit_keeps_the_last_events_and_counts_the_dropped(
     assert otlp_health()["events_dropped"] == 7
 
 
-@pytest.mark.parametrize("limits", [{}, {"OTEL_SPAN_LINK_COUNT_LIMIT": "0"},
-                                    {"OTEL_LINK_ATTRIBUTE_COUNT_LIMIT": "0"}],
-                         ids=["default", "links", "attrs"])
+@pytest.mark.parametrize(
+    "limits",
+    [{}, {"OTEL_SPAN_LINK_COUNT_LIMIT": "0"}, {"OTEL_LINK_ATTRIBUTE_COUNT_LIMIT": "0"}],
+    ids=["default", "links", "attrs"],
+)
 def test_link_limits_of_zero_drop_the_session_link_or_its_attribute(
-        out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch, limits: dict[str, str]):
+    out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch, limits: dict[str, str]
+):
     for key, value in limits.items():
         monkeypatch.setenv(key, value)
     start(out, grpc_receiver)  # trace_per="child": the epoch links to the session span
@@ -531,7 +612,8 @@ def test_link_limits_of_zero_drop_the_session_link_or_its_attribute(
 
 
 def test_event_count_limit_includes_the_exception_event(
-        out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch):
+    out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.setenv("OTEL_SPAN_EVENT_COUNT_LIMIT", "5")
     start(out, grpc_receiver)
     with pytest.raises(KeyError), ci.scope("failing") as failing:
@@ -545,7 +627,8 @@ def test_event_count_limit_includes_the_exception_event(
 
 
 def test_attribute_count_limits_drop_and_count(
-        out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch):
+    out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "3")
     monkeypatch.setenv("OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT", "4")
     start(out, receiver)
@@ -556,9 +639,14 @@ def test_attribute_count_limits_drop_and_count(
     rec = one(spans, "wide")
     assert rec["attrs"] == own  # the spool keeps them all
     assert [m["attrs"] for m in marks if m["span_id"] == wide.id] == [{"x": 1, "y": 2, "z": 3}]
-    full = {**own, "cirron.span_id": rec["id"], "thread.id": rec["thread_id"],
-            "thread.name": threading.current_thread().name, "cirron.rank": 0,
-            "cirron.session.id": session_of(spans)["id"]}
+    full = {
+        **own,
+        "cirron.span_id": rec["id"],
+        "thread.id": rec["thread_id"],
+        "thread.name": threading.current_thread().name,
+        "cirron.rank": 0,
+        "cirron.session.id": session_of(spans)["id"],
+    }
     o = by_otel_id(received)[otel_id(wide.id)]
     assert len(o["attributes"]) == 3
     for key, value in o["attributes"].items():
@@ -572,13 +660,21 @@ def test_attribute_count_limits_drop_and_count(
     assert len(set(event["attributes"]) - mark_keys) == 1
     assert set(event["attributes"]) - mark_keys <= {"x", "y", "z"}
     # dropped_attributes_count of the event, read from the raw request
-    raw = [e for req in receiver.requests for rs in req.resource_spans for ss in rs.scope_spans
-           for s in ss.spans if s.span_id.hex() == otel_id(wide.id) for e in s.events]
+    raw = [
+        e
+        for req in receiver.requests
+        for rs in req.resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+        if s.span_id.hex() == otel_id(wide.id)
+        for e in s.events
+    ]
     assert [e.dropped_attributes_count for e in raw] == [2]
 
 
 def test_attribute_value_length_limit_truncates_string_attributes(
-        out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch):
+    out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "40")  # longer than a 32-hex id
     long_text = "x" * 50
     start(out, receiver)
@@ -599,7 +695,8 @@ def test_attribute_value_length_limit_truncates_string_attributes(
 
 
 def test_attribute_value_length_limit_counts_characters(
-        out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch):
+    out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "40")
     start(out, grpc_receiver)
     with ci.scope("s", text="é" * 50) as s:
@@ -609,7 +706,8 @@ def test_attribute_value_length_limit_counts_characters(
 
 
 def test_attribute_value_length_limit_applies_to_mark_values_and_exception_attributes(
-        out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch):
+    out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "40")
     long_text = "v" * 60
     start(out, grpc_receiver)
@@ -631,13 +729,15 @@ def test_attribute_value_length_limit_applies_to_mark_values_and_exception_attri
 
 @pytest.mark.parametrize("variable", ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"])
 def test_endpoint_from_the_environment_turns_on_both_sinks(
-        out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, variable: str):
+    out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, variable: str
+):
     traces_only = variable.endswith("TRACES_ENDPOINT") and isinstance(receiver, HttpReceiver)
     monkeypatch.setenv(variable, receiver.traces_url if traces_only else receiver.endpoint)  # type: ignore[union-attr]
     if isinstance(receiver, HttpReceiver):
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-    prof = ci.profile(output_dir=str(out), flush_interval=0.05, install_signal_handlers=False,
-                      tracer_provider=None)
+    prof = ci.profile(
+        output_dir=str(out), flush_interval=0.05, install_signal_handlers=False, tracer_provider=None
+    )
     assert prof.settings.otlp_protocol == protocol(receiver)
     health = ci.health()
     assert health["otel_transport"] == "otlp"
@@ -650,7 +750,8 @@ def test_endpoint_from_the_environment_turns_on_both_sinks(
 
 
 def test_traces_protocol_variable_beats_the_general_one(
-        out: Path, http_receiver: HttpReceiver, monkeypatch: pytest.MonkeyPatch):
+    out: Path, http_receiver: HttpReceiver, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", http_receiver.endpoint)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
@@ -692,7 +793,8 @@ def test_output_otlp_alone_writes_no_spool_and_no_outbox(out: Path, receiver: Re
 
 
 def test_standard_headers_arrive_at_the_receiver(
-        out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch):
+    out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=acme,authorization=Bearer%20s3cret")
     start(out, receiver)
     with ci.scope("work"):
@@ -754,7 +856,8 @@ OUTAGE_RING, OUTAGE_CHUNKS = 1024, 40
 
 @pytest.mark.parametrize("mode", ["stopped", "failing"])
 def test_outage_then_recovery_delivers_every_span_exactly_once(
-        out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, mode: str):
+    out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, mode: str
+):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")  # a failed send returns within a second
     # ring_full_wait=0: a producer whose ring is full drops the oldest record at once (counted)
     # instead of waiting, so a drop count of 0 below means no ring ever filled up: the only
@@ -786,8 +889,11 @@ def test_outage_then_recovery_delivers_every_span_exactly_once(
         with ci.scope("during", index=i + 1):  # 2 slots
             for j in range(OUTAGE_RING // 4 - 2):
                 ci.mark("loss", j * 0.5)
-        wait_until(lambda: ci.health()["records_pending"] == 0, timeout=10,
-                   what="the collector to claim the rings while the OTLP sink fails")
+        wait_until(
+            lambda: ci.health()["records_pending"] == 0,
+            timeout=10,
+            what="the collector to claim the rings while the OTLP sink fails",
+        )
     health = ci.health()
     assert (health["mark_drop_count"], health["span_drop_count"]) == drops_before
     assert health["records_recorded"] >= OUTAGE_CHUNKS * (OUTAGE_RING // 4 - 1)  # a scope: 1 record, 2 slots
@@ -814,7 +920,8 @@ def test_outage_then_recovery_delivers_every_span_exactly_once(
 
 
 def test_flush_after_recovery_delivers_what_the_outbox_holds(
-        out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch):
+    out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")
     start(out, receiver, flush_interval=30.0)  # no periodic export or idle retry within the test
     receiver.fail_next(10**6)

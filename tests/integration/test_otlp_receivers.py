@@ -25,10 +25,15 @@ Receiver = GrpcReceiver | HttpReceiver
 
 def make_exporter(receiver: Receiver, *, timeout: float = 5.0, gzip: bool = False) -> SpanExporter:
     if isinstance(receiver, GrpcReceiver):
-        return GrpcExporter(endpoint=receiver.endpoint, insecure=True, timeout=timeout,
-                            compression=grpc.Compression.Gzip if gzip else None)
-    return HttpExporter(endpoint=receiver.traces_url, timeout=timeout,
-                        compression=HttpCompression.Gzip if gzip else None)
+        return GrpcExporter(
+            endpoint=receiver.endpoint,
+            insecure=True,
+            timeout=timeout,
+            compression=grpc.Compression.Gzip if gzip else None,
+        )
+    return HttpExporter(
+        endpoint=receiver.traces_url, timeout=timeout, compression=HttpCompression.Gzip if gzip else None
+    )
 
 
 def finished_spans(n: int = 1) -> Sequence[ReadableSpan]:
@@ -54,8 +59,12 @@ def test_full_span_round_trip_with_gzip_and_env_headers(receiver: Receiver, monk
 
     target = tracer.start_span("target")
     target.end()
-    root = tracer.start_span("root", kind=SpanKind.SERVER, start_time=1_000, links=[
-        Link(target.get_span_context(), {"link.why": "session"})])
+    root = tracer.start_span(
+        "root",
+        kind=SpanKind.SERVER,
+        start_time=1_000,
+        links=[Link(target.get_span_context(), {"link.why": "session"})],
+    )
     root.set_attributes({"s": "x", "i": 7, "f": 2.5, "b": True, "strs": ["a", "b"], "ints": [1, 2]})
     root.add_event("mark", {"cirron.mark.value": 0.25, "cirron.mark.kind": "point"}, timestamp=1_500)
     root.set_status(Status(StatusCode.ERROR, "boom"))
@@ -72,10 +81,21 @@ def test_full_span_round_trip_with_gzip_and_env_headers(receiver: Receiver, monk
     assert r["parent_span_id"] == ""
     assert (r["kind"], r["start_ns"], r["end_ns"]) == (2, 1_000, 2_000)
     assert r["attributes"] == {"s": "x", "i": 7, "f": 2.5, "b": True, "strs": ["a", "b"], "ints": [1, 2]}
-    assert r["events"] == [{"name": "mark", "time_ns": 1_500,
-                            "attributes": {"cirron.mark.value": 0.25, "cirron.mark.kind": "point"}}]
-    assert r["links"] == [{"trace_id": format(tctx.trace_id, "032x"), "span_id": format(tctx.span_id, "016x"),
-                           "attributes": {"link.why": "session"}, "dropped_attributes_count": 0}]
+    assert r["events"] == [
+        {
+            "name": "mark",
+            "time_ns": 1_500,
+            "attributes": {"cirron.mark.value": 0.25, "cirron.mark.kind": "point"},
+        }
+    ]
+    assert r["links"] == [
+        {
+            "trace_id": format(tctx.trace_id, "032x"),
+            "span_id": format(tctx.span_id, "016x"),
+            "attributes": {"link.why": "session"},
+            "dropped_attributes_count": 0,
+        }
+    ]
     assert r["status"] == {"code": 2, "message": "boom"}
     assert (r["dropped_attributes_count"], r["dropped_events_count"], r["dropped_links_count"]) == (0, 0, 0)
     assert r["resource"]["service.name"] == "svc" and r["resource"]["telemetry.sdk.language"] == "python"
@@ -191,8 +211,12 @@ def test_http_rejects_other_paths_and_content_types(http_receiver: HttpReceiver)
 
     assert requests.post(http_receiver.endpoint + "/v1/logs", data=b"", timeout=2).status_code == 404
     assert requests.post(http_receiver.traces_url, json={}, timeout=2).status_code == 415
-    bad = requests.post(http_receiver.traces_url, data=b"\xff\xff",
-                        headers={"Content-Type": "application/x-protobuf"}, timeout=2)
+    bad = requests.post(
+        http_receiver.traces_url,
+        data=b"\xff\xff",
+        headers={"Content-Type": "application/x-protobuf"},
+        timeout=2,
+    )
     assert bad.status_code == 400 and http_receiver.attempts == 1 and http_receiver.requests == []
 
 

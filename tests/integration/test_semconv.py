@@ -173,8 +173,11 @@ def test_decorated_functions_carry_their_code_location(out: Path, receiver: Rece
     for name, (function, line) in expected.items():
         (span,) = named(spool, name)
         attrs = otlp[span["id"]]["attributes"]
-        assert (attrs["code.function.name"], attrs["code.file.path"], attrs["code.line.number"]) == \
-            (function, path, line), name
+        assert (attrs["code.function.name"], attrs["code.file.path"], attrs["code.line.number"]) == (
+            function,
+            path,
+            line,
+        ), name
         assert not any(key.startswith("code.") for key in span["attrs"]), name  # OTLP only
     assert named(spool, "sync_step")[0]["attrs"] == {"phase": "train"}
     for name in ("plain", "cirron.session"):
@@ -182,8 +185,9 @@ def test_decorated_functions_carry_their_code_location(out: Path, receiver: Rece
         assert not any(key.startswith("code.") for key in otlp[span["id"]]["attributes"]), name
 
 
-def test_code_location_is_worked_out_once_when_decorating(out: Path, grpc_receiver: GrpcReceiver,
-                                                           monkeypatch: pytest.MonkeyPatch):
+def test_code_location_is_worked_out_once_when_decorating(
+    out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch
+):
     registered: list[tuple[Any, ...]] = []
     real = ci._native.code_location
 
@@ -197,6 +201,7 @@ def test_code_location_is_worked_out_once_when_decorating(out: Path, grpc_receiv
         @ci.scope("made")
         def made() -> None:
             pass
+
         return made
 
     functions = [make() for _ in range(3)]  # one location, decorated three times: registered once
@@ -213,8 +218,9 @@ def test_code_location_is_worked_out_once_when_decorating(out: Path, grpc_receiv
     spool, otlp = finish(out, grpc_receiver)
     made = named(spool, "made")
     assert len(made) == 6
-    assert {otlp[s["id"]]["attributes"]["code.function.name"] for s in made} == \
-        {f"{__name__}.test_code_location_is_worked_out_once_when_decorating.<locals>.make.<locals>.made"}
+    assert {otlp[s["id"]]["attributes"]["code.function.name"] for s in made} == {
+        f"{__name__}.test_code_location_is_worked_out_once_when_decorating.<locals>.make.<locals>.made"
+    }
 
 
 # -- errors: status + error.type ---------------------------------------------------------------
@@ -231,8 +237,12 @@ def test_failed_scope_is_status_and_error_type_not_cirron_error_attrs(out: Path,
     spool, otlp = finish(out, receiver)
 
     (raised,) = named(spool, "raised")
-    assert raised["attrs"] == {"phase": "eval", "error": True, "error.type": "ValueError",
-                               "error.message": "boom"}  # the spool keeps Cirron's attrs
+    assert raised["attrs"] == {
+        "phase": "eval",
+        "error": True,
+        "error.type": "ValueError",
+        "error.message": "boom",
+    }  # the spool keeps Cirron's attrs
     o = otlp[raised["id"]]
     assert o["status"] == {"code": STATUS_ERROR, "message": "boom"}
     assert {k: v for k, v in o["attributes"].items() if k.startswith("error")} == {"error.type": "ValueError"}
@@ -256,8 +266,9 @@ def test_failed_scope_is_status_and_error_type_not_cirron_error_attrs(out: Path,
 # -- resource: telemetry.sdk.* and telemetry.distro.* --------------------------------------------
 
 
-def test_resource_names_this_package_as_what_encoded_the_spans(out: Path, receiver: Receiver,
-                                                               monkeypatch: pytest.MonkeyPatch):
+def test_resource_names_this_package_as_what_encoded_the_spans(
+    out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+):
     # the SDK's own reserved name cannot come back through OTEL_RESOURCE_ATTRIBUTES either
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "telemetry.sdk.name=opentelemetry,team=ml")
     start(out, receiver)
@@ -287,8 +298,13 @@ def test_through_a_tracer_provider_into_the_spool_exporter_the_spool_is_unchange
     memory = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(memory))
     provider.add_span_processor(SimpleSpanProcessor(SpoolSpanExporter(again)))
-    ci.profile(output_dir=str(out), flush_interval=0.05, install_signal_handlers=False,
-               output="spool", tracer_provider=provider)
+    ci.profile(
+        output_dir=str(out),
+        flush_interval=0.05,
+        install_signal_handlers=False,
+        output="spool",
+        tracer_provider=provider,
+    )
     sync_step(1)
     with contextlib.suppress(KeyError):
         failing_step()

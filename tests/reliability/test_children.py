@@ -47,8 +47,13 @@ if __name__ == "__main__":
 def test_pool_workers_write_into_the_parents_spool_with_linked_sessions(out, tmp_path, method):
     script = tmp_path / "pool_main.py"  # spawn and forkserver import the main module by path
     script.write_text(textwrap.dedent(POOL_PROGRAM))
-    r = subprocess.run([sys.executable, str(script), str(out), method],
-                       capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, str(script), str(out), method],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, f"pid {r.stdout!r}:\n{r.stderr}"
     res = json.loads(r.stdout.strip().splitlines()[-1])
     spans, marks = spans_and_marks(out)

@@ -20,8 +20,11 @@ from cirron_otel import _native, _warn
 from tests.support.helpers import read_spool
 
 # real_backend: needs root for the tmpfs; with CI set, a skip fails the run (tests/conftest.py).
-pytestmark = [pytest.mark.timeout(300), pytest.mark.real_backend,
-              pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning")]
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.real_backend,
+    pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning"),
+]
 
 FS_BYTES = 24 << 20
 PAD = "x" * 100  # about 300 bytes of JSON per mark
@@ -35,8 +38,9 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("no mount(8) here")
     mnt = tmp_path / "fs"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FS_BYTES}", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={FS_BYTES}", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     _warn.reset()
@@ -83,8 +87,13 @@ def _mark_values(out: Path) -> list[int]:
 def test_disk_full_counts_explains_and_recovers_with_split(tmpfs):
     out = tmpfs / "cirron"
     base = _native.stats()
-    prof = ci.profile(output_dir=str(out), flush_interval=60, install_signal_handlers=False,
-                      spool_retry_records=45_000, ring_full_wait=3600)
+    prof = ci.profile(
+        output_dir=str(out),
+        flush_interval=60,
+        install_signal_handlers=False,
+        spool_retry_records=45_000,
+        ring_full_wait=3600,
+    )
     sink = next(s for s in prof.sinks if isinstance(s, SpoolSink))
     ci.mark("fill", -1, pad=PAD)
     assert ci.flush(timeout=30)
@@ -129,8 +138,9 @@ def test_disk_full_counts_explains_and_recovers_with_split(tmpfs):
     assert spool["split_files"] > 1
     assert 0 < spool["pending"] < 40_000
     partial = spool["exported"]
-    print(f"after partial space: {spool['split_files']} pieces, {partial} written, "
-          f"{spool['pending']} pending")
+    print(
+        f"after partial space: {spool['split_files']} pieces, {partial} written, {spool['pending']} pending"
+    )
 
     # All space back: everything left is written.
     os.unlink(tmpfs / "filler")
@@ -138,8 +148,9 @@ def test_disk_full_counts_explains_and_recovers_with_split(tmpfs):
     h = ci.health()
     spool = h["sinks"]["spool"]
     assert spool["pending"] == 0 and spool["exported"] > partial
-    print(f"recovered: {spool['exported']} written, {spool['dropped']} dropped, "
-          f"{spool['files_written']} files")
+    print(
+        f"recovered: {spool['exported']} written, {spool['dropped']} dropped, {spool['files_written']} files"
+    )
     assert sink.backpressure is True
     # Every loss is explained: recorded = written + dropped, exactly.
     recorded, ring_drops = _recorded_and_ring_drops(base)

@@ -33,39 +33,72 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults():
     grpc = otlp_transport_config("grpc", None, env={})
-    assert (grpc.endpoint, grpc.insecure, grpc.timeout, grpc.compression, grpc.headers) == \
-        ("localhost:4317", True, 10.0, "none", ())
+    assert (grpc.endpoint, grpc.insecure, grpc.timeout, grpc.compression, grpc.headers) == (
+        "localhost:4317",
+        True,
+        10.0,
+        "none",
+        (),
+    )
     http = otlp_transport_config("http/protobuf", None, env={})
     assert http.endpoint == "http://localhost:4318/v1/traces"
 
 
-@pytest.mark.parametrize(("env", "url"), [
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, "http://c:4318/v1/traces"),
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}, "http://c:4318/v1/traces"),
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://c/base"}, "https://c/base/v1/traces"),
-    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/custom"}, "http://c:4318/custom"),
-    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318"}, "http://c:4318"),  # as is, no path added
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://a:1", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://b:2/t"},
-     "http://b:2/t"),
-])
+@pytest.mark.parametrize(
+    ("env", "url"),
+    [
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, "http://c:4318/v1/traces"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}, "http://c:4318/v1/traces"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://c/base"}, "https://c/base/v1/traces"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/custom"}, "http://c:4318/custom"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318"}, "http://c:4318"),  # as is, no path added
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://a:1",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://b:2/t",
+            },
+            "http://b:2/t",
+        ),
+    ],
+)
 def test_http_endpoint_generic_gets_v1_traces_signal_specific_is_used_as_is(env: dict[str, str], url: str):
     assert otlp_transport_config("http/protobuf", None, env=env).endpoint == url
 
 
-@pytest.mark.parametrize(("env", "target", "insecure"), [
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, "c:4317", True),
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4317"}, "c:4317", False),
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4317", "OTEL_EXPORTER_OTLP_INSECURE": "true"},
-     "c:4317", False),
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "c:4317"}, "c:4317", False),  # schemeless: INSECURE decides, false
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "c:4317", "OTEL_EXPORTER_OTLP_INSECURE": "TRUE"}, "c:4317", True),
-    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "c:1", "OTEL_EXPORTER_OTLP_INSECURE": "true",
-      "OTEL_EXPORTER_OTLP_TRACES_INSECURE": "false"}, "c:1", False),
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://a:1", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://b:2"},
-     "b:2", False),
-])
+@pytest.mark.parametrize(
+    ("env", "target", "insecure"),
+    [
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, "c:4317", True),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4317"}, "c:4317", False),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4317", "OTEL_EXPORTER_OTLP_INSECURE": "true"},
+            "c:4317",
+            False,
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "c:4317"}, "c:4317", False),  # schemeless: INSECURE decides, false
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "c:4317", "OTEL_EXPORTER_OTLP_INSECURE": "TRUE"}, "c:4317", True),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "c:1",
+                "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                "OTEL_EXPORTER_OTLP_TRACES_INSECURE": "false",
+            },
+            "c:1",
+            False,
+        ),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://a:1",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://b:2",
+            },
+            "b:2",
+            False,
+        ),
+    ],
+)
 def test_grpc_endpoint_scheme_decides_tls_and_insecure_applies_to_schemeless(
-        env: dict[str, str], target: str, insecure: bool):
+    env: dict[str, str], target: str, insecure: bool
+):
     config = otlp_transport_config("grpc", None, env=env)
     assert (config.endpoint, config.insecure) == (target, insecure)
 
@@ -79,24 +112,37 @@ def test_headers_are_url_decoded_baggage_style_and_the_signal_specific_variable_
 
 
 def test_timeout_is_milliseconds_and_compression_gzip_or_none():
-    env = {"OTEL_EXPORTER_OTLP_TIMEOUT": "60000", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "250",
-           "OTEL_EXPORTER_OTLP_COMPRESSION": "none", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "GZIP"}
+    env = {
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "60000",
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "250",
+        "OTEL_EXPORTER_OTLP_COMPRESSION": "none",
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "GZIP",
+    }
     config = otlp_transport_config("grpc", None, env=env)
     assert config.timeout == 0.25 and config.compression == "gzip"
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"), ("OTEL_EXPORTER_OTLP_TIMEOUT", "-5"),
-    ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "inf"), ("OTEL_EXPORTER_OTLP_COMPRESSION", "brotli"),
-])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "-5"),
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "inf"),
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "brotli"),
+    ],
+)
 def test_an_unusable_value_is_refused_naming_the_variable(name: str, value: str):
     with pytest.raises(ValueError, match=name):
         otlp_transport_config("grpc", None, env={name: value})
 
 
 def test_tls_files_signal_specific_wins():
-    env = {"OTEL_EXPORTER_OTLP_CERTIFICATE": "/ca", "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE": "/ca2",
-           "OTEL_EXPORTER_OTLP_CLIENT_KEY": "/k", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": "/c"}
+    env = {
+        "OTEL_EXPORTER_OTLP_CERTIFICATE": "/ca",
+        "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE": "/ca2",
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY": "/k",
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": "/c",
+    }
     config = otlp_transport_config("http/protobuf", None, env=env)
     assert (config.certificate, config.client_key, config.client_certificate) == ("/ca2", "/k", "/c")
 
@@ -125,10 +171,29 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A self-signed certificate for 127.0.0.1: (key file, certificate file)."""
     d = tmp_path_factory.mktemp("tls")
     key, cert = d / "key.pem", d / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return str(key), str(cert)
 
 
@@ -139,8 +204,9 @@ def test_tls_with_the_certificate_variable(proto: str, certificate: tuple[str, s
         assert receiver.endpoint.startswith("https://")
         env = {"OTEL_EXPORTER_OTLP_CERTIFICATE": certificate[1], "OTEL_EXPORTER_OTLP_TIMEOUT": "5000"}
         trusted = make_transport(otlp_transport_config(proto, receiver.endpoint, env=env))
-        untrusted = make_transport(otlp_transport_config(proto, receiver.endpoint,
-                                                         env={"OTEL_EXPORTER_OTLP_TIMEOUT": "2000"}))
+        untrusted = make_transport(
+            otlp_transport_config(proto, receiver.endpoint, env={"OTEL_EXPORTER_OTLP_TIMEOUT": "2000"})
+        )
         try:
             assert trusted.send(one_span_request()) is None
             error = untrusted.send(one_span_request())  # the system CAs do not know this certificate
@@ -152,7 +218,8 @@ def test_tls_with_the_certificate_variable(proto: str, certificate: tuple[str, s
 
 
 def test_a_broken_variable_turns_otlp_off_with_a_warning_not_an_exception(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "soon")
     with warnings.catch_warnings(record=True) as caught:

@@ -41,8 +41,13 @@ pytestmark = [pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning"), p
 
 
 def one_span_request(name: str = "s") -> bytes:
-    span = Span(trace_id=os.urandom(16), span_id=os.urandom(8), name=name,
-                start_time_unix_nano=1, end_time_unix_nano=2)
+    span = Span(
+        trace_id=os.urandom(16),
+        span_id=os.urandom(8),
+        name=name,
+        start_time_unix_nano=1,
+        end_time_unix_nano=2,
+    )
     resource_spans = ResourceSpans(scope_spans=[ScopeSpans(spans=[span])])
     return ExportTraceServiceRequest(resource_spans=[resource_spans]).SerializeToString()
 
@@ -52,8 +57,9 @@ def one_span_request(name: str = "s") -> bytes:
 GRPC_RETRYABLE = {"UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "OUT_OF_RANGE", "DATA_LOSS"}
 
 
-@pytest.mark.parametrize("code", [c for c in grpc.StatusCode if c != grpc.StatusCode.OK],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "code", [c for c in grpc.StatusCode if c != grpc.StatusCode.OK], ids=lambda c: c.name
+)
 def test_grpc_status_classified_as_the_otlp_spec_says(grpc_receiver: GrpcReceiver, code: grpc.StatusCode):
     transport = make_transport(otlp_transport_config("grpc", grpc_receiver.endpoint, env={}))
     try:
@@ -71,7 +77,8 @@ def test_grpc_status_classified_as_the_otlp_spec_says(grpc_receiver: GrpcReceive
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE])
 def test_grpc_retry_info_makes_resource_exhausted_retryable_and_sets_the_delay(
-        grpc_receiver: GrpcReceiver, code: grpc.StatusCode):
+    grpc_receiver: GrpcReceiver, code: grpc.StatusCode
+):
     transport = make_transport(otlp_transport_config("grpc", grpc_receiver.endpoint, env={}))
     try:
         grpc_receiver.fail_next(1, code, retry_after=2.5)
@@ -109,8 +116,11 @@ def test_http_retry_after_as_an_http_date(http_receiver: HttpReceiver):
 
 
 def test_a_collector_that_is_down_is_retryable(receiver: Receiver):
-    transport = make_transport(otlp_transport_config(protocol(receiver), receiver.endpoint,
-                                                     env={"OTEL_EXPORTER_OTLP_TIMEOUT": "2000"}))
+    transport = make_transport(
+        otlp_transport_config(
+            protocol(receiver), receiver.endpoint, env={"OTEL_EXPORTER_OTLP_TIMEOUT": "2000"}
+        )
+    )
     receiver.stop()
     try:
         error = transport.send(one_span_request())
@@ -122,13 +132,23 @@ def test_a_collector_that_is_down_is_retryable(receiver: Receiver):
 # -- a permanent rejection: dropped, counted, the queue moves on -----------------------------
 
 
-@pytest.mark.parametrize("case", [
-    ("grpc", grpc.StatusCode.INVALID_ARGUMENT), ("grpc", grpc.StatusCode.PERMISSION_DENIED),
-    ("grpc", grpc.StatusCode.UNAUTHENTICATED), ("grpc", grpc.StatusCode.RESOURCE_EXHAUSTED),
-    ("http/protobuf", 400), ("http/protobuf", 401), ("http/protobuf", 403), ("http/protobuf", 413),
-], ids=lambda c: f"{c[0]}-{getattr(c[1], 'name', c[1])}")
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("grpc", grpc.StatusCode.INVALID_ARGUMENT),
+        ("grpc", grpc.StatusCode.PERMISSION_DENIED),
+        ("grpc", grpc.StatusCode.UNAUTHENTICATED),
+        ("grpc", grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("http/protobuf", 400),
+        ("http/protobuf", 401),
+        ("http/protobuf", 403),
+        ("http/protobuf", 413),
+    ],
+    ids=lambda c: f"{c[0]}-{getattr(c[1], 'name', c[1])}",
+)
 def test_a_rejected_request_is_dropped_counted_and_the_queue_moves_on(
-        out: Path, request: pytest.FixtureRequest, case: tuple[str, Any]):
+    out: Path, request: pytest.FixtureRequest, case: tuple[str, Any]
+):
     proto, code = case
     receiver: Receiver = request.getfixturevalue("grpc_receiver" if proto == "grpc" else "http_receiver")
     start(out, receiver)
@@ -166,8 +186,15 @@ print(json.dumps(ci.health()["sinks"]["otlp"]))
 """
 
 
-def run_producer(out: Path, receiver: Receiver, steps: int, timeout: float, *,
-                 env: dict[str, str] | None = None, wall: float = 60) -> dict[str, Any]:
+def run_producer(
+    out: Path,
+    receiver: Receiver,
+    steps: int,
+    timeout: float,
+    *,
+    env: dict[str, str] | None = None,
+    wall: float = 60,
+) -> dict[str, Any]:
     argv = [str(out), receiver.endpoint, protocol(receiver), str(steps), str(timeout)]
     result = run_script(f"import sys; sys.argv[1:] = {argv!r}\n" + _PRODUCER, env=env, timeout=wall)
     assert result.returncode == 0, result.stderr
@@ -175,7 +202,8 @@ def run_producer(out: Path, receiver: Receiver, steps: int, timeout: float, *,
 
 
 def test_a_permanently_failing_collector_drops_everything_counted_and_exits_promptly(
-        out: Path, receiver: Receiver):
+    out: Path, receiver: Receiver
+):
     """Every request rejected for good (INVALID_ARGUMENT / HTTP 400): nothing is stuck, the
     program ends without waiting out its shutdown timeout (60 s > the 30 s the run may take)."""
     receiver.fail_next(10**6, grpc.StatusCode.INVALID_ARGUMENT if protocol(receiver) == "grpc" else 400)
@@ -192,7 +220,8 @@ def test_a_permanently_failing_collector_drops_everything_counted_and_exits_prom
 
 @pytest.mark.parametrize("retry_after", [1.0, 0.6])
 def test_a_collector_that_fails_then_recovers_gets_everything_once_no_sooner_than_it_asked(
-        out: Path, receiver: Receiver, retry_after: float):
+    out: Path, receiver: Receiver, retry_after: float
+):
     """UNAVAILABLE with RetryInfo / HTTP 503 with Retry-After, three times, then accepting."""
     failures = 3
     if protocol(receiver) == "grpc":
@@ -258,7 +287,7 @@ def test_retries_back_off_exponentially_with_jitter(out: Path, grpc_receiver: Gr
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(gaps) == failures
     for n, gap in enumerate(gaps):
-        assert 0.25 * 2 ** n * 0.5 <= gap, (n, gaps)
+        assert 0.25 * 2**n * 0.5 <= gap, (n, gaps)
     for earlier, later in itertools.pairwise(gaps):
         assert later >= earlier * 0.95, gaps  # 5%: scheduling noise, far below the doubling
     assert otlp_health()["failed"] == failures
@@ -268,7 +297,8 @@ def test_retries_back_off_exponentially_with_jitter(out: Path, grpc_receiver: Gr
 
 
 def test_a_corrupt_file_at_the_head_of_the_outbox_is_quarantined_and_the_rest_delivered(
-        out: Path, receiver: Receiver):
+    out: Path, receiver: Receiver
+):
     endpoint = receiver.endpoint
     receiver.stop()
     report = run_producer(out, receiver, steps=3, timeout=1, env={"OTEL_EXPORTER_OTLP_TIMEOUT": "1000"})
@@ -308,7 +338,8 @@ def test_a_corrupt_file_at_the_head_of_the_outbox_is_quarantined_and_the_rest_de
 
 
 def test_a_span_with_a_5_mib_attribute_is_truncated_to_fit_and_nothing_after_it_is_lost(
-        out: Path, grpc_receiver: GrpcReceiver):
+    out: Path, grpc_receiver: GrpcReceiver
+):
     """The receiver keeps gRPC's default 4 MiB maximum message size, like the collector."""
     start(out, grpc_receiver)
     with ci.scope("before"):
@@ -356,8 +387,9 @@ def test_a_large_request_is_split_between_spans(out: Path, receiver: Receiver):
 # -- the queues are bounded, and what they evict is counted -----------------------------------
 
 
-def test_the_memory_queue_is_bounded_and_evictions_are_counted(out: Path, receiver: Receiver,
-                                                                monkeypatch: pytest.MonkeyPatch):
+def test_the_memory_queue_is_bounded_and_evictions_are_counted(
+    out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")
     receiver.stop()
     start(out, receiver, output="otlp", otlp_queue_requests=3, flush_interval=30)
@@ -379,8 +411,9 @@ def test_the_memory_queue_is_bounded_and_evictions_are_counted(out: Path, receiv
     assert health["exported"] == 3 and health["dropped"] == 8 and health["pending"] == 0
 
 
-def test_the_outbox_is_bounded_and_evictions_are_counted(out: Path, receiver: Receiver,
-                                                          monkeypatch: pytest.MonkeyPatch):
+def test_the_outbox_is_bounded_and_evictions_are_counted(
+    out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")
     receiver.stop()
     cap = 4000
@@ -409,8 +442,17 @@ def test_the_outbox_is_bounded_and_evictions_are_counted(out: Path, receiver: Re
 def test_an_oversized_request_left_in_the_outbox_is_split_before_it_is_sent(out: Path, receiver: Receiver):
     """A request written by a run with a larger limit (or an older version) is not sent whole."""
     limit = 64 * 1024
-    spans = [Span(trace_id=os.urandom(16), span_id=os.urandom(8), name="old", start_time_unix_nano=1,
-                  end_time_unix_nano=2, attributes=[]) for _ in range(300)]
+    spans = [
+        Span(
+            trace_id=os.urandom(16),
+            span_id=os.urandom(8),
+            name="old",
+            start_time_unix_nano=1,
+            end_time_unix_nano=2,
+            attributes=[],
+        )
+        for _ in range(300)
+    ]
     for span in spans:
         span.attributes.add(key="pad", value={"string_value": "q" * 1000})
     resource_spans = ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])
@@ -432,8 +474,7 @@ def test_an_oversized_request_left_in_the_outbox_is_split_before_it_is_sent(out:
     assert not list(outbox.glob("*.pb"))
 
 
-def test_spans_a_collector_rejects_in_a_partial_success_are_counted_as_dropped(
-        out: Path, receiver: Receiver):
+def test_spans_a_collector_rejects_in_a_partial_success_are_counted_as_dropped(out: Path, receiver: Receiver):
     start(out, receiver, flush_interval=30)  # the flush below makes one request of the three
     receiver.reject_spans_next(2, "two too many")
     for i in range(3):

@@ -53,8 +53,13 @@ def outbox_ids(out: Path) -> Counter[str]:
 
 def spawn(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     full_env = {**os.environ, "OTEL_EXPORTER_OTLP_TIMEOUT": "1000", **(env or {})}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 60) -> str:
@@ -72,9 +77,15 @@ def finish(proc: subprocess.Popen[str], timeout: float = 60) -> str:
 
 
 def test_each_request_is_fsynced_renamed_and_its_directory_fsynced_before_it_is_sent(
-        out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch):
-    ci.profile(output_dir=str(out), otlp_endpoint=grpc_receiver.endpoint, flush_interval=30,
-               install_signal_handlers=False, tracer_provider=None)
+    out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch
+):
+    ci.profile(
+        output_dir=str(out),
+        otlp_endpoint=grpc_receiver.endpoint,
+        flush_interval=30,
+        install_signal_handlers=False,
+        tracer_provider=None,
+    )
     events: list[tuple[str, str, int]] = []  # (what, path, spans the receiver had at that moment)
     real_fsync, real_replace, real_open = os.fsync, os.replace, os.open
     opened: dict[int, str] = {}
@@ -103,8 +114,11 @@ def test_each_request_is_fsynced_renamed_and_its_directory_fsynced_before_it_is_
     outbox = str(out / OUTBOX_DIR)
     mine = [(what, path, seen) for what, path, seen in events if ".pb" in path or path == outbox]
     kinds = [(what, path.endswith(".pb.tmp"), path.endswith(".pb"), path == outbox) for what, path, _ in mine]
-    assert kinds[:3] == [("fsync", True, False, False), ("replace", False, True, False),
-                         ("fsync", False, False, True)], mine
+    assert kinds[:3] == [
+        ("fsync", True, False, False),
+        ("replace", False, True, False),
+        ("fsync", False, False, True),
+    ], mine
     # the rename is from <name>.pb.tmp to <name>.pb, in the outbox
     src, dst = mine[1][1].split(" -> ")
     assert src == dst + ".tmp" and os.path.dirname(dst) == outbox
@@ -145,7 +159,8 @@ _DELIVERING_RUN = """
 
 @pytest.mark.parametrize("how", ["exit", "kill"])
 def test_requests_recorded_before_a_crash_with_the_collector_down_are_delivered_by_the_next_run(
-        out: Path, receiver: Receiver, how: str):
+    out: Path, receiver: Receiver, how: str
+):
     endpoint = receiver.endpoint
     receiver.stop()
     proc = spawn(_CRASHING_RUN, str(out), endpoint, protocol(receiver), how)
@@ -247,7 +262,8 @@ _SHARER = """
 
 
 def test_processes_sharing_an_outbox_all_find_the_leftovers_and_deliver_each_once(
-        out: Path, tmp_path: Path, receiver: Receiver):
+    out: Path, tmp_path: Path, receiver: Receiver
+):
     endpoint = receiver.endpoint
     receiver.stop()
     finish(spawn(_LEFTOVERS, str(out), endpoint, protocol(receiver)))
@@ -255,8 +271,10 @@ def test_processes_sharing_an_outbox_all_find_the_leftovers_and_deliver_each_onc
     assert len(leftovers) == 4 + 1  # + the first run's session span
     barrier = tmp_path / "barrier"
     barrier.mkdir()
-    procs = [spawn(_SHARER, str(out), endpoint, protocol(receiver), str(barrier), str(len(leftovers)), fork)
-             for fork in ("fork", "no", "no")]
+    procs = [
+        spawn(_SHARER, str(out), endpoint, protocol(receiver), str(barrier), str(len(leftovers)), fork)
+        for fork in ("fork", "no", "no")
+    ]
     try:
         deadline = time.monotonic() + 60
         while len(list(barrier.glob("scanned-*"))) < 4:  # 3 processes + the forked child
@@ -371,12 +389,19 @@ _FORK_ON_THE_WIRE = """
 
 
 def test_a_fork_while_a_request_is_on_the_wire_loses_nothing_and_the_child_delivers(
-        out: Path, tmp_path: Path, receiver: Receiver):
+    out: Path, tmp_path: Path, receiver: Receiver
+):
     receiver.delay = 2.0  # the first request stays on the wire while the program forks
     # gRPC says when it forks unsafely: "Other threads are currently calling into gRPC,
     # skipping fork() handlers" (logged at INFO)
-    proc = spawn(_FORK_ON_THE_WIRE, str(out), receiver.endpoint, protocol(receiver), str(tmp_path),
-                 env={"GRPC_VERBOSITY": "INFO", "OTEL_EXPORTER_OTLP_TIMEOUT": "10000"})
+    proc = spawn(
+        _FORK_ON_THE_WIRE,
+        str(out),
+        receiver.endpoint,
+        protocol(receiver),
+        str(tmp_path),
+        env={"GRPC_VERBOSITY": "INFO", "OTEL_EXPORTER_OTLP_TIMEOUT": "10000"},
+    )
     try:
         receiver.wait_for_arrivals(1, timeout=60)
         (tmp_path / "on-the-wire").touch()
@@ -417,7 +442,8 @@ _KILLED_WHILE_SENDING = """
 
 
 def test_sigkill_while_a_request_is_on_the_wire_is_at_least_once_with_at_most_one_duplicate_per_kill(
-        out: Path, receiver: Receiver):
+    out: Path, receiver: Receiver
+):
     kills = 6
     receiver.delay = 0.5  # a request stays on the wire half a second: the kill lands inside it
     on_disk: Counter[str] = Counter()  # every span some kill left in the outbox

@@ -52,9 +52,18 @@ def test_bounds_themselves_are_accepted(option, good):
     assert getattr(settings, option) == good
 
 
-@pytest.mark.parametrize("option", ["ring_capacity", "spool_max_bytes", "trace_buffer_records",
-                                    "spool_retry_records", "otlp_outbox_max_bytes",
-                                    "otlp_max_request_bytes", "otlp_queue_requests"])
+@pytest.mark.parametrize(
+    "option",
+    [
+        "ring_capacity",
+        "spool_max_bytes",
+        "trace_buffer_records",
+        "spool_retry_records",
+        "otlp_outbox_max_bytes",
+        "otlp_max_request_bytes",
+        "otlp_queue_requests",
+    ],
+)
 @pytest.mark.parametrize("bad", [64.0, "64", True, None])
 def test_integer_options_refuse_other_types(option, bad):
     with pytest.raises(TypeError, match=rf"{option} must be an int, not {type(bad).__name__}"):
@@ -102,8 +111,7 @@ def test_file_mode_option_values():
 
 def test_largest_finite_settings_still_record_and_flush(out):
     # The top of each range is a working configuration, not a silent "never".
-    ci.profile(output_dir=str(out), install_signal_handlers=False, flush_interval=3600,
-               ring_full_wait=3600)
+    ci.profile(output_dir=str(out), install_signal_handlers=False, flush_interval=3600, ring_full_wait=3600)
     ci.mark("x", 1)
     assert ci.flush(timeout=10)
     ci.shutdown()

@@ -72,8 +72,12 @@ def test_sigkill_loop_leaves_only_whole_files_and_unique_ids(tmp_path):
     while kills < KILLS:
         assert time.monotonic() < deadline, f"loop too slow: {kills} kills (seed {seed})"
         left = set(_tmp_files(spool))
-        proc = subprocess.Popen([sys.executable, "-c", PRODUCER, str(out), str(MAX_BYTES)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", PRODUCER, str(out), str(MAX_BYTES)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()
@@ -93,7 +97,8 @@ def test_sigkill_loop_leaves_only_whole_files_and_unique_ids(tmp_path):
 
     # A clean run: removes what the last kill left, does not count it, and ends normally.
     left = _tmp_files(spool)
-    r = run_script(f"""
+    r = run_script(
+        f"""
         import json, os
         import cirron_otel as ci
         ci.profile(output_dir={str(out)!r}, spool_max_bytes={MAX_BYTES}, install_signal_handlers=False)
@@ -105,7 +110,9 @@ def test_sigkill_loop_leaves_only_whole_files_and_unique_ids(tmp_path):
         with ci.scope("final"):
             ci.mark("final", 1)
         ci.shutdown()
-    """, timeout=60)
+    """,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     final = json.loads(r.stdout.strip().splitlines()[-1])
     assert final["stale_removed"] == len(left)
@@ -121,5 +128,7 @@ def test_sigkill_loop_leaves_only_whole_files_and_unique_ids(tmp_path):
     assert any(s["name"] == "final" for d in docs for s in d["spans"])
     # Stale temps really were produced by the kills and cleaned at the next start-up.
     assert removed_at_startup + len(left) == len(stale_seen) > 0, (seed, stale_seen)
-    print(f"seed {seed}: {kills} kills, {len(stale_seen)} stale .tmp left by kills, "
-          f"{len(docs)} files, {len(mark_ids)} marks")
+    print(
+        f"seed {seed}: {kills} kills, {len(stale_seen)} stale .tmp left by kills, "
+        f"{len(docs)} files, {len(mark_ids)} marks"
+    )

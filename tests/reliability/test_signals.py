@@ -41,8 +41,9 @@ _profiler.Profiler.shutdown = _announced_shutdown
 def start(code: str, tmp_path: Path) -> subprocess.Popen[str]:
     script = tmp_path / "prog.py"
     script.write_text(textwrap.dedent(code))
-    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_line(proc: subprocess.Popen[str], expected: str, timeout: float = 60) -> str:
@@ -253,4 +254,3 @@ def test_shutdown_on_another_thread_is_not_cut_short_by_a_signal(out, tmp_path):
     spans, marks = spans_and_marks(out)
     assert sorted(m["value"] for m in marks) == list(range(1000))
     assert [s["name"] for s in spans] == ["cirron.session"]
-

@@ -46,9 +46,11 @@ def _record(out: Path, **options: object) -> None:
     ci.shutdown()
 
 
-@pytest.mark.parametrize(("options", "file_perm", "dir_perm"),
-                         [({}, 0o600, 0o700), ({"file_mode": "group"}, 0o640, 0o750)],
-                         ids=["user", "group"])
+@pytest.mark.parametrize(
+    ("options", "file_perm", "dir_perm"),
+    [({}, 0o600, 0o700), ({"file_mode": "group"}, 0o640, 0o750)],
+    ids=["user", "group"],
+)
 def test_spool_files_and_directories_modes(tmp_path, umask, options, file_perm, dir_perm):
     out = tmp_path / "a" / "b" / "cirron"  # parents created too
     _record(out, **options)
@@ -90,14 +92,17 @@ def test_profile_sets_the_outbox_mode(tmp_path):
 
 def test_environment_variable_selects_group_mode(tmp_path):
     out = tmp_path / "cirron"
-    r = run_script(f"""
+    r = run_script(
+        f"""
         import os
         os.umask(0o077)
         import cirron_otel as ci
         ci.profile(output_dir={str(out)!r}, install_signal_handlers=False)
         ci.mark("m", 1)
         ci.shutdown()
-    """, env={"CIRRON_FILE_MODE": "group"})
+    """,
+        env={"CIRRON_FILE_MODE": "group"},
+    )
     assert r.returncode == 0, r.stderr
     assert oct(_mode(out)) == oct(0o750) and oct(_mode(out / "spool")) == oct(0o750)
     assert {oct(_mode(f)) for f in (out / "spool").iterdir()} == {oct(0o640)}
@@ -110,8 +115,15 @@ def test_real_otlp_outbox_files_and_directory(tmp_path, mode, file_perm, dir_per
     old = os.umask(0o002)
     try:
         out = tmp_path / "cirron"
-        ci.profile(output_dir=str(out), output="spool,otlp", otlp_endpoint="http://127.0.0.1:9",
-                   file_mode=mode, flush_interval=60, install_signal_handlers=False, shutdown_timeout=2)
+        ci.profile(
+            output_dir=str(out),
+            output="spool,otlp",
+            otlp_endpoint="http://127.0.0.1:9",
+            file_mode=mode,
+            flush_interval=60,
+            install_signal_handlers=False,
+            shutdown_timeout=2,
+        )
         with ci.scope("s"):
             ci.mark("m", 1)
         ci.flush(timeout=2)

@@ -43,8 +43,9 @@ def _leave_killed_writer_tmp(directory: Path, suffix: str, size: int) -> Path:
         print("written", flush=True)
         sys.stdin.read()
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
     finally:
@@ -57,8 +58,9 @@ def _leave_killed_writer_tmp(directory: Path, suffix: str, size: int) -> Path:
 def test_stale_spool_tmp_files_do_not_evict_new_batches(out):
     # The issue's reproducer: 3 MB of stale temp files, spool_max_bytes=2_000_000.
     stale = [_leave_killed_writer_tmp(out / "spool", ".json", 300_000) for _ in range(10)]
-    ci.profile(output_dir=str(out), spool_max_bytes=2_000_000, flush_interval=60,
-               install_signal_handlers=False)
+    ci.profile(
+        output_dir=str(out), spool_max_bytes=2_000_000, flush_interval=60, install_signal_handlers=False
+    )
     assert not any(p.exists() for p in stale)
     assert ci.health()["sinks"]["spool"]["stale_tmp_removed"] == 10
     for round_ in range(10):
@@ -110,8 +112,9 @@ def test_tmp_of_a_live_writer_in_another_process_is_kept(tmp_path):
         SpoolDirectory({str(tmp_path)!r}, 10**9).write({name!r}, fill)
         print("done", flush=True)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
         dead = _leave_killed_writer_tmp(tmp_path / "spool", ".json", 10)
@@ -150,4 +153,3 @@ def test_writer_survives_a_cleaner_between_its_open_and_its_lock(tmp_path, monke
     assert raced == [1]  # the cleaner did remove the first .tmp
     assert (Path(d.path) / "00000000000000000001-a.json").read_bytes() == b'{"a": 1}'
     assert os.listdir(d.path) == ["00000000000000000001-a.json"]
-

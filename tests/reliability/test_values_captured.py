@@ -20,8 +20,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _start(out: Path, **kwargs: Any) -> ci.Profiler:
-    return ci.profile(output_dir=str(out), flush_interval=60, install_signal_handlers=False,
-                      tracer_provider=None, **kwargs)
+    return ci.profile(
+        output_dir=str(out), flush_interval=60, install_signal_handlers=False, tracer_provider=None, **kwargs
+    )
 
 
 def test_mark_attrs_are_captured_at_the_call(out: Path) -> None:
@@ -39,8 +40,13 @@ def test_mark_attrs_are_captured_at_the_call(out: Path) -> None:
     assert ci.flush()
     _, marks = spans_and_marks(out)
     (m,) = marks
-    assert m["attrs"] == {"lst": [1, 2], "nested": {"a": [1], "b": {"c": 1}}, "tags": "{'x'}",
-                          "buf": "bytearray(b'ab')", "tup": [1, [2]]}
+    assert m["attrs"] == {
+        "lst": [1, 2],
+        "nested": {"a": [1], "b": {"c": 1}},
+        "tags": "{'x'}",
+        "buf": "bytearray(b'ab')",
+        "tup": [1, [2]],
+    }
 
 
 def test_scope_attrs_are_captured_at_the_call_and_at_close(out: Path) -> None:
@@ -92,6 +98,7 @@ def _pairs_hook(seen: list[list[str]]):
     def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen.append([k for k, _ in pairs])
         return dict(pairs)
+
     return hook
 
 
@@ -102,8 +109,17 @@ class _Key:
         return "k"
 
 
-DUPS = {1: "int", "1": "str", None: "none", "None": "strnone", 2.5: "float", (1, 2): "tuple",
-        "(1, 2)": "strtuple", _Key(): "first k", _Key(): "second k"}
+DUPS = {
+    1: "int",
+    "1": "str",
+    None: "none",
+    "None": "strnone",
+    2.5: "float",
+    (1, 2): "tuple",
+    "(1, 2)": "strtuple",
+    _Key(): "first k",
+    _Key(): "second k",
+}
 
 
 def test_no_duplicate_keys_in_the_spool(out: Path) -> None:
@@ -121,8 +137,13 @@ def test_no_duplicate_keys_in_the_spool(out: Path) -> None:
     spans, (m,) = spans_and_marks(out)
     # a str key wins over a non-str key written the same way
     # otherwise the first in the dict's order
-    assert m["attrs"]["d"] == {"1": "str", "None": "strnone", "2.5": "float", "(1, 2)": "strtuple",
-                               "k": "first k"}
+    assert m["attrs"]["d"] == {
+        "1": "str",
+        "None": "strnone",
+        "2.5": "float",
+        "(1, 2)": "strtuple",
+        "k": "first k",
+    }
     assert m["attrs"]["nested"] == {"x": {"1": "b"}}
     assert next(x for x in spans if x["name"] == "s")["attrs"] == {"7": "str7"}
 
@@ -136,8 +157,14 @@ def test_no_duplicate_keys_over_otlp(out: Path, grpc_receiver) -> None:
         ci.mark("p", 1.0, plain=[1, 2])
     ci.shutdown()
     grpc_receiver.wait_for_spans(2)
-    (span,) = [x for r in grpc_receiver.requests for rs in r.resource_spans for ss in rs.scope_spans
-               for x in ss.spans if x.name == "s"]
+    (span,) = [
+        x
+        for r in grpc_receiver.requests
+        for rs in r.resource_spans
+        for ss in rs.scope_spans
+        for x in ss.spans
+        if x.name == "s"
+    ]
     keys = [kv.key for kv in span.attributes]
     assert len(keys) == len(set(keys)), keys
     attrs = {kv.key: kv.value.string_value for kv in span.attributes}

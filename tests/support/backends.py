@@ -121,12 +121,17 @@ def get_binary(what: str) -> Path:
         )
     started = time.monotonic()
     r = subprocess.run(
-        ["bash", str(BUILD_SH), what], cwd=ROOT, capture_output=True, text=True,
-        timeout=BUILD_TIMEOUT, env=clean_env(),
+        ["bash", str(BUILD_SH), what],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+        env=clean_env(),
     )
     if r.returncode != 0:
-        raise RuntimeError(f"scripts/backends/build.sh {what} failed (exit {r.returncode}):\n"
-                           f"{r.stderr[-4000:]}")
+        raise RuntimeError(
+            f"scripts/backends/build.sh {what} failed (exit {r.returncode}):\n{r.stderr[-4000:]}"
+        )
     values = {}
     for line in r.stdout.splitlines():
         key, sep, value = line.partition("=")
@@ -220,9 +225,13 @@ class Backend:
                 log.write(f"--- start attempt {attempt + 1}, ports {self.ports}\n".encode())
                 log.flush()
                 self.proc = subprocess.Popen(
-                    [str(self.binary), *self.args(self.ports)], cwd=ROOT,
-                    env=clean_env(self.env_for(self.ports)), stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                    [str(self.binary), *self.args(self.ports)],
+                    cwd=ROOT,
+                    env=clean_env(self.env_for(self.ports)),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_die_with_parent,
                 )
             _RUNNING.add(self)
             if self._wait_ready():
@@ -281,7 +290,10 @@ class Jaeger(Backend):
         }
 
     def ready_urls(self, ports: dict[str, int]) -> list[str]:
-        return [f"http://{HOST}:{ports['health']}/status", f"http://{HOST}:{ports['query_http']}/api/services"]
+        return [
+            f"http://{HOST}:{ports['health']}/status",
+            f"http://{HOST}:{ports['query_http']}/api/services",
+        ]
 
     @property
     def query_url(self) -> str:
@@ -307,7 +319,10 @@ class Jaeger(Backend):
         return get_json(f"{self.query_url}/api/traces?{query}")["data"] or []
 
     def wait_for_traces(
-        self, service: str, complete: Callable[[list[dict[str, Any]]], bool], timeout: float = 30.0,
+        self,
+        service: str,
+        complete: Callable[[list[dict[str, Any]]], bool],
+        timeout: float = 30.0,
         settle: float = 0.6,
     ) -> list[dict[str, Any]]:
         """Poll until `complete(traces)`; then once more after `settle` seconds (longer than the
@@ -336,9 +351,16 @@ class Collector(Backend):
     name = "collector"
     port_names = ("otlp_grpc", "otlp_http", "health", "metrics")
 
-    def __init__(self, binary: Path, run_dir: Path, jaeger_target: str, tempo_target: str,
-                 prometheus_otlp_url: str | None = None, config: Path = COLLECTOR_CONFIG,
-                 name: str | None = None) -> None:
+    def __init__(
+        self,
+        binary: Path,
+        run_dir: Path,
+        jaeger_target: str,
+        tempo_target: str,
+        prometheus_otlp_url: str | None = None,
+        config: Path = COLLECTOR_CONFIG,
+        name: str | None = None,
+    ) -> None:
         super().__init__(binary, config, run_dir, name)
         self.jaeger_target, self.tempo_target = jaeger_target, tempo_target
         self.prometheus_otlp_url = prometheus_otlp_url
@@ -384,9 +406,11 @@ class Prometheus(Backend):
 
     def args(self, ports: dict[str, int]) -> list[str]:
         """The compose flags, with the config, the storage and the listen address of this run."""
-        local = {"--config.file": str(self.config),
-                 "--storage.tsdb.path": str(self.run_dir / f"{self.name}-data"),
-                 "--web.listen-address": f"{HOST}:{ports['web']}"}
+        local = {
+            "--config.file": str(self.config),
+            "--storage.tsdb.path": str(self.run_dir / f"{self.name}-data"),
+            "--web.listen-address": f"{HOST}:{ports['web']}",
+        }
         kept = [f for f in self.flags if f.split("=", 1)[0] not in local]
         return [f"{k}={v}" for k, v in local.items()] + kept
 

@@ -44,11 +44,20 @@ def spans_and_marks(output_dir: str | os.PathLike[str]) -> tuple[list[dict[str, 
     return spans, marks
 
 
-def run_script(code: str, *, timeout: float = 60, env: dict[str, str] | None = None,
-               cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_script(
+    code: str,
+    *,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run `code` in a fresh interpreter (for fork, signals, exit paths, import checks)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd,
     )

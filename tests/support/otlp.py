@@ -65,9 +65,14 @@ def protocol(receiver: Receiver) -> str:
 def start(out: Path, receiver: Receiver, **kwargs: Any) -> ci.Profiler:
     """profile() into `out` and to `receiver`; tracer_provider=None: the OTLP sink even if
     some test set a global SDK TracerProvider."""
-    options: dict[str, Any] = dict(output_dir=str(out), otlp_endpoint=receiver.endpoint,
-                                   otlp_protocol=protocol(receiver), flush_interval=0.05,
-                                   install_signal_handlers=False, tracer_provider=None)
+    options: dict[str, Any] = dict(
+        output_dir=str(out),
+        otlp_endpoint=receiver.endpoint,
+        otlp_protocol=protocol(receiver),
+        flush_interval=0.05,
+        install_signal_handlers=False,
+        tracer_provider=None,
+    )
     options.update(kwargs)
     return ci.profile(**options)
 

@@ -101,22 +101,39 @@ def decode_spans(request: ExportTraceServiceRequest) -> list[SpanDict]:
         for ss in rs.scope_spans:
             scope = ScopeDict(name=ss.scope.name, version=ss.scope.version)
             for s in ss.spans:
-                out.append(SpanDict(
-                    trace_id=s.trace_id.hex(), span_id=s.span_id.hex(), parent_span_id=s.parent_span_id.hex(),
-                    name=s.name, kind=s.kind, start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano,
-                    attributes=attributes(s.attributes),
-                    events=[EventDict(name=e.name, time_ns=e.time_unix_nano,
-                                      attributes=attributes(e.attributes)) for e in s.events],
-                    links=[LinkDict(trace_id=lk.trace_id.hex(), span_id=lk.span_id.hex(),
-                                    attributes=attributes(lk.attributes),
-                                    dropped_attributes_count=lk.dropped_attributes_count)
-                           for lk in s.links],
-                    status=StatusDict(code=s.status.code, message=s.status.message),
-                    dropped_attributes_count=s.dropped_attributes_count,
-                    dropped_events_count=s.dropped_events_count,
-                    dropped_links_count=s.dropped_links_count,
-                    resource=resource, scope=scope,
-                ))
+                out.append(
+                    SpanDict(
+                        trace_id=s.trace_id.hex(),
+                        span_id=s.span_id.hex(),
+                        parent_span_id=s.parent_span_id.hex(),
+                        name=s.name,
+                        kind=s.kind,
+                        start_ns=s.start_time_unix_nano,
+                        end_ns=s.end_time_unix_nano,
+                        attributes=attributes(s.attributes),
+                        events=[
+                            EventDict(
+                                name=e.name, time_ns=e.time_unix_nano, attributes=attributes(e.attributes)
+                            )
+                            for e in s.events
+                        ],
+                        links=[
+                            LinkDict(
+                                trace_id=lk.trace_id.hex(),
+                                span_id=lk.span_id.hex(),
+                                attributes=attributes(lk.attributes),
+                                dropped_attributes_count=lk.dropped_attributes_count,
+                            )
+                            for lk in s.links
+                        ],
+                        status=StatusDict(code=s.status.code, message=s.status.message),
+                        dropped_attributes_count=s.dropped_attributes_count,
+                        dropped_events_count=s.dropped_events_count,
+                        dropped_links_count=s.dropped_links_count,
+                        resource=resource,
+                        scope=scope,
+                    )
+                )
     return out
 
 
@@ -252,24 +269,29 @@ class GrpcReceiver(_Receiver, TraceServiceServicer):
         self._pool: ThreadPoolExecutor | None = None
         self._fail_code = grpc.StatusCode.UNAVAILABLE
 
-    def fail_next(self, n: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
-                  retry_after: float | None = None) -> None:
+    def fail_next(
+        self, n: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, retry_after: float | None = None
+    ) -> None:
         """Answer the next `n` requests with `code`; `retry_after` sends a google.rpc.RetryInfo delay."""
         self._fail_code = code
         self._set_failures(n, retry_after)
 
-    def Export(self, request: ExportTraceServiceRequest,
-               context: grpc.ServicerContext) -> ExportTraceServiceResponse:
+    def Export(
+        self, request: ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> ExportTraceServiceResponse:
         fail, retry_after = self._admit()
         if fail:
             if retry_after is not None:
                 assert isinstance(retry_after, int | float)
-                info = RetryInfo(retry_delay=Duration(seconds=int(retry_after),
-                                                      nanos=int(retry_after % 1 * 1e9)))
+                info = RetryInfo(
+                    retry_delay=Duration(seconds=int(retry_after), nanos=int(retry_after % 1 * 1e9))
+                )
                 context.set_trailing_metadata((("google.rpc.retryinfo-bin", info.SerializeToString()),))
             context.abort(self._fail_code, "injected failure")
-        headers = {k.lower(): v if isinstance(v, str) else v.decode("latin-1")
-                   for k, v in context.invocation_metadata()}
+        headers = {
+            k.lower(): v if isinstance(v, str) else v.decode("latin-1")
+            for k, v in context.invocation_metadata()
+        }
         self._store(request, headers)
         return self._response()
 
@@ -427,8 +449,12 @@ class HttpReceiver(_Receiver):
         self._stopping.clear()
         self._httpd = _HttpServer(self.port, self)
         self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="otlp-http-receiver", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="otlp-http-receiver",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -443,4 +469,3 @@ class HttpReceiver(_Receiver):
         assert self._thread is not None
         self._thread.join()
         self._httpd = self._thread = None
-

@@ -51,8 +51,11 @@ def test_only_config_reads_the_environment(path: Path) -> None:
     if path.name == "_config.py":
         return
     tree = ast.parse(path.read_text(), str(path))
-    reads = [node.lineno for node in ast.walk(tree)
-             if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "environb")]
+    reads = [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "environb")
+    ]
     assert reads == [], f"{path.name} reads the environment itself (lines {reads}): that is _config's job"
 
 

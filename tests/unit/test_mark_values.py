@@ -76,8 +76,10 @@ def test_value_coercion(prof, out, value, vtype, expected):
     assert "value_nonfinite" not in m
 
 
-@pytest.mark.parametrize(("value", "token"), [(math.nan, "nan"), (math.inf, "inf"), (-math.inf, "-inf"),
-                                             (np.float32("nan"), "nan")])
+@pytest.mark.parametrize(
+    ("value", "token"),
+    [(math.nan, "nan"), (math.inf, "inf"), (-math.inf, "-inf"), (np.float32("nan"), "nan")],
+)
 def test_nonfinite_float_is_null_plus_token(prof, out, value, token):
     ci.mark("nf", value)
     m = _marks(out)["nf"]
@@ -178,12 +180,29 @@ def test_attrs_follow_the_spool_rule(prof, out):
         node["d"] = {}
         node = node["d"]
     ci.mark(
-        "m", 1,
-        ok_int=1, ok_float=1.5, ok_str="s", ok_bool=True, ok_none=None, ok_list=[1, "a", [2.5]],
-        ok_dict={"a": {"b": 1}}, big=2**80,
-        nan=math.nan, inf=math.inf, ninf=-math.inf, nested_nan=[math.nan, {"x": math.inf}],
-        obj=Weird(), hostile=Hostile(), cyc=cyc, deep=deep, keys={1: "one", (2, 3): "t"},
-        tup=(1, 2), npf=np.float32(1.5), npi=np.int64(4), arr=np.array([1, 2]),
+        "m",
+        1,
+        ok_int=1,
+        ok_float=1.5,
+        ok_str="s",
+        ok_bool=True,
+        ok_none=None,
+        ok_list=[1, "a", [2.5]],
+        ok_dict={"a": {"b": 1}},
+        big=2**80,
+        nan=math.nan,
+        inf=math.inf,
+        ninf=-math.inf,
+        nested_nan=[math.nan, {"x": math.inf}],
+        obj=Weird(),
+        hostile=Hostile(),
+        cyc=cyc,
+        deep=deep,
+        keys={1: "one", (2, 3): "t"},
+        tup=(1, 2),
+        npf=np.float32(1.5),
+        npi=np.int64(4),
+        arr=np.array([1, 2]),
     )
     a = _marks(out)["m"]["attrs"]
     assert a["ok_int"] == 1 and a["ok_float"] == 1.5 and a["ok_str"] == "s"

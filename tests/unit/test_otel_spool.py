@@ -49,14 +49,36 @@ def _conventional(span: ReadableSpan) -> str:
 # -- (a) spans from a plain OpenTelemetry SDK ---------------------------------------------
 
 PLAIN_ATTRS: Record = {
-    "s": "text", "b": True, "i": -7, "f": 2.5, "nan": NAN, "inf": INF, "ninf": -INF,
-    "ls": ["a", "b"], "li": [1, 2], "lf": [1.5, NAN], "lb": [True, False], "empty": [],
-    "raw": b"\x00\x01", "map": {"k": 1, "inner": {"z": [1, -INF]}},
+    "s": "text",
+    "b": True,
+    "i": -7,
+    "f": 2.5,
+    "nan": NAN,
+    "inf": INF,
+    "ninf": -INF,
+    "ls": ["a", "b"],
+    "li": [1, 2],
+    "lf": [1.5, NAN],
+    "lb": [True, False],
+    "empty": [],
+    "raw": b"\x00\x01",
+    "map": {"k": 1, "inner": {"z": [1, -INF]}},
 }
 PLAIN_ATTRS_JSON: Record = {
-    "s": "text", "b": True, "i": -7, "f": 2.5, "nan": "nan", "inf": "inf", "ninf": "-inf",
-    "ls": ["a", "b"], "li": [1, 2], "lf": [1.5, "nan"], "lb": [True, False], "empty": [],
-    "raw": str(b"\x00\x01"), "map": {"k": 1, "inner": {"z": [1, "-inf"]}},
+    "s": "text",
+    "b": True,
+    "i": -7,
+    "f": 2.5,
+    "nan": "nan",
+    "inf": "inf",
+    "ninf": "-inf",
+    "ls": ["a", "b"],
+    "li": [1, 2],
+    "lf": [1.5, "nan"],
+    "lb": [True, False],
+    "empty": [],
+    "raw": str(b"\x00\x01"),
+    "map": {"k": 1, "inner": {"z": [1, "-inf"]}},
 }
 
 
@@ -109,14 +131,23 @@ def test_plain_sdk_spans_become_one_valid_batch(out: Path) -> None:
     assert sorted(marks) == sorted(request["mark_ids"] + child["mark_ids"])
     cache, bare = (marks[i] for i in request["mark_ids"])
     events = {e.name: e for e in otel["request"].events}
-    assert cache == {"id": cache["id"], "span_id": request["id"], "name": "cache.miss",
-                     "value_type": "string", "value": "cache.miss",
-                     "attrs": {"key": "k1", "size": 3, "ratio": "nan"},
-                     "ts_ns": events["cache.miss"].timestamp, "kind": "point"}
+    assert cache == {
+        "id": cache["id"],
+        "span_id": request["id"],
+        "name": "cache.miss",
+        "value_type": "string",
+        "value": "cache.miss",
+        "attrs": {"key": "k1", "size": 3, "ratio": "nan"},
+        "ts_ns": events["cache.miss"].timestamp,
+        "kind": "point",
+    }
     assert (bare["name"], bare["value"], bare["attrs"]) == ("bare", "bare", {})
     (exc_mark,) = (marks[i] for i in child["mark_ids"])
     assert (exc_mark["name"], exc_mark["value"], exc_mark["attrs"]["exception.type"]) == (
-        "exception", "exception", "KeyError")
+        "exception",
+        "exception",
+        "KeyError",
+    )
     assert "error" not in child["attrs"]
 
     # The error span: status ERROR -> error attrs; its exception event is not a mark.
@@ -209,15 +240,32 @@ def test_max_bytes_evicts_the_oldest_files(tmp_path: Path) -> None:
 # -- (b) round trip: spans shaped exactly as the Cirron mapping makes them -----------------
 
 
-def _span(name: str, trace_id: int, span_id: int, *, parent: SpanContext | None = None,
-          attributes: Record | None = None, events: Sequence[Event] = (), start: int = 1, end: int = 2,
-          status: Status | None = None, links: Sequence[Link] = (),
-          resource: Resource | None = None) -> ReadableSpan:
+def _span(
+    name: str,
+    trace_id: int,
+    span_id: int,
+    *,
+    parent: SpanContext | None = None,
+    attributes: Record | None = None,
+    events: Sequence[Event] = (),
+    start: int = 1,
+    end: int = 2,
+    status: Status | None = None,
+    links: Sequence[Link] = (),
+    resource: Resource | None = None,
+) -> ReadableSpan:
     return ReadableSpan(
-        name, context=SpanContext(trace_id, span_id, is_remote=False, trace_flags=TraceFlags(1)),
-        parent=parent, resource=resource or Resource({}), attributes=attributes or {}, events=events,
-        links=links, kind=SpanKind.INTERNAL, status=status or Status(StatusCode.UNSET),
-        start_time=start, end_time=end,
+        name,
+        context=SpanContext(trace_id, span_id, is_remote=False, trace_flags=TraceFlags(1)),
+        parent=parent,
+        resource=resource or Resource({}),
+        attributes=attributes or {},
+        events=events,
+        links=links,
+        kind=SpanKind.INTERNAL,
+        status=status or Status(StatusCode.UNSET),
+        start_time=start,
+        end_time=end,
         instrumentation_scope=InstrumentationScope("cirron_otel", __version__),
     )
 
@@ -254,20 +302,41 @@ def _as_otel(span: Record, marks: Sequence[Record], by_id: dict[str, Record]) ->
         if mark["kind"] == "summary":
             attributes[f"cirron.summary.{mark['name']}"] = _mark_value(mark)
             continue
-        event_attrs = {"cirron.mark.value": _mark_value(mark), "cirron.mark.kind": "point",
-                       "cirron.mark.id": mark["id"], **mark["attrs"]}
+        event_attrs = {
+            "cirron.mark.value": _mark_value(mark),
+            "cirron.mark.kind": "point",
+            "cirron.mark.id": mark["id"],
+            **mark["attrs"],
+        }
         events.append(Event(mark["name"], event_attrs, timestamp=mark["ts_ns"]))
     status = None
     if span["attrs"].get("error"):
         status = Status(StatusCode.ERROR, span["attrs"]["error.message"])
-        events.append(Event("exception", {"exception.type": span["attrs"]["error.type"],
-                                          "exception.message": span["attrs"]["error.message"],
-                                          "exception.stacktrace": "Traceback (most recent call last): ..."},
-                            timestamp=span["end_ns"]))
+        events.append(
+            Event(
+                "exception",
+                {
+                    "exception.type": span["attrs"]["error.type"],
+                    "exception.message": span["attrs"]["error.message"],
+                    "exception.stacktrace": "Traceback (most recent call last): ...",
+                },
+                timestamp=span["end_ns"],
+            )
+        )
     resource = Resource({"service.name": "cirron", "process.pid": span["pid"], "cirron.rank": span["rank"]})
-    return _span(span["name"], trace_id, int(span["id"][:16], 16), parent=parent, attributes=attributes,
-                 events=events, start=span["start_ns"], end=span["end_ns"], status=status, links=links,
-                 resource=resource)
+    return _span(
+        span["name"],
+        trace_id,
+        int(span["id"][:16], 16),
+        parent=parent,
+        attributes=attributes,
+        events=events,
+        start=span["start_ns"],
+        end=span["end_ns"],
+        status=status,
+        links=links,
+        resource=resource,
+    )
 
 
 def _to_otel(spans: Sequence[Record], marks: Sequence[Record]) -> list[ReadableSpan]:
@@ -285,15 +354,18 @@ def _assert_round_trip(spans: Sequence[Record], marks: Sequence[Record], out: Pa
         assert {**got, "mark_ids": None} == {**span, "mark_ids": None}
         mine = [m for m in marks if m["span_id"] == span["id"]]
         points = [m for m in mine if m["kind"] == "point"]
-        assert got["mark_ids"][:len(points)] == [m["id"] for m in points]
+        assert got["mark_ids"][: len(points)] == [m["id"] for m in points]
         for mark in points:  # exactly the original mark: id, typed value, nonfinite, attrs, time
             assert got_marks[mark["id"]] == mark
-        summaries = [got_marks[i] for i in got["mark_ids"][len(points):]]
+        summaries = [got_marks[i] for i in got["mark_ids"][len(points) :]]
         last = {m["name"]: m for m in mine if m["kind"] == "summary"}  # the last of a name wins
-        assert [(m["name"], m["value_type"], m["value"], m.get("value_nonfinite"), m["kind"], m["span_id"])
-                for m in summaries] == [
+        assert [
+            (m["name"], m["value_type"], m["value"], m.get("value_nonfinite"), m["kind"], m["span_id"])
+            for m in summaries
+        ] == [
             (m["name"], m["value_type"], m["value"], m.get("value_nonfinite"), "summary", span["id"])
-            for m in last.values()]
+            for m in last.values()
+        ]
         assert all(m["ts_ns"] == span["end_ns"] and m["attrs"] == {} for m in summaries)
     assert len(got_marks) == sum(len(s["mark_ids"]) for s in back["spans"])
 
@@ -302,21 +374,49 @@ def _hex(n: int) -> str:
     return f"{n:032x}"
 
 
-SESSION, EPOCH, BATCH, BAD = _hex(0xA1 << 64 | 0x11), _hex(0xB2 << 64 | 0x22), _hex(0xC3 << 64 | 0x33), \
-    _hex(0xD4 << 64 | 0x44)
+SESSION, EPOCH, BATCH, BAD = (
+    _hex(0xA1 << 64 | 0x11),
+    _hex(0xB2 << 64 | 0x22),
+    _hex(0xC3 << 64 | 0x33),
+    _hex(0xD4 << 64 | 0x44),
+)
 T_SESSION, T_EPOCH = _hex(0x5E55), _hex(0xE90C)
 
 
 def _record(id_: str, name: str, parent: str | None, trace: str, start: int, end: int, **over: Any) -> Record:
-    return {"id": id_, "name": name, "parent_id": parent, "index": None, "start_ns": start, "end_ns": end,
-            "cpu_ns": None, "gpu_ns": None, "memory_peak_bytes": None, "thread_id": 140_000_000_001,
-            "pid": 31337, "rank": 3, "attrs": {}, "mark_ids": [], "trace_id": trace, **over}
+    return {
+        "id": id_,
+        "name": name,
+        "parent_id": parent,
+        "index": None,
+        "start_ns": start,
+        "end_ns": end,
+        "cpu_ns": None,
+        "gpu_ns": None,
+        "memory_peak_bytes": None,
+        "thread_id": 140_000_000_001,
+        "pid": 31337,
+        "rank": 3,
+        "attrs": {},
+        "mark_ids": [],
+        "trace_id": trace,
+        **over,
+    }
 
 
-def _mark(id_: int, span: str, name: str, value_type: str, value: Any, ts: int, kind: str = "point",
-          **attrs: Any) -> Record:
-    mark = {"id": _hex(id_), "span_id": span, "name": name, "value_type": value_type, "value": value,
-            "attrs": attrs, "ts_ns": ts, "kind": kind}
+def _mark(
+    id_: int, span: str, name: str, value_type: str, value: Any, ts: int, kind: str = "point", **attrs: Any
+) -> Record:
+    mark = {
+        "id": _hex(id_),
+        "span_id": span,
+        "name": name,
+        "value_type": value_type,
+        "value": value,
+        "attrs": attrs,
+        "ts_ns": ts,
+        "kind": kind,
+    }
     if value_type == "float" and value in ("nan", "inf", "-inf"):
         mark["value"], mark["value_nonfinite"] = None, value
     return mark
@@ -324,10 +424,26 @@ def _mark(id_: int, span: str, name: str, value_type: str, value: Any, ts: int, 
 
 ROUND_TRIP_SPANS = [
     _record(BATCH, "batch", EPOCH, T_EPOCH, 110, 190, index=5, cpu_ns=77),
-    _record(BAD, "bad", EPOCH, T_EPOCH, 200, 210,
-            attrs={"error": True, "error.type": "ValueError", "error.message": "boom"}),
-    _record(EPOCH, "epoch", SESSION, T_EPOCH, 100, 300, index=0, cpu_ns=1234,
-            attrs={"variant": "fp16", "lr": 0.001, "layers": [64, 32], "fused": False}),
+    _record(
+        BAD,
+        "bad",
+        EPOCH,
+        T_EPOCH,
+        200,
+        210,
+        attrs={"error": True, "error.type": "ValueError", "error.message": "boom"},
+    ),
+    _record(
+        EPOCH,
+        "epoch",
+        SESSION,
+        T_EPOCH,
+        100,
+        300,
+        index=0,
+        cpu_ns=1234,
+        attrs={"variant": "fp16", "lr": 0.001, "layers": [64, 32], "fused": False},
+    ),
     _record(SESSION, "cirron.session", None, T_SESSION, 1, 400, attrs={"run": "r1"}),
 ]
 ROUND_TRIP_MARKS = [
@@ -413,9 +529,11 @@ def _entry_point_registered() -> bool:
 
 
 @pytest.mark.real_backend
-@pytest.mark.skipif(not _entry_point_registered(),
-                    reason="entry point opentelemetry_traces_exporter:cirron_spool is not registered "
-                           "(add it to pyproject.toml and reinstall)")
+@pytest.mark.skipif(
+    not _entry_point_registered(),
+    reason="entry point opentelemetry_traces_exporter:cirron_spool is not registered "
+    "(add it to pyproject.toml and reinstall)",
+)
 @pytest.mark.parametrize("exporters", ["cirron_spool", "cirron_spool,console"])
 def test_opentelemetry_instrument_writes_the_spool(tmp_path: Path, exporters: str) -> None:
     instrument = Path(sys.executable).parent / "opentelemetry-instrument"
@@ -425,10 +543,21 @@ def test_opentelemetry_instrument_writes_the_spool(tmp_path: Path, exporters: st
     app.write_text(textwrap.dedent(APP))
     out = tmp_path / "cirron"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CIRRON_"))}
-    env.update(OTEL_TRACES_EXPORTER=exporters, OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none",
-               OTEL_SERVICE_NAME="plain-app", CIRRON_OUTPUT_DIR=str(out))
-    run = subprocess.run([str(instrument), sys.executable, str(app)], capture_output=True, text=True,
-                         timeout=120, env=env, cwd=tmp_path)
+    env.update(
+        OTEL_TRACES_EXPORTER=exporters,
+        OTEL_METRICS_EXPORTER="none",
+        OTEL_LOGS_EXPORTER="none",
+        OTEL_SERVICE_NAME="plain-app",
+        CIRRON_OUTPUT_DIR=str(out),
+    )
+    run = subprocess.run(
+        [str(instrument), sys.executable, str(app)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     pid = json.loads(run.stdout.splitlines()[0])["pid"]
     spans, marks = spans_and_marks(out)
@@ -441,7 +570,11 @@ def test_opentelemetry_instrument_writes_the_spool(tmp_path: Path, exporters: st
     assert request["attrs"] == {"http.route": "/items"} and query["attrs"] == {"db.rows": 3}
     (mark,) = marks
     assert (mark["name"], mark["value"], mark["attrs"], mark["span_id"]) == (
-        "cache.miss", "cache.miss", {"key": "k1"}, request["id"])
+        "cache.miss",
+        "cache.miss",
+        {"key": "k1"},
+        request["id"],
+    )
     assert request["mark_ids"] == [mark["id"]]
     if "console" in exporters:
         assert '"name": "request"' in run.stdout and '"name": "db.query"' in run.stdout

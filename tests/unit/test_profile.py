@@ -12,8 +12,17 @@ import cirron_otel as ci
 from tests.support.helpers import read_spool, run_script, spans_and_marks
 
 REFERENCE_KEYS = {
-    "enabled", "scope_drop_count", "mark_drop_count", "spool_drop_count", "spool_dir", "spool_bytes",
-    "flush_mode", "flush_restart_count", "transport", "installed_hooks", "platform_context",
+    "enabled",
+    "scope_drop_count",
+    "mark_drop_count",
+    "spool_drop_count",
+    "spool_dir",
+    "spool_bytes",
+    "flush_mode",
+    "flush_restart_count",
+    "transport",
+    "installed_hooks",
+    "platform_context",
 }
 
 

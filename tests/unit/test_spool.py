@@ -24,8 +24,15 @@ def test_batch_file_layout(prof, out):
     assert doc["schema_version"] == 1
     assert doc["sdk_version"] == ci.__version__
     assert doc["snapshots"] == []
-    assert list(doc) == ["schema_version", "sdk_version", "batch_id", "created_ns", "spans", "marks",
-                         "snapshots"]
+    assert list(doc) == [
+        "schema_version",
+        "sdk_version",
+        "batch_id",
+        "created_ns",
+        "spans",
+        "marks",
+        "snapshots",
+    ]
     mark = doc["marks"][0]
     assert list(mark) == ["id", "span_id", "name", "value_type", "value", "attrs", "ts_ns", "kind"]
     assert int(mark["id"][12], 16) == 4  # UUID4 layout: 122 random bits

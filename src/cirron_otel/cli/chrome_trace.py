@@ -77,8 +77,13 @@ def _us(ns: int) -> float:
 def events(files: list[reader.SpoolFile], pre: Prepass, stats: Stats) -> Iterator[dict[str, Any]]:
     origin = pre.origin_ns or 0
     for pid, rank in sorted(pre.processes.items()):
-        yield {"ph": "M", "name": "process_name", "pid": pid, "tid": 0,
-               "args": {"name": f"rank {rank} · pid {pid}"}}
+        yield {
+            "ph": "M",
+            "name": "process_name",
+            "pid": pid,
+            "tid": 0,
+            "args": {"name": f"rank {rank} · pid {pid}"},
+        }
         yield {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": rank}}
     for pid, tid in sorted(pre.threads):
         yield {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": f"thread {tid}"}}
@@ -95,9 +100,16 @@ def events(files: list[reader.SpoolFile], pre: Prepass, stats: Stats) -> Iterato
             for name, value in pre.summaries.get(span["id"], {}).items():
                 args[f"summary.{name}"] = value
             stats.slices += 1
-            yield {"ph": "X", "name": span["name"], "cat": "scope", "pid": span["pid"],
-                   "tid": span["thread_id"], "ts": _us(span["start_ns"] - origin),
-                   "dur": _us(span["end_ns"] - span["start_ns"]), "args": args}
+            yield {
+                "ph": "X",
+                "name": span["name"],
+                "cat": "scope",
+                "pid": span["pid"],
+                "tid": span["thread_id"],
+                "ts": _us(span["start_ns"] - origin),
+                "dur": _us(span["end_ns"] - span["start_ns"]),
+                "args": args,
+            }
         for mark in batch.marks:
             if mark.get("kind") == "summary":
                 continue  # on its span's slice
@@ -112,12 +124,27 @@ def events(files: list[reader.SpoolFile], pre: Prepass, stats: Stats) -> Iterato
                     stats.nonfinite_skipped += 1
                     continue
                 stats.counters += 1
-                yield {"ph": "C", "name": mark["name"], "cat": "mark", "pid": pid, "tid": tid, "ts": ts,
-                       "args": {mark["name"]: number}}
+                yield {
+                    "ph": "C",
+                    "name": mark["name"],
+                    "cat": "mark",
+                    "pid": pid,
+                    "tid": tid,
+                    "ts": ts,
+                    "args": {mark["name"]: number},
+                }
             else:
                 stats.instants += 1
-                yield {"ph": "i", "s": "t", "name": mark["name"], "cat": "mark", "pid": pid, "tid": tid,
-                       "ts": ts, "args": {"value": value, **(mark.get("attrs") or {})}}
+                yield {
+                    "ph": "i",
+                    "s": "t",
+                    "name": mark["name"],
+                    "cat": "mark",
+                    "pid": pid,
+                    "tid": tid,
+                    "ts": ts,
+                    "args": {"value": value, **(mark.get("attrs") or {})},
+                }
 
 
 def write(path: str, out: IO[str]) -> Stats:

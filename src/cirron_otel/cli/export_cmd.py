@@ -33,13 +33,24 @@ def _atomic_output(output: str) -> Iterator[IO[str]]:
 
 @click.command()
 @click.argument("path", type=click.Path(exists=True))
-@click.option("--format", "fmt", required=True, type=click.Choice(["perfetto", "chrome", "otlp-json"]),
-              help="perfetto / chrome: Chrome trace event JSON (both open it); otlp-json: one OTLP/JSON "
-                   "ExportTraceServiceRequest per line.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
-              help="The file to write ('-': stdout).")
-@click.option("--service-name", default=None, help="otlp-json: service.name (default: OTEL_SERVICE_NAME, "
-                                                    "else cirron).")
+@click.option(
+    "--format",
+    "fmt",
+    required=True,
+    type=click.Choice(["perfetto", "chrome", "otlp-json"]),
+    help="perfetto / chrome: Chrome trace event JSON (both open it); otlp-json: one OTLP/JSON "
+    "ExportTraceServiceRequest per line.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="The file to write ('-': stdout).",
+)
+@click.option(
+    "--service-name", default=None, help="otlp-json: service.name (default: OTEL_SERVICE_NAME, else cirron)."
+)
 def export(path: str, fmt: str, output: str, service_name: str | None) -> None:
     """Write the spool in another format, streaming (memory bounded by the spans, not the marks).
 
@@ -69,8 +80,10 @@ def _export(path: str, fmt: str, output: str, service_name: str | None) -> str:
             from .chrome_trace import write
 
             stats = write(path, out)
-            summary = (f"{stats.slices} slices, {stats.counters} counter points, {stats.instants} instant "
-                       f"events ({stats.nonfinite_skipped} non-finite points left out)")
+            summary = (
+                f"{stats.slices} slices, {stats.counters} counter points, {stats.instants} instant "
+                f"events ({stats.nonfinite_skipped} non-finite points left out)"
+            )
         else:
             from .otlp_map import iter_parts, to_otlp_json
 
@@ -83,5 +96,5 @@ def _export(path: str, fmt: str, output: str, service_name: str | None) -> str:
                 spans += part.spans
             summary = f"{requests} requests, {spans} spans"
             if root_marks:
-                summary += f" ({root_marks} marks on \"root\" so far: spool only, as live)"
+                summary += f' ({root_marks} marks on "root" so far: spool only, as live)'
     return summary

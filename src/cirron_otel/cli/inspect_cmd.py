@@ -156,64 +156,117 @@ class Inspection:
             attrs = s.get("attrs", {}) if s else {}
             start = s.get("start_ns") if s else proc.first_ns
             end = s.get("end_ns") if s else proc.last_ns
-            out.append({
-                "pid": proc.pid, "rank": proc.rank,
-                # the spool has no host field: a session attribute, when the program set one
-                "host": attrs.get("host.name") or attrs.get("host"),
-                "session_id": s.get("id") if s else None,
-                "parent_session_id": (s.get("parent_id") or attrs.get("cirron.parent_session_id"))
-                if s else None,
-                "start_ns": start, "end_ns": end,
-                "duration_ns": end - start if isinstance(start, int) and isinstance(end, int) else None,
-                "spans": proc.spans,
-                # no session record: the process is still running, or was killed before its exit
-                "closed": s is not None,
-            })
+            out.append(
+                {
+                    "pid": proc.pid,
+                    "rank": proc.rank,
+                    # the spool has no host field: a session attribute, when the program set one
+                    "host": attrs.get("host.name") or attrs.get("host"),
+                    "session_id": s.get("id") if s else None,
+                    "parent_session_id": (s.get("parent_id") or attrs.get("cirron.parent_session_id"))
+                    if s
+                    else None,
+                    "start_ns": start,
+                    "end_ns": end,
+                    "duration_ns": end - start if isinstance(start, int) and isinstance(end, int) else None,
+                    "spans": proc.spans,
+                    # no session record: the process is still running, or was killed before its exit
+                    "closed": s is not None,
+                }
+            )
         return out
 
     def to_json(self, top: int) -> dict[str, Any]:
-        scopes = sorted(((n, s) for n, s in self.span_names.items() if n != SESSION),
-                        key=lambda kv: -kv[1].total_ns)
+        scopes = sorted(
+            ((n, s) for n, s in self.span_names.items() if n != SESSION), key=lambda kv: -kv[1].total_ns
+        )
         return {
-            "files": self.files, "bytes": self.bytes, "unreadable_files": self.unreadable,
-            "spans": self.spans, "marks": self.marks, "snapshots": self.snapshots,
-            "start_ns": self.first_ns, "end_ns": self.last_ns,
+            "files": self.files,
+            "bytes": self.bytes,
+            "unreadable_files": self.unreadable,
+            "spans": self.spans,
+            "marks": self.marks,
+            "snapshots": self.snapshots,
+            "start_ns": self.first_ns,
+            "end_ns": self.last_ns,
             "sessions": self.sessions(),
             "span_names": {n: vars(s) for n, s in sorted(self.span_names.items())},
             "top_scopes": [{"name": n, "total_ns": s.total_ns, "count": s.count} for n, s in scopes[:top]],
-            "mark_names": {n: {k: _json_num(v) for k, v in vars(m).items() if k != "last_ts"}
-                           for n, m in sorted(self.mark_names.items())},
-            "drops": {"unreadable_files": len(self.unreadable), "mark_ids_omitted": self.mark_ids_omitted,
-                      "root_marks": self.root_marks, **self.drop_attrs},
+            "mark_names": {
+                n: {k: _json_num(v) for k, v in vars(m).items() if k != "last_ts"}
+                for n, m in sorted(self.mark_names.items())
+            },
+            "drops": {
+                "unreadable_files": len(self.unreadable),
+                "mark_ids_omitted": self.mark_ids_omitted,
+                "root_marks": self.root_marks,
+                **self.drop_attrs,
+            },
         }
 
     def to_text(self, top: int) -> str:
-        parts = [f"{self.files} files, {reader.fmt_bytes(self.bytes)}; {self.spans} spans, "
-                 f"{self.marks} marks, {self.snapshots} snapshots"]
+        parts = [
+            f"{self.files} files, {reader.fmt_bytes(self.bytes)}; {self.spans} spans, "
+            f"{self.marks} marks, {self.snapshots} snapshots"
+        ]
         if self.first_ns is not None and self.last_ns is not None:
-            parts.append(f"time {reader.fmt_ns(self.first_ns)} .. {reader.fmt_ns(self.last_ns)} "
-                         f"({reader.fmt_duration(self.last_ns - self.first_ns)})")
-        rows = [(s["pid"], s["rank"], s["host"] or "-",
-                 reader.fmt_ns(s["start_ns"]) if s["start_ns"] is not None else "-",
-                 reader.fmt_duration(s["duration_ns"]) if s["duration_ns"] is not None else "-",
-                 s["spans"], "" if s["closed"] else "no session record (running or killed)")
-                for s in self.sessions()]
-        parts.append("\nSessions\n" + render(["pid", "rank", "host", "start", "duration", "spans", "note"],
-                                              rows, right=(0, 1, 5)))
-        scopes = sorted(((n, s) for n, s in self.span_names.items() if n != SESSION),
-                        key=lambda kv: -kv[1].total_ns)[:top]
-        parts.append(f"\nTop scopes by total time (of {len(self.span_names)} span names)\n" + render(
-            ["name", "count", "total", "mean", "min", "max", "errors"],
-            [(n, s.count, reader.fmt_duration(s.total_ns), reader.fmt_duration(s.total_ns // max(s.count, 1)),
-              reader.fmt_duration(s.min_ns or 0), reader.fmt_duration(s.max_ns or 0), s.errors)
-             for n, s in scopes], right=(1, 2, 3, 4, 5, 6)))
-        parts.append("\nMarks\n" + render(
-            ["name", "count", "point", "summary", "min", "max", "last", "non-finite"],
-            [(n, m.count, m.point, m.summary, _fmt(m.min), _fmt(m.max), _fmt(m.last), m.nonfinite)
-             for n, m in sorted(self.mark_names.items())], right=(1, 2, 3, 4, 5, 7)))
+            parts.append(
+                f"time {reader.fmt_ns(self.first_ns)} .. {reader.fmt_ns(self.last_ns)} "
+                f"({reader.fmt_duration(self.last_ns - self.first_ns)})"
+            )
+        rows = [
+            (
+                s["pid"],
+                s["rank"],
+                s["host"] or "-",
+                reader.fmt_ns(s["start_ns"]) if s["start_ns"] is not None else "-",
+                reader.fmt_duration(s["duration_ns"]) if s["duration_ns"] is not None else "-",
+                s["spans"],
+                "" if s["closed"] else "no session record (running or killed)",
+            )
+            for s in self.sessions()
+        ]
+        parts.append(
+            "\nSessions\n"
+            + render(["pid", "rank", "host", "start", "duration", "spans", "note"], rows, right=(0, 1, 5))
+        )
+        scopes = sorted(
+            ((n, s) for n, s in self.span_names.items() if n != SESSION), key=lambda kv: -kv[1].total_ns
+        )[:top]
+        parts.append(
+            f"\nTop scopes by total time (of {len(self.span_names)} span names)\n"
+            + render(
+                ["name", "count", "total", "mean", "min", "max", "errors"],
+                [
+                    (
+                        n,
+                        s.count,
+                        reader.fmt_duration(s.total_ns),
+                        reader.fmt_duration(s.total_ns // max(s.count, 1)),
+                        reader.fmt_duration(s.min_ns or 0),
+                        reader.fmt_duration(s.max_ns or 0),
+                        s.errors,
+                    )
+                    for n, s in scopes
+                ],
+                right=(1, 2, 3, 4, 5, 6),
+            )
+        )
+        parts.append(
+            "\nMarks\n"
+            + render(
+                ["name", "count", "point", "summary", "min", "max", "last", "non-finite"],
+                [
+                    (n, m.count, m.point, m.summary, _fmt(m.min), _fmt(m.max), _fmt(m.last), m.nonfinite)
+                    for n, m in sorted(self.mark_names.items())
+                ],
+                right=(1, 2, 3, 4, 5, 7),
+            )
+        )
         drops = self.to_json(top)["drops"]
-        parts.append("\nDrops and gaps recorded in the files: "
-                     + ", ".join(f"{k} {v}" for k, v in drops.items()))
+        parts.append(
+            "\nDrops and gaps recorded in the files: " + ", ".join(f"{k} {v}" for k, v in drops.items())
+        )
         for bad in self.unreadable:
             parts.append(f"  unreadable: {bad['file']}: {bad['error']}")
         return "\n".join(parts)
@@ -243,8 +296,13 @@ def run_inspect(path: str) -> Inspection:
 @click.command()
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout, for machines.")
-@click.option("--top", default=10, show_default=True, type=click.IntRange(min=1),
-              help="How many scopes to list by total time.")
+@click.option(
+    "--top",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="How many scopes to list by total time.",
+)
 def inspect(path: str, as_json: bool, top: int) -> None:
     """Summarise a spool: sessions (pid, rank, host, time range, duration), span and mark
     counts per name, the top scopes by total time, marks with min / max / last, drops and

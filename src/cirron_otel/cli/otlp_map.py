@@ -126,9 +126,15 @@ def sessions_of(files: list[reader.SpoolFile]) -> tuple[dict[str, str], dict[tup
 class Encoder:
     """Feeds spool batches in order; yields the requests the live export would have sent."""
 
-    def __init__(self, *, sessions: dict[str, str], hosts: dict[tuple[int, int], str] | None = None,
-                 limits: Limits | None = None,
-                 service_name: str | None = None, max_request_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        sessions: dict[str, str],
+        hosts: dict[tuple[int, int], str] | None = None,
+        limits: Limits | None = None,
+        service_name: str | None = None,
+        max_request_bytes: int | None = None,
+    ) -> None:
         from cirron_otel.exporters import otlp as live
 
         self.live = live
@@ -173,8 +179,12 @@ class Encoder:
         """As `otlp_any_value`: scalars kept, homogeneous lists of scalars as arrays, the rest str()."""
         if self._scalar(av, value):
             return
-        if isinstance(value, list) and value and all(type(v) is type(value[0]) for v in value) \
-                and type(value[0]) in (str, bool, int, float):
+        if (
+            isinstance(value, list)
+            and value
+            and all(type(v) is type(value[0]) for v in value)
+            and type(value[0]) in (str, bool, int, float)
+        ):
             for item in value:
                 if not self._scalar(av.array_value.values.add(), item):
                     self._str(av.array_value.values[-1], str(item))
@@ -264,10 +274,15 @@ class Encoder:
         attrs = record.get("attrs") or {}
         error = attrs.get("error") is True
         trace_id = record.get("trace_id") or record["id"]  # (a writer without trace_id: best effort)
-        span = Span(trace_id=bytes.fromhex(trace_id), span_id=bytes.fromhex(record["id"][:16]),
-                    name=record["name"], kind=Span.SPAN_KIND_INTERNAL,
-                    start_time_unix_nano=record["start_ns"], end_time_unix_nano=record["end_ns"],
-                    flags=0x101)
+        span = Span(
+            trace_id=bytes.fromhex(trace_id),
+            span_id=bytes.fromhex(record["id"][:16]),
+            name=record["name"],
+            kind=Span.SPAN_KIND_INTERNAL,
+            start_time_unix_nano=record["start_ns"],
+            end_time_unix_nano=record["end_ns"],
+            flags=0x101,
+        )
         parent = record.get("parent_id")
         session_trace = self.sessions.get(parent) if parent else None
         new_trace = session_trace is not None and session_trace != trace_id
@@ -278,8 +293,11 @@ class Encoder:
         extra: list[tuple[str, Any]] = []
         if record.get("index") is not None:
             extra.append(("cirron.index", record["index"]))
-        extra += [("cirron.span_id", record["id"]), ("thread.id", record["thread_id"]),
-                  ("cirron.rank", record["rank"])]
+        extra += [
+            ("cirron.span_id", record["id"]),
+            ("thread.id", record["thread_id"]),
+            ("cirron.rank", record["rank"]),
+        ]
         if record.get("cpu_ns") is not None:
             extra.append(("cirron.cpu_ns", record["cpu_ns"]))
         if new_trace:
@@ -302,7 +320,7 @@ class Encoder:
         if st is not None:
             events = list(st.events)
             if has_exception and self.limits.events and len(events) >= self.limits.events:
-                events = events[len(events) - (self.limits.events - 1):]
+                events = events[len(events) - (self.limits.events - 1) :]
             span.events.extend(events)
             events_dropped = st.total - len(events)
         if has_exception:
@@ -312,22 +330,25 @@ class Encoder:
                 ev = span.events.add(time_unix_nano=record["end_ns"], name="exception")
                 ev.attributes.add(key="exception.type").value.string_value = str(attrs["error.type"])
                 ev.attributes.add(key="exception.message").value.string_value = str(
-                    attrs.get("error.message", ""))
+                    attrs.get("error.message", "")
+                )
         span.dropped_events_count = events_dropped
         if new_trace:
             assert session_trace is not None
             if self.limits.links == 0:
                 span.dropped_links_count = 1
             else:
-                link = span.links.add(trace_id=bytes.fromhex(session_trace),
-                                      span_id=bytes.fromhex(parent[:16]))
+                link = span.links.add(
+                    trace_id=bytes.fromhex(session_trace), span_id=bytes.fromhex(parent[:16])
+                )
                 if self.limits.link_attributes > 0:
                     link.attributes.add(key="cirron.link").value.string_value = "session"
                 else:
                     link.dropped_attributes_count = 1
         if error:
-            span.status.CopyFrom(Status(code=Status.STATUS_CODE_ERROR,
-                                        message=str(attrs.get("error.message") or "")))
+            span.status.CopyFrom(
+                Status(code=Status.STATUS_CODE_ERROR, message=str(attrs.get("error.message") or ""))
+            )
         return span
 
     # -- requests ------------------------------------------------------------------------
@@ -384,8 +405,11 @@ class Encoder:
         self.counters.pending_marks = sum(st.total + len(st.summaries) for st in self._open.values())
 
 
-def iter_parts(path: str | os.PathLike[str], encoder_args: dict[str, Any] | None = None,
-               files: list[reader.SpoolFile] | None = None) -> Iterator[tuple[Encoder, Part]]:
+def iter_parts(
+    path: str | os.PathLike[str],
+    encoder_args: dict[str, Any] | None = None,
+    files: list[reader.SpoolFile] | None = None,
+) -> Iterator[tuple[Encoder, Part]]:
     """Every request of the spool, in order."""
     files = reader.list_files(path) if files is None else files
     sessions, hosts = sessions_of(files)
@@ -421,4 +445,3 @@ def _hex_ids(obj: dict[str, Any]) -> None:
     for key in ("traceId", "spanId", "parentSpanId"):
         if key in obj:
             obj[key] = base64.b64decode(obj[key]).hex()
-

@@ -101,8 +101,10 @@ def malformed(path: str, exc: BaseException) -> Exception:
     and exits 1): `validate` is the command that says where and why."""
     import click
 
-    return click.ClickException(f"{path}: a record does not follow the spool format ({type(exc).__name__}: "
-                                f"{exc}); `cirron-otel validate {path}` lists the problems")
+    return click.ClickException(
+        f"{path}: a record does not follow the spool format ({type(exc).__name__}: "
+        f"{exc}); `cirron-otel validate {path}` lists the problems"
+    )
 
 
 def warn_unreadable(batch: Batch) -> None:

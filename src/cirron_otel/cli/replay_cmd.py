@@ -70,7 +70,8 @@ class State:
                 if first is not None and first.get("endpoint") != header["endpoint"]:
                     raise click.ClickException(
                         f"state file {path} records a replay to {first.get('endpoint')}, not "
-                        f"{header['endpoint']}: pass another --state (or delete it to start over)")
+                        f"{header['endpoint']}: pass another --state (or delete it to start over)"
+                    )
                 for line in lines[1:]:
                     entry = _json_or_none(line)
                     if entry is not None and "key" in entry:
@@ -131,8 +132,9 @@ def _stop_on_signals() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
-def send_with_retries(transport: Any, data: bytes, retry_for: float, received: list[int],
-                      outcome: Outcome) -> Any:
+def send_with_retries(
+    transport: Any, data: bytes, retry_for: float, received: list[int], outcome: Outcome
+) -> Any:
     """One request until it is answered for good (None, a PartialSuccess or a permanent
     SendError), or the retry budget runs out / a stop signal arrives (the last retryable
     SendError is returned)."""
@@ -162,18 +164,32 @@ def send_with_retries(transport: Any, data: bytes, retry_for: float, received: l
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
-def run_replay(path: str, *, transport: Any, state: State | None, encoder_args: dict[str, Any],
-               retry_for: float, progress: bool, dry_run: bool = False,
-               echo: Any = click.echo) -> Outcome:
+def run_replay(
+    path: str,
+    *,
+    transport: Any,
+    state: State | None,
+    encoder_args: dict[str, Any],
+    retry_for: float,
+    progress: bool,
+    dry_run: bool = False,
+    echo: Any = click.echo,
+) -> Outcome:
     from cirron_otel.exporters.otlp_transport import PartialSuccess, SendError
 
     from .otlp_map import iter_parts
 
     outcome = Outcome()
     files = reader.list_files(path)
-    bar_cm = click.progressbar(length=len(files), label="replaying", file=sys.stderr,
-                               show_pos=True, show_eta=True, item_show_func=lambda _: _rate(outcome, started),
-                               hidden=not progress)
+    bar_cm = click.progressbar(
+        length=len(files),
+        label="replaying",
+        file=sys.stderr,
+        show_pos=True,
+        show_eta=True,
+        item_show_func=lambda _: _rate(outcome, started),
+        hidden=not progress,
+    )
     started = time.monotonic()
     current_file: str | None = None
     with bar_cm as bar, _stop_on_signals() as received:
@@ -234,23 +250,49 @@ def _rate(outcome: Outcome, started: float) -> str:
 
 @click.command()
 @click.argument("path", type=click.Path(exists=True))
-@click.option("--endpoint", default=None,
-              help="The collector (gRPC: http://host:4317; HTTP: the URL, or the base with /v1/traces "
-                   "added). Default: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else localhost.")
-@click.option("--protocol", type=click.Choice(["grpc", "http/protobuf"]), default=None,
-              help="Default: OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL, else grpc.")
+@click.option(
+    "--endpoint",
+    default=None,
+    help="The collector (gRPC: http://host:4317; HTTP: the URL, or the base with /v1/traces "
+    "added). Default: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else localhost.",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["grpc", "http/protobuf"]),
+    default=None,
+    help="Default: OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL, else grpc.",
+)
 @click.option("--service-name", default=None, help="service.name (default: OTEL_SERVICE_NAME, else cirron).")
-@click.option("--state", "state_path", type=click.Path(dir_okay=False), default=None,
-              help="The resume file (default: replay-<endpoint hash>.state beside the spool directory).")
+@click.option(
+    "--state",
+    "state_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The resume file (default: replay-<endpoint hash>.state beside the spool directory).",
+)
 @click.option("--restart", is_flag=True, help="Forget the state file: send everything again.")
-@click.option("--retry-for", default=60.0, show_default=True, type=click.FloatRange(min=0),
-              help="Give up (resumable, exit 1) after this many seconds of retryable failures in a row.")
+@click.option(
+    "--retry-for",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Give up (resumable, exit 1) after this many seconds of retryable failures in a row.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the requests that would be sent; send nothing.")
-@click.option("--progress/--no-progress", default=None,
-              help="A progress bar on stderr (default: on a terminal).")
-def replay(path: str, endpoint: str | None, protocol: str | None, service_name: str | None,
-           state_path: str | None, restart: bool, retry_for: float, dry_run: bool,
-           progress: bool | None) -> None:
+@click.option(
+    "--progress/--no-progress", default=None, help="A progress bar on stderr (default: on a terminal)."
+)
+def replay(
+    path: str,
+    endpoint: str | None,
+    protocol: str | None,
+    service_name: str | None,
+    state_path: str | None,
+    restart: bool,
+    retry_for: float,
+    dry_run: bool,
+    progress: bool | None,
+) -> None:
     """Send a spool to an OTLP endpoint with the live export's mapping, transport, configuration
     (OTEL_EXPORTER_OTLP_* headers, timeout, compression, TLS) and retry rules, so a run recorded
     offline appears in Jaeger / Tempo as if it had been exported live.
@@ -268,8 +310,12 @@ def replay(path: str, endpoint: str | None, protocol: str | None, service_name: 
         raise click.ClickException(str(exc)) from exc
     env = os.environ
     # the precedence of _config.resolve: the option, the TRACES_ variable, the generic one, gRPC
-    protocol = (protocol or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
+    protocol = (
+        protocol
+        or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
+    )
     if protocol not in VALID_PROTOCOLS:
         raise click.UsageError(f"OTLP protocol must be one of {VALID_PROTOCOLS}, got {protocol!r}")
     try:
@@ -279,12 +325,21 @@ def replay(path: str, endpoint: str | None, protocol: str | None, service_name: 
     encoder_args = {"service_name": service_name}
     if dry_run:
         try:
-            outcome = run_replay(path, transport=None, state=None, encoder_args=encoder_args, retry_for=0,
-                                 progress=False, dry_run=True)
+            outcome = run_replay(
+                path,
+                transport=None,
+                state=None,
+                encoder_args=encoder_args,
+                retry_for=0,
+                progress=False,
+                dry_run=True,
+            )
         except reader.MALFORMED as exc:
             raise reader.malformed(path, exc) from exc
-        click.echo(f"dry run: {outcome.requests_sent} requests, {outcome.spans_sent} spans would go to "
-                   f"{config.endpoint} ({config.protocol})")
+        click.echo(
+            f"dry run: {outcome.requests_sent} requests, {outcome.spans_sent} spans would go to "
+            f"{config.endpoint} ({config.protocol})"
+        )
         return
     from cirron_otel.exporters.otlp_transport import make_transport
 
@@ -296,8 +351,14 @@ def replay(path: str, endpoint: str | None, protocol: str | None, service_name: 
     transport = make_transport(config)
     show = sys.stderr.isatty() if progress is None else progress
     try:
-        outcome = run_replay(path, transport=transport, state=state, encoder_args=encoder_args,
-                             retry_for=retry_for, progress=show)
+        outcome = run_replay(
+            path,
+            transport=transport,
+            state=state,
+            encoder_args=encoder_args,
+            retry_for=retry_for,
+            progress=show,
+        )
     except reader.MALFORMED as exc:  # what was accepted so far is recorded: fix the spool, run again
         raise reader.malformed(path, exc) from exc
     finally:
@@ -306,18 +367,24 @@ def replay(path: str, endpoint: str | None, protocol: str | None, service_name: 
     for error in outcome.errors:
         click.echo(error, err=True)
     if outcome.unsent_marks:
-        click.echo(f"{outcome.unsent_marks} marks attach to spans the spool does not hold (the program "
-                   f"still running, or killed): not sent, as live export would not have", err=True)
-    click.echo(f"sent {outcome.spans_sent} spans in {outcome.requests_sent} requests to {target}; "
-               f"{outcome.spans_skipped} spans already sent ({outcome.requests_skipped} requests, "
-               f"{state_file}); "
-               f"{outcome.spans_rejected} rejected; {outcome.failed_attempts} failed attempts")
+        click.echo(
+            f"{outcome.unsent_marks} marks attach to spans the spool does not hold (the program "
+            f"still running, or killed): not sent, as live export would not have",
+            err=True,
+        )
+    click.echo(
+        f"sent {outcome.spans_sent} spans in {outcome.requests_sent} requests to {target}; "
+        f"{outcome.spans_skipped} spans already sent ({outcome.requests_skipped} requests, "
+        f"{state_file}); "
+        f"{outcome.spans_rejected} rejected; {outcome.failed_attempts} failed attempts"
+    )
     if outcome.interrupted:
         click.echo("interrupted: run the same command again to resume", err=True)
         sys.exit(130)
     if outcome.gave_up:
-        click.echo(f"gave up after {retry_for:g} s of failures: {outcome.gave_up}; run again to resume",
-                   err=True)
+        click.echo(
+            f"gave up after {retry_for:g} s of failures: {outcome.gave_up}; run again to resume", err=True
+        )
         sys.exit(1)
     if outcome.spans_rejected:
         sys.exit(1)

@@ -16,10 +16,34 @@ from typing import Any
 from cirron_otel.exporters.schema import spool_v1_schema
 
 _ANNOTATIONS = frozenset({"$schema", "$id", "$defs", "title", "description"})
-_SUPPORTED = frozenset({"$ref", "allOf", "const", "enum", "if", "then", "items", "minLength", "minimum",
-                        "not", "oneOf", "pattern", "properties", "required", "type"}) | _ANNOTATIONS
+_SUPPORTED = (
+    frozenset(
+        {
+            "$ref",
+            "allOf",
+            "const",
+            "enum",
+            "if",
+            "then",
+            "items",
+            "minLength",
+            "minimum",
+            "not",
+            "oneOf",
+            "pattern",
+            "properties",
+            "required",
+            "type",
+        }
+    )
+    | _ANNOTATIONS
+)
 _TYPES: dict[str, Any] = {
-    "object": dict, "array": list, "string": str, "null": type(None), "boolean": bool,
+    "object": dict,
+    "array": list,
+    "string": str,
+    "null": type(None),
+    "boolean": bool,
 }
 
 
@@ -102,8 +126,10 @@ class Checker:
         if "oneOf" in schema:
             matching = sum(1 for sub in schema["oneOf"] if self.valid(sub, value))
             if matching != 1:
-                yield path, (f"must match exactly one of {len(schema['oneOf'])} alternatives, "
-                             f"matches {matching}")
+                yield (
+                    path,
+                    (f"must match exactly one of {len(schema['oneOf'])} alternatives, matches {matching}"),
+                )
         if "not" in schema and self.valid(schema["not"], value):
             yield path, "matches a schema it must not"
         if "if" in schema and self.valid(schema["if"], value) and "then" in schema:
@@ -151,10 +177,12 @@ class Checker:
         required = tuple(schema.get("required", ()))
         props = [(k, self.compiled(sub)) for k, sub in schema.get("properties", {}).items()]
         if required or props:
+
             def obj(v: Any) -> bool:
                 if not isinstance(v, dict):
                     return True
                 return all(k in v for k in required) and all(fn(v[k]) for k, fn in props if k in v)
+
             checks.append(obj)
         if "items" in schema:
             item = self.compiled(schema["items"])
@@ -187,8 +215,15 @@ def _type_check(names: list[str]) -> Callable[[Any], bool]:
     """A fast `type` check: exact Python types (bool is not an integer in JSON)."""
     exact: set[type] = set()
     for name in names:
-        exact |= {"integer": {int}, "number": {int, float}, "string": {str}, "null": {type(None)},
-                  "boolean": {bool}, "object": {dict}, "array": {list}}[name]
+        exact |= {
+            "integer": {int},
+            "number": {int, float},
+            "string": {str},
+            "null": {type(None)},
+            "boolean": {bool},
+            "object": {dict},
+            "array": {list},
+        }[name]
     frozen = frozenset(exact)
     # exact types: json.loads makes no subclasses, and `type(True) is bool` keeps bools out
     return lambda v: type(v) in frozen
@@ -211,8 +246,9 @@ def batch_errors(doc: dict[str, Any]) -> Iterator[tuple[str, str]]:
     """Errors of a whole batch file, with paths such as `spans[3].start_ns`; records one by one
     (the top level is checked with its record lists emptied, then each record)."""
     c = checker()
-    shallow = {k: ([] if k in ("spans", "marks", "snapshots") and isinstance(v, list) else v)
-               for k, v in doc.items()}
+    shallow = {
+        k: ([] if k in ("spans", "marks", "snapshots") and isinstance(v, list) else v) for k, v in doc.items()
+    }
     if not c.compiled(c.root)(shallow):
         yield from c.errors(c.root, shallow)
     for key, ref in (("spans", "#/$defs/span"), ("marks", "#/$defs/mark"), ("snapshots", "#/$defs/snapshot")):

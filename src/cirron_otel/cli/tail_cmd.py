@@ -27,8 +27,10 @@ def _line(kind: str, record: dict[str, Any]) -> str:
         attrs = record.get("attrs") or {}
         error = "  ERROR " + str(attrs.get("error.message", "")) if attrs.get("error") is True else ""
         extra = " ".join(f"{k}={v}" for k, v in attrs.items() if not k.startswith("error"))
-        return (f"{reader.fmt_ns(record['end_ns'])}  span  {record['name']}{index}  {dur}  "
-                f"pid {record['pid']} rank {record['rank']}  {extra}{error}").rstrip()
+        return (
+            f"{reader.fmt_ns(record['end_ns'])}  span  {record['name']}{index}  {dur}  "
+            f"pid {record['pid']} rank {record['rank']}  {extra}{error}"
+        ).rstrip()
     value = reader.mark_value(record)
     attrs = " ".join(f"{k}={v}" for k, v in (record.get("attrs") or {}).items())
     span = record["span_id"] if record["span_id"] == "root" else record["span_id"][:16]
@@ -40,15 +42,29 @@ def _line(kind: str, record: dict[str, Any]) -> str:
 @click.command()
 @click.argument("path", type=click.Path())
 @click.option("--from-start", is_flag=True, help="Print the records already in the spool first.")
-@click.option("--json", "as_json", is_flag=True,
-              help="One JSON object per record (`{\"type\": \"span\"|\"mark\", ...record}`), for machines.")
-@click.option("--interval", default=0.2, show_default=True, type=click.FloatRange(min=0.01),
-              help="Seconds between looks at the directory.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='One JSON object per record (`{"type": "span"|"mark", ...record}`), for machines.',
+)
+@click.option(
+    "--interval",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(min=0.01),
+    help="Seconds between looks at the directory.",
+)
 @click.option("--name", "names", multiple=True, help="Only records of this name (repeatable).")
-@click.option("--timeout", default=None, type=click.FloatRange(min=0),
-              help="Stop after this many seconds (default: until Ctrl-C).")
-def tail(path: str, from_start: bool, as_json: bool, interval: float, names: tuple[str, ...],
-         timeout: float | None) -> None:
+@click.option(
+    "--timeout",
+    default=None,
+    type=click.FloatRange(min=0),
+    help="Stop after this many seconds (default: until Ctrl-C).",
+)
+def tail(
+    path: str, from_start: bool, as_json: bool, interval: float, names: tuple[str, ...], timeout: float | None
+) -> None:
     """Follow a live spool: print new spans and marks as the running program writes them
     (PATH may not exist yet: tail waits for it). Marks are printed when their batch lands,
     which is before their span closes; a span is printed when it has closed.

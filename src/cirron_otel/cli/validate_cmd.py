@@ -72,8 +72,12 @@ class Validator:
             schema_ok = False
             self.problem(name, path.lstrip("."), f"schema: {message}")
         created, batch_id = doc.get("created_ns"), doc.get("batch_id")
-        if (batch.file.path.endswith(".json") and isinstance(created, int) and isinstance(batch_id, str)
-                and name != f"{created:020d}-{batch_id}.json"):
+        if (
+            batch.file.path.endswith(".json")
+            and isinstance(created, int)
+            and isinstance(batch_id, str)
+            and name != f"{created:020d}-{batch_id}.json"
+        ):
             self.problem(name, "", f"file name does not match created_ns {created} and batch_id {batch_id}")
         if not schema_ok:
             # referential checks on records of the wrong shape would only add noise
@@ -132,8 +136,12 @@ class Validator:
             if balance != 0:
                 self._detail.add(sid)
         if state is not None and (state[1] < start or state[2] > end):
-            self.problem(name, f"spans[{i}]", f"span {span['id']} has marks outside its time range "
-                                              f"[{start}, {end}]: {state[1]}..{state[2]}")
+            self.problem(
+                name,
+                f"spans[{i}]",
+                f"span {span['id']} has marks outside its time range "
+                f"[{start}, {end}]: {state[1]}..{state[2]}",
+            )
 
     # -- the end of pass 1 -------------------------------------------------------------------
 
@@ -141,8 +149,9 @@ class Validator:
         """Report what pass 1 could; return the spans that need pass 2."""
         for parent, (file, i) in self._waiting_parents.items():
             if parent not in self._ids:
-                self.problem(file, f"spans[{i}].parent_id",
-                             f"parent {parent:032x} is not a span of this spool")
+                self.problem(
+                    file, f"spans[{i}].parent_id", f"parent {parent:032x} is not a span of this spool"
+                )
         self._detail.update(self._open)  # marks on spans that never came
         return self._detail
 
@@ -191,40 +200,60 @@ class Validator:
             if sid not in where:
                 places = [p for ps in attached.get(sid, {}).values() for p in ps]
                 file, i = min(places) if places else ("?", -1)
-                self.problem(file, f"marks[{i}].span_id",
-                             f"span {sid:032x} is not in this spool (nor the session root, nor \"root\"); "
-                             f"{len(places)} marks attach to it")
+                self.problem(
+                    file,
+                    f"marks[{i}].span_id",
+                    f'span {sid:032x} is not in this spool (nor the session root, nor "root"); '
+                    f"{len(places)} marks attach to it",
+                )
                 continue
             file, index, start, end = where[sid]
             ids = listed[sid]
             if omitted[sid]:
                 for mid, (f, i) in ids.items():
                     if mid not in found.get(sid, ()):
-                        self.problem(f, f"spans[{i}].mark_ids",
-                                     f"mark {mid} listed by span {sid:032x} is not in the spool")
+                        self.problem(
+                            f,
+                            f"spans[{i}].mark_ids",
+                            f"mark {mid} listed by span {sid:032x} is not in the spool",
+                        )
                 if counted.get(sid, 0) != len(ids) + omitted[sid]:
-                    self.problem(file, f"spans[{index}]",
-                                 f"span {sid:032x} lists {len(ids)} marks and says {omitted[sid]} more were "
-                                 f"left out, but {counted.get(sid, 0)} marks attach to it")
+                    self.problem(
+                        file,
+                        f"spans[{index}]",
+                        f"span {sid:032x} lists {len(ids)} marks and says {omitted[sid]} more were "
+                        f"left out, but {counted.get(sid, 0)} marks attach to it",
+                    )
                 continue
             marks = attached.get(sid, {})
             for mid, (f, i) in ids.items():
                 if mid not in marks:
-                    self.problem(f, f"spans[{i}].mark_ids",
-                                 f"mark {mid} listed by span {sid:032x} is not in the spool")
+                    self.problem(
+                        f, f"spans[{i}].mark_ids", f"mark {mid} listed by span {sid:032x} is not in the spool"
+                    )
             for mid, places in marks.items():
                 if len(places) > 1:
                     f, i = places[1]
-                    self.problem(f, f"marks[{i}]", f"duplicate mark id {mid} (also in "
-                                                   f"{places[0][0]}:marks[{places[0][1]}])")
+                    self.problem(
+                        f,
+                        f"marks[{i}]",
+                        f"duplicate mark id {mid} (also in {places[0][0]}:marks[{places[0][1]}])",
+                    )
                 if mid not in ids:
                     f, i = places[0]
-                    self.problem(f, f"marks[{i}]", f"mark {mid} attaches to span {sid:032x}, "
-                                                   f"whose mark_ids does not list it")
+                    self.problem(
+                        f,
+                        f"marks[{i}]",
+                        f"mark {mid} attaches to span {sid:032x}, whose mark_ids does not list it",
+                    )
             if sid in outside:
                 f, i, ts = outside[sid]
-                self.problem(file, f"spans[{index}]", f"span {sid:032x} has marks outside its time range "
-                                                      f"[{start}, {end}]: {ts} ({f}:marks[{i}])")
+                self.problem(
+                    file,
+                    f"spans[{index}]",
+                    f"span {sid:032x} has marks outside its time range "
+                    f"[{start}, {end}]: {ts} ({f}:marks[{i}])",
+                )
 
 
 def run_validate(path: str) -> Validator:
@@ -240,10 +269,16 @@ def run_validate(path: str) -> Validator:
 
 @click.command()
 @click.argument("path", type=click.Path(exists=True))
-@click.option("--json", "as_json", is_flag=True,
-              help="One JSON object on stdout: the problems, for machines.")
-@click.option("--max-problems", default=200, show_default=True, type=click.IntRange(min=1),
-              help="Print at most this many problems (all are counted).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object on stdout: the problems, for machines."
+)
+@click.option(
+    "--max-problems",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Print at most this many problems (all are counted).",
+)
 def validate(path: str, as_json: bool, max_problems: int) -> None:
     """Check a spool: strict JSON (no NaN / Infinity tokens: the spool writes non-finite
     values as null plus `value_nonfinite`), the spool v1 schema, file names, and referential
@@ -258,8 +293,16 @@ def validate(path: str, as_json: bool, max_problems: int) -> None:
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
-        json.dump({"ok": not v.problems, "files": v.files, "spans": v.spans_seen, "marks": v.marks_seen,
-                   "problems": [vars(p) for p in v.problems]}, sys.stdout)
+        json.dump(
+            {
+                "ok": not v.problems,
+                "files": v.files,
+                "spans": v.spans_seen,
+                "marks": v.marks_seen,
+                "problems": [vars(p) for p in v.problems],
+            },
+            sys.stdout,
+        )
         sys.stdout.write("\n")
     else:
         for p in v.problems[:max_problems]:
@@ -267,7 +310,8 @@ def validate(path: str, as_json: bool, max_problems: int) -> None:
         if len(v.problems) > max_problems:
             click.echo(f"... and {len(v.problems) - max_problems} more")
         status = "OK" if not v.problems else f"{len(v.problems)} problems"
-        click.echo(f"{status}: {v.files} files, {v.spans_seen} spans, {v.marks_seen} marks",
-                   err=bool(v.problems))
+        click.echo(
+            f"{status}: {v.files} files, {v.spans_seen} spans, {v.marks_seen} marks", err=bool(v.problems)
+        )
     if v.problems:
         sys.exit(1)
