@@ -413,13 +413,7 @@ def resolve(
         _number(name, value, integer=True)
     disabled = sdk_disabled(env)
     chosen = traces_exporters(env) if output is None and not disabled else None
-    protocol = (
-        otlp_protocol
-        or (chosen[1] if chosen else None)
-        or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "grpc"
-    )
+    protocol = otlp_protocol_from(otlp_protocol or (chosen[1] if chosen else None), env)
     if protocol not in VALID_PROTOCOLS:
         raise ValueError(
             f"cirron_otel.profile(): otlp_protocol must be one of {VALID_PROTOCOLS}, got {protocol!r}"
@@ -524,6 +518,18 @@ def parse_otlp_headers(raw: str) -> tuple[tuple[str, str], ...]:
         if sep and key:
             out.append((key, unquote(value).strip()))
     return tuple(out)
+
+
+def otlp_protocol_from(chosen: str | None, env: Mapping[str, str] | None = None) -> str:
+    """The OTLP protocol: the one chosen in code, else OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, else
+    OTEL_EXPORTER_OTLP_PROTOCOL, else gRPC (unchecked: callers say which name was wrong)."""
+    env = os.environ if env is None else env
+    return (
+        chosen
+        or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
+    )
 
 
 def otlp_transport_config(

@@ -302,20 +302,13 @@ def replay(
     Exits 0 when everything was accepted, 1 when something was rejected or the collector
     stayed unreachable (run again to resume).
     """
-    from cirron_otel._config import VALID_PROTOCOLS, otlp_transport_config
+    from cirron_otel._config import VALID_PROTOCOLS, otlp_protocol_from, otlp_transport_config
 
     try:
         reader.list_files(path)
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from exc
-    env = os.environ
-    # the precedence of _config.resolve: the option, the TRACES_ variable, the generic one, gRPC
-    protocol = (
-        protocol
-        or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "grpc"
-    )
+    protocol = otlp_protocol_from(protocol)  # the option, else the variables, as profile() reads them
     if protocol not in VALID_PROTOCOLS:
         raise click.UsageError(f"OTLP protocol must be one of {VALID_PROTOCOLS}, got {protocol!r}")
     try:
