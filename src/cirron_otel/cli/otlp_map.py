@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import _native
 from . import reader
 
 SESSION = "cirron.session"
@@ -158,7 +159,7 @@ class Encoder:
         key = (pid, rank, host)
         data = self._resources.get(key)
         if data is None:
-            base: dict[str, Any] = {"process.pid": pid, "cirron.rank": rank, **self.live.TELEMETRY_ATTRS}
+            base: dict[str, Any] = {"process.pid": pid, _native.KEY_RANK: rank, **self.live.TELEMETRY_ATTRS}
             if host:
                 base["host.name"] = host
             res = Resource.create(base)
@@ -251,10 +252,10 @@ class Encoder:
             return
         ev = Span.Event(time_unix_nano=mark["ts_ns"], name=mark["name"])
         kv = ev.attributes.add()
-        kv.key = "cirron.mark.value"
+        kv.key = _native.KEY_MARK_VALUE
         self.any_value(kv.value, value)
-        ev.attributes.add(key="cirron.mark.kind").value.string_value = "point"
-        ev.attributes.add(key="cirron.mark.id").value.string_value = mark["id"]
+        ev.attributes.add(key=_native.KEY_MARK_KIND).value.string_value = "point"
+        ev.attributes.add(key=_native.KEY_MARK_ID).value.string_value = mark["id"]
         attrs = mark.get("attrs") or {}
         room = max(self.limits.event_attributes - 3, 0)
         kept = Span.Event()
@@ -292,19 +293,19 @@ class Encoder:
         dropped = self._attrs(span.attributes, attrs, limit, span_error=error)
         extra: list[tuple[str, Any]] = []
         if record.get("index") is not None:
-            extra.append(("cirron.index", record["index"]))
+            extra.append((_native.KEY_INDEX, record["index"]))
         extra += [
-            ("cirron.span_id", record["id"]),
-            ("thread.id", record["thread_id"]),
-            ("cirron.rank", record["rank"]),
+            (_native.KEY_SPAN_ID, record["id"]),
+            (_native.KEY_THREAD_ID, record["thread_id"]),
+            (_native.KEY_RANK, record["rank"]),
         ]
         if record.get("cpu_ns") is not None:
-            extra.append(("cirron.cpu_ns", record["cpu_ns"]))
+            extra.append((_native.KEY_CPU_NS, record["cpu_ns"]))
         if new_trace:
-            extra.append(("cirron.session.id", parent))
+            extra.append((_native.KEY_SESSION_ID, parent))
         st = self._open.pop(record["id"], None)
         if st is not None:
-            extra += [(f"cirron.summary.{name}", av) for name, av in st.summaries.items()]
+            extra += [(_native.KEY_SUMMARY_PREFIX + name, av) for name, av in st.summaries.items()]
         for key, value in extra:
             if len(span.attributes) >= limit:
                 dropped += 1
@@ -328,8 +329,10 @@ class Encoder:
                 events_dropped += 1
             else:
                 ev = span.events.add(time_unix_nano=record["end_ns"], name="exception")
-                ev.attributes.add(key="exception.type").value.string_value = str(attrs["error.type"])
-                ev.attributes.add(key="exception.message").value.string_value = str(
+                ev.attributes.add(key=_native.KEY_EXCEPTION_TYPE).value.string_value = str(
+                    attrs["error.type"]
+                )
+                ev.attributes.add(key=_native.KEY_EXCEPTION_MESSAGE).value.string_value = str(
                     attrs.get("error.message", "")
                 )
         span.dropped_events_count = events_dropped
@@ -342,7 +345,7 @@ class Encoder:
                     trace_id=bytes.fromhex(session_trace), span_id=bytes.fromhex(parent[:16])
                 )
                 if self.limits.link_attributes > 0:
-                    link.attributes.add(key="cirron.link").value.string_value = "session"
+                    link.attributes.add(key=_native.KEY_LINK).value.string_value = "session"
                 else:
                     link.dropped_attributes_count = 1
         if error:
