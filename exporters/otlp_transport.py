@@ -147,6 +147,21 @@ class GrpcTransport:
 
         self.config = config
         self._grpc = grpc
+        self._response_type = ExportTraceServiceResponse
+        self._metadata = tuple(config.headers) or None
+        # gRPC does not survive a fork() while a thread is in a call: it skips its fork
+        # handlers, and the child crashes (SIGSEGV) when it makes a channel of its own. So a
+        # fork closes the channel when a call is on the wire (the call ends CANCELLED, its
+        # request stays in the outbox and goes again), no call starts until the fork is done,
+        # and the parent then opens a new channel. Blocking calls, not futures: a future
+        # starts a thread, which Python 3.12+ refuses at interpreter exit.
+        self._call_lock = threading.Condition()
+        self._in_call = False
+        self._forking = False
+        self._open_channel()
+
+    def _open_channel(self) -> None:
+        grpc, config = self._grpc, self.config
         gzipped = config.compression == "gzip"
         compression = grpc.Compression.Gzip if gzipped else grpc.Compression.NoCompression
         # The sink backs off on its own; the channel must not add minutes of reconnect backoff
@@ -173,16 +188,9 @@ class GrpcTransport:
         self._export = self._channel.unary_unary(
             "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
             request_serializer=None,
-            response_deserializer=ExportTraceServiceResponse.FromString,
+            response_deserializer=self._response_type.FromString,
         )
-        self._metadata = tuple(config.headers) or None
-        # gRPC does not survive a fork() while a thread is in a call: it skips its fork
-        # handlers, and the child crashes (SIGSEGV) when it makes a channel of its own. So the
-        # call on the wire is cancelled before a fork (it stays in the outbox and is sent
-        # again) and no call starts until the fork is done.
-        self._call_lock = threading.Condition()
-        self._call: Any = None
-        self._forking = False
+        self._closed_for_fork = False
 
     @property
     def target(self) -> str:
@@ -192,37 +200,37 @@ class GrpcTransport:
         with self._call_lock:
             if self._forking:
                 return SendError("not sent: the process is forking", retryable=True)
-            call = self._call = self._export.future(
-                request, timeout=self.config.timeout, metadata=self._metadata
-            )
+            self._in_call = True
+            export = self._export
         try:
-            response = call.result()
-        except self._grpc.FutureCancelledError:
-            return SendError(
-                "gRPC CANCELLED: the process forked while the request was on the wire", retryable=True
-            )
+            response = export(request, timeout=self.config.timeout, metadata=self._metadata)
         except self._grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             name = code.name if code is not None else "UNKNOWN"
             details = exc.details() if hasattr(exc, "details") else str(exc)
             trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
             return classify_grpc(name, details, trailing)
+        except ValueError as exc:  # "Cannot invoke RPC on closed channel!": the fork closed it
+            return SendError(f"not sent: {exc}", retryable=True)
         finally:
             with self._call_lock:
-                self._call = None
+                self._in_call = False
                 self._call_lock.notify_all()
         return partial_success(response)
 
     def before_fork(self) -> None:
         with self._call_lock:
             self._forking = True
-            if self._call is not None:
-                self._call.cancel()
-                # the cancelled call returns at once; bounded all the same: fork must not hang
-                self._call_lock.wait_for(lambda: self._call is None, timeout=1.0)
+            if self._in_call:
+                self._closed_for_fork = True
+                self._channel.close()  # ends the call on the wire at once (CANCELLED)
+                # bounded all the same: a fork must never hang on telemetry
+                self._call_lock.wait_for(lambda: not self._in_call, timeout=1.0)
 
     def after_fork_in_parent(self) -> None:
         with self._call_lock:
+            if self._closed_for_fork:
+                self._open_channel()
             self._forking = False
 
     def shutdown(self) -> None:
