@@ -117,9 +117,40 @@ class _Request:
             self.ctx.run(self.scope.__exit__, type(exc) if exc else None, exc, None)
 
 
+class _Chunks:
+    """A stream's chunk bookkeeping, shared by the sync and async wrappers: time to the first
+    chunk, the gap between chunks, and the completion tokens (the usage the stream reports,
+    else the chunk count)."""
+
+    def __init__(self, req: _Request, chunk_timing: bool) -> None:
+        self.req, self.chunk_timing = req, chunk_timing
+        self.first_ns: int | None = None
+        self.last_ns: int | None = None
+        self.count = 0
+        self.explicit: Any = None
+
+    def seen(self, item: Any) -> None:
+        req, now = self.req, time.time_ns()
+        if self.first_ns is None:
+            self.first_ns = now
+            req.ctx.run(_summary, "time_to_first_token_ms", (now - req.start_ns) / 1e6)
+        elif self.chunk_timing and self.last_ns is not None:
+            gap_ms = (now - self.last_ns) / 1e6
+            req.ctx.run(_native.mark, "chunk_ms", gap_ms, kind="point", index=self.count)
+        self.last_ns = now
+        self.count += 1
+        usage = _usage(item) if not isinstance(item, str | bytes) else None
+        if usage and "completion_tokens" in usage:
+            self.explicit = usage["completion_tokens"]
+
+    def finish(self) -> None:
+        tokens = self.explicit if self.explicit is not None else self.count
+        req = self.req
+        req.ctx.run(_finish_stream, tokens, req.start_ns, self.first_ns, req.scope)
+
+
 def _stream(req: _Request, gen: Iterator[Any], chunk_timing: bool) -> Iterator[Any]:
-    first_ns = last_ns = None
-    count, explicit = 0, None
+    chunks = _Chunks(req, chunk_timing)
     it = iter(gen)
     try:
         while True:
@@ -127,17 +158,7 @@ def _stream(req: _Request, gen: Iterator[Any], chunk_timing: bool) -> Iterator[A
                 item = req.ctx.run(next, it)
             except StopIteration:
                 break
-            now = time.time_ns()
-            if first_ns is None:
-                first_ns = now
-                req.ctx.run(_summary, "time_to_first_token_ms", (now - req.start_ns) / 1e6)
-            elif chunk_timing and last_ns is not None:
-                req.ctx.run(_native.mark, "chunk_ms", (now - last_ns) / 1e6, kind="point", index=count)
-            last_ns = now
-            count += 1
-            usage = _usage(item) if not isinstance(item, str | bytes) else None
-            if usage and "completion_tokens" in usage:
-                explicit = usage["completion_tokens"]
+            chunks.seen(item)
             yield item
     finally:
         close = getattr(it, "close", None)
@@ -146,9 +167,7 @@ def _stream(req: _Request, gen: Iterator[Any], chunk_timing: bool) -> Iterator[A
                 req.ctx.run(close)
             except Exception as exc:
                 _count_error("stream_close", exc)
-        req.ctx.run(
-            _finish_stream, explicit if explicit is not None else count, req.start_ns, first_ns, req.scope
-        )
+        chunks.finish()
         req.close()
 
 
@@ -157,8 +176,7 @@ async def _astream(req: _Request, agen: AsyncIterator[Any], chunk_timing: bool) 
     # context per task), so marks the generator makes attach to the request.
     import asyncio
 
-    first_ns = last_ns = None
-    count, explicit = 0, None
+    chunks = _Chunks(req, chunk_timing)
     it = agen.__aiter__()
     try:
         while True:
@@ -166,17 +184,7 @@ async def _astream(req: _Request, agen: AsyncIterator[Any], chunk_timing: bool) 
                 item = await asyncio.create_task(_anext(it), context=req.ctx)
             except StopAsyncIteration:
                 break
-            now = time.time_ns()
-            if first_ns is None:
-                first_ns = now
-                req.ctx.run(_summary, "time_to_first_token_ms", (now - req.start_ns) / 1e6)
-            elif chunk_timing and last_ns is not None:
-                req.ctx.run(_native.mark, "chunk_ms", (now - last_ns) / 1e6, kind="point", index=count)
-            last_ns = now
-            count += 1
-            usage = _usage(item) if not isinstance(item, str | bytes) else None
-            if usage and "completion_tokens" in usage:
-                explicit = usage["completion_tokens"]
+            chunks.seen(item)
             yield item
     finally:
         aclose = getattr(it, "aclose", None)
@@ -185,9 +193,7 @@ async def _astream(req: _Request, agen: AsyncIterator[Any], chunk_timing: bool) 
                 await aclose()
             except Exception as exc:
                 _count_error("stream_close", exc)
-        req.ctx.run(
-            _finish_stream, explicit if explicit is not None else count, req.start_ns, first_ns, req.scope
-        )
+        chunks.finish()
         req.close()
 
 
