@@ -98,7 +98,9 @@ class SinkWorker(threading.Thread):
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        if threading.current_thread() is not self:
+        if (
+            threading.current_thread() is not self and self.ident is not None
+        ):  # never started: nothing to join
             self.join(timeout)
 
     def run(self) -> None:
@@ -196,7 +198,9 @@ class Drainer(threading.Thread):
         deadline = time.monotonic() + timeout
         self._stopping = True
         _native.wake()
-        if threading.current_thread() is not self:
+        if (
+            threading.current_thread() is not self and self.ident is not None
+        ):  # never started: nothing to join
             self.join(timeout)
         self._wait_workers(deadline)
         for w in self.workers:

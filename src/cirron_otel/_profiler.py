@@ -437,7 +437,37 @@ def _at_exit() -> None:
     _shutdown(prof.settings.shutdown_timeout if prof is not None else _SHUTDOWN_TIMEOUT, exiting=True)
 
 
+# A Python-level signal handler loses a signal that reaches a forked child before the
+# interpreter has re-initialised (CPython clears the child's pending-signal flags, bpo-9535),
+# and Pool.terminate() sends SIGTERM to workers that may have just been forked: the worker
+# would then live on and terminate() wait for it forever. So the forking thread blocks the
+# signals we handle across fork(): one that arrives meanwhile stays pending in the kernel,
+# and is delivered when the child's after-fork hook (ours runs last) restores the mask.
+_FORK_BLOCKED = frozenset({signal.SIGTERM, signal.SIGINT})
+_mask_before_fork: set[signal.Signals] | None = None
+
+
+def _block_signals_for_fork() -> None:
+    global _mask_before_fork
+    if _mask_before_fork is None:  # a fork from inside another fork's hooks: keep the first
+        try:
+            _mask_before_fork = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
+        except (OSError, ValueError):
+            _mask_before_fork = None
+
+
+def _restore_signals_after_fork() -> None:
+    global _mask_before_fork
+    mask, _mask_before_fork = _mask_before_fork, None
+    if mask is not None:
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        except (OSError, ValueError):
+            pass
+
+
 def _before_fork() -> None:
+    _block_signals_for_fork()
     prof = _active
     for sink in prof.sinks if prof is not None else ():
         try:
@@ -448,11 +478,14 @@ def _before_fork() -> None:
 
 def _after_fork_in_parent() -> None:
     prof = _active
-    for sink in prof.sinks if prof is not None else ():
-        try:
-            sink.after_fork_in_parent()
-        except Exception as exc:
-            sink.stats.error("after fork", exc)
+    try:
+        for sink in prof.sinks if prof is not None else ():
+            try:
+                sink.after_fork_in_parent()
+            except Exception as exc:
+                sink.stats.error("after fork", exc)
+    finally:
+        _restore_signals_after_fork()
 
 
 def _after_fork_in_child() -> None:
@@ -470,6 +503,9 @@ def _after_fork_in_child() -> None:
             _register_multiprocessing_finalizer()
     except Exception as exc:
         warn_once("fork", f"cirron_otel: could not restart after fork: {type(exc).__name__}: {exc}")
+    finally:
+        # last: a SIGTERM held since the fork now finds the child's session and drainer ready
+        _restore_signals_after_fork()
 
 
 def _register_multiprocessing_finalizer() -> None:

@@ -6,6 +6,7 @@ SIGTERM to every worker) keeps its workers' records."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -106,3 +107,49 @@ def test_a_child_program_that_calls_profile_joins_the_parents_output_dir(out, tm
     link = {"cirron.parent_session_id": res["session"], "cirron.parent_pid": res["pid"]}
     assert {k: child_session["attrs"].get(k) for k in link} == link  # beside cirron-sdk's pid, rank, device
     assert not (tmp_path / ".cirron").exists()  # not the default directory
+
+
+FORK_AND_KILL_PROGRAM = """
+import json, os, signal, sys, time
+import cirron_otel as ci
+
+prof = ci.profile(output_dir=sys.argv[1], flush_interval=60)
+children, stuck = {}, []
+for _ in range(40):
+    pid = os.fork()
+    if pid == 0:
+        ci.mark("child", 1)
+        os.read(os.pipe()[0], 1)  # blocks for ever: only a signal ends this child
+        os._exit(0)
+    os.kill(pid, signal.SIGTERM)  # at once, as Pool.terminate() does to a worker just forked
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            children[pid] = os.WTERMSIG(status) if os.WIFSIGNALED(status) else -os.WEXITSTATUS(status)
+            break
+        if time.monotonic() > deadline:  # the signal was lost: the child would live for ever
+            stuck.append(pid)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.001)
+    if stuck:  # one is enough to fail
+        break
+print(json.dumps({"session": prof.session.id, "children": children, "stuck": stuck}))
+"""
+
+
+def test_a_sigterm_sent_the_instant_a_child_is_forked_ends_it_after_its_session_is_written(out, tmp_path):
+    # CPython drops a signal that reaches a forked child before its interpreter has
+    # re-initialised, when the handler is a Python one (ours): Pool.terminate() then waited for
+    # ever on a worker forked just before (seen in CI). The signals are blocked across fork.
+    r = run_script(FORK_AND_KILL_PROGRAM.replace("sys.argv[1]", repr(str(out))), timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["stuck"] == [], f"child {res['stuck']} lost its SIGTERM"
+    assert set(res["children"].values()) == {int(signal.SIGTERM)}  # died by it, as without us
+    spans, _ = spans_and_marks(out)
+    sessions = {s["pid"]: s for s in spans if s["name"] == "cirron.session"}
+    for pid in map(int, res["children"]):  # our handler ran: the child's session was written
+        assert sessions[pid]["parent_id"] == res["session"] and sessions[pid]["end_ns"] is not None
