@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from .conftest import TRAIN, cli, load_records
+from .conftest import TRAIN, cli, load_records, run_python
 
 REQUIRED = {
     "X": {"name", "ph", "ts", "dur", "pid", "tid"},
@@ -32,6 +33,22 @@ def chrome(spool: Path, tmp_path: Path, fmt: str = "perfetto") -> list[dict[str,
     doc = json.loads(target.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert isinstance(doc["traceEvents"], list)
     return doc["traceEvents"]
+
+
+def well_formed(slices: Iterable[dict[str, Any]]) -> None:
+    """Any two slices of one track nest or are disjoint (times in ns, as a viewer reads them)."""
+    per_thread: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+    for e in slices:
+        start = round(e["ts"] * 1000)
+        per_thread[(e["pid"], e["tid"])].append((start, start + round(e["dur"] * 1000)))
+    for intervals in per_thread.values():
+        intervals.sort(key=lambda iv: (iv[0], -iv[1]))
+        stack: list[int] = []
+        for start, end in intervals:
+            while stack and stack[-1] <= start:
+                stack.pop()
+            assert not stack or end <= stack[-1], (start, end, stack)
+            stack.append(end)
 
 
 def test_chrome_trace_events_have_the_required_fields(train_spool: Path, tmp_path: Path) -> None:
@@ -70,18 +87,7 @@ def test_chrome_slices_nest_per_thread_and_carry_summaries(train_spool: Path, tm
         s = by_id[e["args"]["id"]]
         assert round(e["dur"] * 1000) == s["end_ns"] - s["start_ns"]
         assert (e["pid"], e["tid"]) == (s["pid"], s["thread_id"])
-    per_thread: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
-    for e in slices:  # in ns, as a viewer reads them
-        start = round(e["ts"] * 1000)
-        per_thread[(e["pid"], e["tid"])].append((start, start + round(e["dur"] * 1000)))
-    for intervals in per_thread.values():  # well-formed: any two slices nest or are disjoint
-        intervals.sort(key=lambda iv: (iv[0], -iv[1]))
-        stack: list[int] = []
-        for start, end in intervals:
-            while stack and stack[-1] <= start:
-                stack.pop()
-            assert not stack or end <= stack[-1], (start, end, stack)
-            stack.append(end)
+    well_formed(slices)
     epochs = [e for e in slices if e["name"] == "epoch"]
     for e in epochs:
         summary = [m for m in marks if m["span_id"] == e["args"]["id"] and m["kind"] == "summary"]
@@ -226,3 +232,43 @@ def test_malformed_and_unreadable_files(train_spool: Path, tmp_path: Path) -> No
         assert result.exit_code == 1 and "cirron-otel validate" in result.stderr
         assert not target.exists()  # no partial file
     assert cli("replay", str(out), "--dry-run").exit_code == 1
+
+
+OVERLAP = """
+import sys
+import cirron_otel as ci
+ci.profile(output_dir=sys.argv[1], install_signal_handlers=False)
+def held():
+    with ci.scope("held"):  # opened here, closed by the second next(): inside "later"
+        yield
+        ci.mark("note", "in held")
+g = held()
+next(g)
+with ci.scope("later"):
+    with ci.scope("inner"):
+        next(g, None)
+ci.shutdown()
+"""
+
+
+def test_overlapping_slices_of_one_thread_go_to_a_lane_of_their_own(tmp_path: Path) -> None:
+    out = tmp_path / "cirron"
+    run_python(OVERLAP, str(out))
+    spans, _ = load_records(out)
+    held, later = (next(s for s in spans if s["name"] == n) for n in ("held", "later"))
+    assert held["start_ns"] < later["start_ns"] < held["end_ns"] < later["end_ns"]  # the overlap
+    events = chrome(out, tmp_path)
+    slices = {e["name"]: e for e in events if e["ph"] == "X"}
+    well_formed(slices.values())
+    tid = held["thread_id"]
+    lanes = {(e["tid"], e["args"]["name"]) for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert (tid, f"thread {tid}") in lanes
+    (lane,) = {t for t, name in lanes if name == f"thread {tid} · overlapping 1"}
+    assert lane < 0  # never a real thread's id
+    assert slices["held"]["tid"] == tid and slices["later"]["tid"] == lane  # started later: moved
+    assert slices["inner"]["tid"] == lane  # nests in "later", on its lane
+    assert slices["cirron.session"]["tid"] == tid
+    (note,) = (e for e in events if e["ph"] == "i" and e["name"] == "note")
+    (mark,) = (m for m in load_records(out)[1] if m["name"] == "note")
+    owner = next(s for s in spans if s["id"] == mark["span_id"])
+    assert note["tid"] == slices[owner["name"]]["tid"]  # drawn on its span's track

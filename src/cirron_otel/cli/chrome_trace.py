@@ -7,6 +7,11 @@
 - a string point mark: an instant event (`"ph": "i"`, thread scope) on its span's thread;
 - metadata events name each process (`rank R · pid P`) and thread.
 
+A viewer draws one thread's slices as a stack, so two that overlap without nesting (a scope
+held by a generator and closed inside a later one) would be drawn wrongly or rejected
+(Perfetto's "slice not nested"). Such a slice goes to an extra track of its thread, a
+"lane" with a tid of its own (negative, so never a real thread's), named after the thread.
+
 Marks carry no pid or tid (their span does) and spans close after their marks, so a first
 pass keeps, per span id, its (pid, tid) and summaries (memory bounded by the spans); the
 second pass streams the events out. Timestamps are microseconds since the spool's first
@@ -33,6 +38,8 @@ class Prepass:
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # span id -> {name: value}
     processes: dict[int, int] = field(default_factory=dict)  # pid -> rank
     threads: set[tuple[int, int]] = field(default_factory=set)
+    intervals: dict[tuple[int, int], list[tuple[int, int, str]]] = field(default_factory=dict)
+    lanes: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # thread -> its lane tids
 
     def _t(self, ns: Any) -> None:
         if isinstance(ns, int) and (self.origin_ns is None or ns < self.origin_ns):
@@ -48,13 +55,51 @@ def prepass(files: list[reader.SpoolFile]) -> Prepass:
             p.where[span["id"]] = (span["pid"], span["thread_id"])
             p.processes[span["pid"]] = span["rank"]
             p.threads.add((span["pid"], span["thread_id"]))
+            p.intervals.setdefault((span["pid"], span["thread_id"]), []).append(
+                (span["start_ns"], span["end_ns"], span["id"])
+            )
             p._t(span["start_ns"])
         for mark in batch.marks:
             p._t(mark["ts_ns"])
             if mark.get("kind") == "summary":
                 value = _json_value(reader.mark_value(mark))
                 p.summaries.setdefault(mark["span_id"], {})[mark["name"]] = value
+    _assign_lanes(p)
     return p
+
+
+def _assign_lanes(p: Prepass) -> None:
+    """Per thread, by start time (outer first): a slice goes to the first lane where it nests
+    in, or follows, what is open there; its span (and so its marks) is drawn on that lane."""
+    next_tid = -1
+    for (pid, tid), spans in sorted(p.intervals.items()):
+        spans.sort(key=lambda iv: (iv[0], -iv[1]))
+        stacks: list[list[int]] = []  # per lane: the ends of its open slices
+        tids: list[int] = []
+        for start, end, span_id in spans:
+            lane = _fit(stacks, start, end)
+            if lane == len(stacks):
+                stacks.append([])
+                if lane:
+                    tids.append(next_tid)
+                    next_tid -= 1
+            stacks[lane].append(end)
+            if lane:
+                p.where[span_id] = (pid, tids[lane - 1])
+        if tids:
+            p.lanes[(pid, tid)] = tids
+    p.intervals.clear()  # not needed again: the memory goes back
+
+
+def _fit(stacks: list[list[int]], start: int, end: int) -> int:
+    """The first lane whose innermost open slice contains [start, end] or has ended by
+    `start` (len(stacks): none, a new lane)."""
+    for lane, stack in enumerate(stacks):
+        while stack and stack[-1] <= start:
+            stack.pop()
+        if not stack or end <= stack[-1]:
+            return lane
+    return len(stacks)
 
 
 @dataclass
@@ -64,6 +109,7 @@ class Stats:
     instants: int = 0
     nonfinite_skipped: int = 0
     unattached_marks: int = 0
+    lane_slices: int = 0  # slices moved to an extra lane of their thread (see the docstring)
 
 
 def _json_value(value: Any) -> Any:
@@ -85,8 +131,25 @@ def events(files: list[reader.SpoolFile], pre: Prepass, stats: Stats) -> Iterato
             "args": {"name": f"rank {rank} · pid {pid}"},
         }
         yield {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": rank}}
-    for pid, tid in sorted(pre.threads):
+    for order, (pid, tid) in enumerate(sorted(pre.threads)):
         yield {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": f"thread {tid}"}}
+        yield {
+            "ph": "M",
+            "name": "thread_sort_index",
+            "pid": pid,
+            "tid": tid,
+            "args": {"sort_index": 2 * order},
+        }
+        for k, lane in enumerate(pre.lanes.get((pid, tid), ()), 1):
+            name = f"thread {tid} · overlapping {k}"
+            yield {"ph": "M", "name": "thread_name", "pid": pid, "tid": lane, "args": {"name": name}}
+            yield {
+                "ph": "M",
+                "name": "thread_sort_index",
+                "pid": pid,
+                "tid": lane,
+                "args": {"sort_index": 2 * order + 1},
+            }
     for batch in reader.iter_batches("", files):
         for span in batch.spans:
             args: dict[str, Any] = {"id": span["id"]}
@@ -100,12 +163,14 @@ def events(files: list[reader.SpoolFile], pre: Prepass, stats: Stats) -> Iterato
             for name, value in pre.summaries.get(span["id"], {}).items():
                 args[f"summary.{name}"] = value
             stats.slices += 1
+            pid, tid = pre.where.get(span["id"], (span["pid"], span["thread_id"]))
+            stats.lane_slices += tid != span["thread_id"]
             yield {
                 "ph": "X",
                 "name": span["name"],
                 "cat": "scope",
-                "pid": span["pid"],
-                "tid": span["thread_id"],
+                "pid": pid,
+                "tid": tid,
                 "ts": _us(span["start_ns"] - origin),
                 "dur": _us(span["end_ns"] - span["start_ns"]),
                 "args": args,

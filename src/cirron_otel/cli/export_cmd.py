@@ -84,6 +84,8 @@ def _export(path: str, fmt: str, output: str, service_name: str | None) -> str:
                 f"{stats.slices} slices, {stats.counters} counter points, {stats.instants} instant "
                 f"events ({stats.nonfinite_skipped} non-finite points left out)"
             )
+            if stats.lane_slices:
+                summary += f"; {stats.lane_slices} overlapping slices drawn on extra thread tracks"
         else:
             from .otlp_map import iter_parts, to_otlp_json
 
