@@ -639,8 +639,8 @@ def restore_children_env() -> None:
 
 # -- cirron-sdk 0.3.0 compatibility: its profiling settings, as the SDK resolves them --------------
 # explicit profile() arguments > profile(config=...) > cirron.yaml's `profiling:` section > the
-# Cirron instance (its constructor > CIRRON_* variables > defaults). ~/.cirron/config.toml, the
-# SDK's remaining layer, is not read (see README, compatibility).
+# Cirron instance (its constructor > CIRRON_* variables > ~/.cirron/config.toml's [default]
+# table > defaults).
 
 SNAPSHOT_MODES = ("stats", "sampled", "full")
 SDK_CONFIG_FILENAMES = ("cirron.yaml", "cirron.yml", "cirron.json")
@@ -659,19 +659,48 @@ SDK_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "load_max_bytes": 10 << 30,
     }
 )
-# The SDK ignores a CIRRON_* value it cannot parse (falls back to the next layer); so do we.
-_SDK_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "api_key": ("CIRRON_API_KEY", str),
-    "api_endpoint": ("CIRRON_API_ENDPOINT", str),
-    "workspace_id": ("CIRRON_WORKSPACE_ID", str),
-    "output_dir": ("CIRRON_OUTPUT_DIR", str),
-    "snapshots": ("CIRRON_SNAPSHOTS", lambda v: v if v in SNAPSHOT_MODES else None),
-    "sample_rate": ("CIRRON_SAMPLE_RATE", float),
-    "flush_interval": ("CIRRON_FLUSH_INTERVAL", float),
-    "spool_max_bytes": ("CIRRON_SPOOL_MAX_BYTES", int),
-    "ingest_path": ("CIRRON_INGEST_PATH", str),
-    "load_warn_bytes": ("CIRRON_LOAD_WARN_BYTES", int),
-    "load_max_bytes": ("CIRRON_LOAD_MAX_BYTES", int),
+
+
+# The SDK's coercions, for CIRRON_* strings and config.toml values alike: a value that does not
+# coerce is ignored (the next layer down applies), never an error; booleans are not numbers.
+def _sdk_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _sdk_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _sdk_int(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def _sdk_snapshots(value: Any) -> str | None:
+    return value if isinstance(value, str) and value in SNAPSHOT_MODES else None
+
+
+_SDK_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "api_key": ("CIRRON_API_KEY", _sdk_str),
+    "api_endpoint": ("CIRRON_API_ENDPOINT", _sdk_str),
+    "workspace_id": ("CIRRON_WORKSPACE_ID", _sdk_str),
+    "output_dir": ("CIRRON_OUTPUT_DIR", _sdk_str),
+    "snapshots": ("CIRRON_SNAPSHOTS", _sdk_snapshots),
+    "sample_rate": ("CIRRON_SAMPLE_RATE", _sdk_float),
+    "flush_interval": ("CIRRON_FLUSH_INTERVAL", _sdk_float),
+    "spool_max_bytes": ("CIRRON_SPOOL_MAX_BYTES", _sdk_int),
+    "ingest_path": ("CIRRON_INGEST_PATH", _sdk_str),
+    "load_warn_bytes": ("CIRRON_LOAD_WARN_BYTES", _sdk_int),
+    "load_max_bytes": ("CIRRON_LOAD_MAX_BYTES", _sdk_int),
 }
 PLATFORM_CONTEXT_ENV = (
     ("run_id", "CIRRON_RUN_ID"),
@@ -681,19 +710,51 @@ PLATFORM_CONTEXT_ENV = (
 )
 
 
-def sdk_instance_config(explicit: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """A `Cirron(...)` instance's settings: its arguments > CIRRON_* variables > defaults."""
+def sdk_home_config(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The [default] table of ~/.cirron/config.toml (or `path`), coerced as the SDK does.
+
+    A missing file is {}. An unreadable or malformed one is {} too, as in the SDK (a user's home
+    file must not stop their program), but says why once, where the SDK is silent."""
+    if path is None:
+        try:
+            path = os.path.join(os.path.expanduser("~"), ".cirron", "config.toml")
+        except (RuntimeError, OSError):
+            return {}
+    if not os.path.isfile(path):
+        return {}
+    import tomllib  # only when the file exists (start-up cost)
+
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f).get("default")
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        from ._warn import warn_once
+
+        warn_once("config.toml", f"cirron_otel: {os.fspath(path)} ignored: {type(exc).__name__}: {exc}")
+        return {}
+    if not isinstance(table, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, (_variable, coerce) in _SDK_FIELDS.items():
+        if key in table and (value := coerce(table[key])) is not None:
+            out[key] = value
+    return out
+
+
+def sdk_instance_config(
+    explicit: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    home_config: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """A `Cirron(...)` instance's settings: its arguments > CIRRON_* variables >
+    ~/.cirron/config.toml (or `home_config`) > defaults."""
     env = os.environ if env is None else env
     out = dict(SDK_DEFAULTS)
-    for key, (variable, parse) in _SDK_ENV.items():
+    out.update(sdk_home_config(home_config))
+    for key, (variable, coerce) in _SDK_FIELDS.items():
         raw = env.get(variable)
-        if raw:
-            try:
-                value = parse(raw)
-            except ValueError:
-                value = None
-            if value is not None:
-                out[key] = value
+        if raw and (value := coerce(raw)) is not None:
+            out[key] = value
     out.update({k: v for k, v in explicit.items() if v is not None})
     return out
 

@@ -365,3 +365,52 @@ def test_profiler_handle_and_an_explicit_cirron_instance(both) -> None:
     res = both(scripts.HANDLE, {"CIRRON_RUN_ID": "r7"})
     assert res["cirron_otel"][0] == res["cirron"][0]
     assert res["cirron"][0]["ctx"] == {"run_id": "r7"} and res["cirron"][0]["spool_files"] is True
+
+
+HOME_CONFIG_SCRIPT = r"""
+import json, sys
+ci = __import__(sys.argv[1])
+ci.profile()
+ci.mark("m", 1)
+d = ci.get_default()
+ci.shutdown()
+print("@@" + json.dumps([d.snapshots, d.sample_rate, d.flush_interval, d.output_dir, d.spool_max_bytes]))
+"""
+
+
+SDK_DEFAULT_VIEW = ["stats", 0.01, 1.0, "./.cirron/", 1_000_000_000]
+
+
+@pytest.mark.parametrize(
+    "toml, env, expected",
+    [
+        (  # every layer: a bool is no number (default 1.0), a string int coerces, env wins
+            'workspace = "x"\n[default]\noutput_dir = "./from-toml/"\nsnapshots = "full"\n'
+            'sample_rate = 0.2\nflush_interval = true\nspool_max_bytes = "1048576"\n',
+            {"CIRRON_SAMPLE_RATE": "0.4"},
+            ["full", 0.4, 1.0, "./from-toml/", 1048576],
+        ),
+        ("[default\nsnapshots = 'full'\n", {}, SDK_DEFAULT_VIEW),  # malformed: ignored
+        ('[default]\nsnapshots = "all"\nsample_rate = "a lot"\n', {}, SDK_DEFAULT_VIEW),  # values ignored
+    ],
+)
+def test_home_config_toml_is_read_as_the_sdk_reads_it(
+    tmp_path: Path, toml: str, env: dict[str, str], expected: list[Any]
+) -> None:
+    home = tmp_path / "home"
+    (home / ".cirron").mkdir(parents=True)
+    (home / ".cirron" / "config.toml").write_text(toml)
+    results = {}
+    for m in MODULES:
+        results[m] = run(HOME_CONFIG_SCRIPT, m, tmp_path, {"HOME": str(home), **env})
+    sdk, ours = results["cirron"][0], results["cirron_otel"][0]
+    assert ours == sdk
+    assert ours == expected
+    for m in MODULES:  # the spool is where the resolved output_dir says
+        assert list((tmp_path / m / ours[3] / "spool").glob("*.json")), m
+    if "[default\n" in toml:  # the SDK is silent about a broken file; we say so, once
+        from cirron_otel import _config, _warn
+
+        _warn.reset()
+        with pytest.warns(_warn.CirronWarning, match=r"config\.toml ignored: TOMLDecodeError"):
+            assert _config.sdk_home_config(home / ".cirron" / "config.toml") == {}
