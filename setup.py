@@ -23,6 +23,7 @@ setup(
                 "src/cirron_otel/grisu2.h",
                 "src/cirron_otel/json.h",
                 "src/cirron_otel/mapping.h",
+                "src/cirron_otel/metric_points.h",
                 "src/cirron_otel/native.h",
                 "src/cirron_otel/pb.h",
                 "src/cirron_otel/spantab.h",

@@ -27,6 +27,7 @@ KEY_MARK_VALUE: str
 KEY_MARK_KIND: str
 KEY_MARK_ID: str
 KEY_LINK: str
+KEY_SCOPE: str
 EVENT_EXCEPTION: str
 KEY_EXCEPTION_TYPE: str
 KEY_EXCEPTION_MESSAGE: str
@@ -96,7 +97,7 @@ class Batch:
 class OtlpState:
     """Marks of still-open spans, kept between otlp_encode() calls."""
 
-    def __init__(self, event_limit: int = 128) -> None: ...
+    def __init__(self, event_limit: int = 128, metrics: bool = False) -> None: ...
     @property
     def open_spans(self) -> int: ...
     @property
@@ -105,6 +106,10 @@ class OtlpState:
     def unsampled_spans(self) -> int: ...
     @property
     def events_dropped(self) -> int: ...
+    @property
+    def metric_points_ready(self) -> int: ...
+    @property
+    def metric_points_dropped(self) -> int: ...
 
 def mark(
     name: str, value: float | int | str | bool, *, kind: Literal["point", "summary"] = "point", **attrs: Any
@@ -159,6 +164,16 @@ def otlp_encode(
     scope_name: str,
     scope_version: str,
     session_trace: tuple[int, int] = (0, 0),
+    max_request_bytes: int = 1048576,
+) -> list[tuple[bytes, int]]: ...
+def otlp_metrics_encode(
+    state: OtlpState,
+    resource: bytes,
+    scope_name: str,
+    scope_version: str,
+    prefix: str,
+    start_ns: int,
+    session: tuple[int, int] = (0, 0),
     max_request_bytes: int = 1048576,
 ) -> list[tuple[bytes, int]]: ...
 def wait(timeout: float) -> bool: ...

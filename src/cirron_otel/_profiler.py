@@ -8,6 +8,7 @@ path (mark, scopes, epochs) is entirely in `_native`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import sys
@@ -460,10 +461,8 @@ def _restore_signals_after_fork() -> None:
     global _mask_before_fork
     mask, _mask_before_fork = _mask_before_fork, None
     if mask is not None:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        except (OSError, ValueError):
-            pass
 
 
 def _before_fork() -> None:

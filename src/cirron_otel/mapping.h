@@ -4,7 +4,8 @@
  * no Python.
  *
  * Field numbers are those of opentelemetry-proto (v1): collector/trace/v1/trace_service.proto,
- * trace/v1/trace.proto, common/v1/common.proto, resource/v1/resource.proto. Only the fields
+ * trace/v1/trace.proto, common/v1/common.proto, resource/v1/resource.proto, and the metrics
+ * ones named where they are. Only the fields
  * the encoder writes are named.
  *
  * The attribute keys are defined here once: module.c exports each as a module constant of
@@ -70,9 +71,38 @@ enum { /* AnyValue */
 
 enum { ARRAY_VALUE_VALUES = 1 }; /* ArrayValue */
 
+/* metrics: collector/metrics/v1/metrics_service.proto, metrics/v1/metrics.proto */
+enum { EXPORT_METRICS_REQUEST_RESOURCE_METRICS = 1 }; /* ExportMetricsServiceRequest */
+
+enum { RESOURCE_METRICS_RESOURCE = 1, RESOURCE_METRICS_SCOPE_METRICS = 2 }; /* ResourceMetrics */
+
+enum { SCOPE_METRICS_SCOPE = 1, SCOPE_METRICS_METRICS = 2 }; /* ScopeMetrics */
+
+enum { METRIC_NAME = 1, METRIC_UNIT = 3, METRIC_SUM = 7 }; /* Metric */
+
+enum { SUM_DATA_POINTS = 1, SUM_AGGREGATION_TEMPORALITY = 2, SUM_IS_MONOTONIC = 3 }; /* Sum */
+
+enum { /* NumberDataPoint */
+    NUMBER_DATA_POINT_START_TIME_UNIX_NANO = 2,
+    NUMBER_DATA_POINT_TIME_UNIX_NANO = 3,
+    NUMBER_DATA_POINT_AS_DOUBLE = 4,
+    NUMBER_DATA_POINT_EXEMPLARS = 5,
+    NUMBER_DATA_POINT_AS_INT = 6, /* sfixed64 */
+    NUMBER_DATA_POINT_ATTRIBUTES = 7,
+};
+
+enum { /* Exemplar */
+    EXEMPLAR_TIME_UNIX_NANO = 2,
+    EXEMPLAR_AS_DOUBLE = 3,
+    EXEMPLAR_SPAN_ID = 4,
+    EXEMPLAR_TRACE_ID = 5,
+    EXEMPLAR_AS_INT = 6, /* sfixed64 */
+};
+
 /* -- OTLP enum and flag values --------------------------------------------------------- */
 
 enum { SPAN_KIND_INTERNAL = 1 };  /* Span.SpanKind */
+enum { AGGREGATION_TEMPORALITY_CUMULATIVE = 2 }; /* AggregationTemporality */
 enum { STATUS_CODE_ERROR = 2 };   /* Status.StatusCode */
 /* Span.flags (fixed32): W3C trace flags 0x01 (sampled) | SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
  * (0x100) with SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK (0x200) clear: sampled, known not remote */
@@ -99,6 +129,8 @@ enum { STATUS_CODE_ERROR = 2 };   /* Status.StatusCode */
 #define KEY_MARK_ID "cirron.mark.id"
 /* on the link from a trace to the session */
 #define KEY_LINK "cirron.link"
+#define KEY_SCOPE "cirron.scope" /* a metric point: the name of the scope its mark attached to */
+#define SESSION_SCOPE "cirron.session" /* that name for the marks on the session */
 /* the event of a span closed by an exception (OpenTelemetry semantic conventions) */
 #define EVENT_EXCEPTION "exception"
 #define KEY_EXCEPTION_TYPE "exception.type"
@@ -123,6 +155,7 @@ enum { STATUS_CODE_ERROR = 2 };   /* Status.StatusCode */
     X(KEY_MARK_KIND)                                                                           \
     X(KEY_MARK_ID)                                                                             \
     X(KEY_LINK)                                                                                \
+    X(KEY_SCOPE)                                                                               \
     X(EVENT_EXCEPTION)                                                                         \
     X(KEY_EXCEPTION_TYPE)                                                                      \
     X(KEY_EXCEPTION_MESSAGE)                                                                   \

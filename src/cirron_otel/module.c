@@ -314,6 +314,8 @@ static PyMethodDef module_methods[] = {
     {"format_float", (PyCFunction)mod_format_float, METH_O, NULL},
     {"otlp_encode", (PyCFunction)(void (*)(void))cn_mod_otlp_encode, METH_VARARGS | METH_KEYWORDS,
      NULL},
+    {"otlp_metrics_encode", (PyCFunction)(void (*)(void))cn_mod_otlp_metrics_encode,
+     METH_VARARGS | METH_KEYWORDS, NULL},
     {"mark", (PyCFunction)(void (*)(void))cn_mod_mark, METH_FASTCALL | METH_KEYWORDS,
      "mark(name, value, *, kind='point', **attrs)"},
     {"scope", (PyCFunction)(void (*)(void))cn_mod_scope, METH_FASTCALL | METH_KEYWORDS,

@@ -7,6 +7,10 @@
  * their span closes (possibly batches earlier), so an OtlpState keeps, per open span, its
  * last `event limit` events already encoded and its summaries, until the span closes.
  * Attribute values were rendered as KeyValues in the drainer's GIL pass (render.c).
+ *
+ * With metrics on (OtlpState(metrics=True)), every numeric mark is also a metric data point
+ * (metric_points.h): kept with its open span like its event, complete at the span's close
+ * (scope name, exemplar ids), and encoded by otlp_metrics_encode() into requests of their own.
  */
 #include "native.h"
 
@@ -14,7 +18,13 @@
 
 #include "json.h"    /* hex64 */
 #include "mapping.h" /* field numbers and attribute keys */
+#include "metric_points.h"
 #include "pb.h"
+
+/* points a span still open keeps for the metrics (README, "Marks as metrics"); beyond, the
+ * newest are dropped and counted: a scope open for the whole run with marks in it directly
+ * (not in a nested scope) must not grow without bound. The session's go out at once. */
+#define PENDING_POINTS_MAX 100000u
 
 
 /* Wire-format writers (pb_*, PB_LIT): pb.h; field numbers (SPAN_NAME, ...) and attribute
@@ -70,6 +80,7 @@ typedef struct {
     summary_t *sum;
     uint32_t n_sum;
     size_t sum_cap;
+    mpoints_t points; /* metric points, waiting for the span's name and trace id */
 } ospan_t;
 
 typedef struct {
@@ -77,6 +88,9 @@ typedef struct {
     spantab_t spans; /* span id -> ospan_t */
     uint32_t event_limit;
     uint64_t root_marks, unsampled_spans, events_dropped;
+    int metrics;         /* collect metric points */
+    mpoints_t ready;     /* points complete, for the next otlp_metrics_encode() */
+    uint64_t points_dropped;
 } OtlpStateObject;
 
 static void
@@ -89,6 +103,7 @@ ospan_free(ospan_t *e)
         free(e->sum[k].name_raw);
     }
     free(e->sum);
+    mpoints_free(&e->points);
     free(e);
 }
 
@@ -106,15 +121,17 @@ OtlpState_dealloc(OtlpStateObject *st)
         if (st->spans.slot[k] != NULL)
             ospan_free((ospan_t *)st->spans.slot[k]);
     spantab_free(&st->spans);
+    mpoints_free(&st->ready);
     PyObject_Free(st);
 }
 
 static PyObject *
 OtlpState_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"event_limit", NULL};
+    static char *kwlist[] = {"event_limit", "metrics", NULL};
     unsigned int limit = 128;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|I:OtlpState", kwlist, &limit))
+    int metrics = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|Ip:OtlpState", kwlist, &limit, &metrics))
         return NULL;
     OtlpStateObject *st = PyObject_New(OtlpStateObject, &cn_OtlpState_Type);
     if (st == NULL)
@@ -122,6 +139,9 @@ OtlpState_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     st->spans = (spantab_t){0};
     st->event_limit = limit;
     st->root_marks = st->unsampled_spans = st->events_dropped = 0;
+    st->metrics = metrics;
+    st->ready = (mpoints_t){0};
+    st->points_dropped = 0;
     return (PyObject *)st;
 }
 
@@ -132,6 +152,8 @@ OtlpState_get(OtlpStateObject *st, void *which)
     case 0: return PyLong_FromSize_t(st->spans.n);
     case 1: return PyLong_FromUnsignedLongLong(st->root_marks);
     case 2: return PyLong_FromUnsignedLongLong(st->unsampled_spans);
+    case 4: return PyLong_FromSize_t(st->ready.n);
+    case 5: return PyLong_FromUnsignedLongLong(st->points_dropped);
     default: return PyLong_FromUnsignedLongLong(st->events_dropped);
     }
 }
@@ -141,6 +163,10 @@ static PyGetSetDef OtlpState_getset[] = {
     {"root_marks", (getter)OtlpState_get, NULL, "marks on \"root\": spool only", (void *)1},
     {"unsampled_spans", (getter)OtlpState_get, NULL, "spans not exported (parent not sampled)", (void *)2},
     {"events_dropped", (getter)OtlpState_get, NULL, "events over the event count limit", (void *)3},
+    {"metric_points_ready", (getter)OtlpState_get, NULL, "points for the next otlp_metrics_encode()",
+     (void *)4},
+    {"metric_points_dropped", (getter)OtlpState_get, NULL,
+     "points over a span's pending cap, or lost to a failed allocation", (void *)5},
     {NULL},
 };
 
@@ -193,8 +219,53 @@ pb_mark_value(buf_t *o, BatchObject *b, size_t i)
     }
 }
 
+typedef struct {
+    uint64_t session_trace_hi, session_trace_lo;
+    uint64_t session_hi, session_lo; /* the session span's id (its marks' points go at once) */
+    uint32_t spans;
+} otlp_ctx_t;
+
+/* A numeric mark as a metric point: to the span's pending points, or (on the session,
+ * whose name and ids are known) straight to the ready ones. */
 static void
-otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i)
+otlp_add_point(OtlpStateObject *st, ospan_t *e, BatchObject *b, size_t i, const char *name,
+               size_t nlen, const otlp_ctx_t *c)
+{
+    slot_t *s = &b->slots[i];
+    mpoint_t pt = {.name = name, .name_len = (uint32_t)nlen, .ts = s->ts, .rank = b->rank};
+    if (s->vtype == VT_INT) {
+        pt.is_int = 1;
+        pt.v.i = s->v.i;
+    }
+    else {
+        pt.v.d = s->vtype == VT_BOOL ? (double)(s->v.i != 0) : s->v.d;
+    }
+    if (s->flags & F_NAME_REF) { /* the name lives in this batch: copy it */
+        pt.own = malloc(nlen ? nlen : 1);
+        if (pt.own == NULL) {
+            st->points_dropped++;
+            return;
+        }
+        memcpy(pt.own, name, nlen);
+        pt.name = pt.own;
+    }
+    int on_session = s->span_hi == c->session_hi && s->span_lo == c->session_lo;
+    if (on_session) {
+        mpoints_t one = {.p = &pt, .n = 1, .cap = 1};
+        int ex = (c->session_trace_hi | c->session_trace_lo) != 0;
+        if (mpoints_settle(&st->ready, &one, SESSION_SCOPE, (uint32_t)strlen(SESSION_SCOPE), 1, ex,
+                           c->session_trace_hi, c->session_trace_lo, s->span_hi) < 0)
+            st->points_dropped++;
+        return;
+    }
+    if (e->points.n >= PENDING_POINTS_MAX || mpoints_push(&e->points, &pt) < 0) {
+        free(pt.own);
+        st->points_dropped++;
+    }
+}
+
+static void
+otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i, const otlp_ctx_t *c)
 {
     slot_t *s = &b->slots[i];
     if (s->flags & F_ROOTLESS) {
@@ -208,6 +279,8 @@ otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i)
     ext_t *x = b->aux[i].ext >= 0 ? &b->ext[b->aux[i].ext] : NULL;
     size_t nlen;
     const char *name = slot_name(b, i, &nlen);
+    if (st->metrics && s->vtype != VT_STRING)
+        otlp_add_point(st, e, b, i, name, nlen, c);
     if (s->flags & F_SUMMARY) {
         summary_t *sm = NULL;
         for (uint32_t k = 0; k < e->n_sum; k++)
@@ -279,11 +352,6 @@ otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i)
     }
 }
 
-typedef struct {
-    uint64_t session_trace_hi, session_trace_lo;
-    uint32_t spans;
-} otlp_ctx_t;
-
 /* the name of the thread that recorded slot i (NULL: unknown) */
 static const tok_t *
 batch_thread_name(const BatchObject *b, size_t i)
@@ -306,6 +374,15 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
     slot2_t *s2 = (slot2_t *)&b->slots[i + 1];
     ext_t *x = b->aux[i].ext >= 0 ? &b->ext[b->aux[i].ext] : NULL;
     ospan_t *e = (ospan_t *)spantab_find(&st->spans, s->span_hi, s->span_lo);
+    if (e != NULL && e->points.n) { /* the span's name and ids are known now */
+        size_t slen;
+        const char *sname = slot_name(b, i, &slen);
+        size_t before = e->points.n;
+        if (mpoints_settle(&st->ready, &e->points, sname, (uint32_t)slen,
+                           !(s->flags & F_NAME_REF), !(s->vtype & SF_UNSAMPLED), s2->trace_hi,
+                           s2->trace_lo, s->span_hi) < 0)
+            st->points_dropped += before; /* an upper bound: some may have moved */
+    }
     if (s->vtype & SF_UNSAMPLED) {
         st->unsampled_spans++;
         if (e)
@@ -470,7 +547,10 @@ cn_mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
             return NULL;
         }
     OtlpStateObject *st = (OtlpStateObject *)state;
-    otlp_ctx_t c = {.session_trace_hi = th, .session_trace_lo = tl};
+    otlp_ctx_t c = {.session_trace_hi = th,
+                    .session_trace_lo = tl,
+                    .session_hi = atomic_load(&cn_state.session_hi),
+                    .session_lo = atomic_load(&cn_state.session_lo)};
     otlp_req_t *reqs = NULL;
     size_t nreq = 0, capreq = 0;
     int oom = 0;
@@ -481,7 +561,7 @@ cn_mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
          * of other threads (on the session) precede the session's close */
         for (size_t i = 0; i < b->nslots; i++)
             if (b->slots[i].type == R_MARK)
-                otlp_add_mark(st, b, i);
+                otlp_add_mark(st, b, i, &c);
         for (size_t i = 0; i < b->nslots && !oom; i++) {
             if (b->slots[i].type != R_SPAN)
                 continue;
@@ -519,6 +599,59 @@ cn_mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
     }
     free(reqs);
     if (oom)
+        return PyErr_NoMemory();
+    return out;
+}
+
+/* otlp_metrics_encode(state, resource, scope_name, scope_version, prefix, start_ns,
+ *                     session=(hi, lo), max_request_bytes=1 MiB) -> [(request bytes, points)]
+ * The points completed by otlp_encode() since the last call, as ExportMetricsServiceRequests
+ * (the store is emptied). */
+PyObject *
+cn_mod_otlp_metrics_encode(PyObject *m, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"state", "resource", "scope_name", "scope_version", "prefix",
+                             "start_ns", "session", "max_request_bytes", NULL};
+    PyObject *state;
+    mpoints_req_t q = {0};
+    Py_ssize_t res_len, sname_len, sver_len, prefix_len, max_bytes = 1 << 20;
+    long long start_ns;
+    unsigned long long sh = 0, sl = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!y#s#s#s#L|(KK)n:otlp_metrics_encode", kwlist,
+                                     &cn_OtlpState_Type, &state, &q.resource, &res_len,
+                                     &q.scope_name, &sname_len, &q.scope_version, &sver_len,
+                                     &q.prefix, &prefix_len, &start_ns, &sh, &sl, &max_bytes))
+        return NULL;
+    q.resource_len = (size_t)res_len;
+    q.scope_name_len = (size_t)sname_len;
+    q.scope_version_len = (size_t)sver_len;
+    q.prefix_len = (size_t)prefix_len;
+    q.start_ns = (int64_t)start_ns;
+    q.session_hi = sh;
+    q.session_lo = sl;
+    OtlpStateObject *st = (OtlpStateObject *)state;
+    mreq_t *reqs = NULL;
+    size_t nreq = 0, capreq = 0;
+    size_t points = st->ready.n;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = mpoints_encode(&st->ready, &q, (size_t)max_bytes, &reqs, &nreq, &capreq);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        st->points_dropped += points;
+    PyObject *out = rc < 0 ? NULL : PyList_New(0);
+    for (size_t k = 0; k < nreq; k++) {
+        if (out != NULL) {
+            PyObject *item =
+                Py_BuildValue("(y#I)", reqs[k].o.data, (Py_ssize_t)reqs[k].o.len, reqs[k].points);
+            if (item == NULL || PyList_Append(out, item) < 0)
+                Py_CLEAR(out);
+            Py_XDECREF(item);
+        }
+        free(reqs[k].o.data);
+    }
+    free(reqs);
+    if (rc < 0)
         return PyErr_NoMemory();
     return out;
 }

@@ -1,0 +1,285 @@
+/*
+ * metric_points.h — marks as OTLP metric data points (README, "Marks as metrics"): a store
+ * of points and the ExportMetricsServiceRequest encoder. Header-only, no Python.
+ *
+ * A point needs its scope's name (the label cirron.scope) and its span's trace id (the
+ * exemplar), which the encoder learns only when the span closes; so otlp.c keeps a span's
+ * points with its other pending state and moves them here, complete, at its close (marks on
+ * the session, whose ids are known, come at once). mpoints_encode() then writes one Metric
+ * per name, its points ordered by (scope, rank, time): Prometheus wants a series' points in
+ * time order.
+ *
+ * Names point into the process's append-only name table (stable for its life) or, for a name
+ * the full table could not take, into a copy the point owns.
+ */
+#ifndef CIRRON_OTEL_METRIC_POINTS_H
+#define CIRRON_OTEL_METRIC_POINTS_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "buf.h"
+#include "json.h" /* hex64 */
+#include "mapping.h"
+#include "pb.h"
+
+typedef struct {
+    const char *name;  /* the mark's name (raw UTF-8) */
+    const char *scope; /* the name of the span it attached to */
+    char *own;         /* the copies name/scope point into when they are not in the table */
+    uint32_t name_len, scope_len;
+    int64_t ts, rank;
+    union {
+        double d;
+        int64_t i;
+    } v;
+    uint8_t is_int;   /* as_int, else as_double */
+    uint8_t exemplar; /* trace and span ids known and exported */
+    uint64_t trace_hi, trace_lo, span_hi;
+} mpoint_t;
+
+typedef struct {
+    mpoint_t *p;
+    size_t n, cap;
+    char **blocks; /* copies of scope names that were not in the name table */
+    size_t nblocks, blocks_cap;
+} mpoints_t;
+
+static CIRRON_MAYBE_UNUSED void
+mpoints_clear(mpoints_t *s)
+{
+    for (size_t k = 0; k < s->n; k++)
+        free(s->p[k].own);
+    for (size_t k = 0; k < s->nblocks; k++)
+        free(s->blocks[k]);
+    s->n = s->nblocks = 0;
+}
+
+static CIRRON_MAYBE_UNUSED void
+mpoints_free(mpoints_t *s)
+{
+    mpoints_clear(s);
+    free(s->p);
+    free(s->blocks);
+    *s = (mpoints_t){0};
+}
+
+/* Append a point (ownership of pt->own passes to the store); -1 when out of memory. */
+static CIRRON_MAYBE_UNUSED int
+mpoints_push(mpoints_t *s, const mpoint_t *pt)
+{
+    if (ARRAY_GROW(s->p, s->cap, s->n, 64) < 0)
+        return -1;
+    s->p[s->n++] = *pt;
+    return 0;
+}
+
+/* Move every point of `from` to `to`, with the scope and exemplar of the span that closed.
+ * `scope` is copied unless `scope_stable` (a name-table entry). -1 when out of memory (the
+ * points not moved are freed with `from`). */
+static CIRRON_MAYBE_UNUSED int
+mpoints_settle(mpoints_t *to, mpoints_t *from, const char *scope, uint32_t scope_len,
+               int scope_stable, int exemplar, uint64_t trace_hi, uint64_t trace_lo,
+               uint64_t span_hi)
+{
+    if (from->n == 0)
+        return 0;
+    if (!scope_stable) {
+        char *copy = malloc(scope_len ? scope_len : 1);
+        if (copy == NULL || ARRAY_GROW(to->blocks, to->blocks_cap, to->nblocks, 8) < 0) {
+            free(copy);
+            return -1;
+        }
+        memcpy(copy, scope, scope_len);
+        to->blocks[to->nblocks++] = copy;
+        scope = copy;
+    }
+    size_t k = 0;
+    for (; k < from->n; k++) {
+        mpoint_t pt = from->p[k];
+        pt.scope = scope;
+        pt.scope_len = scope_len;
+        pt.exemplar = (uint8_t)exemplar;
+        pt.trace_hi = trace_hi;
+        pt.trace_lo = trace_lo;
+        pt.span_hi = span_hi;
+        if (mpoints_push(to, &pt) < 0)
+            break;
+        from->p[k].own = NULL; /* `to` owns it now */
+    }
+    int oom = k < from->n;
+    mpoints_clear(from);
+    return oom ? -1 : 0;
+}
+
+static int
+mpoint_cmp(const void *a, const void *b)
+{
+    const mpoint_t *x = a, *y = b;
+    uint32_t n = x->name_len < y->name_len ? x->name_len : y->name_len;
+    int c = memcmp(x->name, y->name, n);
+    if (c || x->name_len != y->name_len)
+        return c ? c : (x->name_len < y->name_len ? -1 : 1);
+    n = x->scope_len < y->scope_len ? x->scope_len : y->scope_len;
+    c = memcmp(x->scope, y->scope, n);
+    if (c || x->scope_len != y->scope_len)
+        return c ? c : (x->scope_len < y->scope_len ? -1 : 1);
+    if (x->rank != y->rank)
+        return x->rank < y->rank ? -1 : 1;
+    return x->ts < y->ts ? -1 : (x->ts > y->ts ? 1 : 0);
+}
+
+typedef struct {
+    const char *resource; /* an encoded Resource */
+    size_t resource_len;
+    const char *scope_name, *scope_version;
+    size_t scope_name_len, scope_version_len;
+    const char *prefix; /* of every metric name */
+    size_t prefix_len;
+    int64_t start_ns;              /* start_time_unix_nano of every point: the session's start */
+    uint64_t session_hi, session_lo; /* cirron.session.id */
+} mpoints_req_t;
+
+static void
+mpoints_kv_str(buf_t *b, int field, const char *key, size_t key_len, const char *v, size_t n)
+{
+    size_t kv = pb_begin(b, field);
+    pb_bytes(b, KEY_VALUE_KEY, key, key_len);
+    size_t av = pb_begin(b, KEY_VALUE_VALUE);
+    pb_bytes(b, ANY_VALUE_STRING, v, n);
+    pb_end(b, av);
+    pb_end(b, kv);
+}
+
+/* One data point (a non-monotonic cumulative Sum's: see the README for why not a Gauge). */
+static void
+mpoint_encode(buf_t *o, const mpoint_t *pt, const mpoints_req_t *q)
+{
+    size_t dp = pb_begin(o, SUM_DATA_POINTS);
+    mpoints_kv_str(o, NUMBER_DATA_POINT_ATTRIBUTES, KEY_SCOPE, strlen(KEY_SCOPE), pt->scope,
+                   pt->scope_len);
+    size_t kv = pb_begin(o, NUMBER_DATA_POINT_ATTRIBUTES);
+    PB_LIT(o, KEY_VALUE_KEY, KEY_RANK);
+    size_t av = pb_begin(o, KEY_VALUE_VALUE);
+    pb_varint_field(o, ANY_VALUE_INT, (uint64_t)pt->rank);
+    pb_end(o, av);
+    pb_end(o, kv);
+    char hex[32];
+    hex64(hex, q->session_hi);
+    hex64(hex + 16, q->session_lo);
+    mpoints_kv_str(o, NUMBER_DATA_POINT_ATTRIBUTES, KEY_SESSION_ID, strlen(KEY_SESSION_ID), hex, 32);
+    pb_fixed64_field(o, NUMBER_DATA_POINT_START_TIME_UNIX_NANO, (uint64_t)q->start_ns);
+    pb_fixed64_field(o, NUMBER_DATA_POINT_TIME_UNIX_NANO, (uint64_t)pt->ts);
+    if (pt->is_int)
+        pb_fixed64_field(o, NUMBER_DATA_POINT_AS_INT, (uint64_t)pt->v.i);
+    else
+        pb_double_field(o, NUMBER_DATA_POINT_AS_DOUBLE, pt->v.d);
+    if (pt->exemplar) {
+        size_t ex = pb_begin(o, NUMBER_DATA_POINT_EXEMPLARS);
+        pb_fixed64_field(o, EXEMPLAR_TIME_UNIX_NANO, (uint64_t)pt->ts);
+        if (pt->is_int)
+            pb_fixed64_field(o, EXEMPLAR_AS_INT, (uint64_t)pt->v.i);
+        else
+            pb_double_field(o, EXEMPLAR_AS_DOUBLE, pt->v.d);
+        pb_id(o, EXEMPLAR_SPAN_ID, pt->span_hi, 0, 8);
+        pb_id(o, EXEMPLAR_TRACE_ID, pt->trace_hi, pt->trace_lo, 16);
+        pb_end(o, ex);
+    }
+    pb_end(o, dp);
+}
+
+typedef struct {
+    buf_t o;
+    size_t rm, sm, metric, sum;
+    uint32_t points;
+} mreq_t;
+
+static void
+mreq_open(mreq_t *r, const mpoints_req_t *q)
+{
+    memset(r, 0, sizeof *r);
+    r->rm = pb_begin(&r->o, EXPORT_METRICS_REQUEST_RESOURCE_METRICS);
+    pb_bytes(&r->o, RESOURCE_METRICS_RESOURCE, q->resource, q->resource_len);
+    r->sm = pb_begin(&r->o, RESOURCE_METRICS_SCOPE_METRICS);
+    size_t sc = pb_begin(&r->o, SCOPE_METRICS_SCOPE);
+    pb_bytes(&r->o, SCOPE_NAME, q->scope_name, q->scope_name_len);
+    pb_bytes(&r->o, SCOPE_VERSION, q->scope_version, q->scope_version_len);
+    pb_end(&r->o, sc);
+}
+
+static void
+mreq_metric_open(mreq_t *r, const mpoints_req_t *q, const mpoint_t *pt)
+{
+    r->metric = pb_begin(&r->o, SCOPE_METRICS_METRICS);
+    size_t nm = pb_begin(&r->o, METRIC_NAME);
+    buf_put(&r->o, q->prefix, q->prefix_len);
+    buf_put(&r->o, pt->name, pt->name_len);
+    pb_end(&r->o, nm);
+    r->sum = pb_begin(&r->o, METRIC_SUM);
+}
+
+static void
+mreq_metric_close(mreq_t *r)
+{
+    pb_varint_field(&r->o, SUM_AGGREGATION_TEMPORALITY, AGGREGATION_TEMPORALITY_CUMULATIVE);
+    /* is_monotonic = false: the default, not written */
+    pb_end(&r->o, r->sum);
+    pb_end(&r->o, r->metric);
+}
+
+static void
+mreq_close(mreq_t *r)
+{
+    pb_end(&r->o, r->sm);
+    pb_end(&r->o, r->rm);
+}
+
+/* Encode and empty the store: requests of about max_bytes at most (one Metric per name, cut
+ * between points when a request is full), appended to *reqs. -1 when out of memory (the
+ * points are gone either way: the spool keeps every mark). */
+static CIRRON_MAYBE_UNUSED int
+mpoints_encode(mpoints_t *s, const mpoints_req_t *q, size_t max_bytes, mreq_t **reqs,
+               size_t *nreq, size_t *capreq)
+{
+    int oom = 0;
+    if (s->n > 1)
+        qsort(s->p, s->n, sizeof *s->p, mpoint_cmp);
+    mreq_t *r = NULL;
+    for (size_t k = 0; k < s->n && !oom; k++) {
+        const mpoint_t *pt = &s->p[k];
+        int same_name = k > 0 && r != NULL && s->p[k - 1].name_len == pt->name_len &&
+                        memcmp(s->p[k - 1].name, pt->name, pt->name_len) == 0;
+        if (r != NULL && r->o.len >= max_bytes) {
+            mreq_metric_close(r);
+            mreq_close(r);
+            oom |= r->o.oom;
+            r = NULL;
+            same_name = 0;
+        }
+        if (r == NULL) {
+            if (ARRAY_GROW(*reqs, *capreq, *nreq, 4) < 0) {
+                oom = 1;
+                break;
+            }
+            r = &(*reqs)[(*nreq)++];
+            mreq_open(r, q);
+        }
+        else if (!same_name) {
+            mreq_metric_close(r);
+        }
+        if (!same_name)
+            mreq_metric_open(r, q, pt);
+        mpoint_encode(&r->o, pt, q);
+        r->points++;
+    }
+    if (r != NULL) {
+        mreq_metric_close(r);
+        mreq_close(r);
+        oom |= r->o.oom;
+    }
+    mpoints_clear(s);
+    return oom ? -1 : 0;
+}
+
+#endif /* CIRRON_OTEL_METRIC_POINTS_H */

@@ -1,0 +1,127 @@
+"""The native metrics encoder (README, "Marks as metrics"): numeric marks as data points of
+non-monotonic cumulative Sums, decoded here with opentelemetry-proto. Points of a scope go
+out when the scope closes (its name is their `cirron.scope`, its ids their exemplar); the
+session's at once. Run in a subprocess: the session and rings are process-wide."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from tests.support.helpers import run_script
+
+PROGRAM = """
+import json, math
+from cirron_otel import _native
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue, AnyValue
+
+_native.configure(otlp=True, rank=3)
+session = _native.session_begin({})
+state = _native.OtlpState(128, metrics=True)
+resource = Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value="svc"))])
+session_trace = (0x1111, 0x2222)
+out = {"traces": [], "metrics": [], "ready": []}
+
+def cycle():
+    spans = []
+    while (b := _native.drain(100_000)) is not None:
+        for req, _ in _native.otlp_encode(state, [b], resource.SerializeToString(), "cirron_otel",
+                                          "9.9", session_trace):
+            spans += [s for rs in ExportTraceServiceRequest.FromString(req).resource_spans
+                      for ss in rs.scope_spans for s in ss.spans]
+    out["ready"].append(state.metric_points_ready)
+    reqs = _native.otlp_metrics_encode(state, resource.SerializeToString(), "cirron_otel", "9.9",
+                                       "cirron.mark.", 1234, (0xAB, 0xCD), max_request_bytes=600)
+    metrics = []
+    for req, n in reqs:
+        msg = ExportMetricsServiceRequest.FromString(req)
+        (rm,) = msg.resource_metrics
+        (sm,) = rm.scope_metrics
+        assert rm.resource.attributes[0].value.string_value == "svc"
+        assert (sm.scope.name, sm.scope.version) == ("cirron_otel", "9.9")
+        assert n == sum(len(m.sum.data_points) for m in sm.metrics)
+        for m in sm.metrics:
+            assert m.WhichOneof("data") == "sum" and not m.sum.is_monotonic
+            assert m.sum.aggregation_temporality == 2  # cumulative
+            for p in m.sum.data_points:
+                attrs = {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in p.attributes}
+                ex = [(e.trace_id.hex(), e.span_id.hex(), e.time_unix_nano,
+                       getattr(e, e.WhichOneof("value"))) for e in p.exemplars]
+                metrics.append({"name": m.name, "value": getattr(p, p.WhichOneof("value")),
+                                "kind": p.WhichOneof("value"), "start": p.start_time_unix_nano,
+                                "t": p.time_unix_nano, "attrs": attrs, "exemplars": ex})
+    out["traces"].append([{"name": s.name, "trace": s.trace_id.hex(), "span": s.span_id.hex()}
+                          for s in spans])
+    out["metrics"].append(metrics)
+    out["requests"] = len(reqs)
+
+with _native.scope("step") as sc:
+    for i in range(40):
+        _native.mark("loss", 1.0 / (i + 1))
+    _native.mark("count", 7)
+    _native.mark("ok", True)
+    _native.mark("text", "not a number")
+    _native.mark("diverged", float("nan"))
+    _native.mark("acc", 0.9, kind="summary")
+    cycle()  # the scope is open: nothing of it yet
+_native.mark("lr", 0.1)  # on the session: at once
+cycle()
+print(json.dumps({**out, "step_id": sc.id, "session": session.id}))
+"""
+
+
+def test_numeric_marks_become_sum_points_with_their_scope_and_exemplar() -> None:
+    r = run_script(PROGRAM)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["ready"][0] == 0 and res["metrics"][0] == []  # held while "step" is open
+    points = res["metrics"][1]
+    (step,) = [s for s in res["traces"][1] if s["name"] == "step"]
+    by_name: dict[str, list[dict]] = {}
+    for p in points:
+        by_name.setdefault(p["name"], []).append(p)
+    assert sorted(by_name) == [
+        "cirron.mark.acc",  # a summary mark: a point of its own metric
+        "cirron.mark.count",
+        "cirron.mark.diverged",
+        "cirron.mark.loss",
+        "cirron.mark.lr",
+        "cirron.mark.ok",
+    ]  # no "text": a string mark stays in traces and the spool
+    assert res["requests"] > 1  # cut near max_request_bytes, one Metric per name per request
+    loss = by_name["cirron.mark.loss"]
+    assert [p["value"] for p in loss] == [1.0 / (i + 1) for i in range(40)]
+    assert [p["t"] for p in loss] == sorted(p["t"] for p in loss)  # in time order
+    assert (
+        by_name["cirron.mark.count"][0]["kind"] == "as_int" and by_name["cirron.mark.count"][0]["value"] == 7
+    )
+    assert (
+        by_name["cirron.mark.ok"][0]["value"] == 1.0 and by_name["cirron.mark.ok"][0]["kind"] == "as_double"
+    )
+    assert math.isnan(by_name["cirron.mark.diverged"][0]["value"])  # the double itself
+    session_hex = f"{0xAB:016x}{0xCD:016x}"
+    for p in points:
+        assert p["start"] == 1234
+        on_session = p["name"] == "cirron.mark.lr"
+        assert p["attrs"] == {
+            "cirron.scope": "cirron.session" if on_session else "step",
+            "cirron.rank": 3,
+            "cirron.session.id": session_hex,
+        }
+        (ex,) = p["exemplars"]
+        trace, span = (
+            (f"{0x1111:016x}{0x2222:016x}", res["session"][:16])
+            if on_session
+            else (
+                step["trace"],
+                step["span"],
+            )
+        )
+        assert ex[0] == trace and ex[1] == span  # the span's exported ids
+        assert ex[2] == p["t"]
+        if not math.isnan(p["value"]):
+            assert ex[3] == p["value"]
+    assert step["span"] == res["step_id"][:16]
