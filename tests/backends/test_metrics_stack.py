@@ -866,3 +866,100 @@ def test_compose_gives_prometheus_the_otlp_receiver_and_exemplar_storage():
     service = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["prometheus"]
     assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in service["volumes"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in flags
+
+
+NATIVE_PROGRAM = r"""
+import json, sys, time
+from cirron_otel import _native
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue, AnyValue
+
+service = sys.argv[1]
+_native.configure(otlp=True, rank=2)
+session = _native.session_begin({})
+state = _native.OtlpState(128, metrics=True)
+resource = Resource(attributes=[
+    KeyValue(key="service.name", value=AnyValue(string_value=service))]).SerializeToString()
+session_trace = (0x0123456789ABCDEF, 0x0FEDCBA987654321)
+for step in range(5):
+    with _native.scope("batch", step):
+        _native.mark("loss", 1.0 / (step + 1))
+        _native.mark("samples", 64 * (step + 1))
+        _native.mark("note", "strings are not charted")
+    time.sleep(0.003)  # one point per series per millisecond: Prometheus keeps ms
+_native.mark("lr", 0.25)
+spans, marks = [], []
+while (b := _native.drain(100_000)) is not None:
+    for req, _ in _native.otlp_encode(state, [b], resource, "cirron_otel", "0", session_trace):
+        for rs in ExportTraceServiceRequest.FromString(req).resource_spans:
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    spans.append({"name": s.name, "trace": s.trace_id.hex(), "span": s.span_id.hex(),
+                                  "start": s.start_time_unix_nano, "end": s.end_time_unix_nano,
+                                  "events": [(e.name, e.time_unix_nano, e.attributes[0].value.double_value
+                                              or e.attributes[0].value.int_value) for e in s.events]})
+session_id = tuple(int(session.id[i:i + 16], 16) for i in (0, 16))
+reqs = _native.otlp_metrics_encode(state, resource, "cirron_otel", "0", "cirron.mark.",
+                                   time.time_ns() - 10**9, session_id)
+print(json.dumps({"requests": [r.hex() for r, _ in reqs], "spans": spans, "session": session.id}))
+"""
+
+
+@pytest.mark.real_backend
+def test_the_native_encoder_through_the_collector_into_prometheus(
+    collector: Collector, prometheus: Prometheus
+):
+    """What the library's own encoder sends (not a hand-built request): every numeric mark is a
+    sample of its series with the documented labels, and its exemplar is the span it was
+    recorded in, with the ids that span is exported with."""
+    import sys
+
+    service = f"cirron-native-{uuid.uuid4().hex[:8]}"
+    r = subprocess.run(
+        [sys.executable, "-c", NATIVE_PROGRAM, service],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    for request in res["requests"]:
+        req = urllib.request.Request(
+            f"http://{HOST}:{collector.ports['otlp_http']}/v1/metrics",
+            data=bytes.fromhex(request),
+            method="POST",
+            headers={"Content-Type": "application/x-protobuf"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+    labels = {
+        "job": service,
+        "service_name": service,
+        "cirron_rank": "2",
+        "cirron_session_id": res["session"],
+    }
+    found = wait_for_series(prometheus, f'{{__name__=~"{PROM_MARK_PREFIX}.+", service_name="{service}"}}', 3)
+    assert {s["__name__"] for s in found} == {"cirron_mark_loss", "cirron_mark_samples", "cirron_mark_lr"}
+    for s in found:
+        assert set(s) == MARK_LABELS and {k: s[k] for k in labels} == labels
+    batches = sorted((s for s in res["spans"] if s["name"] == "batch"), key=lambda s: s["start"])
+    assert len(batches) == 5
+    for name in ("loss", "samples"):
+        sel = selector(f"cirron_mark_{name}", {"cirron_scope": "batch", **labels})
+        want = [(e[1], e[2]) for b in batches for e in b["events"] if e[0] == name]
+        assert_samples(raw_samples(prometheus, sel), [(_ms(t), v) for t, v in want])
+        got = exemplars(prometheus, sel, want[0][0], want[-1][0])
+        spans_of = [
+            (b["trace"], b["span"], _ms(e[1]), float(e[2]))
+            for b in batches
+            for e in b["events"]
+            if e[0] == name
+        ]
+        assert same_exemplars(got, sorted(spans_of))
+    sel = selector("cirron_mark_lr", {"cirron_scope": "cirron.session", **labels})
+    ((_, value),) = raw_samples(prometheus, sel)
+    assert value == 0.25
+    ((trace, span, _, _),) = exemplars(prometheus, sel, time.time_ns() - 3 * 10**9 * 60, time.time_ns())
+    assert trace == f"{0x0123456789ABCDEF:016x}{0x0FEDCBA987654321:016x}" and span == res["session"][:16]
