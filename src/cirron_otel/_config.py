@@ -78,6 +78,10 @@ class _Frozen:
         return hash(self._values())
 
 
+DEFAULT_METRICS_PREFIX = "cirron.mark."
+ENV_METRICS_PREFIX = "CIRRON_METRICS_PREFIX"
+
+
 class Settings(_Frozen):
     """Resolved configuration of one profiler."""
 
@@ -130,6 +134,11 @@ class Settings(_Frozen):
     # OTEL_TRACES_EXPORTER names other than otlp / cirron_spool / none: SpanExporters loaded
     # from the opentelemetry_traces_exporter entry points (console, ...), fed Cirron spans.
     span_exporters: tuple[str, ...] = ()
+    # Numeric marks as OTLP metric points (README, "Marks as metrics"): on with OTLP unless
+    # profile(metrics=False) or OTEL_METRICS_EXPORTER=none; their names are prefix + mark name.
+    metrics: bool = False
+    metrics_prefix: str = DEFAULT_METRICS_PREFIX
+    metrics_protocol: str = "grpc"  # OTEL_EXPORTER_OTLP_METRICS_PROTOCOL may differ from the traces'
 
 
 # Ranks come from launchers (torchrun, mpirun, SLURM wrappers): an unparsable value is a
@@ -367,6 +376,24 @@ def traces_exporters(env: Mapping[str, str]) -> tuple[bool, str | None, tuple[st
     return otlp, protocol, tuple(others)
 
 
+def metrics_exporter(env: Mapping[str, str]) -> bool:
+    """OTEL_METRICS_EXPORTER as the SDK reads it (default otlp): False for `none`. Names other
+    than otlp are not ours to load (the marks' metrics go over OTLP only): warned about."""
+    raw = _env_value(env, "OTEL_METRICS_EXPORTER")
+    if raw is None:
+        return True
+    names = [part.strip().lower() for part in raw.split(",") if part.strip()]
+    others = [n for n in names if n not in OTLP_EXPORTER_NAMES and n != "none"]
+    if others:
+        _env_warn(
+            "OTEL_METRICS_EXPORTER",
+            f"{', '.join(others)}: not supported (cirron_otel sends the marks' metrics over OTLP only)",
+        )
+    if "none" in names and len(names) > 1:
+        _env_warn("OTEL_METRICS_EXPORTER", f"'none' in the list {raw!r} is ignored")
+    return any(n in OTLP_EXPORTER_NAMES for n in names) or names == []
+
+
 def resolve(
     *,
     output_dir: str | os.PathLike[str] | None = None,
@@ -392,6 +419,8 @@ def resolve(
     otlp_outbox_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
     otlp_max_request_bytes: int = DEFAULT_OTLP_MAX_REQUEST_BYTES,
     otlp_queue_requests: int = DEFAULT_OTLP_QUEUE_REQUESTS,
+    metrics: bool | None = None,
+    metrics_prefix: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     """Validate `profile()` arguments and merge them with the environment."""
@@ -442,6 +471,25 @@ def resolve(
             outputs = outputs - {"otlp"}
     if "otlp" in outputs or span_exporters:
         _check_otel_limits(env)
+    if metrics is not None and not isinstance(metrics, bool):
+        raise TypeError(f"cirron_otel.profile(): metrics must be True, False or None, not {metrics!r}")
+    if metrics and "otlp" not in outputs:
+        raise ValueError(
+            "cirron_otel.profile(metrics=True): the marks' metrics go over OTLP, which is off "
+            "(set OTEL_EXPORTER_OTLP_ENDPOINT, or pass otlp_endpoint=... or output=[..., 'otlp'])"
+        )
+    metrics_on = "otlp" in outputs and (metrics if metrics is not None else metrics_exporter(env))
+    if metrics_prefix is None:
+        metrics_prefix = env.get(ENV_METRICS_PREFIX) or DEFAULT_METRICS_PREFIX
+    elif not isinstance(metrics_prefix, str):
+        raise TypeError(
+            f"cirron_otel.profile(): metrics_prefix must be a str, not {type(metrics_prefix).__name__}"
+        )
+    metrics_protocol = otlp_protocol_from(otlp_protocol or (chosen[1] if chosen else None), env, "metrics")
+    if metrics_on and metrics_protocol not in VALID_PROTOCOLS:
+        raise ValueError(
+            f"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL must be one of {VALID_PROTOCOLS}, got {metrics_protocol!r}"
+        )
     sampler, ratio = traces_sampler(env)
     return Settings(
         output_dir=os.fspath(output_dir),
@@ -473,6 +521,9 @@ def resolve(
         sampler=sampler,
         sampler_ratio=ratio,
         span_exporters=span_exporters,
+        metrics=metrics_on,
+        metrics_prefix=metrics_prefix,
+        metrics_protocol=metrics_protocol,
     )
 
 
@@ -496,10 +547,13 @@ class OtlpTransportConfig(_Frozen):
     client_certificate: str | None = None
 
 
-def _otlp_var(env: Mapping[str, str], name: str) -> tuple[str, str] | None:
-    """(variable, value) of OTEL_EXPORTER_OTLP_TRACES_<name>, else OTEL_EXPORTER_OTLP_<name>:
+SIGNALS = ("traces", "metrics")
+
+
+def _otlp_var(env: Mapping[str, str], name: str, signal: str = "traces") -> tuple[str, str] | None:
+    """(variable, value) of OTEL_EXPORTER_OTLP_<SIGNAL>_<name>, else OTEL_EXPORTER_OTLP_<name>:
     the signal-specific variable wins whole (values are not merged)."""
-    for key in (f"OTEL_EXPORTER_OTLP_TRACES_{name}", f"OTEL_EXPORTER_OTLP_{name}"):
+    for key in (f"OTEL_EXPORTER_OTLP_{signal.upper()}_{name}", f"OTEL_EXPORTER_OTLP_{name}"):
         raw = env.get(key)
         if raw is not None and raw.strip() != "":
             return key, raw.strip()
@@ -520,38 +574,45 @@ def parse_otlp_headers(raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def otlp_protocol_from(chosen: str | None, env: Mapping[str, str] | None = None) -> str:
-    """The OTLP protocol: the one chosen in code, else OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, else
+def otlp_protocol_from(
+    chosen: str | None, env: Mapping[str, str] | None = None, signal: str = "traces"
+) -> str:
+    """The OTLP protocol: the one chosen in code, else OTEL_EXPORTER_OTLP_<SIGNAL>_PROTOCOL, else
     OTEL_EXPORTER_OTLP_PROTOCOL, else gRPC (unchecked: callers say which name was wrong)."""
     env = os.environ if env is None else env
     return (
         chosen
-        or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
         or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         or "grpc"
     )
 
 
 def otlp_transport_config(
-    protocol: str, endpoint: str | None, env: Mapping[str, str] | None = None
+    protocol: str, endpoint: str | None, env: Mapping[str, str] | None = None, signal: str = "traces"
 ) -> OtlpTransportConfig:
-    """Resolve the transport exactly as the OTLP exporter specification says; ValueError naming
-    the variable for a value it cannot use."""
+    """Resolve the transport of one signal (traces, metrics) exactly as the OTLP exporter
+    specification says; ValueError naming the variable for a value it cannot use.
+
+    `endpoint` (profile(otlp_endpoint=...)) is the traces' endpoint: for HTTP, a URL ending in
+    /v1/traces gives the metrics the same URL ending in /v1/metrics."""
     env = os.environ if env is None else env
-    specific = _otlp_var(env, "ENDPOINT") if endpoint is None else None
+    path = f"/v1/{signal}"
+    specific = _otlp_var(env, "ENDPOINT", signal) if endpoint is None else None
     if endpoint is not None:
-        url, from_generic = (
-            endpoint,
-            protocol == "http/protobuf" and not endpoint.rstrip("/").endswith("/v1/traces"),
-        )
+        base = endpoint.rstrip("/")
+        if base.endswith("/v1/traces"):
+            url, from_generic = base[: -len("/v1/traces")] + path, False
+        else:
+            url, from_generic = endpoint, protocol == "http/protobuf"
     elif specific is not None:
         url, from_generic = specific[1], specific[0] == "OTEL_EXPORTER_OTLP_ENDPOINT"
     else:
         url = "http://localhost:4318" if protocol == "http/protobuf" else "http://localhost:4317"
         from_generic = True
     if protocol == "http/protobuf":
-        # A per-signal endpoint is used as is; the generic one (and the default) get /v1/traces.
-        target, insecure = (url.rstrip("/") + "/v1/traces") if from_generic else url, False
+        # A per-signal endpoint is used as is; the generic one (and the default) get /v1/<signal>.
+        target, insecure = (url.rstrip("/") + path) if from_generic else url, False
         if "://" not in target:
             raise ValueError(f"OTLP/HTTP endpoint must be a URL with http:// or https://, got {url!r}")
     else:
@@ -562,12 +623,12 @@ def otlp_transport_config(
             insecure = scheme.lower() == "http"
         else:
             rest = url
-            flag = _otlp_var(env, "INSECURE")
+            flag = _otlp_var(env, "INSECURE", signal)
             insecure = flag is not None and flag[1].lower() == "true"
         target = rest.split("/", 1)[0]
-    headers = _otlp_var(env, "HEADERS")
+    headers = _otlp_var(env, "HEADERS", signal)
     timeout_ms: float = DEFAULT_OTLP_TIMEOUT_MS
-    raw_timeout = _otlp_var(env, "TIMEOUT")
+    raw_timeout = _otlp_var(env, "TIMEOUT", signal)
     if raw_timeout is not None:
         try:
             timeout_ms = float(raw_timeout[1])
@@ -578,11 +639,11 @@ def otlp_transport_config(
                 f"{raw_timeout[0]} must be a number of milliseconds in "
                 f"(0, {MAX_SECONDS * 1000:.0f}], got {raw_timeout[1]!r}"
             )
-    compression = _otlp_var(env, "COMPRESSION")
+    compression = _otlp_var(env, "COMPRESSION", signal)
     if compression is not None and compression[1].lower() not in OTLP_COMPRESSIONS:
         raise ValueError(f"{compression[0]} must be one of {OTLP_COMPRESSIONS}, got {compression[1]!r}")
     files = {
-        name: (_otlp_var(env, name) or (None, None))[1]
+        name: (_otlp_var(env, name, signal) or (None, None))[1]
         for name in ("CERTIFICATE", "CLIENT_KEY", "CLIENT_CERTIFICATE")
     }
     return OtlpTransportConfig(

@@ -16,7 +16,7 @@ import pytest
 from cirron_otel.exporters.otlp import make_transport
 
 import cirron_otel as ci
-from cirron_otel._config import otlp_transport_config
+from cirron_otel._config import otlp_transport_config, resolve
 from tests.support.otlp_receivers import GrpcReceiver, HttpReceiver
 
 from .test_otlp_delivery import one_span_request
@@ -63,6 +63,103 @@ def test_defaults():
 )
 def test_http_endpoint_generic_gets_v1_traces_signal_specific_is_used_as_is(env: dict[str, str], url: str):
     assert otlp_transport_config("http/protobuf", None, env=env).endpoint == url
+
+
+@pytest.mark.parametrize(
+    ("env", "endpoint", "url"),
+    [
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, None, "http://c:4318/v1/metrics"),
+        (  # the traces' own endpoint is not the metrics'
+            {
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:4318/v1/traces",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c",
+            },
+            None,
+            "http://c/v1/metrics",
+        ),
+        (  # straight to Prometheus: the metrics-specific endpoint as is
+            {
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://p:9090/api/v1/otlp/v1/metrics",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+            },
+            None,
+            "http://p:9090/api/v1/otlp/v1/metrics",
+        ),
+        ({}, "http://c:4318/v1/traces", "http://c:4318/v1/metrics"),  # profile(otlp_endpoint=...)
+        ({}, "http://c:4318", "http://c:4318/v1/metrics"),
+        ({}, None, "http://localhost:4318/v1/metrics"),
+    ],
+)
+def test_the_metrics_endpoint_follows_the_same_rules_with_its_own_signal(
+    env: dict[str, str], endpoint: str | None, url: str
+):
+    assert otlp_transport_config("http/protobuf", endpoint, env=env, signal="metrics").endpoint == url
+
+
+def test_every_metrics_variable_wins_over_the_generic_one_and_not_over_the_traces():
+    env = {
+        "OTEL_EXPORTER_OTLP_HEADERS": "a=generic",
+        "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "a=metrics",
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "1000",
+        "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION": "gzip",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://m:4317",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4317",
+    }
+    metrics = otlp_transport_config("grpc", None, env=env, signal="metrics")
+    traces = otlp_transport_config("grpc", None, env=env)
+    assert (metrics.endpoint, metrics.insecure, metrics.headers) == ("m:4317", True, (("a", "metrics"),))
+    assert (metrics.timeout, metrics.compression) == (10.0, "gzip")
+    assert (traces.endpoint, traces.insecure, traces.headers) == ("c:4317", False, (("a", "generic"),))
+    assert (traces.timeout, traces.compression) == (1.0, "none")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "env", "on"),
+    [
+        ({}, {}, False),  # no OTLP: no metrics
+        ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, True),  # on with OTLP
+        ({"metrics": False}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, False),
+        ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_METRICS_EXPORTER": "none"}, False),
+        (
+            {"metrics": True},
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_METRICS_EXPORTER": "none"},
+            True,
+        ),
+        ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_METRICS_EXPORTER": "otlp"}, True),
+        ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_SDK_DISABLED": "true"}, False),
+    ],
+)
+def test_metrics_are_on_with_otlp_unless_turned_off(kwargs: dict, env: dict[str, str], on: bool):
+    assert resolve(env=env, **kwargs).metrics is on
+
+
+def test_metrics_settings_refuse_what_they_cannot_do():
+    with pytest.raises(ValueError, match=r"metrics=True.*OTLP, which is off"):
+        resolve(env={}, metrics=True)
+    with pytest.raises(TypeError, match="metrics must be True, False or None"):
+        resolve(env={}, metrics="yes")
+    with pytest.raises(TypeError, match="metrics_prefix must be a str"):
+        resolve(env={}, metrics_prefix=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert (
+            resolve(
+                env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c", "OTEL_METRICS_EXPORTER": "prometheus"}
+            ).metrics
+            is False
+        )
+    assert any("OTEL_METRICS_EXPORTER" in str(w.message) and "prometheus" in str(w.message) for w in caught)
+
+
+def test_metrics_prefix_and_protocol():
+    assert resolve(env={}).metrics_prefix == "cirron.mark."
+    assert resolve(env={"CIRRON_METRICS_PREFIX": "train."}).metrics_prefix == "train."
+    assert resolve(env={"CIRRON_METRICS_PREFIX": "train."}, metrics_prefix="x.").metrics_prefix == "x."
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf"}
+    settings = resolve(env=env)
+    assert (settings.otlp_protocol, settings.metrics_protocol) == ("grpc", "http/protobuf")
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"):
+        resolve(env={**env, "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "carrier-pigeon"})
 
 
 @pytest.mark.parametrize(
