@@ -160,6 +160,7 @@ mod_stats(PyObject *m, PyObject *unused)
              dd = atomic_load(&cn_state.freed_depth_drops),
              md = atomic_load(&cn_state.freed_marks_dropped),
              sd = atomic_load(&cn_state.freed_spans_dropped), pend = 0, live = 0;
+    double fill = 0.0; /* the fullest ring's fill, 0 to 1 (health metric cirron.health.ring.fill) */
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&cn_state.registry_mu);
     for (ring_t *r = cn_state.rings; r; r = r->next) {
@@ -168,13 +169,16 @@ mod_stats(PyObject *m, PyObject *unused)
         dd += atomic_load(&r->depth_drops);
         md += atomic_load(&r->marks_dropped);
         sd += atomic_load(&r->spans_dropped);
-        pend += atomic_load(&r->head) - atomic_load(&r->tail);
+        uint64_t used = atomic_load(&r->head) - atomic_load(&r->tail);
+        pend += used;
+        if (r->cap && (double)used / (double)r->cap > fill)
+            fill = (double)used / (double)r->cap;
         live += !atomic_load(&r->orphaned);
     }
     pthread_mutex_unlock(&cn_state.registry_mu);
     Py_END_ALLOW_THREADS
     return Py_BuildValue(
-        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:I,s:K}", "marks_recorded",
+        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:I,s:K,s:d}", "marks_recorded",
         (unsigned long long)mr, "spans_recorded", (unsigned long long)sr, "scope_depth_drops",
         (unsigned long long)dd, "marks_dropped", (unsigned long long)md, "spans_dropped",
         (unsigned long long)sd, "pending_slots", (unsigned long long)pend, "marks_collected",
@@ -186,7 +190,7 @@ mod_stats(PyObject *m, PyObject *unused)
         (unsigned long long)atomic_load(&cn_state.wakeups), "open_spans",
         (Py_ssize_t)cn_state.open_spans.n,
         "names", (unsigned int)atomic_load(&cn_state.name_count), "mark_id_overflow",
-        (unsigned long long)atomic_load(&cn_state.open_overflow));
+        (unsigned long long)atomic_load(&cn_state.open_overflow), "ring_fill_max", fill);
 }
 
 static PyObject *

@@ -963,3 +963,26 @@ def test_the_native_encoder_through_the_collector_into_prometheus(
     assert value == 0.25
     ((trace, span, _, _),) = exemplars(prometheus, sel, time.time_ns() - 3 * 10**9 * 60, time.time_ns())
     assert trace == f"{0x0123456789ABCDEF:016x}{0x0FEDCBA987654321:016x}" and span == res["session"][:16]
+
+
+def test_the_health_encoder_sends_exactly_the_spec():
+    """exporters.health_metrics builds the health request this module's spec builder sends
+    (and the tests above check against Prometheus): field for field, for one flush."""
+    from cirron_otel.exporters.health_metrics import health_request
+
+    run = make_run("svc", 3, (time.time_ns() // 10**9) * 10**9, 1)
+    want = metrics_request(run, marks=False)
+    resource = want.resource_metrics[0].resource.SerializeToString()
+    got = health_request(
+        resource=resource,
+        scope_version="0",
+        start_ns=run.start_ns,
+        now_ns=run.health_ts_ns[0],
+        rank=run.rank,
+        session_id=run.session_id,
+        recorded=run.recorded(0),
+        sinks={sink: (run.written(sink, 0), run.dropped(sink, 0)) for sink in SINKS},
+        ring_fill=run.ring_fill(0),
+        outbox_bytes=run.outbox_bytes(0),
+    )
+    assert metrics_service_pb2.ExportMetricsServiceRequest.FromString(got) == want
