@@ -60,6 +60,26 @@ def otlp(settings: Settings, *, session_trace: SessionTrace, otlp_limits: OtlpLi
     )
 
 
+def otlp_metrics(settings: Settings, *, session_trace: SessionTrace, health: Callable[[], Any]) -> Sink:
+    from .otlp import build_resource, make_transport
+    from .otlp_metrics import OtlpMetricsSink
+
+    config = otlp_transport_config(settings.metrics_protocol, settings.otlp_endpoint, signal="metrics")
+    _, resource = build_resource(settings.service_name, settings.rank)
+    return OtlpMetricsSink(
+        make_transport(config),
+        resource=resource,
+        session_trace=session_trace,
+        prefix=settings.metrics_prefix,
+        rank=settings.rank,
+        health=health,
+        outbox_dir=settings.output_dir if "spool" in settings.outputs else None,
+        outbox_max_bytes=settings.otlp_outbox_max_bytes,
+        memory_queue_requests=settings.otlp_queue_requests,
+        max_request_bytes=settings.otlp_max_request_bytes,
+    )
+
+
 def tracer_provider(settings: Settings, *, provider: Any, session_trace: SessionTrace) -> Sink:
     from .provider import TracerProviderSink
 

@@ -148,6 +148,7 @@ class OtlpSink(OtlpEncodingSink):
 
     name = "otlp"
     backpressure = False
+    outbox_subdir = OUTBOX_DIR  # a sink of other requests (metrics) keeps its own outbox
 
     def __init__(
         self,
@@ -168,7 +169,7 @@ class OtlpSink(OtlpEncodingSink):
         self.max_request_bytes = max_request_bytes
         self.state = _native.OtlpState(event_limit)
         self.outbox = (
-            SpoolDirectory(outbox_dir, outbox_max_bytes, subdir=OUTBOX_DIR, suffix=".pb")
+            SpoolDirectory(outbox_dir, outbox_max_bytes, subdir=self.outbox_subdir, suffix=".pb")
             if outbox_dir is not None
             else None
         )
@@ -424,7 +425,7 @@ class OtlpSink(OtlpEncodingSink):
                 return _GONE  # another process sharing the outbox delivered it
             except OSError as exc:
                 return self._quarantine(head, f"unreadable: {exc}")
-            problem = _check(data, head.spans)
+            problem = self._check(data, head.spans)
             if problem is not None:
                 return self._quarantine(head, problem)
         assert data is not None
@@ -505,6 +506,14 @@ class OtlpSink(OtlpEncodingSink):
             pass
         except OSError as exc:
             self.stats.error("outbox cleanup failed", exc)
+
+    def outbox_bytes(self) -> int:
+        """Bytes of requests waiting in the outbox (0 without one, or before the first write)."""
+        return self.outbox.disk_bytes if self.outbox is not None else 0
+
+    def _check(self, data: bytes, spans: int) -> str | None:
+        """Why an outbox file is not the request its name says, or None when it is."""
+        return _check(data, spans)
 
     def _update_counters(self) -> None:
         self.stats.set(

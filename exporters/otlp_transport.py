@@ -55,9 +55,34 @@ class PartialSuccess:
 
 
 def partial_success(response: Any) -> PartialSuccess | None:
-    """What an ExportTraceServiceResponse says it rejected, if anything."""
-    rejected = response.partial_success.rejected_spans
-    return PartialSuccess(rejected, response.partial_success.error_message) if rejected > 0 else None
+    """What an Export*ServiceResponse says it rejected (spans, or metric data points), if anything."""
+    part = response.partial_success
+    rejected = getattr(part, "rejected_spans", None)
+    if rejected is None:
+        rejected = part.rejected_data_points
+    return PartialSuccess(rejected, part.error_message) if rejected > 0 else None
+
+
+# The OTLP services requests go to, by signal: the gRPC method, and the response message.
+SERVICES = {
+    "traces": (
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+        "opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+        "ExportTraceServiceResponse",
+    ),
+    "metrics": (
+        "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+        "opentelemetry.proto.collector.metrics.v1.metrics_service_pb2",
+        "ExportMetricsServiceResponse",
+    ),
+}
+
+
+def _response_type(signal: str) -> Any:
+    import importlib
+
+    _, module, name = SERVICES[signal]
+    return getattr(importlib.import_module(module), name)
 
 
 class Transport(Protocol):
@@ -143,11 +168,10 @@ class GrpcTransport:
         import google.rpc.error_details_pb2
         import google.rpc.status_pb2  # noqa: F401
         import grpc
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
         self.config = config
         self._grpc = grpc
-        self._response_type = ExportTraceServiceResponse
+        self._response_type = _response_type(config.signal)
         self._metadata = tuple(config.headers) or None
         # gRPC does not survive a fork() while a thread is in a call: it skips its fork
         # handlers, and the child crashes (SIGSEGV) when it makes a channel of its own. So a
@@ -186,7 +210,7 @@ class GrpcTransport:
         # The request is already serialized (the native encoder's bytes, or an outbox file):
         # sent as it is, not parsed into a message for gRPC to serialize again.
         self._export = self._channel.unary_unary(
-            "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            SERVICES[self.config.signal][0],
             request_serializer=None,
             response_deserializer=self._response_type.FromString,
         )
@@ -248,10 +272,8 @@ class HttpTransport:
         import requests
 
         self.config = config
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
-
         self._requests = requests
-        self._response_type = ExportTraceServiceResponse
+        self._response_type = _response_type(config.signal)
         self._session = requests.Session()
         self._session.headers.update(
             {"Content-Type": "application/x-protobuf", "User-Agent": f"cirron-otel/{__version__}"}

@@ -210,6 +210,11 @@ class SpoolDirectory:
 
         return self.write(name, fill)
 
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of the files written here, as counted so far (0 before the first write)."""
+        return self._disk_bytes or 0
+
     def over_cap(self) -> bool:
         return self._disk_bytes is not None and self._disk_bytes > self.max_bytes
 

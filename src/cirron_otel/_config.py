@@ -478,7 +478,15 @@ def resolve(
             "cirron_otel.profile(metrics=True): the marks' metrics go over OTLP, which is off "
             "(set OTEL_EXPORTER_OTLP_ENDPOINT, or pass otlp_endpoint=... or output=[..., 'otlp'])"
         )
-    metrics_on = "otlp" in outputs and (metrics if metrics is not None else metrics_exporter(env))
+    # Off by default when only the traces have an endpoint: the metrics' would be the default
+    # localhost:4317, which the user never named.
+    traces_only = bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) and not (
+        otlp_endpoint
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+    )
+    default = metrics_exporter(env) and not traces_only
+    metrics_on = "otlp" in outputs and (metrics if metrics is not None else default)
     if metrics_prefix is None:
         metrics_prefix = env.get(ENV_METRICS_PREFIX) or DEFAULT_METRICS_PREFIX
     elif not isinstance(metrics_prefix, str):
@@ -545,6 +553,7 @@ class OtlpTransportConfig(_Frozen):
     certificate: str | None = None  # CA bundle to verify the collector
     client_key: str | None = None  # mTLS
     client_certificate: str | None = None
+    signal: str = "traces"  # or "metrics": which OTLP service the requests go to
 
 
 SIGNALS = ("traces", "metrics")
@@ -656,6 +665,7 @@ def otlp_transport_config(
         certificate=files["CERTIFICATE"],
         client_key=files["CLIENT_KEY"],
         client_certificate=files["CLIENT_CERTIFICATE"],
+        signal=signal,
     )
 
 

@@ -121,6 +121,15 @@ class Profiler:
                 )
             except Exception as exc:  # a broken OTLP setup must not stop profiling
                 warn_once("otlp-setup", f"cirron_otel: OTLP export disabled: {type(exc).__name__}: {exc}")
+        if s.metrics:  # marks as metrics (README): a sink of its own, so traces never wait on it
+            try:
+                sinks.append(
+                    make_sink("otlp_metrics", s, session_trace=_session_trace, health=self._metrics_health)
+                )
+            except Exception as exc:
+                warn_once(
+                    "metrics-setup", f"cirron_otel: metrics export disabled: {type(exc).__name__}: {exc}"
+                )
         if provider is None:  # with the app's provider, its own exporters are the ones configured
             for name in s.span_exporters:
                 try:
@@ -249,6 +258,17 @@ class Profiler:
         _export_to_children(self)  # this child's own children link to this child's session
 
     # -- health ---------------------------------------------------------------------------
+
+    def _metrics_health(self) -> tuple[int, dict[str, tuple[int, int]], float, int]:
+        """What the health metrics report, called by the metrics sink at each export:
+        (records recorded, sink -> (written, dropped), the fullest ring's fill, outbox bytes)."""
+        native = _native.stats()
+        return (
+            int(native["marks_recorded"] + native["spans_recorded"]),
+            {s.name: (s.stats.exported, s.stats.dropped) for s in self.sinks},
+            float(native["ring_fill_max"]),
+            sum(int(getattr(s, "outbox_bytes", lambda: 0)()) for s in self.sinks),
+        )
 
     def health(self) -> Health:
         from ._health import build

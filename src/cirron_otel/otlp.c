@@ -89,6 +89,7 @@ typedef struct {
     uint32_t event_limit;
     uint64_t root_marks, unsampled_spans, events_dropped;
     int metrics;         /* collect metric points */
+    int traces;          /* encode spans and events (0: a metrics-only state: points alone) */
     mpoints_t ready;     /* points complete, for the next otlp_metrics_encode() */
     uint64_t points_dropped;
 } OtlpStateObject;
@@ -128,10 +129,10 @@ OtlpState_dealloc(OtlpStateObject *st)
 static PyObject *
 OtlpState_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"event_limit", "metrics", NULL};
+    static char *kwlist[] = {"event_limit", "metrics", "traces", NULL};
     unsigned int limit = 128;
-    int metrics = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|Ip:OtlpState", kwlist, &limit, &metrics))
+    int metrics = 0, traces = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|Ipp:OtlpState", kwlist, &limit, &metrics, &traces))
         return NULL;
     OtlpStateObject *st = PyObject_New(OtlpStateObject, &cn_OtlpState_Type);
     if (st == NULL)
@@ -140,6 +141,7 @@ OtlpState_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     st->event_limit = limit;
     st->root_marks = st->unsampled_spans = st->events_dropped = 0;
     st->metrics = metrics;
+    st->traces = traces;
     st->ready = (mpoints_t){0};
     st->points_dropped = 0;
     return (PyObject *)st;
@@ -281,6 +283,8 @@ otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i, const otlp_ctx_t *c
     const char *name = slot_name(b, i, &nlen);
     if (st->metrics && s->vtype != VT_STRING)
         otlp_add_point(st, e, b, i, name, nlen, c);
+    if (!st->traces)
+        return;
     if (s->flags & F_SUMMARY) {
         summary_t *sm = NULL;
         for (uint32_t k = 0; k < e->n_sum; k++)
@@ -382,6 +386,11 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
                            !(s->flags & F_NAME_REF), !(s->vtype & SF_UNSAMPLED), s2->trace_hi,
                            s2->trace_lo, s->span_hi) < 0)
             st->points_dropped += before; /* an upper bound: some may have moved */
+    }
+    if (!st->traces) { /* a metrics-only state: the span itself is not encoded */
+        if (e)
+            ospan_remove(st, e);
+        return;
     }
     if (s->vtype & SF_UNSAMPLED) {
         st->unsampled_spans++;
@@ -565,6 +574,10 @@ cn_mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
         for (size_t i = 0; i < b->nslots && !oom; i++) {
             if (b->slots[i].type != R_SPAN)
                 continue;
+            if (!st->traces) { /* metrics only: the close completes its points, no request */
+                otlp_add_span(NULL, st, b, i, &c);
+                continue;
+            }
             if (nreq == 0 || reqs[nreq - 1].o.len >= (size_t)max_bytes) {
                 if (ARRAY_GROW(reqs, capreq, nreq, 4) < 0) {
                     oom = 1;

@@ -146,6 +146,7 @@ SINK_FACTORIES: dict[str, str] = {
     "setup": "cirron_otel.exporters.factories:setup",
     "spool": "cirron_otel.exporters.factories:spool",
     "otlp": "cirron_otel.exporters.factories:otlp",
+    "otlp_metrics": "cirron_otel.exporters.factories:otlp_metrics",
     "tracer_provider": "cirron_otel.exporters.factories:tracer_provider",
     "span_exporter": "cirron_otel.exporters.factories:span_exporter",
 }

@@ -986,3 +986,80 @@ def test_the_health_encoder_sends_exactly_the_spec():
         outbox_bytes=run.outbox_bytes(0),
     )
     assert metrics_service_pb2.ExportMetricsServiceRequest.FromString(got) == want
+
+
+PROFILED_PROGRAM = r"""
+import sys, time
+import cirron_otel as ci
+
+ci.profile(output_dir=sys.argv[1], service_name=sys.argv[2], flush_interval=0.2,
+           install_signal_handlers=False)
+for step in ci.batches(range(6)):
+    ci.mark("loss", 1.0 / (step + 1))
+    ci.mark("tokens", 100 * step)
+    time.sleep(0.003)  # Prometheus keeps one point per series and millisecond
+ci.mark("lr", 0.5)
+ci.shutdown()
+"""
+
+
+@pytest.mark.real_backend
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_a_profiled_program_charts_its_marks_in_prometheus(
+    collector: Collector, prometheus: Prometheus, tmp_path: Path, protocol: str
+):
+    """profile() with OTLP on: the marks reach Prometheus through the collector as series with
+    the documented names and labels, each point's exemplar is the span it was recorded in (as
+    the spool has it), and the health metrics come along."""
+    import sys
+
+    from tests.support.helpers import spans_and_marks
+
+    service = f"cirron-e2e-{uuid.uuid4().hex[:8]}"
+    port = collector.ports["otlp_grpc" if protocol == "grpc" else "otlp_http"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CIRRON_"))}
+    env.update(
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://{HOST}:{port}", OTEL_EXPORTER_OTLP_PROTOCOL=protocol, RANK="1"
+    )
+    out = tmp_path / "cirron"
+    r = subprocess.run(
+        [sys.executable, "-c", PROFILED_PROGRAM, str(out), service],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    spans, marks = spans_and_marks(out)
+    (session,) = [s for s in spans if s["name"] == "cirron.session"]
+    labels = {"job": service, "service_name": service, "cirron_rank": "1", "cirron_session_id": session["id"]}
+    found = wait_for_series(prometheus, f'{{__name__=~"{PROM_MARK_PREFIX}.+", service_name="{service}"}}', 3)
+    assert {s["__name__"] for s in found} == {"cirron_mark_loss", "cirron_mark_tokens", "cirron_mark_lr"}
+    by_id = {s["id"]: s for s in spans}
+    for name in ("loss", "tokens"):
+        sel = selector(f"cirron_mark_{name}", {"cirron_scope": "batch", **labels})
+        mine = sorted((m for m in marks if m["name"] == name), key=lambda m: m["ts_ns"])
+        assert_samples(raw_samples(prometheus, sel), [(_ms(m["ts_ns"]), m["value"]) for m in mine])
+        want = sorted(
+            (by_id[m["span_id"]]["trace_id"], m["span_id"][:16], _ms(m["ts_ns"]), float(m["value"]))
+            for m in mine
+        )
+        assert same_exemplars(exemplars(prometheus, sel, mine[0]["ts_ns"], mine[-1]["ts_ns"]), want)
+    sel = selector("cirron_mark_lr", {"cirron_scope": "cirron.session", **labels})
+    assert [v for _, v in raw_samples(prometheus, sel)] == [0.5]
+    health = wait_for_series(prometheus, f'{{__name__=~"cirron_health_.+", service_name="{service}"}}', 5)
+    names = {s["__name__"] for s in health}
+    assert {
+        "cirron_health_records_recorded_total",
+        "cirron_health_records_written_total",
+        "cirron_health_records_dropped_total",
+        "cirron_health_ring_fill",
+        "cirron_health_outbox_size_bytes",
+    } <= names
+    written = prometheus.api(
+        "query",
+        query=selector("cirron_health_records_written_total", {"cirron_sink": "spool", **labels}),
+        time=time.time(),
+    )["result"]
+    assert written and float(written[0]["value"][1]) > 0

@@ -248,7 +248,7 @@ def test_sdk_disabled_false_exports(out: Path, grpc_receiver: GrpcReceiver):
     """The control: the same run with OTEL_SDK_DISABLED=false sends every span."""
     health, _, _ = run_workload(out, otlp_env(grpc_receiver, OTEL_SDK_DISABLED="false"))
     assert grpc_receiver.span_count() == 2 * EPOCHS + 1
-    assert health["otel"]["sdk_disabled"] is False and health["otel"]["exporters"] == ["otlp"]
+    assert health["otel"]["sdk_disabled"] is False and health["otel"]["exporters"] == ["otlp", "otlp_metrics"]
 
 
 def test_sdk_disabled_with_an_app_provider_the_app_gets_no_cirron_span(out: Path):
@@ -484,7 +484,7 @@ def test_exporter_console_and_otlp(out: Path, grpc_receiver: GrpcReceiver):
     health, stdout, _ = run_workload(out, otlp_env(grpc_receiver, OTEL_TRACES_EXPORTER="console,otlp"))
     assert grpc_receiver.span_count() == 2 * EPOCHS + 1
     assert stdout.count('"name": "step"') == EPOCHS and stdout.count('"name": "cirron.session"') == 1
-    assert health["otel"]["exporters"] == ["otlp", "console"]
+    assert health["otel"]["exporters"] == ["otlp", "otlp_metrics", "console"]
     assert health["sinks"]["console"]["exported"] == 2 * EPOCHS + 1
 
 

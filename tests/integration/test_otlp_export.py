@@ -741,12 +741,19 @@ def test_endpoint_from_the_environment_turns_on_both_sinks(
     assert prof.settings.otlp_protocol == protocol(receiver)
     health = ci.health()
     assert health["otel_transport"] == "otlp"
-    assert set(health["sinks"]) == {"spool", "otlp"}
+    # marks as metrics: on with OTLP, unless only the traces have an endpoint of their own
+    metrics = variable == "OTEL_EXPORTER_OTLP_ENDPOINT"
+    assert set(health["sinks"]) == {"spool", "otlp"} | ({"otlp_metrics"} if metrics else set())
     with ci.scope("work"):
         ci.mark("m", 1)
     spans, _, received = finish(out, receiver)
     assert sorted(s["span_id"] for s in received) == sorted(otel_id(s["id"]) for s in spans)
     assert len(spans) == 2
+    if metrics:
+        (point,) = receiver.wait_for_metric_points(1, "cirron.mark.")
+        assert point[0] == "cirron.mark.m" and point[1]["cirron.scope"] == "work" and point[2] == 1
+    else:
+        assert receiver.metric_requests == []
 
 
 def test_traces_protocol_variable_beats_the_general_one(
@@ -778,15 +785,16 @@ def test_without_an_endpoint_only_the_spool(out: Path):
 def test_output_otlp_alone_writes_no_spool_and_no_outbox(out: Path, receiver: Receiver):
     start(out, receiver, output="otlp")
     health = ci.health()
-    assert set(health["sinks"]) == {"otlp"}
+    assert set(health["sinks"]) == {"otlp", "otlp_metrics"}
     assert health["otel_transport"] == "otlp"
-    assert health["sinks"]["otlp"]["outbox"] is None
+    assert health["sinks"]["otlp"]["outbox"] is None and health["sinks"]["otlp_metrics"]["outbox"] is None
     with ci.scope("work"):
         ci.mark("m", 1)
     ci.shutdown()
     received = receiver.wait_for_spans(2)
     assert sorted(s["name"] for s in received) == ["cirron.session", "work"]
     assert [e["name"] for s in received for e in s["events"]] == ["m"]
+    assert [p[0] for p in receiver.wait_for_metric_points(1, "cirron.mark.")] == ["cirron.mark.m"]
     assert not (out / "spool").exists()
     assert not (out / OUTBOX).exists()
     assert otlp_health()["exported"] == 2

@@ -127,6 +127,21 @@ def test_every_metrics_variable_wins_over_the_generic_one_and_not_over_the_trace
         ),
         ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_METRICS_EXPORTER": "otlp"}, True),
         ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_SDK_DISABLED": "true"}, False),
+        (
+            {},
+            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317"},
+            False,
+        ),  # not to a localhost never named
+        ({"metrics": True}, {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317"}, True),
+        (
+            {},
+            {
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c",
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://m",
+            },
+            True,
+        ),
+        ({"otlp_endpoint": "http://c:4317"}, {}, True),
     ],
 )
 def test_metrics_are_on_with_otlp_unless_turned_off(kwargs: dict, env: dict[str, str], on: bool):

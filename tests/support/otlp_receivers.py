@@ -3,6 +3,10 @@
 Both store every accepted `ExportTraceServiceRequest` with its headers, decode them to plain dicts
 (`spans()`), can fail the next N requests (`fail_next`), answer slowly (`delay`), and can be stopped and
 restarted on the same port (`stop` / `start` / `restart`) to simulate a collector outage.
+
+Like a collector, both also take metrics (the marks' data points, README "Marks as metrics"):
+stored apart in `metric_requests`, never failed, delayed or counted with the traces' requests,
+so the traces' tests see exactly what they did before metrics existed.
 """
 
 from __future__ import annotations
@@ -23,6 +27,14 @@ from typing import Any, Self, TypedDict
 import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.rpc.error_details_pb2 import RetryInfo
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2_grpc import (
+    MetricsServiceServicer,
+    add_MetricsServiceServicer_to_server,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -155,6 +167,9 @@ class _Receiver:
         self._stopping = threading.Event()
         self.tls: tuple[str, str] | None = None  # (key file, certificate file): serve TLS
         self._reject: tuple[int, str] | None = None
+        self.metric_requests: list[ExportMetricsServiceRequest] = []
+        self.accept_metrics = True  # False: a traces-only endpoint (Jaeger's own OTLP port)
+        self.metric_refusals = 0
 
     @property
     def address(self) -> str:
@@ -201,6 +216,35 @@ class _Receiver:
             self._span_total += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
             self._cond.notify_all()
 
+    def _store_metrics(self, request: ExportMetricsServiceRequest) -> None:
+        with self._cond:
+            self.metric_requests.append(request)
+            self._cond.notify_all()
+
+    def metric_points(self) -> list[tuple[str, dict[str, Any], float | int]]:
+        """(metric name, point attributes, value) of every data point received, in order."""
+        with self._cond:
+            requests = list(self.metric_requests)
+        out = []
+        for request in requests:
+            for rm in request.resource_metrics:
+                for sm in rm.scope_metrics:
+                    for m in sm.metrics:
+                        kind = m.WhichOneof("data")
+                        for p in getattr(m, kind).data_points if kind else ():
+                            out.append((m.name, attributes(p.attributes), getattr(p, p.WhichOneof("value"))))
+        return out
+
+    def wait_for_metric_points(self, n: int, name_prefix: str = "", timeout: float = 5.0) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            points = [p for p in self.metric_points() if p[0].startswith(name_prefix)]
+            if len(points) >= n:
+                return points
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(points)} metric points arrived within {timeout}s, wanted {n}")
+            time.sleep(0.02)
+
     def _set_failures(self, n: int, retry_after: float | str | None) -> None:
         with self._cond:
             self._fail_left, self._retry_after = n, retry_after
@@ -235,6 +279,7 @@ class _Receiver:
             self.headers.clear()
             self.arrival_times.clear()
             self.failed_times.clear()
+            self.metric_requests.clear()
             self.attempts = self._span_total = 0
 
     def start(self) -> Self:
@@ -252,6 +297,17 @@ class _Receiver:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _MetricsService(MetricsServiceServicer):
+    def __init__(self, receiver: _Receiver) -> None:
+        self.receiver = receiver
+
+    def Export(
+        self, request: ExportMetricsServiceRequest, context: grpc.ServicerContext
+    ) -> ExportMetricsServiceResponse:
+        self.receiver._store_metrics(request)
+        return ExportMetricsServiceResponse()
 
 
 class GrpcReceiver(_Receiver, TraceServiceServicer):
@@ -306,6 +362,8 @@ class GrpcReceiver(_Receiver, TraceServiceServicer):
             options.append(("grpc.compression_enabled_algorithms_bitset", 1))  # identity only
         server = grpc.server(self._pool, options=options)
         add_TraceServiceServicer_to_server(self, server)
+        if self.accept_metrics:  # else: UNIMPLEMENTED, as from a server without the service
+            add_MetricsServiceServicer_to_server(_MetricsService(self), server)
         if self.tls:
             key, cert = (Path(path).read_bytes() for path in self.tls)
             port = server.add_secure_port(f"{HOST}:{self.port}", grpc.ssl_server_credentials([(key, cert)]))
@@ -358,6 +416,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path == "/v1/metrics" and self.server.receiver.accept_metrics:
+            return self._metrics(body)
+        if self.path == "/v1/metrics":
+            with self.server.receiver._cond:
+                self.server.receiver.metric_refusals += 1
+            return self._reply(404)
         if self.path != "/v1/traces":
             return self._reply(404)
         if self.headers.get_content_type() != "application/x-protobuf":
@@ -381,6 +445,16 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(400)
         receiver._store(request, {k.lower(): v for k, v in self.headers.items()})
         self._reply(200, receiver._response().SerializeToString())
+
+    def _metrics(self, body: bytes) -> None:
+        try:
+            if self.headers.get("Content-Encoding", "").lower() == "gzip":
+                body = gzip.decompress(body)
+            request = ExportMetricsServiceRequest.FromString(body)
+        except Exception:
+            return self._reply(400)
+        self.server.receiver._store_metrics(request)
+        self._reply(200, ExportMetricsServiceResponse().SerializeToString())
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

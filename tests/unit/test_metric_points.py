@@ -21,6 +21,7 @@ from opentelemetry.proto.common.v1.common_pb2 import KeyValue, AnyValue
 _native.configure(otlp=True, rank=3)
 session = _native.session_begin({})
 state = _native.OtlpState(128, metrics=True)
+only = _native.OtlpState(128, metrics=True, traces=False)  # a metrics sink's: points alone
 resource = Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value="svc"))])
 session_trace = (0x1111, 0x2222)
 out = {"traces": [], "metrics": [], "ready": []}
@@ -32,9 +33,12 @@ def cycle():
                                           "9.9", session_trace):
             spans += [s for rs in ExportTraceServiceRequest.FromString(req).resource_spans
                       for ss in rs.scope_spans for s in ss.spans]
+        assert _native.otlp_encode(only, [b], resource.SerializeToString(), "cirron_otel", "9.9",
+                                   session_trace) == []
     out["ready"].append(state.metric_points_ready)
-    reqs = _native.otlp_metrics_encode(state, resource.SerializeToString(), "cirron_otel", "9.9",
-                                       "cirron.mark.", 1234, (0xAB, 0xCD), max_request_bytes=600)
+    args = (resource.SerializeToString(), "cirron_otel", "9.9", "cirron.mark.", 1234, (0xAB, 0xCD))
+    reqs = _native.otlp_metrics_encode(state, *args, max_request_bytes=600)
+    assert _native.otlp_metrics_encode(only, *args, max_request_bytes=600) == reqs  # the same points
     metrics = []
     for req, n in reqs:
         msg = ExportMetricsServiceRequest.FromString(req)

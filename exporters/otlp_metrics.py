@@ -1,0 +1,164 @@
+"""Marks as metrics over OTLP (README, "Marks as metrics"): the OTLP sink's durable delivery
+for ExportMetricsServiceRequests.
+
+Every numeric mark becomes one data point (native: `_native.otlp_metrics_encode`, from a
+metrics-only encoder state that keeps a scope's points until it closes, when its name and
+trace are known); each export also sends the library's health as metrics
+(`health_metrics`). The requests travel exactly as the traces' do (`OtlpSink`): through an
+outbox of their own (`<output_dir>/otlp-metrics-outbox/`, so a collector outage loses no
+point), with the same retry rules, to the metrics endpoint (`OTEL_EXPORTER_OTLP_METRICS_*`).
+A sink of its own, on its own worker: the metrics never slow the traces, and metrics off
+costs nothing.
+
+Counters count data points (`exported`, `dropped`, `pending`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from cirron_otel import _native
+from cirron_otel._version import __version__
+from cirron_otel._warn import warn_once
+
+from .health_metrics import health_request
+from .otlp import OtlpSink
+from .otlp_encoding import SCOPE_NAME
+from .otlp_transport import SendError, Transport
+
+OUTBOX_DIR = "otlp-metrics-outbox"
+
+
+class HealthSnapshot(NamedTuple):
+    """What the health metrics report: the profiler's `_metrics_health()` tuple, by name."""
+
+    recorded: int
+    sinks: dict[str, tuple[int, int]]  # sink name -> (written, dropped), in the sink's unit
+    ring_fill: float
+    outbox_bytes: int
+
+
+class OtlpMetricsSink(OtlpSink):
+    name = "otlp_metrics"
+    outbox_subdir = OUTBOX_DIR
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        resource: bytes,
+        session_trace: Callable[[], tuple[int, int]],
+        prefix: str,
+        rank: int,
+        health: Callable[[], tuple[int, dict[str, tuple[int, int]], float, int]] | None = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(transport, resource=resource, session_trace=session_trace, **kwargs)  # type: ignore[arg-type]
+        self.state = _native.OtlpState(metrics=True, traces=False)
+        self.prefix = prefix
+        self.rank = rank
+        self.health = health
+        self._session: tuple[int, int, int] | None = None  # (start_ns, hi, lo) of the last session seen
+        self.unsupported = False  # the endpoint refused metrics for good (UNIMPLEMENTED, 404)
+        self.stats.set(points_dropped=0, health_errors=0, unsupported=False)
+
+    def count(self, batches: Sequence[_native.Batch]) -> int:
+        return sum(b.mark_count() for b in batches)  # at most one point per mark
+
+    def encode(
+        self, batches: Sequence[_native.Batch], resource: bytes, decode: object = None
+    ) -> list[tuple[bytes, int]] | None:
+        if self.unsupported:
+            return []
+        session = self._session_ids()
+        try:
+            _native.otlp_encode(self.state, batches, resource, SCOPE_NAME, __version__, self.session_trace())
+            requests = _native.otlp_metrics_encode(
+                self.state,
+                resource,
+                SCOPE_NAME,
+                __version__,
+                self.prefix,
+                session[0],
+                (session[1], session[2]),
+                max_request_bytes=self.max_request_bytes,
+            )
+        except Exception as exc:
+            self.stats.add(dropped=self.count(batches))
+            self.stats.error("encoding failed", exc)
+            return None
+        if self.health is not None:
+            try:
+                requests.append((self._health_request(resource, session), 0))
+            except Exception as exc:  # the marks' points go on without the health
+                self.stats.add(health_errors=1)
+                self.stats.error("health metrics failed", exc)
+        return requests
+
+    def _session_ids(self) -> tuple[int, int, int]:
+        session = _native.session()
+        if session is not None:
+            self._session = (session.start_ns, int(session.id[:16], 16), int(session.id[16:], 16))
+        return self._session or (time.time_ns(), 0, 0)
+
+    def _health_request(self, resource: bytes, session: tuple[int, int, int]) -> bytes:
+        assert self.health is not None
+        snap = HealthSnapshot(*self.health())
+        return health_request(
+            resource=resource,
+            scope_version=__version__,
+            start_ns=session[0],
+            now_ns=time.time_ns(),
+            rank=self.rank,
+            session_id=f"{session[1]:016x}{session[2]:016x}",
+            recorded=snap.recorded,
+            sinks=snap.sinks,
+            ring_fill=snap.ring_fill,
+            outbox_bytes=snap.outbox_bytes,
+        )
+
+    def _fit(self, request: bytes, spans: int) -> list[tuple[bytes, int]]:
+        return [(request, spans)]  # the encoder cuts requests at max_request_bytes already
+
+    def _check(self, data: bytes, spans: int) -> str | None:
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+        try:
+            request = ExportMetricsServiceRequest.FromString(data)
+        except Exception as exc:
+            return f"not an ExportMetricsServiceRequest ({type(exc).__name__})"
+        points = sum(
+            len(getattr(m, m.WhichOneof("data")).data_points)
+            for rm in request.resource_metrics
+            for sm in rm.scope_metrics
+            for m in sm.metrics
+            if m.WhichOneof("data")
+        )
+        if not request.resource_metrics or (spans and points != spans):
+            return f"holds {points} points, its name says {spans}"
+        return None
+
+    def _settle(self, head: Any, outcome: Any) -> None:
+        if (
+            isinstance(outcome, SendError)
+            and not outcome.retryable
+            and outcome.message.startswith(("gRPC UNIMPLEMENTED", "HTTP 404"))
+            and not self.unsupported
+        ):
+            # e.g. Jaeger's own OTLP receiver: traces only. Say so once and stop making
+            # requests nobody takes (the spool and the traces keep every mark).
+            self.unsupported = True
+            self.stats.set(unsupported=True)
+            endpoint = getattr(getattr(self.transport, "config", None), "endpoint", "?")
+            warn_once(
+                "metrics-unsupported",
+                f"cirron_otel: the OTLP endpoint {endpoint} does not take metrics "
+                f"({outcome.message}); marks are not sent as metrics in this run "
+                "(OTEL_METRICS_EXPORTER=none turns them off without this warning)",
+            )
+        super()._settle(head, outcome)
+
+    def _update_counters(self) -> None:
+        self.stats.set(points_dropped=self.state.metric_points_dropped)

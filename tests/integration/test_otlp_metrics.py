@@ -1,0 +1,105 @@
+"""Marks as metrics, end to end against the in-process receivers (both protocols): the points
+arrive with their names and labels, wait in their own outbox through an outage, follow the
+settings, and an endpoint that takes no metrics turns them off with one warning.
+(`tests/backends/test_metrics_stack.py` takes them on to a real collector and Prometheus.)"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+import cirron_otel as ci
+from cirron_otel import _warn
+from tests.support.otlp import Receiver, start, wait_until
+from tests.support.otlp_receivers import GrpcReceiver, HttpReceiver
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def _env(clean_env: None) -> None:
+    _warn.reset()
+
+
+def metrics_health() -> dict:
+    return ci.health()["sinks"]["otlp_metrics"]
+
+
+def test_points_arrive_with_their_scope_rank_and_session(out: Path, receiver: Receiver) -> None:
+    prof = start(out, receiver)
+    for step in ci.batches(range(3)):
+        ci.mark("loss", 1.0 / (step + 1))
+        ci.mark("label", "text")  # not a number: no point
+    ci.mark("lr", 3)
+    ci.shutdown()
+    points = receiver.wait_for_metric_points(4, "cirron.mark.")
+    assert sorted((p[0], p[1]["cirron.scope"], p[2]) for p in points) == [
+        ("cirron.mark.loss", "batch", 1 / 3),
+        ("cirron.mark.loss", "batch", 0.5),
+        ("cirron.mark.loss", "batch", 1.0),
+        ("cirron.mark.lr", "cirron.session", 3),
+    ]
+    assert {(p[1]["cirron.rank"], p[1]["cirron.session.id"]) for p in points} == {(0, prof.session.id)}
+    recorded = receiver.wait_for_metric_points(1, "cirron.health.records.recorded")
+    # the last health point (at shutdown's final export) counts every record of the run
+    assert max(p[2] for p in recorded) == ci.health()["records_recorded"] > 0
+    assert metrics_health()["exported"] == 4 and metrics_health()["dropped"] == 0
+
+
+def test_an_outage_loses_no_point_the_outbox_keeps_them(out: Path, receiver: Receiver) -> None:
+    receiver.stop()
+    start(out, receiver)
+    for step in range(5):
+        with ci.scope("step", step):
+            ci.mark("loss", float(step))
+    assert not ci.flush(timeout=1)  # the receiver is down: delivered later
+    pending = list((out / "otlp-metrics-outbox").glob("*.pb"))
+    assert pending, "the points wait on disk"
+    receiver.start()  # the sender's backoff (and gRPC's reconnect) decide when: no deadline here
+    points = receiver.wait_for_metric_points(5, "cirron.mark.loss", timeout=60)
+    assert sorted(p[2] for p in points) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    wait_until(lambda: metrics_health()["pending"] == 0, timeout=60, what="the outbox to empty")
+    assert metrics_health()["dropped"] == 0 and not list((out / "otlp-metrics-outbox").glob("*.pb"))
+    ci.shutdown()
+
+
+def test_prefix_and_turning_them_off(
+    out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start(out, grpc_receiver, metrics_prefix="train.")
+    ci.mark("loss", 0.5)
+    ci.shutdown()
+    assert [p[0] for p in grpc_receiver.wait_for_metric_points(1, "train.")] == ["train.loss"]
+    grpc_receiver.clear()
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    start(out, grpc_receiver)
+    assert "otlp_metrics" not in ci.health()["sinks"]
+    ci.mark("loss", 0.5)
+    ci.shutdown()
+    grpc_receiver.wait_for_spans(1)
+    assert grpc_receiver.metric_requests == []
+
+
+@pytest.mark.parametrize("kind", [GrpcReceiver, HttpReceiver])
+def test_an_endpoint_without_metrics_turns_them_off_with_one_warning(out: Path, kind: type) -> None:
+    receiver = kind()
+    receiver.accept_metrics = False  # Jaeger's own OTLP port: traces only
+    with receiver, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start(out, receiver)
+        for step in range(3):
+            with ci.scope("step", step):
+                ci.mark("loss", float(step))
+            ci.flush(timeout=10)
+        wait_until(lambda: metrics_health()["unsupported"], what="the metrics sink to give up")
+        refusals = receiver.metric_refusals if isinstance(receiver, HttpReceiver) else None
+        with ci.scope("later"):
+            ci.mark("loss", 9.0)
+        ci.shutdown()
+        assert len(receiver.wait_for_spans(5)) == 5  # the traces are not affected
+        if refusals is not None:
+            assert receiver.metric_refusals == refusals  # nothing more is sent
+    texts = [str(w.message) for w in caught if "does not take metrics" in str(w.message)]
+    assert len(texts) == 1 and receiver.endpoint.split("//")[1] in texts[0], texts
