@@ -71,6 +71,7 @@ def otlp_metrics(settings: Settings, *, session_trace: SessionTrace, health: Cal
         resource=resource,
         session_trace=session_trace,
         prefix=settings.metrics_prefix,
+        metric_attrs=settings.metric_attrs,
         rank=settings.rank,
         health=health,
         outbox_dir=settings.output_dir if "spool" in settings.outputs else None,

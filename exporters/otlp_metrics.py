@@ -52,11 +52,12 @@ class OtlpMetricsSink(OtlpSink):
         session_trace: Callable[[], tuple[int, int]],
         prefix: str,
         rank: int,
+        metric_attrs: Sequence[str] = (),
         health: Callable[[], tuple[int, dict[str, tuple[int, int]], float, int]] | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(transport, resource=resource, session_trace=session_trace, **kwargs)  # type: ignore[arg-type]
-        self.state = _native.OtlpState(metrics=True, traces=False)
+        self.state = _native.OtlpState(metrics=True, traces=False, metric_attrs=list(metric_attrs))
         self.prefix = prefix
         self.rank = rank
         self.health = health

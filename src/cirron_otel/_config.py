@@ -139,6 +139,8 @@ class Settings(_Frozen):
     metrics: bool = False
     metrics_prefix: str = DEFAULT_METRICS_PREFIX
     metrics_protocol: str = "grpc"  # OTEL_EXPORTER_OTLP_METRICS_PROTOCOL may differ from the traces'
+    # Mark attrs that become point attributes, so labels (each value a series: never a step).
+    metric_attrs: tuple[str, ...] = ()
 
 
 # Ranks come from launchers (torchrun, mpirun, SLURM wrappers): an unparsable value is a
@@ -421,6 +423,7 @@ def resolve(
     otlp_queue_requests: int = DEFAULT_OTLP_QUEUE_REQUESTS,
     metrics: bool | None = None,
     metrics_prefix: str | None = None,
+    metric_attrs: list[str] | tuple[str, ...] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     """Validate `profile()` arguments and merge them with the environment."""
@@ -493,6 +496,12 @@ def resolve(
         raise TypeError(
             f"cirron_otel.profile(): metrics_prefix must be a str, not {type(metrics_prefix).__name__}"
         )
+    if metric_attrs is None:
+        metric_attrs = ()
+    elif isinstance(metric_attrs, str) or not all(isinstance(a, str) and a for a in metric_attrs):
+        raise TypeError(
+            f"cirron_otel.profile(): metric_attrs must be a list of attribute names, got {metric_attrs!r}"
+        )
     metrics_protocol = otlp_protocol_from(otlp_protocol or (chosen[1] if chosen else None), env, "metrics")
     if metrics_on and metrics_protocol not in VALID_PROTOCOLS:
         raise ValueError(
@@ -532,6 +541,7 @@ def resolve(
         metrics=metrics_on,
         metrics_prefix=metrics_prefix,
         metrics_protocol=metrics_protocol,
+        metric_attrs=tuple(dict.fromkeys(metric_attrs)),
     )
 
 

@@ -97,7 +97,13 @@ class Batch:
 class OtlpState:
     """Marks of still-open spans, kept between otlp_encode() calls."""
 
-    def __init__(self, event_limit: int = 128, metrics: bool = False, traces: bool = True) -> None: ...
+    def __init__(
+        self,
+        event_limit: int = 128,
+        metrics: bool = False,
+        traces: bool = True,
+        metric_attrs: Sequence[str] | None = None,
+    ) -> None: ...
     @property
     def open_spans(self) -> int: ...
     @property

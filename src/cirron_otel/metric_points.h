@@ -28,7 +28,8 @@ typedef struct {
     const char *name;  /* the mark's name (raw UTF-8) */
     const char *scope; /* the name of the span it attached to */
     char *own;         /* the copies name/scope point into when they are not in the table */
-    uint32_t name_len, scope_len;
+    char *attrs;       /* allow-listed mark attrs: [varint len][KeyValue]..., owned */
+    uint32_t name_len, scope_len, attrs_len;
     int64_t ts, rank;
     union {
         double d;
@@ -49,8 +50,10 @@ typedef struct {
 static CIRRON_MAYBE_UNUSED void
 mpoints_clear(mpoints_t *s)
 {
-    for (size_t k = 0; k < s->n; k++)
+    for (size_t k = 0; k < s->n; k++) {
         free(s->p[k].own);
+        free(s->p[k].attrs);
+    }
     for (size_t k = 0; k < s->nblocks; k++)
         free(s->blocks[k]);
     s->n = s->nblocks = 0;
@@ -106,11 +109,77 @@ mpoints_settle(mpoints_t *to, mpoints_t *from, const char *scope, uint32_t scope
         pt.span_hi = span_hi;
         if (mpoints_push(to, &pt) < 0)
             break;
-        from->p[k].own = NULL; /* `to` owns it now */
+        from->p[k].own = from->p[k].attrs = NULL; /* `to` owns them now */
     }
     int oom = k < from->n;
     mpoints_clear(from);
     return oom ? -1 : 0;
+}
+
+/* The allow-list of mark attrs that become point attributes (labels). */
+typedef struct {
+    char **keys;
+    uint32_t *lens;
+    uint32_t n;
+} mallow_t;
+
+static CIRRON_MAYBE_UNUSED void
+mallow_free(mallow_t *a)
+{
+    for (uint32_t k = 0; k < a->n; k++)
+        free(a->keys[k]);
+    free(a->keys);
+    free(a->lens);
+    *a = (mallow_t){0};
+}
+
+static inline int
+pb_read_varint(const char *p, size_t n, size_t *off, uint64_t *v)
+{
+    *v = 0;
+    for (int shift = 0; *off < n && shift < 64; shift += 7) {
+        unsigned char c = (unsigned char)p[(*off)++];
+        *v |= (uint64_t)(c & 0x7F) << shift;
+        if (!(c & 0x80))
+            return 0;
+    }
+    return -1;
+}
+
+/* The KeyValues of `p` ([varint len][KeyValue]..., as the drainer rendered a mark's attrs)
+ * whose key is allowed, copied into *out (malloc'd; NULL and 0 when none). -1: no memory. */
+static CIRRON_MAYBE_UNUSED int
+mallow_filter(const mallow_t *a, const char *p, size_t n, char **out, uint32_t *out_len)
+{
+    *out = NULL;
+    *out_len = 0;
+    buf_t b = {0};
+    size_t off = 0;
+    while (off < n) {
+        uint64_t len, tag, klen;
+        if (pb_read_varint(p, n, &off, &len) < 0 || len > n - off)
+            break;
+        size_t kv = off, end = off + (size_t)len;
+        off = end;
+        size_t q = kv;
+        /* KeyValue.key is field 1, written first (render.c) */
+        if (pb_read_varint(p, end, &q, &tag) < 0 || tag != ((KEY_VALUE_KEY << 3) | 2) ||
+            pb_read_varint(p, end, &q, &klen) < 0 || klen > end - q)
+            continue;
+        for (uint32_t k = 0; k < a->n; k++)
+            if (a->lens[k] == klen && memcmp(a->keys[k], p + q, (size_t)klen) == 0) {
+                pb_varint(&b, len); /* [varint len][KeyValue], as it came */
+                buf_put(&b, p + kv, (size_t)len);
+                break;
+            }
+    }
+    if (b.oom) {
+        free(b.data);
+        return -1;
+    }
+    *out = b.data;
+    *out_len = (uint32_t)b.len;
+    return 0;
 }
 
 static int
@@ -127,6 +196,11 @@ mpoint_cmp(const void *a, const void *b)
         return c ? c : (x->scope_len < y->scope_len ? -1 : 1);
     if (x->rank != y->rank)
         return x->rank < y->rank ? -1 : 1;
+    if (x->attrs_len != y->attrs_len) /* allow-listed attrs: part of the series too */
+        return x->attrs_len < y->attrs_len ? -1 : 1;
+    c = x->attrs_len ? memcmp(x->attrs, y->attrs, x->attrs_len) : 0;
+    if (c)
+        return c;
     return x->ts < y->ts ? -1 : (x->ts > y->ts ? 1 : 0);
 }
 
@@ -169,6 +243,8 @@ mpoint_encode(buf_t *o, const mpoint_t *pt, const mpoints_req_t *q)
     hex64(hex, q->session_hi);
     hex64(hex + 16, q->session_lo);
     mpoints_kv_str(o, NUMBER_DATA_POINT_ATTRIBUTES, KEY_SESSION_ID, strlen(KEY_SESSION_ID), hex, 32);
+    if (pt->attrs_len)
+        pb_splice_kvs(o, NUMBER_DATA_POINT_ATTRIBUTES, pt->attrs, pt->attrs_len, UINT32_MAX);
     pb_fixed64_field(o, NUMBER_DATA_POINT_START_TIME_UNIX_NANO, (uint64_t)q->start_ns);
     pb_fixed64_field(o, NUMBER_DATA_POINT_TIME_UNIX_NANO, (uint64_t)pt->ts);
     if (pt->is_int)

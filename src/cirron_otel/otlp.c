@@ -91,6 +91,7 @@ typedef struct {
     int metrics;         /* collect metric points */
     int traces;          /* encode spans and events (0: a metrics-only state: points alone) */
     mpoints_t ready;     /* points complete, for the next otlp_metrics_encode() */
+    mallow_t allow;      /* mark attrs that become point attributes */
     uint64_t points_dropped;
 } OtlpStateObject;
 
@@ -123,20 +124,62 @@ OtlpState_dealloc(OtlpStateObject *st)
             ospan_free((ospan_t *)st->spans.slot[k]);
     spantab_free(&st->spans);
     mpoints_free(&st->ready);
+    mallow_free(&st->allow);
     PyObject_Free(st);
 }
 
 static PyObject *
 OtlpState_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"event_limit", "metrics", "traces", NULL};
+    static char *kwlist[] = {"event_limit", "metrics", "traces", "metric_attrs", NULL};
     unsigned int limit = 128;
     int metrics = 0, traces = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|Ipp:OtlpState", kwlist, &limit, &metrics, &traces))
+    PyObject *attrs = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|IppO:OtlpState", kwlist, &limit, &metrics, &traces,
+                                     &attrs))
         return NULL;
+    mallow_t allow = {0};
+    if (attrs != NULL && attrs != Py_None) {
+        PyObject *fast = PySequence_Fast(attrs, "metric_attrs must be a sequence of str");
+        if (fast == NULL)
+            return NULL;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+        allow.keys = calloc((size_t)n + 1, sizeof *allow.keys);
+        allow.lens = calloc((size_t)n + 1, sizeof *allow.lens);
+        if (allow.keys == NULL || allow.lens == NULL) {
+            Py_DECREF(fast);
+            mallow_free(&allow);
+            return PyErr_NoMemory();
+        }
+        for (Py_ssize_t k = 0; k < n; k++) {
+            Py_ssize_t len;
+            const char *key = PyUnicode_Check(PySequence_Fast_GET_ITEM(fast, k))
+                                  ? PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(fast, k), &len)
+                                  : NULL;
+            if (key == NULL) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_TypeError, "metric_attrs must be a sequence of str");
+                Py_DECREF(fast);
+                mallow_free(&allow);
+                return NULL;
+            }
+            allow.keys[allow.n] = malloc((size_t)len + 1);
+            if (allow.keys[allow.n] == NULL) {
+                Py_DECREF(fast);
+                mallow_free(&allow);
+                return PyErr_NoMemory();
+            }
+            memcpy(allow.keys[allow.n], key, (size_t)len);
+            allow.lens[allow.n++] = (uint32_t)len;
+        }
+        Py_DECREF(fast);
+    }
     OtlpStateObject *st = PyObject_New(OtlpStateObject, &cn_OtlpState_Type);
-    if (st == NULL)
+    if (st == NULL) {
+        mallow_free(&allow);
         return NULL;
+    }
+    st->allow = allow;
     st->spans = (spantab_t){0};
     st->event_limit = limit;
     st->root_marks = st->unsampled_spans = st->events_dropped = 0;
@@ -251,6 +294,14 @@ otlp_add_point(OtlpStateObject *st, ospan_t *e, BatchObject *b, size_t i, const 
         memcpy(pt.own, name, nlen);
         pt.name = pt.own;
     }
+    ext_t *x = b->aux[i].ext >= 0 ? &b->ext[b->aux[i].ext] : NULL;
+    if (st->allow.n && x && x->oattrs.len &&
+        mallow_filter(&st->allow, b->arena.data + x->oattrs.off, x->oattrs.len, &pt.attrs,
+                      &pt.attrs_len) < 0) {
+        free(pt.own);
+        st->points_dropped++;
+        return;
+    }
     int on_session = s->span_hi == c->session_hi && s->span_lo == c->session_lo;
     if (on_session) {
         mpoints_t one = {.p = &pt, .n = 1, .cap = 1};
@@ -262,6 +313,7 @@ otlp_add_point(OtlpStateObject *st, ospan_t *e, BatchObject *b, size_t i, const 
     }
     if (e->points.n >= PENDING_POINTS_MAX || mpoints_push(&e->points, &pt) < 0) {
         free(pt.own);
+        free(pt.attrs);
         st->points_dropped++;
     }
 }

@@ -155,6 +155,9 @@ def test_metrics_settings_refuse_what_they_cannot_do():
         resolve(env={}, metrics="yes")
     with pytest.raises(TypeError, match="metrics_prefix must be a str"):
         resolve(env={}, metrics_prefix=1)
+    with pytest.raises(TypeError, match="metric_attrs must be a list of attribute names"):
+        resolve(env={}, metric_attrs="step")  # a str is not a list of names
+    assert resolve(env={}, metric_attrs=["split", "split", "model"]).metric_attrs == ("split", "model")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert (

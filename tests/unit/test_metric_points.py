@@ -129,3 +129,47 @@ def test_numeric_marks_become_sum_points_with_their_scope_and_exemplar() -> None
         if not math.isnan(p["value"]):
             assert ex[3] == p["value"]
     assert step["span"] == res["step_id"][:16]
+
+
+ALLOW_PROGRAM = """
+import json
+from cirron_otel import _native
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+_native.configure(otlp=True)
+session = _native.session_begin({})
+state = _native.OtlpState(metrics=True, traces=False, metric_attrs=["split", "model.size"])
+for split in ("train", "val"):
+    with _native.scope("eval"):
+        _native.mark("loss", 0.5, split=split, step=7, **{"model.size": 3})
+    _native.mark("acc", 1.0)  # no attrs at all
+while (b := _native.drain(100_000)) is not None:
+    _native.otlp_encode(state, [b], b"", "cirron_otel", "0")
+points = []
+for req, _ in _native.otlp_metrics_encode(state, b"", "cirron_otel", "0", "m.", 1, (1, 2)):
+    for m in ExportMetricsServiceRequest.FromString(req).resource_metrics[0].scope_metrics[0].metrics:
+        for p in m.sum.data_points:
+            points.append([m.name, {a.key: str(getattr(a.value, a.value.WhichOneof("value")))
+                                    for a in p.attributes if not a.key.startswith("cirron.")}])
+try:
+    _native.OtlpState(metric_attrs=[1])
+except TypeError as e:
+    points.append(str(e))
+print(json.dumps(points))
+"""
+
+
+def test_allow_listed_mark_attrs_become_point_attributes_and_nothing_else() -> None:
+    r = run_script(ALLOW_PROGRAM)
+    assert r.returncode == 0, r.stderr
+    *points, error = json.loads(r.stdout.strip().splitlines()[-1])
+    assert sorted(points, key=str) == sorted(
+        [
+            ["m.acc", {}],
+            ["m.acc", {}],
+            ["m.loss", {"split": "train", "model.size": "3"}],  # `step` is not allowed: no label
+            ["m.loss", {"split": "val", "model.size": "3"}],
+        ],
+        key=str,
+    )
+    assert "metric_attrs must be a sequence of str" in error
