@@ -22,6 +22,7 @@
 #include "buf.h"     /* buf_t: the growable buffer the encoders write into */
 #include "compat.h"  /* CN_INTERNAL */
 #include "spantab.h" /* spantab_t: open spans by id */
+#include "tsc.h"     /* tsc_clock_t: wall-clock ns from the invariant TSC */
 
 #define MAX_DEPTH 64
 #define STR_VALUE_CAP 256
@@ -147,6 +148,7 @@ typedef struct ring {
     _Atomic uint64_t depth_drops;
     rng_t rng;
     name_cache_t name_cache[NAME_CACHE_SIZE];
+    int64_t last_ns; /* this thread's last timestamp: never go back by less than CLOCK_CLAMP_NS */
     int warned_full;
     int warned_depth;
     int no_wait; /* a wait for room timed out: drop until the drainer catches up */
@@ -373,6 +375,9 @@ typedef struct {
 
 extern CN_INTERNAL cn_state_t cn_state;
 
+/* The records' clock (tsc.h), defined in module.c; re-based by the drainer (mod_wait). */
+extern CN_INTERNAL tsc_clock_t cn_clock;
+
 /* -- what each unit offers the others --------------------------------------------------- */
 
 /* record.c: ids, names, rings, values, attribute capture, code locations */
@@ -451,6 +456,24 @@ get_ring(void)
     if (r != NULL)
         return r;
     return cn_get_ring_slow();
+}
+
+/* A re-base of the TSC clock (or an NTP step) may move the clock back by a few µs: a
+ * thread's timestamps stay in order. A larger step back (the wall clock was set) is kept. */
+#define CLOCK_CLAMP_NS 10000000LL
+
+/* Wall-clock ns for a record of the thread owning `r` (NULL: no clamp). */
+static inline int64_t
+clock_now(ring_t *r)
+{
+    int64_t t = tsc_now(&cn_clock);
+    if (r != NULL) {
+        int64_t last = r->last_ns;
+        if (t < last && last - t < CLOCK_CLAMP_NS)
+            return last;
+        r->last_ns = t;
+    }
+    return t;
 }
 
 static inline slot_t *

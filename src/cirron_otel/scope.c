@@ -151,13 +151,13 @@ scope_inherit(ScopeObject *s, const ScopeObject *parent)
 /* The scope is open from now on (its clock starts last, so setup is not counted);
  * ts == 0: read the clock now. */
 static inline void
-scope_start(ScopeObject *s, int64_t ts)
+scope_start(ScopeObject *s, ring_t *r, int64_t ts)
 {
     s->pid = cn_state.pid;
     s->state = ST_OPEN;
     if (cn_state.capture_cpu)
         s->cpu_start = thread_cpu_ns();
-    s->start_ns = ts ? ts : wall_ns();
+    s->start_ns = ts ? ts : clock_now(r);
 }
 
 enum { PUSH_TOKEN = 1, PUSH_REPLACE = 2 };
@@ -222,7 +222,7 @@ scope_open_under(ScopeObject *s, ring_t *r, int64_t ts, PyObject *cur, int push)
         s->token = tok;
     else
         Py_DECREF(tok);
-    scope_start(s, ts);
+    scope_start(s, r, ts);
     return 0;
 }
 
@@ -306,8 +306,9 @@ scope_close_at(ScopeObject *self, PyObject *exc_type, PyObject *exc, int64_t end
             self->state = ST_CLOSED;
         return 0;
     }
+    ring_t *r = cn_tl_ring; /* NULL: a thread that never recorded closes it */
     if (end == 0)
-        end = wall_ns();
+        end = clock_now(r);
     int64_t cpu = -1;
     if (self->cpu_start >= 0)
         cpu = thread_cpu_ns() - self->cpu_start;
@@ -326,7 +327,8 @@ scope_close_at(ScopeObject *self, PyObject *exc_type, PyObject *exc, int64_t end
         return 0;
     if (exc_type != NULL && exc_type != Py_None)
         fill_error(self, exc_type, exc);
-    ring_t *r = get_ring();
+    if (r == NULL)
+        r = get_ring(); /* (fill_error may have run code that made it) */
     if (r == NULL) {
         PyErr_Clear();
         return 0;
@@ -790,7 +792,7 @@ ScopeIter_next(ScopeIterObject *self)
 {
     /* one clock read: the previous item's scope ends where the next one's begins (so the
      * next item's loading counts in its own scope) */
-    int64_t now = wall_ns();
+    int64_t now = clock_now(cn_tl_ring);
     scopeiter_close_current(self, 0, now);
     if (self->it == NULL)
         return NULL;
@@ -1004,7 +1006,7 @@ cn_mod_mark(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
         lo = cn_state.session->span_lo;
     }
     Py_XDECREF(cur);
-    int64_t ts = wall_ns();
+    int64_t ts = clock_now(r);
     slot_t *s = ring_reserve(r, 1);
     s->type = R_MARK;
     s->vtype = cv.vtype;
@@ -1073,7 +1075,7 @@ cn_mod_session_begin(PyObject *m, PyObject *args)
         scope_new_trace(s, r);
     }
     Py_XDECREF(cur);
-    scope_start(s, 0);
+    scope_start(s, r, 0);
     atomic_store_explicit(&cn_state.session_hi, s->span_hi, memory_order_relaxed);
     atomic_store_explicit(&cn_state.session_lo, s->span_lo, memory_order_relaxed);
     cn_state.session = s;
