@@ -402,7 +402,8 @@ native_init_globals(void)
     if (done)
         return 0;
     if (PyType_Ready(&cn_Scope_Type) < 0 || PyType_Ready(&cn_ScopeIter_Type) < 0 ||
-        PyType_Ready(&cn_Batch_Type) < 0 || PyType_Ready(&cn_OtlpState_Type) < 0)
+        PyType_Ready(&cn_Batch_Type) < 0 || PyType_Ready(&cn_OtlpState_Type) < 0 ||
+        cn_scope_methods_install() < 0)
         return -1;
     if (pthread_key_create(&cn_state.ring_key, cn_ring_thread_exit) != 0) {
         PyErr_SetString(PyExc_RuntimeError, "cirron_otel: pthread_key_create failed");

@@ -193,6 +193,14 @@ enum {
     SF_OTEL_PARENT = 4, /* the parent is a foreign OpenTelemetry span */
 };
 
+/* scope.__enter__ / scope.__exit__ as bound objects embedded in the scope (see scope.c:
+ * "the with protocol"): handing one out allocates nothing. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    struct ScopeObject *owner; /* a reference while this object's own count is above zero */
+} ScopeBoundObject;
+
 typedef struct ScopeObject {
     PyObject_HEAD
     uint64_t span_hi, span_lo;
@@ -212,6 +220,7 @@ typedef struct ScopeObject {
     PyObject *attrs;
     PyObject *token;
     PyObject *exc;
+    ScopeBoundObject bound_enter, bound_exit;
 } ScopeObject;
 
 #define SCOPE_FREELIST_MAX 1024
@@ -382,7 +391,7 @@ extern CN_INTERNAL tsc_clock_t cn_clock;
 
 /* record.c: ids, names, rings, values, attribute capture, code locations */
 /* this thread's ring, NULL until its first record */
-extern CN_INTERNAL _Thread_local ring_t *cn_tl_ring;
+extern CN_INTERNAL CN_TLS_FAST _Thread_local ring_t *cn_tl_ring;
 CN_INTERNAL void cn_rng_seed(rng_t *r);
 CN_INTERNAL uint32_t cn_name_intern(PyObject *name);
 CN_INTERNAL void cn_wake_drainer(void);
@@ -396,7 +405,9 @@ CN_INTERNAL int cn_coerce_value_slow(PyObject *value, coerced_t *out, int depth)
 CN_INTERNAL PyObject *cn_mod_code_location(PyObject *m, PyObject *args);
 
 /* scope.c: scopes, iterators, mark(), the session */
-extern CN_INTERNAL PyTypeObject cn_Scope_Type, cn_ScopeIter_Type;
+extern CN_INTERNAL PyTypeObject cn_Scope_Type, cn_ScopeIter_Type, cn_ScopeMethod_Type,
+    cn_ScopeBound_Type;
+CN_INTERNAL int cn_scope_methods_install(void);
 CN_INTERNAL PyObject *cn_hex128(uint64_t hi, uint64_t lo);
 CN_INTERNAL PyObject *cn_mod_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs,
                                    PyObject *kwnames);
