@@ -373,12 +373,17 @@ def test_enter_and_exit_as_objects(prof, out):
     again = s.__enter__
     assert again is enter and sys.getrefcount(s) == base + 2
     del again
+    assert s.__exit__ is exit_  # a temporary reference, released at once
+    assert sys.getrefcount(s) == base + 2
     del s
     gc.collect()
     assert enter() is exit_.__self__  # still alive through the bound objects
     assert exit_(None, None, None) is False
     assert enter.__self__.state == "closed"
+    s = enter.__self__
     del enter, exit_
+    assert sys.getrefcount(s) == base  # released with the bound objects
+    del s
 
     s = ci.scope("unbound")
     assert type(s).__enter__(s) is s
