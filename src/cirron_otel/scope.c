@@ -2,8 +2,8 @@
  * scope.c — the hot path: scope objects and the scope stack (a ContextVar, so it is per
  * thread and per asyncio task), the epochs() / batches() iterators, mark(), and the
  * session root. Everything they call per record is inline (native.h): they take no lock,
- * make no system call (the wall clock is read through the vDSO) and allocate only what
- * the caller hands them (kwargs dicts).
+ * make no system call (the wall clock is the TSC, or clock_gettime through the vDSO: tsc.h)
+ * and allocate only what the caller hands them (kwargs dicts).
  */
 #include "native.h"
 
