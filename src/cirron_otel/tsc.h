@@ -4,7 +4,8 @@
  * clock_gettime through the vDSO costs ~20 ns; the hot path reads the clock once per mark
  * and twice per scope. On x86-64 with an invariant TSC (cpuid 0x80000007 EDX bit 8: constant
  * rate, runs in every C-state) a timestamp is instead base_ns + (rdtsc - base_tsc) * mult,
- * ~6 ns. The rate comes from two (tsc, realtime) samples at least TSC_MIN_WINDOW_NS apart;
+ * ~6 ns. The rate comes from two (tsc, realtime) samples at least TSC_MIN_WINDOW_NS apart
+ * (refined as the window grows, so it is usable 1 ms after start-up);
  * tsc_recalibrate() re-bases the offset on clock_gettime every time it runs (the drainer
  * calls it each cycle, ~every 50 ms), so drift between re-bases stays far below a
  * microsecond and clock steps (NTP, settimeofday) are followed within one cycle. A reading
@@ -41,9 +42,12 @@
 #define TSC_NOINLINE
 #endif
 
-#define TSC_MIN_WINDOW_NS 20000000LL       /* rate measured over >= 20 ms: error <~ 5e-6 */
+#define TSC_MIN_WINDOW_NS 1000000LL        /* a first rate after 1 ms: error <~ 3e-5 */
 #define TSC_MAX_WINDOW_NS 10000000000LL    /* restart the rate window every 10 s (NTP slews) */
 #define TSC_TRUST_NS 1000000000LL          /* extrapolate at most 1 s past the last re-base */
+#define TSC_TRUST_WINDOWS 16               /* ... and at most 16 rate windows: the error stays
+                                            * <~ 0.5 us while the rate is young (a sample is
+                                            * exact to ~15 ns: error 30 ns / window) */
 #define TSC_MAX_RATE_CHANGE_PPM 1000       /* a larger change: realtime stepped, start over */
 
 typedef struct {
@@ -56,6 +60,7 @@ typedef struct {
     int enabled; /* the TSC is used (else: clock_gettime) */
     uint64_t anchor_tsc;
     int64_t anchor_ns; /* 0: no anchor */
+    int64_t window_ns; /* the span the rate was measured over */
     uint64_t rebases, restarts;
 } tsc_clock_t;
 
@@ -124,6 +129,7 @@ tsc_recalibrate(tsc_clock_t *c)
             return ns;
         }
         c->mult = m;
+        c->window_ns = span_ns;
         if (span_ns >= TSC_MAX_WINDOW_NS) {
             c->anchor_tsc = t;
             c->anchor_ns = ns;
@@ -132,7 +138,10 @@ tsc_recalibrate(tsc_clock_t *c)
     if (c->mult != 0) {
         c->base_tsc = t;
         c->base_ns = ns;
-        c->limit = (uint64_t)(((unsigned __int128)TSC_TRUST_NS << 32) / c->mult);
+        int64_t trust = c->window_ns < TSC_TRUST_NS / TSC_TRUST_WINDOWS
+                            ? c->window_ns * TSC_TRUST_WINDOWS
+                            : TSC_TRUST_NS;
+        c->limit = (uint64_t)(((unsigned __int128)(uint64_t)trust << 32) / c->mult);
         c->rebases++;
     }
     return ns;
