@@ -156,9 +156,11 @@ static inline int64_t
 tsc_now(tsc_clock_t *c)
 {
 #if TSC_SUPPORTED
-    uint64_t d = __rdtsc() - c->base_tsc;
-    if (TSC_LIKELY(d < c->limit))
-        return c->base_ns + (int64_t)(((unsigned __int128)d * c->mult) >> 32);
+    if (TSC_LIKELY(c->limit != 0)) { /* 0: the fallback (no rdtsc) or not calibrated yet */
+        uint64_t d = __rdtsc() - c->base_tsc;
+        if (TSC_LIKELY(d < c->limit))
+            return c->base_ns + (int64_t)(((unsigned __int128)d * c->mult) >> 32);
+    }
     return tsc_recalibrate(c);
 #else
     (void)c;
