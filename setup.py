@@ -27,6 +27,7 @@ setup(
                 "src/cirron_otel/native.h",
                 "src/cirron_otel/pb.h",
                 "src/cirron_otel/spantab.h",
+                "src/cirron_otel/tsc.h",
                 "src/cirron_otel/_pow10.h",
             ],
             extra_compile_args=[

@@ -13,6 +13,8 @@
 
 /* the process-wide state (native.h) */
 CN_INTERNAL cn_state_t cn_state = CN_STATE_INIT;
+/* the records' clock (tsc.h): set up in native_init_globals */
+CN_INTERNAL _Alignas(64) tsc_clock_t cn_clock;
 
 /* ======================================================================================
  * Module functions
@@ -110,6 +112,8 @@ mod_wait(PyObject *m, PyObject *arg)
     woken = atomic_exchange(&cn_state.wake_flag, 0);
     pthread_mutex_unlock(&cn_state.wake_mu);
     Py_END_ALLOW_THREADS
+    /* each drainer cycle re-bases the TSC clock on clock_gettime (GIL held: see tsc.h) */
+    tsc_recalibrate(&cn_clock);
     if (woken)
         atomic_fetch_add(&cn_state.wakeups, 1);
     return PyBool_FromLong(woken);
@@ -298,6 +302,43 @@ mod_random_u64(PyObject *m, PyObject *unused)
     return PyLong_FromUnsignedLongLong(rng_next(&r->rng));
 }
 
+/* clock_ns() -> int: the records' clock now (wall-clock ns), for tests */
+static PyObject *
+mod_clock_ns(PyObject *m, PyObject *unused)
+{
+    return PyLong_FromLongLong(tsc_now(&cn_clock));
+}
+
+/* clock_info(recalibrate=False) -> dict: the records' clock source ("tsc" or "realtime") and
+ * its calibration; recalibrate=True re-bases it first, as the drainer does each cycle. */
+static PyObject *
+mod_clock_info(PyObject *m, PyObject *args)
+{
+    int recal = 0;
+    if (!PyArg_ParseTuple(args, "|p:clock_info", &recal))
+        return NULL;
+    if (recal)
+        tsc_recalibrate(&cn_clock);
+    double ghz = cn_clock.mult ? 4294967296.0 / (double)cn_clock.mult : 0.0;
+    return Py_BuildValue("{s:s,s:d,s:K,s:K,s:O}", "source", cn_clock.enabled ? "tsc" : "realtime",
+                         "tsc_ghz", ghz, "rebases", (unsigned long long)cn_clock.rebases,
+                         "restarts", (unsigned long long)cn_clock.restarts, "calibrated",
+                         cn_clock.limit != 0 ? Py_True : Py_False);
+}
+
+/* _clock_shift(ns): move the TSC clock's base by ns, as a re-base would when the rate
+ * estimate was off; tests check a thread's timestamps still never go back. No effect when
+ * the source is "realtime". */
+static PyObject *
+mod_clock_shift(PyObject *m, PyObject *arg)
+{
+    long long d = PyLong_AsLongLong(arg);
+    if (d == -1 && PyErr_Occurred())
+        return NULL;
+    cn_clock.base_ns += d;
+    Py_RETURN_NONE;
+}
+
 /* format_float(x) -> str: the spool's float text, exposed for tests */
 static PyObject *
 mod_format_float(PyObject *m, PyObject *arg)
@@ -351,6 +392,10 @@ static PyMethodDef module_methods[] = {
     {"name_of", (PyCFunction)mod_name_of, METH_O, NULL},
     {"after_fork_child", (PyCFunction)mod_after_fork_child, METH_NOARGS, NULL},
     {"random_u64", (PyCFunction)mod_random_u64, METH_NOARGS, NULL},
+    {"clock_ns", (PyCFunction)mod_clock_ns, METH_NOARGS, "clock_ns() -> the records' clock, ns"},
+    {"_clock_shift", (PyCFunction)mod_clock_shift, METH_O, NULL},
+    {"clock_info", (PyCFunction)mod_clock_info, METH_VARARGS,
+     "clock_info(recalibrate=False) -> the records' clock source and calibration"},
     {NULL},
 };
 
@@ -363,13 +408,17 @@ native_init_globals(void)
     if (done)
         return 0;
     if (PyType_Ready(&cn_Scope_Type) < 0 || PyType_Ready(&cn_ScopeIter_Type) < 0 ||
-        PyType_Ready(&cn_Batch_Type) < 0 || PyType_Ready(&cn_OtlpState_Type) < 0)
+        PyType_Ready(&cn_Batch_Type) < 0 || PyType_Ready(&cn_OtlpState_Type) < 0 ||
+        cn_scope_methods_install() < 0)
         return -1;
     if (pthread_key_create(&cn_state.ring_key, cn_ring_thread_exit) != 0) {
         PyErr_SetString(PyExc_RuntimeError, "cirron_otel: pthread_key_create failed");
         return -1;
     }
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+    /* CIRRON_CLOCK=realtime: timestamps from clock_gettime even where the TSC is usable */
+    const char *clock = getenv("CIRRON_CLOCK");
+    tsc_init(&cn_clock, clock == NULL || strcmp(clock, "realtime") != 0);
     cn_state.pid = (int64_t)getpid();
     cn_state.scope_var = PyContextVar_New("cirron_otel.current_scope", NULL);
     cn_state.otel_var = PyContextVar_New("cirron_otel.otel_context", NULL);

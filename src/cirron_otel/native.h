@@ -22,6 +22,7 @@
 #include "buf.h"     /* buf_t: the growable buffer the encoders write into */
 #include "compat.h"  /* CN_INTERNAL */
 #include "spantab.h" /* spantab_t: open spans by id */
+#include "tsc.h"     /* tsc_clock_t: wall-clock ns from the invariant TSC */
 
 #define MAX_DEPTH 64
 #define STR_VALUE_CAP 256
@@ -147,6 +148,7 @@ typedef struct ring {
     _Atomic uint64_t depth_drops;
     rng_t rng;
     name_cache_t name_cache[NAME_CACHE_SIZE];
+    int64_t last_ns; /* this thread's last timestamp: never go back by less than CLOCK_CLAMP_NS */
     int warned_full;
     int warned_depth;
     int no_wait; /* a wait for room timed out: drop until the drainer catches up */
@@ -191,6 +193,14 @@ enum {
     SF_OTEL_PARENT = 4, /* the parent is a foreign OpenTelemetry span */
 };
 
+/* scope.__enter__ / scope.__exit__ as bound objects embedded in the scope (see scope.c:
+ * "the with protocol"): handing one out allocates nothing. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    struct ScopeObject *owner; /* a reference while this object's own count is above zero */
+} ScopeBoundObject;
+
 typedef struct ScopeObject {
     PyObject_HEAD
     uint64_t span_hi, span_lo;
@@ -210,6 +220,7 @@ typedef struct ScopeObject {
     PyObject *attrs;
     PyObject *token;
     PyObject *exc;
+    ScopeBoundObject bound_enter, bound_exit;
 } ScopeObject;
 
 #define SCOPE_FREELIST_MAX 1024
@@ -373,11 +384,14 @@ typedef struct {
 
 extern CN_INTERNAL cn_state_t cn_state;
 
+/* The records' clock (tsc.h), defined in module.c; re-based by the drainer (mod_wait). */
+extern CN_INTERNAL tsc_clock_t cn_clock;
+
 /* -- what each unit offers the others --------------------------------------------------- */
 
 /* record.c: ids, names, rings, values, attribute capture, code locations */
 /* this thread's ring, NULL until its first record */
-extern CN_INTERNAL _Thread_local ring_t *cn_tl_ring;
+extern CN_INTERNAL CN_TLS_FAST _Thread_local ring_t *cn_tl_ring;
 CN_INTERNAL void cn_rng_seed(rng_t *r);
 CN_INTERNAL uint32_t cn_name_intern(PyObject *name);
 CN_INTERNAL void cn_wake_drainer(void);
@@ -391,7 +405,9 @@ CN_INTERNAL int cn_coerce_value_slow(PyObject *value, coerced_t *out, int depth)
 CN_INTERNAL PyObject *cn_mod_code_location(PyObject *m, PyObject *args);
 
 /* scope.c: scopes, iterators, mark(), the session */
-extern CN_INTERNAL PyTypeObject cn_Scope_Type, cn_ScopeIter_Type;
+extern CN_INTERNAL PyTypeObject cn_Scope_Type, cn_ScopeIter_Type, cn_ScopeMethod_Type,
+    cn_ScopeBound_Type;
+CN_INTERNAL int cn_scope_methods_install(void);
 CN_INTERNAL PyObject *cn_hex128(uint64_t hi, uint64_t lo);
 CN_INTERNAL PyObject *cn_mod_scope(PyObject *m, PyObject *const *args, Py_ssize_t nargs,
                                    PyObject *kwnames);
@@ -452,6 +468,24 @@ get_ring(void)
     if (r != NULL)
         return r;
     return cn_get_ring_slow();
+}
+
+/* A re-base of the TSC clock (or an NTP step) may move the clock back by a few µs: a
+ * thread's timestamps stay in order. A larger step back (the wall clock was set) is kept. */
+#define CLOCK_CLAMP_NS 10000000LL
+
+/* Wall-clock ns for a record of the thread owning `r` (NULL: no clamp). */
+static inline int64_t
+clock_now(ring_t *r)
+{
+    int64_t t = tsc_now(&cn_clock);
+    if (r != NULL) {
+        int64_t last = r->last_ns;
+        if (t < last && last - t < CLOCK_CLAMP_NS)
+            return last;
+        r->last_ns = t;
+    }
+    return t;
 }
 
 static inline slot_t *

@@ -140,7 +140,7 @@ cn_name_intern(PyObject *name)
  * Rings
  * ==================================================================================== */
 
-_Thread_local ring_t *cn_tl_ring;
+CN_TLS_FAST _Thread_local ring_t *cn_tl_ring;
 
 void
 cn_wake_drainer(void)

@@ -2,8 +2,8 @@
  * scope.c — the hot path: scope objects and the scope stack (a ContextVar, so it is per
  * thread and per asyncio task), the epochs() / batches() iterators, mark(), and the
  * session root. Everything they call per record is inline (native.h): they take no lock,
- * make no system call (the wall clock is read through the vDSO) and allocate only what
- * the caller hands them (kwargs dicts).
+ * make no system call (the wall clock is the TSC, or clock_gettime through the vDSO: tsc.h)
+ * and allocate only what the caller hands them (kwargs dicts).
  */
 #include "native.h"
 
@@ -12,6 +12,11 @@
 /* ======================================================================================
  * Scopes
  * ==================================================================================== */
+
+static PyObject *scope_bound_enter(PyObject *b, PyObject *const *args, size_t nargsf,
+                                   PyObject *kwnames);
+static PyObject *scope_bound_exit(PyObject *b, PyObject *const *args, size_t nargsf,
+                                  PyObject *kwnames);
 
 static ScopeObject *
 scope_alloc(void)
@@ -25,6 +30,15 @@ scope_alloc(void)
         s = PyObject_New(ScopeObject, &cn_Scope_Type);
         if (s == NULL)
             return NULL;
+        /* the embedded bound methods (count 0: not handed out) keep this set-up when the
+         * scope goes through the free list */
+        memset(&s->bound_enter, 0, sizeof s->bound_enter);
+        memset(&s->bound_exit, 0, sizeof s->bound_exit);
+        Py_SET_TYPE((PyObject *)&s->bound_enter, &cn_ScopeBound_Type);
+        Py_SET_TYPE((PyObject *)&s->bound_exit, &cn_ScopeBound_Type);
+        s->bound_enter.owner = s->bound_exit.owner = s;
+        s->bound_enter.vectorcall = scope_bound_enter;
+        s->bound_exit.vectorcall = scope_bound_exit;
     }
     s->name = s->attrs = s->token = s->exc = NULL;
     s->state = ST_NEW;
@@ -151,13 +165,13 @@ scope_inherit(ScopeObject *s, const ScopeObject *parent)
 /* The scope is open from now on (its clock starts last, so setup is not counted);
  * ts == 0: read the clock now. */
 static inline void
-scope_start(ScopeObject *s, int64_t ts)
+scope_start(ScopeObject *s, ring_t *r, int64_t ts)
 {
     s->pid = cn_state.pid;
     s->state = ST_OPEN;
     if (cn_state.capture_cpu)
         s->cpu_start = thread_cpu_ns();
-    s->start_ns = ts ? ts : wall_ns();
+    s->start_ns = ts ? ts : clock_now(r);
 }
 
 enum { PUSH_TOKEN = 1, PUSH_REPLACE = 2 };
@@ -222,7 +236,7 @@ scope_open_under(ScopeObject *s, ring_t *r, int64_t ts, PyObject *cur, int push)
         s->token = tok;
     else
         Py_DECREF(tok);
-    scope_start(s, ts);
+    scope_start(s, r, ts);
     return 0;
 }
 
@@ -306,8 +320,9 @@ scope_close_at(ScopeObject *self, PyObject *exc_type, PyObject *exc, int64_t end
             self->state = ST_CLOSED;
         return 0;
     }
+    ring_t *r = cn_tl_ring; /* NULL: a thread that never recorded closes it */
     if (end == 0)
-        end = wall_ns();
+        end = clock_now(r);
     int64_t cpu = -1;
     if (self->cpu_start >= 0)
         cpu = thread_cpu_ns() - self->cpu_start;
@@ -326,7 +341,8 @@ scope_close_at(ScopeObject *self, PyObject *exc_type, PyObject *exc, int64_t end
         return 0;
     if (exc_type != NULL && exc_type != Py_None)
         fill_error(self, exc_type, exc);
-    ring_t *r = get_ring();
+    if (r == NULL)
+        r = get_ring(); /* (fill_error may have run code that made it) */
     if (r == NULL) {
         PyErr_Clear();
         return 0;
@@ -698,10 +714,8 @@ Scope_set_error_status(ScopeObject *self, PyObject *description)
 }
 
 static PyMethodDef Scope_methods[] = {
-    {"__enter__", (PyCFunction)Scope_enter, METH_NOARGS, NULL},
     {"_set_error_status", (PyCFunction)Scope_set_error_status, METH_O,
      "mark the open scope as failed with this status description (OpenTelemetry's set_status)"},
-    {"__exit__", (PyCFunction)(void (*)(void))Scope_exit, METH_FASTCALL, NULL},
     {NULL},
 };
 
@@ -735,6 +749,173 @@ PyTypeObject cn_Scope_Type = {
     .tp_methods = Scope_methods,
     .tp_getset = Scope_getset,
 };
+
+/* -- the with protocol ------------------------------------------------------------------
+ * `with` looks __enter__ and __exit__ up on the type and binds both before entering; with
+ * ordinary methods that is two bound-method objects allocated and freed per scope (~25 ns of
+ * ~150). Here __enter__ and __exit__ are ScopeMethod descriptors whose bound form is an
+ * object embedded in the scope itself: handing it out takes a reference to the scope the
+ * first time (count 0 -> 1), and its "deallocation" (count back to 0) only drops that
+ * reference, never frees memory. Unbound (Scope.__exit__(s, ...), ExitStack) the descriptor
+ * is called with the scope first, and it is a method descriptor (Py_TPFLAGS_METHOD_DESCRIPTOR)
+ * so `s.__exit__(...)` calls it that way without binding. */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    int is_exit;
+} ScopeMethodObject;
+
+static PyObject *
+scope_enter_args(ScopeObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (nargs != 0 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0)) {
+        PyErr_SetString(PyExc_TypeError, "Scope.__enter__() takes no arguments");
+        return NULL;
+    }
+    return Scope_enter(s, NULL);
+}
+
+static PyObject *
+scope_exit_args(ScopeObject *s, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
+        PyErr_SetString(PyExc_TypeError, "Scope.__exit__() takes no keyword arguments");
+        return NULL;
+    }
+    return Scope_exit(s, args, nargs);
+}
+
+static PyObject *
+scope_bound_enter(PyObject *b, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    return scope_enter_args(((ScopeBoundObject *)b)->owner, args, PyVectorcall_NARGS(nargsf),
+                            kwnames);
+}
+
+static PyObject *
+scope_bound_exit(PyObject *b, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    return scope_exit_args(((ScopeBoundObject *)b)->owner, args, PyVectorcall_NARGS(nargsf),
+                           kwnames);
+}
+
+static void
+ScopeBound_dealloc(ScopeBoundObject *b)
+{
+    /* count 0: no longer handed out; the memory is the scope's */
+    Py_DECREF(b->owner);
+}
+
+static PyObject *
+ScopeBound_repr(ScopeBoundObject *b)
+{
+    return PyUnicode_FromFormat("<bound method %s of %R>",
+                                b == &b->owner->bound_exit ? "__exit__" : "__enter__",
+                                (PyObject *)b->owner);
+}
+
+static PyObject *
+ScopeBound_get_self(ScopeBoundObject *b, void *c)
+{
+    return Py_NewRef((PyObject *)b->owner);
+}
+
+static PyObject *
+ScopeBound_get_name(ScopeBoundObject *b, void *c)
+{
+    return PyUnicode_FromString(b == &b->owner->bound_exit ? "__exit__" : "__enter__");
+}
+
+static PyGetSetDef ScopeBound_getset[] = {
+    {"__self__", (getter)ScopeBound_get_self, NULL, NULL, NULL},
+    {"__name__", (getter)ScopeBound_get_name, NULL, NULL, NULL},
+    {NULL},
+};
+
+PyTypeObject cn_ScopeBound_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cirron_otel.ScopeBoundMethod",
+    .tp_basicsize = sizeof(ScopeBoundObject),
+    .tp_dealloc = (destructor)ScopeBound_dealloc,
+    .tp_repr = (reprfunc)ScopeBound_repr,
+    .tp_getset = ScopeBound_getset,
+    .tp_vectorcall_offset = offsetof(ScopeBoundObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+};
+
+static PyObject *
+ScopeMethod_get(ScopeMethodObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None)
+        return Py_NewRef((PyObject *)self);
+    if (!PyObject_TypeCheck(obj, &cn_Scope_Type)) {
+        PyErr_SetString(PyExc_TypeError, "descriptor needs a cirron_otel.Scope");
+        return NULL;
+    }
+    ScopeObject *s = (ScopeObject *)obj;
+    ScopeBoundObject *b = self->is_exit ? &s->bound_exit : &s->bound_enter;
+    if (Py_REFCNT(b) == 0) {
+        Py_SET_REFCNT(b, 1);
+        Py_INCREF(obj);
+    }
+    else
+        Py_INCREF(b);
+    return (PyObject *)b;
+}
+
+static PyObject *
+ScopeMethod_call(PyObject *d, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1 || !PyObject_TypeCheck(args[0], &cn_Scope_Type)) {
+        PyErr_SetString(PyExc_TypeError, "descriptor needs a cirron_otel.Scope as first argument");
+        return NULL;
+    }
+    ScopeObject *s = (ScopeObject *)args[0];
+    if (((ScopeMethodObject *)d)->is_exit)
+        return scope_exit_args(s, args + 1, nargs - 1, kwnames);
+    return scope_enter_args(s, args + 1, nargs - 1, kwnames);
+}
+
+static PyObject *
+ScopeMethod_repr(ScopeMethodObject *self)
+{
+    return PyUnicode_FromFormat("<method '%s' of 'cirron_otel.Scope' objects>",
+                                self->is_exit ? "__exit__" : "__enter__");
+}
+
+PyTypeObject cn_ScopeMethod_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cirron_otel.ScopeMethod",
+    .tp_basicsize = sizeof(ScopeMethodObject),
+    .tp_repr = (reprfunc)ScopeMethod_repr,
+    .tp_vectorcall_offset = offsetof(ScopeMethodObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_descr_get = (descrgetfunc)ScopeMethod_get,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+};
+
+/* After PyType_Ready(&cn_Scope_Type): Scope.__enter__ and Scope.__exit__. */
+int
+cn_scope_methods_install(void)
+{
+    if (PyType_Ready(&cn_ScopeBound_Type) < 0 || PyType_Ready(&cn_ScopeMethod_Type) < 0)
+        return -1;
+    static const char *names[2] = {"__enter__", "__exit__"};
+    for (int i = 0; i < 2; i++) {
+        ScopeMethodObject *d = PyObject_New(ScopeMethodObject, &cn_ScopeMethod_Type);
+        if (d == NULL)
+            return -1;
+        d->vectorcall = ScopeMethod_call;
+        d->is_exit = i;
+        int rc = PyDict_SetItemString(cn_Scope_Type.tp_dict, names[i], (PyObject *)d);
+        Py_DECREF(d);
+        if (rc < 0)
+            return -1;
+    }
+    PyType_Modified(&cn_Scope_Type);
+    return 0;
+}
 
 /* ======================================================================================
  * epochs() / batches()
@@ -790,7 +971,7 @@ ScopeIter_next(ScopeIterObject *self)
 {
     /* one clock read: the previous item's scope ends where the next one's begins (so the
      * next item's loading counts in its own scope) */
-    int64_t now = wall_ns();
+    int64_t now = clock_now(cn_tl_ring);
     scopeiter_close_current(self, 0, now);
     if (self->it == NULL)
         return NULL;
@@ -1004,7 +1185,7 @@ cn_mod_mark(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
         lo = cn_state.session->span_lo;
     }
     Py_XDECREF(cur);
-    int64_t ts = wall_ns();
+    int64_t ts = clock_now(r);
     slot_t *s = ring_reserve(r, 1);
     s->type = R_MARK;
     s->vtype = cv.vtype;
@@ -1073,7 +1254,7 @@ cn_mod_session_begin(PyObject *m, PyObject *args)
         scope_new_trace(s, r);
     }
     Py_XDECREF(cur);
-    scope_start(s, 0);
+    scope_start(s, r, 0);
     atomic_store_explicit(&cn_state.session_hi, s->span_hi, memory_order_relaxed);
     atomic_store_explicit(&cn_state.session_lo, s->span_lo, memory_order_relaxed);
     cn_state.session = s;

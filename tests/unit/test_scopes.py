@@ -355,3 +355,66 @@ def test_capture_cpu_time(out):
         pass
     (plain,) = [s for s in _spans(str(out) + "2") if s["name"] == "plain"]
     assert plain["cpu_ns"] is None
+
+
+def test_enter_and_exit_as_objects(prof, out):
+    """__enter__/__exit__ are bound without allocating (scope.c): every way of reaching them
+    behaves like a method, and the bound objects keep their scope alive."""
+    import contextlib
+    import gc
+    import sys
+
+    s = ci.scope("bound")
+    base = sys.getrefcount(s)
+    enter, exit_ = s.__enter__, s.__exit__
+    assert enter.__self__ is s and exit_.__name__ == "__exit__"
+    assert "__enter__" in repr(enter) and "__exit__" in repr(ci.Scope.__exit__)
+    assert sys.getrefcount(s) == base + 2  # one reference each, however often bound
+    again = s.__enter__
+    assert again is enter and sys.getrefcount(s) == base + 2
+    del again
+    assert s.__exit__ is exit_  # a temporary reference, released at once
+    assert sys.getrefcount(s) == base + 2
+    del s
+    gc.collect()
+    assert enter() is exit_.__self__  # still alive through the bound objects
+    assert exit_(None, None, None) is False
+    assert enter.__self__.state == "closed"
+    s = enter.__self__
+    del enter, exit_
+    assert sys.getrefcount(s) == base  # released with the bound objects
+    del s
+
+    s = ci.scope("unbound")
+    assert type(s).__enter__(s) is s
+    assert ci.Scope.__exit__(s, None, None, None) is False
+    with pytest.raises(TypeError):
+        ci.Scope.__enter__(object())
+    with pytest.raises(TypeError):
+        ci.scope("args").__enter__(1)
+
+    with contextlib.ExitStack() as stack:
+        inner = stack.enter_context(ci.scope("stacked"))
+        assert ci.current_scope() is inner
+    assert inner.state == "closed" and ci.current_scope() is None
+
+    def gen():
+        with ci.scope("in_gen") as g:
+            yield g
+
+    it = gen()
+    g = next(it)
+    assert g.state == "open"
+    it.close()
+    assert g.state == "closed"
+
+    with pytest.raises(KeyError), ci.scope("raises") as r:
+        raise KeyError("k")
+    base = sys.getrefcount(r)
+    for _ in range(100):
+        with ci.scope("loop"):
+            pass
+    assert sys.getrefcount(r) == base
+    by_name = {s["name"]: s for s in _spans(out)}
+    assert set(by_name) >= {"bound", "unbound", "stacked", "in_gen", "raises", "loop"}
+    assert by_name["raises"]["attrs"]["error.type"] == "KeyError"
