@@ -3,8 +3,8 @@
 attributes as the SDK writes them, and the names that are not instrumentation (each raises
 `CirronNotProvided` saying what to use instead).
 
-Imported by `cirron_otel/__init__.py` lazily (module `__getattr__`) so `import cirron_otel`
-stays cheap; `profile()` imports it on its first call.
+Imported by `cirron_otel/__init__.py`, so it imports nothing beyond the standard library's
+basics at module level (`import cirron_otel` stays cheap).
 """
 
 from __future__ import annotations
