@@ -68,12 +68,14 @@ class SinkStats:
         with self._lock:
             self.extra.update(values)
 
-    def error(self, kind: str, exc: BaseException | str) -> None:
-        """Record a failure and warn once per (sink, kind). Never raises."""
+    def error(self, kind: str, exc: BaseException | str, *, warn: bool = True) -> None:
+        """Record a failure and warn once per (sink, kind), unless `warn` is False (an expected
+        condition, kept in `last_error` for health() only). Never raises."""
         text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
         with self._lock:
             self.last_error = f"{kind}: {text}"
-        warn_once(f"{self.name}:{kind}", f"cirron_otel {self.name} sink: {kind}: {text}")
+        if warn:
+            warn_once(f"{self.name}:{kind}", f"cirron_otel {self.name} sink: {kind}: {text}")
 
     def get(self, key: str) -> Any:
         """One value of `self.extra`, read under the lock."""
