@@ -6,8 +6,8 @@ receiver in another process decodes every request. Reported: records/s delivered
 sink (spans + marks; for OTLP, spans + events), drops, and how much the producer slows
 while exports run: its busy time per record with the spool and OTLP on, against the same
 paced loop with a disabled profiler. `--rate 0` runs flat out instead (the pipeline then
-paces the producer through the spool's backpressure; OTLP, which never slows the program,
-drops what it cannot take and says so).
+paces the producer through the backpressure of the spool and of the OTLP sink, whose outbox
+is on: neither may drop a record).
 
     python bench/bench_export.py [--seconds 10] [--rate 250000] [--protocol grpc|http/protobuf]
 

@@ -1,4 +1,4 @@
-"""OTLP export of Cirron spans and marks, with a durable outbox that never stalls.
+"""OTLP export of Cirron spans and marks, with a durable outbox that the network never stalls.
 
 The mapping itself is native (`_native.otlp_encode`, see the README's mapping table): the
 drainer's batches become one `ExportTraceServiceRequest` without building Python span
@@ -17,6 +17,13 @@ off exponentially with jitter, or as long as the collector asked (Retry-After, R
 permanent one (400, INVALID_ARGUMENT, ...) drops the request, counted, and the queue moves on.
 An outbox file that cannot be read or parsed is renamed `*.pb.corrupt` (counted) and skipped.
 No request is larger than `max_request_bytes` (see `otlp_fit`).
+
+Pace: with the outbox, the worker's pace is encode + disk (one group commit per export), like
+the spool's, so the sink applies backpressure as the spool does: a flat-out producer is paced
+rather than losing records, while the network only makes requests wait in the outbox. While
+outbox writes fail it applies none (the memory queue's bound applies). Without the outbox,
+never: what the worker cannot take is dropped, counted. `SENDERS` threads send at once, each
+outbox file under its own lock (see `_locked_file`).
 
 Counters (`health()["sinks"]["otlp"]`) count spans: `exported`, `dropped` and `pending`, so
 that exported + dropped + pending = spans handed to the sink. Marks travel as span events
