@@ -25,7 +25,7 @@ import tempfile
 import textwrap
 
 RECEIVER = r"""
-import sys, threading, signal, http.server
+import gzip, sys, threading, signal, http.server
 from concurrent import futures
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as pb, trace_service_pb2_grpc as pbg
@@ -51,6 +51,8 @@ class Traces(pbg.TraceServiceServicer):
 class Http(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Content-Encoding") == "gzip":  # OTEL_EXPORTER_OTLP_COMPRESSION=gzip
+            body = gzip.decompress(body)
         count(pb.ExportTraceServiceRequest.FromString(body))
         out = pb.ExportTraceServiceResponse().SerializeToString()
         self.send_response(200); self.send_header("Content-Type", "application/x-protobuf")
