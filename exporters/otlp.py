@@ -476,10 +476,8 @@ class OtlpSink(OtlpEncodingSink):
         if head.name is None:
             return self._deliver_data(head, head.data)  # type: ignore[arg-type]
         with self._locked_file(head.name) as fd:
-            if fd is None:
-                return _GONE  # another process sharing the outbox delivered it
-            if fd < 0:
-                return _BUSY
+            if isinstance(fd, str):  # gone (another process delivered it), busy, or unreadable
+                return fd if fd in (_GONE, _BUSY) else self._quarantine(head, fd)
             try:
                 data = _read_fd(fd)
             except OSError as exc:
@@ -540,20 +538,26 @@ class OtlpSink(OtlpEncodingSink):
         return _CORRUPT
 
     @contextlib.contextmanager
-    def _locked_file(self, name: str) -> Iterator[int | None]:
-        """The outbox file `name`, open and locked, or None when it is gone (-1: another
-        process still had it when this sink stopped). Processes sharing
-        an output directory (ranks, forked children) each send a file only under its lock and
-        delete it before letting go, so none is delivered twice, while different files go out
-        in parallel. A POSIX record lock (lockf), not flock: a child forked while it is held
-        does not inherit it. lockf locks belong to the process, not the thread: the sender
-        threads never claim the same request, and the file is read through this descriptor
-        (closing any other descriptor of it would release the lock)."""
+    def _locked_file(self, name: str) -> Iterator[int | str]:
+        """The outbox file `name`, open and locked; or `_GONE` (another process delivered it),
+        `_BUSY` (another process still had it when this sink stopped), or why it cannot be
+        opened. Processes sharing an output directory (ranks, forked children) each send a
+        file only under its lock and delete it before letting go, so none is delivered twice,
+        while different files go out in parallel. A POSIX record lock (lockf), not flock: a
+        child forked while it is held does not inherit it. lockf locks belong to the process,
+        not the thread: the sender threads never claim the same request, and the file is read
+        through this descriptor (closing any other descriptor of it would release the lock)."""
         path = os.path.join(self.outbox.path, name)  # type: ignore[union-attr]
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except PermissionError:  # a read-only file: sent without the lock, as before
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            yield None
+            yield _GONE
+            return
+        except OSError as exc:
+            yield f"unreadable: {exc}"
             return
         try:
             # Polled, never a blocking lockf: the kernel's deadlock detection sees processes,
@@ -567,13 +571,13 @@ class OtlpSink(OtlpEncodingSink):
                     if os.fstat(fd).st_nlink == 0:
                         break
                     if self._stopping:
-                        yield -1  # still theirs: left in the outbox
+                        yield _BUSY  # still theirs: left in the outbox
                         return
                     time.sleep(LOCK_POLL)
                 except OSError:  # no locking on this file system: go on, as before
                     break
             # deleted by the process that held the lock (delivered): its name is gone
-            yield None if os.fstat(fd).st_nlink == 0 else fd
+            yield _GONE if os.fstat(fd).st_nlink == 0 else fd
         finally:
             os.close(fd)
 
