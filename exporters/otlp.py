@@ -148,6 +148,7 @@ class _Request:
     # The size of the file this sink wrote itself: a file still of that size is sent without
     # parsing it again to check it (files from elsewhere, a previous run, are checked).
     written: int | None = None
+    started: float = 0.0  # when its current attempt began (monotonic)
 
 
 # Outcomes of one delivery attempt other than a SendError.
@@ -398,13 +399,13 @@ class OtlpSink(OtlpEncodingSink):
                     # backing off: until due; otherwise until a request comes or a sender is done
                     self._cv.wait(max(0.0, due - now) if self._queue and now < due else None)
                 head.sending = True
-                started = now
+                head.started = now
             try:
                 outcome = self._deliver(head)
             except Exception as exc:  # a bug here must not stop the sender: drop the head, counted
                 outcome = SendError(f"{type(exc).__name__}: {exc}", retryable=False)
             try:
-                self._settle(head, outcome, started)
+                self._settle(head, outcome)
             except Exception as exc:  # nor a bug in the bookkeeping: the head is tried again later
                 with self._cv:
                     head.sending = False
@@ -413,10 +414,8 @@ class OtlpSink(OtlpEncodingSink):
                 self.stats.add(sender_errors=1)
                 self.stats.error("sender error", exc)
 
-    def _settle(
-        self, head: _Request, outcome: SendError | PartialSuccess | str | list[_Request], started: float
-    ) -> None:
-        """Account for one attempt (begun at `started`) and pick the next retry time."""
+    def _settle(self, head: _Request, outcome: SendError | PartialSuccess | str | list[_Request]) -> None:
+        """Account for one attempt (begun at `head.started`) and pick the next retry time."""
         error: SendError | None = outcome if isinstance(outcome, SendError) else None
         with self._cv:
             head.sending = False
@@ -426,7 +425,7 @@ class OtlpSink(OtlpEncodingSink):
             now = time.monotonic()
             # An attempt begun before the last failure was known says nothing new about the
             # collector: it neither doubles the backoff again nor, if it succeeded, cancels it.
-            news = started >= self._last_failure
+            news = head.started >= self._last_failure
             if error is not None and error.retryable:
                 self.stats.add(failed=1)
                 self._retryable_failures += 1
