@@ -51,6 +51,8 @@ class Traces(pbg.TraceServiceServicer):
 class Http(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path.endswith("/v1/metrics"):  # traces only, like the gRPC side (UNIMPLEMENTED)
+            self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers(); return
         if self.headers.get("Content-Encoding") == "gzip":  # OTEL_EXPORTER_OTLP_COMPRESSION=gzip
             body = gzip.decompress(body)
         count(pb.ExportTraceServiceRequest.FromString(body))
