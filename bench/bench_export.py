@@ -6,8 +6,8 @@ receiver in another process decodes every request. Reported: records/s delivered
 sink (spans + marks; for OTLP, spans + events), drops, and how much the producer slows
 while exports run: its busy time per record with the spool and OTLP on, against the same
 paced loop with a disabled profiler. `--rate 0` runs flat out instead (the pipeline then
-paces the producer through the spool's backpressure; OTLP, which never slows the program,
-drops what it cannot take and says so).
+paces the producer through the backpressure of the spool and of the OTLP sink, whose outbox
+is on: neither may drop a record).
 
     python bench/bench_export.py [--seconds 10] [--rate 250000] [--protocol grpc|http/protobuf]
 
@@ -25,7 +25,7 @@ import tempfile
 import textwrap
 
 RECEIVER = r"""
-import sys, threading, signal, http.server
+import gzip, sys, threading, signal, http.server
 from concurrent import futures
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as pb, trace_service_pb2_grpc as pbg
@@ -51,6 +51,10 @@ class Traces(pbg.TraceServiceServicer):
 class Http(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path.endswith("/v1/metrics"):  # traces only, like the gRPC side (UNIMPLEMENTED)
+            self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers(); return
+        if self.headers.get("Content-Encoding") == "gzip":  # OTEL_EXPORTER_OTLP_COMPRESSION=gzip
+            body = gzip.decompress(body)
         count(pb.ExportTraceServiceRequest.FromString(body))
         out = pb.ExportTraceServiceResponse().SerializeToString()
         self.send_response(200); self.send_header("Content-Type", "application/x-protobuf")

@@ -1,4 +1,4 @@
-"""OTLP export of Cirron spans and marks, with a durable outbox that never stalls.
+"""OTLP export of Cirron spans and marks, with a durable outbox that the network never stalls.
 
 The mapping itself is native (`_native.otlp_encode`, see the README's mapping table): the
 drainer's batches become one `ExportTraceServiceRequest` without building Python span
@@ -17,6 +17,13 @@ off exponentially with jitter, or as long as the collector asked (Retry-After, R
 permanent one (400, INVALID_ARGUMENT, ...) drops the request, counted, and the queue moves on.
 An outbox file that cannot be read or parsed is renamed `*.pb.corrupt` (counted) and skipped.
 No request is larger than `max_request_bytes` (see `otlp_fit`).
+
+Pace: with the outbox, the worker's pace is encode + disk (one group commit per export), like
+the spool's, so the sink applies backpressure as the spool does: a flat-out producer is paced
+rather than losing records, while the network only makes requests wait in the outbox. While
+outbox writes fail it applies none (the memory queue's bound applies). Without the outbox,
+never: what the worker cannot take is dropped, counted. `SENDERS` threads send at once, each
+outbox file under its own lock (see `_locked_file`).
 
 Counters (`health()["sinks"]["otlp"]`) count spans: `exported`, `dropped` and `pending`, so
 that exported + dropped + pending = spans handed to the sink. Marks travel as span events
@@ -51,7 +58,7 @@ from .otlp_transport import (
     Transport,
     make_transport,
 )
-from .spool_dir import SpoolDirectory, new_file_name
+from .spool_dir import SpoolDirectory, new_batch_id, new_file_name
 
 __all__ = [
     "GrpcTransport",
@@ -66,6 +73,11 @@ __all__ = [
 OUTBOX_DIR = "otlp-outbox"
 QUARANTINE_SUFFIX = ".corrupt"
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024 - 64 * 1024
+# Requests in flight at once, one sender thread each: the wire's latency and the collector's
+# work overlap, and gzip (done by the sending thread, without the GIL) runs in parallel.
+SENDERS = 3
+# How often a sender looks again at an outbox file another process is sending.
+LOCK_POLL = 0.01
 # Exponential backoff between retryable failures: BASE * 2**n, at most CAP, times a random
 # factor in [0.5, 1] so processes sharing a collector do not retry in lockstep.
 BACKOFF_BASE = 0.25
@@ -125,29 +137,35 @@ def encode_resource(attrs: dict[str, Any]) -> bytes:
     ).SerializeToString()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes the very request a sender settled
 class _Request:
     """A queued request: on disk (`name`) or in memory (`data`), with its span count."""
 
     name: str | None
     data: bytes | None
     spans: int
+    sending: bool = False  # a sender thread has it: never evicted, not claimed twice
+    # The size of the file this sink wrote itself: a file still of that size is sent without
+    # parsing it again to check it (files from elsewhere, a previous run, are checked).
+    written: int | None = None
+    started: float = 0.0  # when its current attempt began (monotonic)
 
 
 # Outcomes of one delivery attempt other than a SendError.
-_SENT, _GONE, _CORRUPT = "sent", "gone", "corrupt"
+# _BUSY: another process was sending it when this sink stopped (left as it is).
+_SENT, _GONE, _CORRUPT, _BUSY = "sent", "gone", "corrupt", "busy"
 
 
 class OtlpSink(OtlpEncodingSink):
     """Maps batches to OTLP requests and delivers them from a durable queue.
 
-    `export` (on the sink's worker) only encodes and queues, so it keeps pace with the
-    drainer thread whatever the network does; a sender thread of its own delivers the
-    queue, oldest first, backing off while the collector fails.
+    `export` (on the sink's worker) only encodes and queues (writes the outbox with one
+    group commit per call), so its pace is set by the CPU and the disk, never by the
+    network; `senders` threads of its own deliver the queue, oldest first, several requests
+    in flight, backing off while the collector fails.
     """
 
     name = "otlp"
-    backpressure = False
     outbox_subdir = OUTBOX_DIR  # a sink of other requests (metrics) keeps its own outbox
 
     def __init__(
@@ -161,6 +179,7 @@ class OtlpSink(OtlpEncodingSink):
         outbox_max_bytes: int = 1_000_000_000,
         memory_queue_requests: int = 256,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        senders: int = SENDERS,
     ) -> None:
         super().__init__()
         self.transport = transport
@@ -177,13 +196,13 @@ class OtlpSink(OtlpEncodingSink):
         self._memory_limit = memory_queue_requests
         self._cv = threading.Condition()
         self._stopping = False
-        self._inflight: _Request | None = None  # never evicted while on the wire
+        self._write_failing = False  # the last outbox write failed: no backpressure meanwhile
         self._attempt = 0  # retryable failures in a row
+        self._last_failure = 0.0  # when the last retryable failure was settled (monotonic)
         self._retry_at = 0.0  # own backoff: flush() may cut it short
         self._not_before = 0.0  # the collector's Retry-After / RetryInfo: always honoured
         self._retryable_failures = 0
         self._exiting = False  # at_exit(): shutdown() stops at the first retryable failure
-        self._process_lock = threading.Lock()
         self.stats.set(
             requests_sent=0,
             requests_rejected=0,
@@ -200,8 +219,23 @@ class OtlpSink(OtlpEncodingSink):
             for name, _ in self.outbox.scan()[0]:
                 self._queue.append(_Request(name, None, _spans_in(name)))
                 self.stats.add(pending=_spans_in(name))
-        self._sender = threading.Thread(target=self._send_loop, name="cirron-otel-otlp-sender", daemon=True)
-        self._sender.start()
+        self._senders = [
+            threading.Thread(target=self._send_loop, name=f"cirron-otel-otlp-sender-{i}", daemon=True)
+            for i in range(max(1, senders))
+        ]
+        for sender in self._senders:
+            sender.start()
+
+    @property  # type: ignore[override]
+    def backpressure(self) -> bool:
+        """With the outbox, this sink's pace is encode + disk, like the spool's (the network
+        waits on the outbox, never on us): it may pace the producer as the spool does rather
+        than drop. While outbox writes fail, waiting would not help: no backpressure, and what
+        cannot be kept is dropped and counted. Without the outbox, never."""
+        return self.outbox is not None and not self._write_failing
+
+    def _senders_alive(self) -> bool:
+        return any(sender.is_alive() for sender in self._senders)
 
     # -- Sink interface ------------------------------------------------------------------
 
@@ -213,9 +247,7 @@ class OtlpSink(OtlpEncodingSink):
         if requests is None:
             return
         self._update_counters()
-        for request, spans in requests:
-            for part, part_spans in self._fit(request, spans):
-                self._enqueue(part, part_spans)
+        self._enqueue([part for request, spans in requests for part in self._fit(request, spans)])
 
     def retry(self) -> None:
         # The sender keeps its own backoff schedule: an idle poke must not shorten it.
@@ -232,7 +264,7 @@ class OtlpSink(OtlpEncodingSink):
             self._cv.notify_all()
             while self._queue:
                 left = deadline - time.monotonic()
-                if left <= 0 or self._retryable_failures != failures or not self._sender.is_alive():
+                if left <= 0 or self._retryable_failures != failures or not self._senders_alive():
                     return False
                 self._cv.wait(min(left, 0.1))
         return True
@@ -257,7 +289,7 @@ class OtlpSink(OtlpEncodingSink):
             failures = self._retryable_failures
             self._retry_at = 0.0  # our own backoff yields; the collector's Retry-After does not
             self._cv.notify_all()
-            while self._queue and self._sender.is_alive():
+            while self._queue and self._senders_alive():
                 left = deadline - time.monotonic()
                 if left <= 0 or (
                     self._exiting
@@ -268,12 +300,14 @@ class OtlpSink(OtlpEncodingSink):
             self._stopping = True
             self._cv.notify_all()
         # An attempt on the wire ends with its answer, or when the channel is closed below.
-        self._sender.join(max(0.0, deadline - time.monotonic()))
+        for sender in self._senders:
+            sender.join(max(0.0, deadline - time.monotonic()))
         with contextlib.suppress(Exception):
             self.transport.shutdown()
-        self._sender.join(0.1)
+        for sender in self._senders:
+            sender.join(0.1)
         with self._cv:
-            lost = [item for item in self._queue if item.name is None and item is not self._inflight]
+            lost = [item for item in self._queue if item.name is None and not item.sending]
         if lost:
             spans = sum(item.spans for item in lost)
             self.stats.add(pending=-spans, dropped=spans)
@@ -299,18 +333,27 @@ class OtlpSink(OtlpEncodingSink):
             )
         return fitted.parts
 
-    def _enqueue(self, request: bytes, spans: int) -> None:
-        name = None
+    def _enqueue(self, parts: list[tuple[bytes, int]]) -> None:
+        """Queue one export's requests; with the outbox, written with one group commit."""
+        if not parts:
+            return
+        names: list[str | None] = [None] * len(parts)
         if self.outbox is not None:
-            _, _, name = new_file_name(f"-{spans}.pb")
+            # consecutive times keep the export's order; the random id keeps names unique
+            base = time.time_ns()
+            named = [(f"{base + i:020d}-{new_batch_id()}-{n}.pb", data) for i, (data, n) in enumerate(parts)]
             try:
-                self.outbox.write_bytes(name, request)
+                self.outbox.write_bytes_many(named)
+                names = [name for name, _ in named]
+                self._write_failing = False
             except OSError as exc:
+                self._write_failing = True
                 self.stats.error("outbox write failed", exc)
-                name = None
         with self._cv:
-            self.stats.add(pending=spans)
-            self._queue.append(_Request(name, None if name else request, spans))
+            self.stats.add(pending=sum(spans for _, spans in parts))
+            for name, (data, spans) in zip(names, parts, strict=True):
+                written = len(data) if name else None
+                self._queue.append(_Request(name, None if name else data, spans, written=written))
             self._trim_locked()
             self._cv.notify_all()
 
@@ -324,11 +367,7 @@ class OtlpSink(OtlpEncodingSink):
             if not (over_memory or over_disk):
                 return
             victim = next(
-                (
-                    item
-                    for item in self._queue
-                    if item is not self._inflight and (item.name is None) == over_memory
-                ),
+                (item for item in self._queue if not item.sending and (item.name is None) == over_memory),
                 None,
             )
             if victim is None or (over_disk and not over_memory and victim is self._queue[-1]):
@@ -344,46 +383,60 @@ class OtlpSink(OtlpEncodingSink):
         self.stats.error(kind, why)
 
     def _send_loop(self) -> None:
+        """One of the sender threads: claims the oldest request no other sender has."""
         while True:
             with self._cv:
-                while not self._stopping:
+                while True:
+                    if self._stopping:
+                        return
                     now = time.monotonic()
                     due = max(self._retry_at, self._not_before)
-                    if self._queue and now >= due:
+                    head = None
+                    if now >= due:
+                        head = next((item for item in self._queue if not item.sending), None)
+                    if head is not None:
                         break
-                    self._cv.wait(max(0.0, due - now) if self._queue else None)
-                if self._stopping:
-                    return
-                head = self._inflight = self._queue[0]
+                    # backing off: until due; otherwise until a request comes or a sender is done
+                    self._cv.wait(max(0.0, due - now) if self._queue and now < due else None)
+                head.sending = True
+                head.started = now
             try:
-                with self._outbox_lock():
-                    outcome = self._deliver(head)
+                outcome = self._deliver(head)
             except Exception as exc:  # a bug here must not stop the sender: drop the head, counted
                 outcome = SendError(f"{type(exc).__name__}: {exc}", retryable=False)
             try:
                 self._settle(head, outcome)
             except Exception as exc:  # nor a bug in the bookkeeping: the head is tried again later
                 with self._cv:
-                    self._inflight = None
+                    head.sending = False
                     self._retry_at = time.monotonic() + BACKOFF_CAP
+                    self._cv.notify_all()
                 self.stats.add(sender_errors=1)
                 self.stats.error("sender error", exc)
 
     def _settle(self, head: _Request, outcome: SendError | PartialSuccess | str | list[_Request]) -> None:
-        """Account for one attempt at the head of the queue and pick the next retry time."""
+        """Account for one attempt (begun at `head.started`) and pick the next retry time."""
         error: SendError | None = outcome if isinstance(outcome, SendError) else None
         with self._cv:
-            self._inflight = None
+            head.sending = False
+            if outcome == _BUSY:
+                self._cv.notify_all()
+                return
             now = time.monotonic()
+            # An attempt begun before the last failure was known says nothing new about the
+            # collector: it neither doubles the backoff again nor, if it succeeded, cancels it.
+            news = head.started >= self._last_failure
             if error is not None and error.retryable:
                 self.stats.add(failed=1)
                 self._retryable_failures += 1
-                self._attempt += 1
+                self._last_failure = now
+                if news:
+                    self._attempt += 1
                 # (the exponent is capped: after ~1,000 failures in a row 2**n overflows a float)
-                backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(self._attempt - 1, 16))
+                backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(max(self._attempt, 1) - 1, 16))
                 self._retry_at = now + backoff * random.uniform(0.5, 1.0)
                 delay = min(error.retry_after, MAX_SERVER_DELAY) if error.retry_after is not None else 0.0
-                self._not_before = now + delay
+                self._not_before = max(self._not_before, now + delay)
             else:
                 with contextlib.suppress(ValueError):
                     self._queue.remove(head)
@@ -402,8 +455,9 @@ class OtlpSink(OtlpEncodingSink):
                     self.stats.add(pending=-head.spans, failed=1, dropped=head.spans, requests_rejected=1)
                 else:  # gone: another process sharing the outbox delivered it
                     self.stats.add(pending=-head.spans)
-                self._attempt = 0
-                self._retry_at = self._not_before = 0.0
+                if news:
+                    self._attempt = 0
+                    self._retry_at = self._not_before = 0.0
             self._cv.notify_all()
         if outcome == _SENT or isinstance(outcome, PartialSuccess):
             _native.progress()
@@ -416,19 +470,24 @@ class OtlpSink(OtlpEncodingSink):
             )
 
     def _deliver(self, head: _Request) -> SendError | PartialSuccess | str | list[_Request]:
-        """One attempt at the head, under the outbox lock: read, check, send, then delete."""
-        data = head.data
-        if head.name is not None:
+        """One attempt at a request: for an outbox file, under its own lock (see
+        `_locked_file`): read, check, send, then delete."""
+        if head.name is None:
+            return self._deliver_data(head, head.data)  # type: ignore[arg-type]
+        with self._locked_file(head.name) as fd:
+            if isinstance(fd, str):  # gone (another process delivered it), busy, or unreadable
+                return fd if fd in (_GONE, _BUSY) else self._quarantine(head, fd)
             try:
-                data = self.outbox.read(head.name)  # type: ignore[union-attr]
-            except FileNotFoundError:
-                return _GONE  # another process sharing the outbox delivered it
+                data = _read_fd(fd)
             except OSError as exc:
                 return self._quarantine(head, f"unreadable: {exc}")
-            problem = self._check(data, head.spans)
+            problem = None if len(data) == head.written else self._check(data, head.spans)
             if problem is not None:
                 return self._quarantine(head, problem)
-        assert data is not None
+            return self._deliver_data(head, data)
+
+    def _deliver_data(self, head: _Request, data: bytes) -> SendError | PartialSuccess | str | list[_Request]:
+        """Send `data` (the request `head`), then delete its file unless worth retrying."""
         if len(data) > self.max_request_bytes:  # from a run that did not split: split it now
             pieces = [_Request(None, part, spans) for part, spans in self._fit(data, head.spans)]
             for piece in pieces:
@@ -478,26 +537,48 @@ class OtlpSink(OtlpEncodingSink):
         return _CORRUPT
 
     @contextlib.contextmanager
-    def _outbox_lock(self) -> Iterator[None]:
-        """Processes sharing an output directory (ranks, forked children) send and delete
-        outbox files one at a time, so none is delivered twice. A POSIX record lock (lockf),
-        not flock: a child forked while the lock is held does not inherit it."""
-        if self.outbox is None:
-            yield
+    def _locked_file(self, name: str) -> Iterator[int | str]:
+        """The outbox file `name`, open and locked; or `_GONE` (another process delivered it),
+        `_BUSY` (another process still had it when this sink stopped), or why it cannot be
+        opened. Processes sharing an output directory (ranks, forked children) each send a
+        file only under its lock and delete it before letting go, so none is delivered twice,
+        while different files go out in parallel. A POSIX record lock (lockf), not flock: a
+        child forked while it is held does not inherit it. lockf locks belong to the process,
+        not the thread: the sender threads never claim the same request, and the file is read
+        through this descriptor (closing any other descriptor of it would release the lock)."""
+        path = os.path.join(self.outbox.path, name)  # type: ignore[union-attr]
+        try:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except PermissionError:  # a read-only file: sent without the lock, as before
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            yield _GONE
             return
-        with self._process_lock:
-            fd = None
-            try:
-                path = os.path.join(self.outbox.path, ".lock")
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                fcntl.lockf(fd, fcntl.LOCK_EX)
-            except OSError:
-                pass  # no directory yet (nothing on disk to share) or no locking: go on
-            try:
-                yield
-            finally:
-                if fd is not None:
-                    os.close(fd)
+        except OSError as exc:
+            yield f"unreadable: {exc}"
+            return
+        try:
+            # Polled, never a blocking lockf: the kernel's deadlock detection sees processes,
+            # not threads, and would fail a blocking wait (EDEADLK) when two processes each
+            # hold one file and wait for the other's, though different threads do each.
+            while True:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except (BlockingIOError, PermissionError):  # another process is sending it
+                    if os.fstat(fd).st_nlink == 0:
+                        break
+                    if self._stopping:
+                        yield _BUSY  # still theirs: left in the outbox
+                        return
+                    time.sleep(LOCK_POLL)
+                except OSError:  # no locking on this file system: go on, as before
+                    break
+            # deleted by the process that held the lock (delivered): its name is gone
+            yield _GONE if os.fstat(fd).st_nlink == 0 else fd
+        finally:
+            os.close(fd)
 
     def _remove(self, name: str) -> None:
         try:
@@ -535,6 +616,19 @@ def _check(data: bytes, spans: int) -> str | None:
     if found != spans or not found:
         return f"holds {found} spans, its name says {spans}"
     return None
+
+
+def _read_fd(fd: int) -> bytes:
+    """The whole file behind `fd`, read through it (see `_locked_file`)."""
+    size = os.fstat(fd).st_size
+    chunks: list[bytes] = []
+    offset = 0
+    while True:
+        chunk = os.pread(fd, max(size - offset, 1 << 16), offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
 
 
 def _spans_in(name: str) -> int:

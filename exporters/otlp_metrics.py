@@ -42,6 +42,9 @@ class HealthSnapshot(NamedTuple):
 
 class OtlpMetricsSink(OtlpSink):
     name = "otlp_metrics"
+    # Never paces the program (unlike the traces' sink with its outbox): what the worker
+    # cannot take is dropped and counted, the spool and the traces keep every mark.
+    backpressure = False
     outbox_subdir = OUTBOX_DIR
 
     def __init__(

@@ -20,7 +20,7 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 def new_batch_id() -> str:
@@ -147,42 +147,58 @@ class SpoolDirectory:
         """Create `name` durably: `fill(fd)` writes the content into `<name>.tmp` and returns its
         size; then fsync, rename over `name`, fsync the directory. Returns the size; raises
         OSError (and leaves no temporary file) on failure."""
+        return self.write_many([(name, fill)])[0]
+
+    def write_many(self, files: Sequence[tuple[str, Callable[[int], int]]]) -> list[int]:
+        """Create several files durably with one group commit: all written, then each fsynced,
+        renamed, and the directory fsynced once (one directory fsync for the group instead of
+        one per file). All or nothing: on failure none of them is left, and OSError is raised.
+        `_lock` guards only the byte count and the directory check, never a write or an
+        fsync, so the sender deleting files never waits for the disk."""
         with self._lock:
             if not self._ready:
                 make_dirs(self.path, self._dir_perm)
                 self._ready = True
-            final = os.path.join(self.path, name)
-            tmp = final + ".tmp"
-            try:
-                fd = self._open_locked(tmp)
-            except OSError:
-                self._ready = False  # the directory may have gone: look again next time
-                raise
-            try:
-                size = fill(fd)
+        opened: list[tuple[str, str, int]] = []  # (final, tmp, fd)
+        renamed: list[str] = []
+        sizes: list[int] = []
+        try:
+            for name, fill in files:
+                final = os.path.join(self.path, name)
+                tmp = final + ".tmp"
+                try:
+                    fd = self._open_locked(tmp)
+                except OSError:
+                    with self._lock:
+                        self._ready = False  # the directory may have gone: look again next time
+                    raise
+                opened.append((final, tmp, fd))
+                sizes.append(fill(fd))
+            for _, _, fd in opened:
                 os.fsync(fd)
-            except BaseException:
-                # Unlink while still holding the lock, so a cleaner never sees it unlocked.
-                _unlink_quietly(tmp)
-                os.close(fd)
-                raise
-            try:
+            for final, tmp, _ in opened:
                 os.replace(tmp, final)
-            except BaseException:
-                _unlink_quietly(tmp)
+                renamed.append(final)
+        except BaseException:
+            # Unlink while still holding each flock, so a cleaner never sees it unlocked.
+            for final, tmp, fd in opened:
+                _unlink_quietly(final if final in renamed else tmp)
                 os.close(fd)
-                raise
-            os.close(fd)  # the lock goes with it, after the rename
-            dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            raise
+        for _, _, fd in opened:
+            os.close(fd)  # the flocks go with them, after the renames
+        dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        total = sum(sizes)
+        with self._lock:
             if self._disk_bytes is None:
                 self._disk_bytes = self.scan()[1]
             else:
-                self._disk_bytes += size
-            return size
+                self._disk_bytes += total
+        return sizes
 
     def _open_locked(self, tmp: str) -> int:
         """Create `tmp` with this directory's file mode and hold an exclusive flock on it."""
@@ -202,13 +218,11 @@ class SpoolDirectory:
         raise OSError(f"could not create {tmp}: removed by concurrent cleaners 100 times")
 
     def write_bytes(self, name: str, data: bytes) -> int:
-        def fill(fd: int) -> int:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            return len(data)
+        return self.write(name, _filler(data))
 
-        return self.write(name, fill)
+    def write_bytes_many(self, files: Sequence[tuple[str, bytes]]) -> list[int]:
+        """`write_many` for contents already in memory (one group commit)."""
+        return self.write_many([(name, _filler(data)) for name, data in files])
 
     @property
     def disk_bytes(self) -> int:
@@ -277,6 +291,16 @@ class SpoolDirectory:
                 evicted += 1
             self._disk_bytes = total
             return evicted
+
+
+def _filler(data: bytes) -> Callable[[int], int]:
+    def fill(fd: int) -> int:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        return len(data)
+
+    return fill
 
 
 def _size_or_zero(path: str) -> int:
