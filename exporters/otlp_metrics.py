@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 
 from cirron_otel import _native
 from cirron_otel._version import __version__
-from cirron_otel._warn import warn_once
 
 from .health_metrics import health_request
 from .otlp import OtlpSink
@@ -69,7 +68,7 @@ class OtlpMetricsSink(OtlpSink):
         self.stats.set(points_dropped=0, health_errors=0, unsupported=False)
 
     def count(self, batches: Sequence[_native.Batch]) -> int:
-        return sum(b.mark_count() for b in batches)  # at most one point per mark
+        return sum(b.mark_count for b in batches)  # at most one point per mark
 
     def encode(
         self, batches: Sequence[_native.Batch], resource: bytes, decode: object = None
@@ -145,24 +144,37 @@ class OtlpMetricsSink(OtlpSink):
         return None
 
     def _settle(self, head: Any, outcome: Any) -> None:
-        if (
+        if not (
             isinstance(outcome, SendError)
             and not outcome.retryable
             and outcome.message.startswith(("gRPC UNIMPLEMENTED", "HTTP 404"))
-            and not self.unsupported
         ):
-            # e.g. Jaeger's own OTLP receiver: traces only. Say so once and stop making
-            # requests nobody takes (the spool and the traces keep every mark).
+            super()._settle(head, outcome)
+            return
+        # An endpoint that takes traces only (Jaeger's own OTLP port, a collector without a
+        # metrics pipeline): not a failure of the program's telemetry, so no warning, but
+        # health() says so. Nothing more is made or sent this run: what is queued goes at
+        # once (counted as dropped; the spool and the traces keep every mark).
+        endpoint = getattr(getattr(self.transport, "config", None), "endpoint", "?")
+        with self._cv:
             self.unsupported = True
-            self.stats.set(unsupported=True)
-            endpoint = getattr(getattr(self.transport, "config", None), "endpoint", "?")
-            warn_once(
-                "metrics-unsupported",
-                f"cirron_otel: the OTLP endpoint {endpoint} does not take metrics "
-                f"({outcome.message}); marks are not sent as metrics in this run "
-                "(OTEL_METRICS_EXPORTER=none turns them off without this warning)",
-            )
-        super()._settle(head, outcome)
+            dropped = [item for item in self._queue if not item.sending or item is head]
+            for item in dropped:
+                self._queue.remove(item)
+            head.sending = False
+            self._cv.notify_all()
+        for item in dropped:
+            if item.name is not None:
+                self._remove(item.name)
+        points = sum(item.spans for item in dropped)
+        self.stats.add(pending=-points, dropped=points, requests_rejected=1)
+        self.stats.set(unsupported=True)
+        self.stats.error(
+            "metrics not taken",
+            f"{endpoint} does not take OTLP metrics ({outcome.message}): marks are not sent as metrics "
+            "this run (OTEL_METRICS_EXPORTER=none turns them off)",
+            warn=False,
+        )
 
     def _update_counters(self) -> None:
         self.stats.set(points_dropped=self.state.metric_points_dropped)

@@ -75,7 +75,7 @@ class SinkWorker(threading.Thread):
                 and self._queued_records + records > self.max_queued_records
                 and not self.sink.backpressure
             ):
-                self.sink.stats.add(dropped=self.sink.count(batches))
+                self.sink.stats.add(dropped=_count(self.sink, batches))
                 self.sink.stats.error("queue full", f"{records} records dropped: the sink is behind")
                 return -1
             self._submitted += 1
@@ -260,8 +260,23 @@ class Drainer(threading.Thread):
         self._pending, self._pending_records = [], 0
         self._last_export = time.monotonic()
         for w in self.workers:
-            ticket = w.submit(batches, records)
+            # One sink's bug must not cost the others these records (nor abort the drain,
+            # which would leave records in the rings at exit): counted as its own drop.
+            try:
+                ticket = w.submit(batches, records)
+            except Exception as exc:
+                w.sink.stats.add(dropped=_count(w.sink, batches))
+                w.sink.stats.error("hand-over failed", exc)
+                continue
             if ticket > 0:
                 self._tickets[w] = ticket
         self.trace_store.add(batches)
         self.exports += 1
+
+
+def _count(sink: Sink, batches: Sequence[_native.Batch]) -> int:
+    """`sink.count(batches)`, or the records when the sink's own count fails."""
+    try:
+        return sink.count(batches)
+    except Exception:
+        return sum(len(b) for b in batches)

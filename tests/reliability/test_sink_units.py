@@ -70,3 +70,54 @@ def test_otlp_counts_a_full_worker_queue_in_spans() -> None:
 
 def test_other_sinks_count_records() -> None:
     assert _drops_when_full(Sink) == 60
+
+
+def test_the_metrics_sink_counts_marks() -> None:
+    from cirron_otel.exporters.otlp_metrics import OtlpMetricsSink
+
+    assert _drops_when_full(OtlpMetricsSink) == 40  # the 40 marks of the dropped batch
+
+
+class _BadCount(_Stuck):
+    def count(self, batches: Sequence[_native.Batch]) -> int:
+        raise TypeError("a bug in a sink's count()")
+
+
+def test_a_sink_whose_count_fails_costs_no_other_sink_a_record() -> None:
+    # Once, a sink's count() raised in the drainer: the drain cycle stopped there and the
+    # records still in the rings at exit were lost to every sink, uncounted.
+    from cirron_otel._drainer import Drainer, TraceStore
+
+    bad, good = _BadCount(Sink), _Collect()
+    drainer = Drainer([bad, good], flush_interval=0.05, max_records=100, trace_store=TraceStore(10))
+    for w in drainer.workers:
+        w.max_queued_records = 100
+    drainer.start()
+    try:
+        first = _batch(10)
+        drainer._pending, drainer._pending_records = [first], len(first)
+        drainer._export()
+        assert bad.entered.wait(10)  # the bad sink is stuck: its queue fills from now on
+        for _ in range(3):
+            batch = _batch(20)
+            drainer._pending, drainer._pending_records = [batch], len(batch)
+            drainer._export()  # over the bad sink's bound: its drop is counted, in records
+        assert drainer.cycle_errors == 0
+        assert bad.stats.dropped > 0
+        good.done.wait(10)
+        assert good.records == 30 + 3 * 60  # every record reached the other sink
+    finally:
+        bad.release.set()
+        drainer.stop(10)
+
+
+class _Collect(Sink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records = 0
+        self.done = threading.Event()
+
+    def export(self, batches: Sequence[_native.Batch]) -> None:
+        self.records += sum(len(b) for b in batches)
+        if self.records >= 210:
+            self.done.set()
