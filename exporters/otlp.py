@@ -46,6 +46,7 @@ from typing import Any
 
 from cirron_otel import _native
 from cirron_otel._version import __version__
+from cirron_otel.sink import BackgroundThread
 
 from .otlp_encoding import SCOPE_NAME, OtlpEncodingSink
 from .otlp_fit import fit_request, span_count
@@ -220,7 +221,7 @@ class OtlpSink(OtlpEncodingSink):
                 self._queue.append(_Request(name, None, _spans_in(name)))
                 self.stats.add(pending=_spans_in(name))
         self._senders = [
-            threading.Thread(target=self._send_loop, name=f"cirron-otel-otlp-sender-{i}", daemon=True)
+            BackgroundThread(target=self._send_loop, name=f"cirron-otel-otlp-sender-{i}")
             for i in range(max(1, senders))
         ]
         for sender in self._senders:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import _native
+from ._threads import BackgroundThread
 from ._warn import warn_once
 from .sink import Sink
 
@@ -49,7 +50,7 @@ class TraceStore:
             return list(self._batches)
 
 
-class SinkWorker(threading.Thread):
+class SinkWorker(BackgroundThread):
     """Feeds one sink from a bounded queue of batch lists."""
 
     def __init__(self, sink: Sink, *, max_queued_records: int, retry_interval: float) -> None:
@@ -130,7 +131,7 @@ class SinkWorker(threading.Thread):
                     self._cv.notify_all()
 
 
-class Drainer(threading.Thread):
+class Drainer(BackgroundThread):
     """The drainer thread (see the module docstring)."""
 
     def __init__(
@@ -140,8 +141,10 @@ class Drainer(threading.Thread):
         flush_interval: float,
         max_records: int,
         trace_store: TraceStore,
+        on_tick: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name="cirron-otel-drainer", daemon=True)
+        self.on_tick = on_tick  # the profiler's watch over signals (called every tick)
         self.flush_interval = flush_interval
         self.max_records = max_records
         self.trace_store = trace_store
@@ -218,6 +221,11 @@ class Drainer(threading.Thread):
     def run(self) -> None:
         while True:
             _native.wait(min(_TICK, self.flush_interval))
+            if self.on_tick is not None:
+                try:
+                    self.on_tick()
+                except Exception:  # the drainer must outlive any bug
+                    self.cycle_errors += 1
             with self._requests_lock:
                 requests, self._requests = self._requests, []
             stopping = self._stopping

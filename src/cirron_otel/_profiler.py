@@ -82,9 +82,12 @@ class Profiler:
         from ._config import sampler_bound
 
         _native.set_sampler(*sampler_bound(s.sampler, s.sampler_ratio))
-        self.sinks = self._make_sinks()
-        self.session = _native.session_begin(_session_attrs(s.session_attrs))
-        self._start_drainer()
+        from ._threads import signals_blocked
+
+        with signals_blocked():  # threads the sinks' libraries start (gRPC, OTel) inherit it
+            self.sinks = self._make_sinks()
+            self.session = _native.session_begin(_session_attrs(s.session_attrs))
+            self._start_drainer()
         self.running = True
 
     def _make_sinks(self) -> list[Sink]:
@@ -174,6 +177,7 @@ class Profiler:
             flush_interval=self.settings.flush_interval,
             max_records=self.settings.max_records_per_file,
             trace_store=self.trace_store,
+            on_tick=_check_signals,
         )
         self.drainer.start()
         # Producers may now wait briefly for room instead of dropping (see _config).
@@ -382,16 +386,23 @@ def _install_hooks(settings: Settings) -> None:
             name = f"signal:{signal.Signals(sig).name}"
             if name in _hooks:
                 continue
+            previous = signal.getsignal(sig)
             try:
-                signal.signal(sig, _chain_handler(sig, signal.getsignal(sig)))
+                signal.signal(sig, _chain_handler(sig, previous))
             except (ValueError, OSError):
                 continue
             _hooks.append(name)
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                if _native.watch_signal(sig):
+                    _handled[sig] = _native.signals_received(sig)
+                    _watched[sig] = previous
 
 
 def _chain_handler(sig: int, previous: Any) -> Callable[[int, FrameType | None], Any]:
     def handler(signum: int, frame: FrameType | None) -> Any:
         global _busy, _signals_seen
+        if signum in _watched:  # seen by the main thread: the drainer's watch stands down
+            _handled[signum] = _native.signals_received(signum)
         if _busy:  # inside our own flush or shutdown: hold it (or, the third, die)
             if previous != signal.SIG_IGN:  # ignored before us: stays ignored, never fatal
                 _hold(signum)
@@ -444,6 +455,43 @@ def _replay(signals: list[int]) -> None:
 def _die(signum: int) -> None:
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
+
+
+# The watch over signals the main thread does not get to (see watch_signal in module.c):
+# a signal whose default action is to end the process (the handler before ours was SIG_DFL),
+# counted by the C handler but not seen by our Python handler for _SIGNAL_GRACE, is acted on
+# by a thread of ours: shut down (everything recorded is written), then die by that signal,
+# as the process would have without us. An application's own handler, or SIG_IGN, is left to
+# the main thread: only it may run them.
+_SIGNAL_GRACE = 0.25
+_watched: dict[int, Any] = {}  # signal -> the handler before ours
+_handled: dict[int, int] = {}  # signal -> the C count when our Python handler last ran
+_unhandled_since: dict[int, float] = {}
+_ending_by_signal = False
+
+
+def _check_signals() -> None:
+    """Called by the drainer every tick (cheap: one C load per watched signal)."""
+    global _ending_by_signal
+    for sig, previous in _watched.items():
+        if previous not in (signal.SIG_DFL, None) or _ending_by_signal:
+            continue
+        if _native.signals_received(sig) <= _handled.get(sig, 0):
+            _unhandled_since.pop(sig, None)
+            continue
+        now = time.monotonic()
+        if now - _unhandled_since.setdefault(sig, now) >= _SIGNAL_GRACE:
+            from ._threads import BackgroundThread
+
+            _ending_by_signal = True
+            BackgroundThread(target=_end_by_signal, args=(sig,), name="cirron-otel-signal").start()
+
+
+def _end_by_signal(sig: int) -> None:
+    _shutdown(_signal_timeout(), exiting=True)
+    _native.die_by_signal(sig)
+    time.sleep(1.0)  # every thread blocks it (the main thread too): end the process anyway
+    os._exit(128 + sig)
 
 
 def _signal_timeout() -> float:
@@ -508,8 +556,10 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _shutdown_done, _shutdown_owner
+    global _lock, _shutdown_done, _shutdown_owner, _ending_by_signal
     _lock = threading.RLock()  # the parent's lock may have been held by another thread
+    _ending_by_signal = False  # the parent's thread ending it is not in the child
+    _unhandled_since.clear()
     if _shutdown_owner != threading.get_ident():  # a shutdown on a thread the child lacks
         _shutdown_owner = None
         _shutdown_done = threading.Event()

@@ -5,7 +5,9 @@
  */
 #include "native.h"
 
+#include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include "grisu2.h"  /* format_f64 */
@@ -117,6 +119,101 @@ mod_wait(PyObject *m, PyObject *arg)
     if (woken)
         atomic_fetch_add(&cn_state.wakeups, 1);
     return PyBool_FromLong(woken);
+}
+
+/* ======================================================================================
+ * Signal watch: how many times a signal has reached the process, counted in C
+ *
+ * Python runs a signal's Python handler on the main thread when it next executes bytecode.
+ * A signal that lands just before the main thread blocks in a wait only EINTR would end
+ * (a multiprocessing lock's sem_wait) is taken by the C handler, and the Python one never
+ * runs: with SIG_DFL the kernel would have ended the process, with our handler it hangs
+ * (Pool.terminate(), about one worker in 300 under load). watch_signal(sig) puts a C handler
+ * in front of the one Python installed: it counts the signal, then calls Python's. The
+ * drainer compares the count with what our Python handler saw and, when the main thread
+ * does not get to it, ends the process itself (_profiler._unhandled_signals).
+ * signal.signal() replaces the whole chain, ours included.
+ * ==================================================================================== */
+
+#define CN_NSIG 65
+static struct sigaction cn_sig_prev[CN_NSIG];
+static _Atomic uint64_t cn_sig_count[CN_NSIG];
+
+static void
+cn_on_signal(int sig, siginfo_t *info, void *ctx)
+{
+    int saved = errno;
+    atomic_fetch_add_explicit(&cn_sig_count[sig], 1, memory_order_relaxed);
+    const struct sigaction *prev = &cn_sig_prev[sig];
+    if (prev->sa_flags & SA_SIGINFO)
+        prev->sa_sigaction(sig, info, ctx);
+    else if (prev->sa_handler != SIG_DFL && prev->sa_handler != SIG_IGN)
+        prev->sa_handler(sig);
+    errno = saved;
+}
+
+static int
+signal_arg(PyObject *arg)
+{
+    long sig = PyLong_AsLong(arg);
+    if (sig == -1 && PyErr_Occurred())
+        return -1;
+    if (sig <= 0 || sig >= CN_NSIG) {
+        PyErr_Format(PyExc_ValueError, "signal number out of range: %ld", sig);
+        return -1;
+    }
+    return (int)sig;
+}
+
+/* watch_signal(sig) -> True when the count is on (the handler in place is Python's or ours) */
+static PyObject *
+mod_watch_signal(PyObject *m, PyObject *arg)
+{
+    int sig = signal_arg(arg);
+    if (sig < 0)
+        return NULL;
+    struct sigaction cur;
+    if (sigaction(sig, NULL, &cur) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == cn_on_signal)
+        Py_RETURN_TRUE;
+    if (!(cur.sa_flags & SA_SIGINFO) && (cur.sa_handler == SIG_DFL || cur.sa_handler == SIG_IGN))
+        Py_RETURN_FALSE; /* nothing to put ourselves in front of */
+    cn_sig_prev[sig] = cur;
+    struct sigaction ours = cur;
+    ours.sa_sigaction = cn_on_signal;
+    ours.sa_flags = cur.sa_flags | SA_SIGINFO;
+    if (sigaction(sig, &ours, NULL) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_TRUE;
+}
+
+/* signals_received(sig) -> how many times the watched signal has reached the process */
+static PyObject *
+mod_signals_received(PyObject *m, PyObject *arg)
+{
+    int sig = signal_arg(arg);
+    if (sig < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(atomic_load_explicit(&cn_sig_count[sig], memory_order_relaxed));
+}
+
+/* die_by_signal(sig): the default action of sig for the whole process, from any thread (a
+ * thread that blocks sig, as ours do, hands it to one that does not); returns if none can
+ * take it. signal.signal() cannot do this off the main thread. */
+static PyObject *
+mod_die_by_signal(PyObject *m, PyObject *arg)
+{
+    int sig = signal_arg(arg);
+    if (sig < 0)
+        return NULL;
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(sig, &dfl, NULL);
+    kill(getpid(), sig);
+    Py_RETURN_NONE;
 }
 
 /* progress(): a sink delivered data; producers waiting for room keep waiting. */
@@ -386,6 +483,9 @@ static PyMethodDef module_methods[] = {
      NULL},
     {"wait", (PyCFunction)mod_wait, METH_O, NULL},
     {"wake", (PyCFunction)mod_wake, METH_NOARGS, NULL},
+    {"watch_signal", (PyCFunction)mod_watch_signal, METH_O, NULL},
+    {"signals_received", (PyCFunction)mod_signals_received, METH_O, NULL},
+    {"die_by_signal", (PyCFunction)mod_die_by_signal, METH_O, NULL},
     {"progress", (PyCFunction)mod_progress, METH_NOARGS, NULL},
     {"pending", (PyCFunction)mod_pending, METH_NOARGS, NULL},
     {"stats", (PyCFunction)mod_stats, METH_NOARGS, NULL},

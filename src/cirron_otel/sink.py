@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from ._native import Batch
+from ._threads import BackgroundThread as BackgroundThread  # for sinks with threads
 from ._warn import warn_once
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up cost)

@@ -254,3 +254,63 @@ def test_shutdown_on_another_thread_is_not_cut_short_by_a_signal(out, tmp_path):
     spans, marks = spans_and_marks(out)
     assert sorted(m["value"] for m in marks) == list(range(1000))
     assert [s["name"] for s in spans] == ["cirron.session"]
+
+
+# The main thread in native code that resumes after a signal instead of returning to Python
+# (SA_RESTART on a read(): the same outcome as a signal landing just before a sem_wait, where
+# Pool.terminate() once left a worker hanging): the C handler takes the signal, our Python
+# handler never runs. Without us the default action would end the process at once; with us
+# it must still end, by the same signal, with everything recorded written.
+MAIN_THREAD_STUCK_IN_NATIVE_CODE = """
+    import ctypes, os, signal, sys
+    import cirron_otel as ci
+    ci.profile(output_dir=sys.argv[1], flush_interval=60)
+    with ci.scope("work"):
+        for i in range(1000):
+            ci.mark("m", i)
+    signal.siginterrupt(signal.SIGTERM, False)  # read() below resumes after the signal
+    r, w = os.pipe()
+    os.write(1, b"READY\\n")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.read(r, ctypes.create_string_buffer(1), 1)  # never returns by itself
+    os.write(1, b"READ RETURNED\\n")
+"""
+
+
+def test_sigterm_ends_the_process_when_the_main_thread_never_gets_back_to_python(out, tmp_path):
+    script = tmp_path / "prog.py"
+    script.write_text(textwrap.dedent(MAIN_THREAD_STUCK_IN_NATIVE_CODE))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_line(proc, "READY")
+    proc.send_signal(signal.SIGTERM)
+    rc, err = finish(proc, timeout=30)
+    assert rc == -signal.SIGTERM, err
+    spans, marks = spans_and_marks(out)
+    assert sorted(m["value"] for m in marks if m["name"] == "m") == list(range(1000))
+    assert [s["name"] for s in spans if s["name"] == "work"] == ["work"]
+
+
+def test_the_librarys_threads_leave_the_programs_signals_to_its_own_threads(out):
+    # A process-directed signal goes to any thread that does not block it; one taken by our
+    # threads cannot interrupt the main thread's wait (see cirron_otel._threads).
+    r = run_script(
+        f"""
+        import json, signal, threading
+        import cirron_otel as ci
+        ci.profile(output_dir={str(out)!r}, output=["spool", "otlp"])
+        def blocked(t):
+            mask = next(l for l in open(f"/proc/self/task/{{t.native_id}}/status") if l.startswith("SigBlk"))
+            bits = int(mask.split()[1], 16)
+            return [s.name for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if bits >> (s - 1) & 1]
+        print(json.dumps({{t.name: blocked(t) for t in threading.enumerate()}}))
+        """,
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+    )
+    assert r.returncode == 0, r.stderr
+    masks = json.loads(r.stdout.strip().splitlines()[-1])
+    ours = {name: m for name, m in masks.items() if name.startswith("cirron-otel")}
+    assert {"cirron-otel-drainer", "cirron-otel-spool", "cirron-otel-otlp-sender-0"} <= set(ours), masks
+    assert all(m == ["SIGTERM", "SIGINT", "SIGHUP"] for m in ours.values()), masks
+    assert masks["MainThread"] == [], masks
