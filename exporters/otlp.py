@@ -240,9 +240,6 @@ class OtlpSink(OtlpEncodingSink):
 
     # -- Sink interface ------------------------------------------------------------------
 
-    def count(self, batches: Sequence[_native.Batch]) -> int:
-        return sum(b.span_count for b in batches)  # every counter of this sink is in spans
-
     def export(self, batches: Sequence[_native.Batch]) -> None:
         requests = self.encode(batches, self.resource)
         if requests is None:

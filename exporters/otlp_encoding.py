@@ -20,23 +20,29 @@ class OtlpEncodingSink(Sink):
     state: _native.OtlpState
     session_trace: Callable[[], tuple[int, int]]
 
+    def count(self, batches: Sequence[_native.Batch]) -> int:
+        return sum(b.span_count for b in batches)  # every counter of these sinks is in spans
+
     def encode(
         self,
         batches: Sequence[_native.Batch],
         resource: bytes,
         decode: Callable[[bytes], list[Any]] | None = None,
     ) -> list[Any] | None:
-        """The batches as `(request, spans)` pairs, or with `decode` the items it makes of
-        each request (SDK spans); None when that failed: the spans are counted as dropped
-        and the failure is recorded."""
+        """The batches as `(request, units)` pairs, or with `decode` the items it makes of
+        each request (SDK spans); None when that failed: what they hold is counted as
+        dropped (in the sink's unit, `count`) and the failure is recorded."""
         try:
-            requests = _native.otlp_encode(
-                self.state, batches, resource, SCOPE_NAME, __version__, self.session_trace()
-            )
+            requests = self.encode_requests(batches, resource)
             if decode is None:
                 return requests
             return [item for request, _ in requests for item in decode(request)]
         except Exception as exc:
-            self.stats.add(dropped=sum(b.span_count for b in batches))
+            self.stats.add(dropped=self.count(batches))
             self.stats.error("encoding failed", exc)
             return None
+
+    def encode_requests(self, batches: Sequence[_native.Batch], resource: bytes) -> list[tuple[bytes, int]]:
+        """The OTLP requests for the batches (traces; the metrics sink makes metrics)."""
+        trace = self.session_trace()
+        return _native.otlp_encode(self.state, batches, resource, SCOPE_NAME, __version__, trace)

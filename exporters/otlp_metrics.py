@@ -70,28 +70,22 @@ class OtlpMetricsSink(OtlpSink):
     def count(self, batches: Sequence[_native.Batch]) -> int:
         return sum(b.mark_count for b in batches)  # at most one point per mark
 
-    def encode(
-        self, batches: Sequence[_native.Batch], resource: bytes, decode: object = None
-    ) -> list[tuple[bytes, int]] | None:
+    def encode_requests(self, batches: Sequence[_native.Batch], resource: bytes) -> list[tuple[bytes, int]]:
         if self.unsupported:
             return []
         session = self._session_ids()
-        try:
-            _native.otlp_encode(self.state, batches, resource, SCOPE_NAME, __version__, self.session_trace())
-            requests = _native.otlp_metrics_encode(
-                self.state,
-                resource,
-                SCOPE_NAME,
-                __version__,
-                self.prefix,
-                session[0],
-                (session[1], session[2]),
-                max_request_bytes=self.max_request_bytes,
-            )
-        except Exception as exc:
-            self.stats.add(dropped=self.count(batches))
-            self.stats.error("encoding failed", exc)
-            return None
+        # the marks' points are collected by the trace encoder's pass over the batches
+        _native.otlp_encode(self.state, batches, resource, SCOPE_NAME, __version__, self.session_trace())
+        requests = _native.otlp_metrics_encode(
+            self.state,
+            resource,
+            SCOPE_NAME,
+            __version__,
+            self.prefix,
+            session[0],
+            (session[1], session[2]),
+            max_request_bytes=self.max_request_bytes,
+        )
         if self.health is not None:
             try:
                 requests.append((self._health_request(resource, session), 0))

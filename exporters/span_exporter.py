@@ -58,9 +58,6 @@ class SpanExporterSink(OtlpEncodingSink):
         self.state = _native.OtlpState(event_limit)
         self.stats.set(unsampled_spans=0)
 
-    def count(self, batches: Sequence[_native.Batch]) -> int:
-        return sum(b.span_count for b in batches)
-
     def export(self, batches: Sequence[_native.Batch]) -> None:
         spans = self.encode(batches, self._resource_bytes, lambda r: readable_spans(r, self.resource))
         if spans is None:

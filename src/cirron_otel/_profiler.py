@@ -271,7 +271,7 @@ class Profiler:
             int(native["marks_recorded"] + native["spans_recorded"]),
             {s.name: (s.stats.exported, s.stats.dropped) for s in self.sinks},
             float(native["ring_fill_max"]),
-            sum(int(getattr(s, "outbox_bytes", lambda: 0)()) for s in self.sinks),
+            sum(s.outbox_bytes() for s in self.sinks),
         )
 
     def health(self) -> Health:

@@ -120,6 +120,10 @@ class Sink(ABC):
         OTLP sink counts spans), so a drop anywhere is counted in the sink's own unit."""
         return sum(len(b) for b in batches)
 
+    def outbox_bytes(self) -> int:
+        """Bytes waiting on disk for delivery (the OTLP outbox); reported in the health metrics."""
+        return 0
+
     def retry(self) -> None:  # noqa: B027 - optional hook
         """Try again what earlier exports could not deliver."""
 
