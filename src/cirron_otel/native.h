@@ -207,8 +207,10 @@ typedef struct ScopeObject {
     uint64_t parent_hi, parent_lo;
     uint64_t trace_hi, trace_lo;
     int64_t start_ns, end_ns, cpu_start;
+    int64_t cpu_ns; /* thread CPU time the scope took, once closed (-1: not captured) */
     int64_t index;
     int64_t pid;
+    uint64_t thread_id; /* threading.get_ident() of the thread that opened it */
     uint32_t name_id;
     uint16_t depth;
     uint8_t state;

@@ -50,8 +50,9 @@ scope_alloc(void)
     s->depth = 0;
     s->span_hi = s->span_lo = s->parent_hi = s->parent_lo = s->trace_hi = s->trace_lo = 0;
     s->start_ns = s->end_ns = 0;
-    s->cpu_start = -1;
+    s->cpu_start = s->cpu_ns = -1;
     s->pid = 0;
+    s->thread_id = 0;
     return s;
 }
 
@@ -168,6 +169,7 @@ static inline void
 scope_start(ScopeObject *s, ring_t *r, int64_t ts)
 {
     s->pid = cn_state.pid;
+    s->thread_id = r ? r->thread_id : (uint64_t)PyThread_get_thread_ident();
     s->state = ST_OPEN;
     if (cn_state.capture_cpu)
         s->cpu_start = thread_cpu_ns();
@@ -326,6 +328,7 @@ scope_close_at(ScopeObject *self, PyObject *exc_type, PyObject *exc, int64_t end
     int64_t cpu = -1;
     if (self->cpu_start >= 0)
         cpu = thread_cpu_ns() - self->cpu_start;
+    self->cpu_ns = cpu;
     self->state = ST_CLOSED;
     self->end_ns = end;
     if (self->token != NULL) {
@@ -680,6 +683,17 @@ Scope_get_ints(ScopeObject *self, void *which)
         return PyBool_FromLong(!(self->span_flags & SF_UNSAMPLED));
     case 4:
         return self->start_ns ? PyLong_FromLongLong(self->start_ns) : Py_NewRef(Py_None);
+    case 7: /* the process that opened it (this one, before it opens) */
+        return PyLong_FromLongLong(self->state == ST_NEW ? cn_state.pid : self->pid);
+    case 8:
+        return PyLong_FromLongLong(cn_state.rank);
+    case 9:
+        return self->thread_id ? PyLong_FromUnsignedLongLong(self->thread_id) : Py_NewRef(Py_None);
+    case 10: /* like the SDK: None while open, and unless CPU time capture is on */
+        return self->state == ST_CLOSED && self->cpu_ns >= 0 ? PyLong_FromLongLong(self->cpu_ns)
+                                                              : Py_NewRef(Py_None);
+    case 11: /* gpu_ns, memory_peak_bytes: filled by the SDK's framework hooks only */
+        return Py_NewRef(Py_None);
     default:
         return self->end_ns ? PyLong_FromLongLong(self->end_ns) : Py_NewRef(Py_None);
     }
@@ -735,6 +749,18 @@ static PyGetSetDef Scope_getset[] = {
      (void *)6},
     {"start_ns", (getter)Scope_get_ints, NULL, NULL, (void *)4},
     {"end_ns", (getter)Scope_get_ints, NULL, NULL, (void *)5},
+    /* cirron-sdk's scope handle fields */
+    {"pid", (getter)Scope_get_ints, NULL, "id of the process that opened the scope", (void *)7},
+    {"rank", (getter)Scope_get_ints, NULL, "the profiler's rank (cirron.rank)", (void *)8},
+    {"thread_id", (getter)Scope_get_ints, NULL,
+     "threading.get_ident() of the thread that opened the scope (None before)", (void *)9},
+    {"cpu_ns", (getter)Scope_get_ints, NULL,
+     "CPU time of the opening thread while open, once closed (None unless capture_cpu_time)",
+     (void *)10},
+    {"gpu_ns", (getter)Scope_get_ints, NULL, "None (the SDK fills it from framework hooks)",
+     (void *)11},
+    {"memory_peak_bytes", (getter)Scope_get_ints, NULL,
+     "None (the SDK fills it from framework hooks)", (void *)11},
     {NULL},
 };
 

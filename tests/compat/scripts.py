@@ -162,3 +162,27 @@ prof.shutdown()
 out["after"] = ci.health()["enabled"]
 print("@@" + json.dumps(out))
 """
+
+SCOPE_HANDLE = r"""
+import json, os, sys, threading
+ci = __import__(sys.argv[1])
+ci.profile()
+def fields(s):
+    return {
+        "pid": s.pid == os.getpid(), "rank": s.rank, "thread": s.thread_id == threading.get_ident(),
+        "cpu_ns": s.cpu_ns, "gpu_ns": s.gpu_ns, "memory_peak_bytes": s.memory_peak_bytes,
+        "types": [type(s.pid).__name__, type(s.rank).__name__, type(s.thread_id).__name__],
+    }
+out = {}
+with ci.scope("a", k=1) as s:
+    out["open"] = fields(s)
+out["closed"] = {**fields(s), "end_after_start": s.end_ns >= s.start_ns}
+def worker():
+    with ci.scope("b") as t:
+        out["other_thread"] = fields(t)
+th = threading.Thread(target=worker)
+th.start()
+th.join()
+ci.shutdown()
+print("@@" + json.dumps(out))
+"""

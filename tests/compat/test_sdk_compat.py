@@ -414,3 +414,9 @@ def test_home_config_toml_is_read_as_the_sdk_reads_it(
         _warn.reset()
         with pytest.warns(_warn.CirronWarning, match=r"config\.toml ignored: TOMLDecodeError"):
             assert _config.sdk_home_config(home / ".cirron" / "config.toml") == {}
+
+
+def test_scope_handle_fields_are_the_sdks(both) -> None:
+    res = both(scripts.SCOPE_HANDLE, {"RANK": "2"})
+    assert res["cirron_otel"][0] == res["cirron"][0]
+    assert res["cirron"][0]["other_thread"]["thread"] is True and res["cirron"][0]["open"]["rank"] == 2

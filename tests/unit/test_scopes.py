@@ -342,19 +342,21 @@ def test_scope_by_keyword_and_index_keyword(prof, out):
 
 def test_capture_cpu_time(out):
     ci.profile(output_dir=str(out), capture_cpu_time=True, install_signal_handlers=False)
-    with ci.scope("busy"):
+    with ci.scope("busy") as busy:
         sum(i * i for i in range(200_000))
+        assert busy.cpu_ns is None  # as in the SDK: known once closed
     with ci.scope("idle"):
         pass
     spans = {s["name"]: s for s in _spans(out)}
     assert spans["busy"]["cpu_ns"] > 1_000_000
     assert spans["idle"]["cpu_ns"] is not None and spans["idle"]["cpu_ns"] < spans["busy"]["cpu_ns"]
+    assert busy.cpu_ns == spans["busy"]["cpu_ns"]  # the handle says what the record says
     ci.shutdown()
     ci.profile(output_dir=str(out) + "2", install_signal_handlers=False)
-    with ci.scope("plain"):
+    with ci.scope("plain") as plain_handle:
         pass
     (plain,) = [s for s in _spans(str(out) + "2") if s["name"] == "plain"]
-    assert plain["cpu_ns"] is None
+    assert plain["cpu_ns"] is None and plain_handle.cpu_ns is None
 
 
 def test_enter_and_exit_as_objects(prof, out):
