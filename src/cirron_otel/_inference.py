@@ -11,8 +11,9 @@ attributes that apply (gen_ai.usage.input_tokens / output_tokens, gen_ai.respons
 gen_ai.request.model and gen_ai.provider.name from config "model" / "provider"); they are in
 the spool's span attrs too, the one addition to the SDK's records.
 
-Difference from the SDK (needs the native module): the request span's parent is the session
-span, not None.
+The request span is a root, as the SDK's (parent_id null in the spool and trace()); in
+OpenTelemetry it starts a trace of its own, linked to the session (`Scope._as_root`). Under a
+foreign OpenTelemetry span (a service's request) it stays that span's child: one trace.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class _Request:
         if isinstance(cfg.get("provider"), str):
             attrs["gen_ai.provider.name"] = cfg["provider"]
         self.scope = _native.scope("request", **attrs)
+        self.scope._as_root()  # as the SDK's: a root (in OpenTelemetry, linked to the session)
         self.ctx.run(self.scope.__enter__)
         self.start_ns = time.time_ns()
         self.closed = False

@@ -55,6 +55,8 @@ class Scope:
         """Mutable until the scope closes; captured then (later changes are not recorded)."""
     @property
     def state(self) -> Literal["new", "open", "closed", "dropped"]: ...
+    def _as_root(self) -> None:
+        """Before it opens: a root in the spool, a trace of its own in OpenTelemetry."""
     def _set_error_status(self, description: str, /) -> None:
         """OpenTelemetry's set_status(ERROR, description) on the open scope (else a no-op)."""
     @property

@@ -191,6 +191,8 @@ enum {
     SF_UNSAMPLED = 1,   /* under a non-sampled OpenTelemetry parent: spool only */
     SF_NEW_TRACE = 2,   /* a direct child of the session that starts its own trace */
     SF_OTEL_PARENT = 4, /* the parent is a foreign OpenTelemetry span */
+    SF_SPOOL_ROOT = 8,  /* a root in the spool (cirron-sdk's inference requests): in
+                           OpenTelemetry a trace of its own, linked to the session */
 };
 
 /* scope.__enter__ / scope.__exit__ as bound objects embedded in the scope (see scope.c:

@@ -203,6 +203,7 @@ scope_open_under(ScopeObject *s, ring_t *r, int64_t ts, PyObject *cur, int push)
     s->depth = (uint16_t)depth;
     s->span_hi = rng_nonzero(&r->rng);
     s->span_lo = rng_next(&r->rng);
+    int root = s->span_flags & SF_SPOOL_ROOT; /* asked for by _as_root() */
     s->span_flags = 0;
     uint64_t ot_hi, ot_lo, ot_span;
     int ot_sampled;
@@ -221,9 +222,9 @@ scope_open_under(ScopeObject *s, ring_t *r, int64_t ts, PyObject *cur, int push)
     }
     else if (cn_state.session) {
         scope_inherit(s, cn_state.session);
-        if (cn_state.trace_per_child) {
+        if (cn_state.trace_per_child || root) {
             scope_new_trace(s, r);
-            s->span_flags |= SF_NEW_TRACE;
+            s->span_flags |= SF_NEW_TRACE | (root ? SF_SPOOL_ROOT : 0);
         }
         else
             s->span_flags = cn_state.session->span_flags & SF_UNSAMPLED;
@@ -619,7 +620,7 @@ Scope_get_id(ScopeObject *self, void *c)
 static PyObject *
 Scope_get_parent_id(ScopeObject *self, void *c)
 {
-    if (self->parent_hi == 0)
+    if (self->parent_hi == 0 || (self->span_flags & SF_SPOOL_ROOT))
         Py_RETURN_NONE;
     return cn_hex128(self->parent_hi, self->parent_lo);
 }
@@ -727,7 +728,24 @@ Scope_set_error_status(ScopeObject *self, PyObject *description)
     Py_RETURN_NONE;
 }
 
+/* _as_root(): before it opens, make the scope a root as cirron-sdk's inference requests are:
+ * parent_id null in the spool and trace(); in OpenTelemetry a trace of its own linked to the
+ * session (as trace_per="child" makes every direct child of the session). Under an open
+ * scope, or under a foreign OpenTelemetry span, it stays that span's child. */
+static PyObject *
+Scope_as_root(ScopeObject *self, PyObject *unused)
+{
+    if (self->state != ST_NEW) {
+        PyErr_SetString(PyExc_ValueError, "_as_root() before the scope opens");
+        return NULL;
+    }
+    self->span_flags |= SF_SPOOL_ROOT;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Scope_methods[] = {
+    {"_as_root", (PyCFunction)Scope_as_root, METH_NOARGS,
+     "before it opens: a root in the spool, a trace of its own in OpenTelemetry"},
     {"_set_error_status", (PyCFunction)Scope_set_error_status, METH_O,
      "mark the open scope as failed with this status description (OpenTelemetry's set_status)"},
     {NULL},

@@ -44,7 +44,7 @@ encode_span(buf_t *o, BatchObject *b, size_t i, int with_trace)
     BUF_LIT(o, ",\"name\":");
     encode_name(o, b, s, e);
     BUF_LIT(o, ",\"parent_id\":");
-    if (s2->parent_hi == 0)
+    if (s2->parent_hi == 0 || (s->vtype & SF_SPOOL_ROOT))
         BUF_LIT(o, "null");
     else
         buf_id(o, s2->parent_hi, s2->parent_lo);

@@ -179,7 +179,16 @@ def normalized(requests: list[ExportTraceServiceRequest]) -> dict[str, dict[str,
 
 LIVE = TRAIN.replace(
     "ci.profile(output_dir=sys.argv[1],", "ci.profile(output_dir=sys.argv[1], output='spool,otlp',"
+).replace(  # an inference request: a root in the spool, a trace linked to the session
+    "os.waitpid(pid, 0)\n",
+    "os.waitpid(pid, 0)\n"
+    "@ci.inference\n"
+    "def complete(prompt):\n"
+    "    return {'usage': {'prompt_tokens': 3, 'completion_tokens': 5}}\n"
+    "with ci.scope('serve'):\n"
+    "    complete('hello')\n",
 )
+assert "ci.inference" in LIVE
 
 
 def test_otlp_mapping_equals_the_live_export(grpc_receiver: Any, tmp_path: Path) -> None:
@@ -208,6 +217,8 @@ def test_otlp_mapping_equals_the_live_export(grpc_receiver: Any, tmp_path: Path)
         ]
     )
     assert mine.keys() == live.keys()
+    (request,) = [s for s in live.values() if s["name"] == "request"]
+    assert "parentSpanId" not in request and request["links"], request  # as live, linked
     assert any(s["droppedEventsCount"] for s in live.values() if "droppedEventsCount" in s)  # the limit bit
     for span_id, expected in live.items():
         assert mine[span_id] == expected, span_id

@@ -394,6 +394,41 @@ def test_default_trace_per_child_every_direct_child_of_the_session_starts_a_link
     assert len([s for s in spans if s["name"] == "forward"]) == 6
 
 
+def test_an_inference_request_is_a_root_in_the_spool_and_a_linked_trace_of_its_own(
+    out: Path, receiver: Receiver
+):
+    # As cirron-sdk's: the request span is a root (parent_id null) in the spool; in
+    # OpenTelemetry it starts a trace linked to the session, even with trace_per="session".
+    start(out, receiver, trace_per="session")
+
+    @ci.inference
+    def complete(prompt: str) -> dict[str, Any]:
+        with ci.scope("tokenize"):
+            ci.mark("prompt_len", len(prompt))
+        return {"usage": {"prompt_tokens": 3, "completion_tokens": 5}}
+
+    with ci.scope("outer") as outer:
+        complete("hello")
+    assert outer.parent_id is not None
+    spans, marks, received = finish(out, receiver)
+    table = by_otel_id(received)
+    session = session_of(spans)
+    (request,) = [s for s in spans if s["name"] == "request"]
+    (tokenize,) = [s for s in spans if s["name"] == "tokenize"]
+    assert request["parent_id"] is None and tokenize["parent_id"] == request["id"]
+    assert [m["span_id"] for m in marks if m["name"] == "prompt_len"] == [tokenize["id"]]
+    o = table[otel_id(request["id"])]
+    assert o["parent_span_id"] == "" and o["trace_id"] == request["trace_id"] != session["trace_id"]
+    assert [(lk["trace_id"], lk["span_id"]) for lk in o["links"]] == [
+        (session["trace_id"], otel_id(session["id"]))
+    ]
+    assert o["attributes"]["cirron.session.id"] == session["id"]
+    t = table[otel_id(tokenize["id"])]
+    assert t["parent_span_id"] == otel_id(request["id"]) and t["trace_id"] == o["trace_id"]
+    # the caller's scope is untouched, in the session's trace
+    assert table[otel_id(outer.id)]["trace_id"] == session["trace_id"]
+
+
 def test_trace_per_session_keeps_everything_in_one_trace(out: Path, receiver: Receiver):
     start(out, receiver, trace_per="session")
     _nested_workload()

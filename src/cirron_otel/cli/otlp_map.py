@@ -97,14 +97,29 @@ class Counters:
     pending_marks: int = 0  # at the end: marks whose span is not in the spool
 
 
-def sessions_of(files: list[reader.SpoolFile]) -> tuple[dict[str, str], dict[tuple[int, int], str]]:
+@dataclass
+class Sessions:
+    """What the encoder needs to know of the spool's sessions before their children."""
+
+    traces: dict[str, str] = field(default_factory=dict)  # session span id -> its trace id
+    hosts: dict[tuple[int, int], str] = field(default_factory=dict)  # (pid, rank) -> host.name
+    spans: dict[int, list[tuple[int, int, str]]] = field(default_factory=dict)  # pid -> (start, end, id)
+
+    def around(self, pid: int, ts: int) -> str | None:
+        """The session of process `pid` open at `ts` (a root that is not a session, such as
+        an inference request, starts a trace linked to it, as in the live export)."""
+        return next((sid for start, end, sid in self.spans.get(pid, ()) if start <= ts <= end), None)
+
+
+def sessions_of(files: list[reader.SpoolFile]) -> Sessions:
     """Session span id → its trace id (for the links of traces that start under a session),
-    and (pid, rank) → `host.name` from the session attrs, when the program set one.
+    (pid, rank) → `host.name` from the session attrs, when the program set one, and each
+    process's sessions by time.
 
     The sessions close last, so they come after their children: a first pass finds them,
     reading bytes and parsing only the files that name a session (few)."""
-    traces: dict[str, str] = {}
-    hosts: dict[tuple[int, int], str] = {}
+    found = Sessions()
+    traces, hosts = found.traces, found.hosts
     for file in files:
         try:
             with open(file.path, "rb") as f:
@@ -121,7 +136,9 @@ def sessions_of(files: list[reader.SpoolFile]) -> tuple[dict[str, str], dict[tup
             host = (span.get("attrs") or {}).get("host.name")
             if isinstance(host, str):
                 hosts[(span["pid"], span["rank"])] = host
-    return traces, hosts
+            if isinstance(span.get("start_ns"), int) and isinstance(span.get("end_ns"), int):
+                found.spans.setdefault(span["pid"], []).append((span["start_ns"], span["end_ns"], span["id"]))
+    return found
 
 
 class Encoder:
@@ -130,8 +147,7 @@ class Encoder:
     def __init__(
         self,
         *,
-        sessions: dict[str, str],
-        hosts: dict[tuple[int, int], str] | None = None,
+        sessions: Sessions,
         limits: Limits | None = None,
         service_name: str | None = None,
         max_request_bytes: int | None = None,
@@ -139,8 +155,9 @@ class Encoder:
         from cirron_otel.exporters import otlp as live
 
         self.live = live
-        self.sessions = sessions
-        self.hosts = hosts or {}
+        self.sessions = sessions.traces
+        self.session_spans = sessions
+        self.hosts = sessions.hosts
         self.limits = limits or Limits.from_env()
         self.service_name = service_name
         self.max_request_bytes = max_request_bytes or live.DEFAULT_MAX_REQUEST_BYTES
@@ -285,6 +302,8 @@ class Encoder:
             flags=0x101,
         )
         parent = record.get("parent_id")
+        if parent is None and record["name"] != SESSION:  # a root under a session (a request)
+            parent = self.session_spans.around(record["pid"], record["start_ns"])
         session_trace = self.sessions.get(parent) if parent else None
         new_trace = session_trace is not None and session_trace != trace_id
         if parent and not new_trace:
@@ -415,8 +434,7 @@ def iter_parts(
 ) -> Iterator[tuple[Encoder, Part]]:
     """Every request of the spool, in order."""
     files = reader.list_files(path) if files is None else files
-    sessions, hosts = sessions_of(files)
-    enc = Encoder(sessions=sessions, hosts=hosts, **(encoder_args or {}))
+    enc = Encoder(sessions=sessions_of(files), **(encoder_args or {}))
     for batch in reader.iter_batches(path, files):
         if batch.doc is None:
             reader.warn_unreadable(batch)
