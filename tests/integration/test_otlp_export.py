@@ -429,6 +429,25 @@ def test_an_inference_request_is_a_root_in_the_spool_and_a_linked_trace_of_its_o
     assert table[otel_id(outer.id)]["trace_id"] == session["trace_id"]
 
 
+def test_an_inference_request_under_a_services_otel_span_is_its_child(out: Path, receiver: Receiver):
+    provider = TracerProvider()  # the test's own, not the global one
+    tracer = provider.get_tracer("app")
+    start(out, receiver)
+
+    @ci.inference
+    def complete(prompt: str) -> dict[str, Any]:
+        return {"usage": {"prompt_tokens": 3, "completion_tokens": 5}}
+
+    with tracer.start_as_current_span("POST /complete") as http:
+        complete("hello")
+    spans, _, received = finish(out, receiver)
+    (request,) = [s for s in spans if s["name"] == "request"]
+    o = by_otel_id(received)[otel_id(request["id"])]
+    ctx = http.get_span_context()
+    assert o["trace_id"] == f"{ctx.trace_id:032x}" and o["parent_span_id"] == f"{ctx.span_id:016x}"
+    assert o["links"] == []
+
+
 def test_trace_per_session_keeps_everything_in_one_trace(out: Path, receiver: Receiver):
     start(out, receiver, trace_per="session")
     _nested_workload()
