@@ -1063,3 +1063,12 @@ def test_a_profiled_program_charts_its_marks_in_prometheus(
         time=time.time(),
     )["result"]
     assert written and float(written[0]["value"][1]) > 0
+    # every dashboard query (the mark panels and the health panels) charts this live run
+    start_s, end_s = session["start_ns"] / 1e9 - 5, time.time() + 5
+    for mark in ("cirron_mark_loss", "cirron_mark_lr"):
+        values = {"prefix": PROM_MARK_PREFIX, "service": service, "run": session["id"], "rank": "1"}
+        values["mark"] = mark
+        for expr in prometheus_exprs(dashboard()):
+            query = substitute(expr, values)
+            result = prometheus.api("query_range", query=query, start=start_s, end=end_s, step=1)["result"]
+            assert result and all(r["values"] for r in result), f"no live data for {expr!r} as {query!r}"
