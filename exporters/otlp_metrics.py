@@ -117,7 +117,16 @@ class OtlpMetricsSink(OtlpSink):
         )
 
     def _fit(self, request: bytes, spans: int) -> list[tuple[bytes, int]]:
-        return [(request, spans)]  # the encoder cuts requests at max_request_bytes already
+        """The encoder cuts requests at max_request_bytes, between points: one over it is a
+        lone point larger than that (its allow-listed attrs), which no split can send."""
+        if len(request) <= self.max_request_bytes:
+            return [(request, spans)]
+        self._drop(
+            spans,
+            "point too large",
+            f"{spans} point(s) in {len(request)} bytes, over {self.max_request_bytes}",
+        )
+        return []
 
     def _check(self, data: bytes, spans: int) -> str | None:
         from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest

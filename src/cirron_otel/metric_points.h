@@ -311,9 +311,14 @@ mreq_close(mreq_t *r)
     pb_end(&r->o, r->rm);
 }
 
-/* Encode and empty the store: requests of about max_bytes at most (one Metric per name, cut
- * between points when a request is full), appended to *reqs. -1 when out of memory (the
- * points are gone either way: the spool keeps every mark). */
+/* What closing a request may still add: the open Metric's aggregation temporality (pb_end
+ * only shrinks the 5-byte lengths it reserved). */
+#define MREQ_CLOSE_RESERVE 16
+
+/* Encode and empty the store: requests of at most max_bytes (one Metric per name, cut between
+ * points: a point that would take a request past max_bytes starts the next one; only a lone
+ * point larger than that on its own is over it), appended to *reqs. -1 when out of memory
+ * (the points are gone either way: the spool keeps every mark). */
 static CIRRON_MAYBE_UNUSED int
 mpoints_encode(mpoints_t *s, const mpoints_req_t *q, size_t max_bytes, mreq_t **reqs,
                size_t *nreq, size_t *capreq)
@@ -326,13 +331,6 @@ mpoints_encode(mpoints_t *s, const mpoints_req_t *q, size_t max_bytes, mreq_t **
         const mpoint_t *pt = &s->p[k];
         int same_name = k > 0 && r != NULL && s->p[k - 1].name_len == pt->name_len &&
                         memcmp(s->p[k - 1].name, pt->name, pt->name_len) == 0;
-        if (r != NULL && r->o.len >= max_bytes) {
-            mreq_metric_close(r);
-            mreq_close(r);
-            oom |= r->o.oom;
-            r = NULL;
-            same_name = 0;
-        }
         if (r == NULL) {
             if (ARRAY_GROW(*reqs, *capreq, *nreq, 4) < 0) {
                 oom = 1;
@@ -344,9 +342,28 @@ mpoints_encode(mpoints_t *s, const mpoints_req_t *q, size_t max_bytes, mreq_t **
         else if (!same_name) {
             mreq_metric_close(r);
         }
+        size_t before = r->o.len; /* this point, with its Metric's header if it opens one */
         if (!same_name)
             mreq_metric_open(r, q, pt);
         mpoint_encode(&r->o, pt, q);
+        if (r->points > 0 && !r->o.oom && r->o.len + MREQ_CLOSE_RESERVE > max_bytes) {
+            /* full: take the point back, close the request without it, start the next one
+             * with it (truncating is safe: everything begun after `before` is dropped) */
+            r->o.len = before;
+            if (same_name)
+                mreq_metric_close(r);
+            mreq_close(r);
+            oom |= r->o.oom;
+            if (ARRAY_GROW(*reqs, *capreq, *nreq, 4) < 0) {
+                r = NULL;
+                oom = 1;
+                break;
+            }
+            r = &(*reqs)[(*nreq)++];
+            mreq_open(r, q);
+            mreq_metric_open(r, q, pt);
+            mpoint_encode(&r->o, pt, q);
+        }
         r->points++;
     }
     if (r != NULL) {

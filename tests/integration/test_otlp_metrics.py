@@ -48,6 +48,23 @@ def test_points_arrive_with_their_scope_rank_and_session(out: Path, receiver: Re
     assert metrics_health()["exported"] == 4 and metrics_health()["dropped"] == 0
 
 
+def test_an_export_of_more_points_than_one_request_holds_is_delivered_whole(
+    out: Path, receiver: Receiver
+) -> None:
+    # ~23,000 points filled a 4 MiB request; an export of more once made a request a point
+    # past the limit, which the sender "split" into itself for ever: nothing went out.
+    start(out, receiver)
+    n = 60_000
+    with ci.scope("step"):
+        for i in range(n):
+            ci.mark("loss", float(i))
+    assert ci.flush(timeout=60)
+    points = receiver.wait_for_metric_points(n, "cirron.mark.loss")
+    assert sorted(p[2] for p in points) == [float(i) for i in range(n)]
+    assert metrics_health()["exported"] == n and metrics_health()["dropped"] == 0
+    assert list((out / "otlp-metrics-outbox").glob("*.pb")) == []
+
+
 def test_an_outage_loses_no_point_the_outbox_keeps_them(out: Path, receiver: Receiver) -> None:
     receiver.stop()
     start(out, receiver)

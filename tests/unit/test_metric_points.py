@@ -173,3 +173,45 @@ def test_allow_listed_mark_attrs_become_point_attributes_and_nothing_else() -> N
         key=str,
     )
     assert "metric_attrs must be a sequence of str" in error
+
+
+FIT_PROGRAM = """
+import json
+from cirron_otel import _native
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+_native.configure(otlp=True)
+_native.session_begin({})
+res = {}
+for budget in range(300, 1400, 37):  # many cut positions, each point ~150-200 bytes
+    state = _native.OtlpState(128, metrics=True, traces=False)
+    with _native.scope("step"):
+        for i in range(60):
+            _native.mark("loss" if i % 3 else "grad_norm_of_a_long_name", float(i))
+    while (b := _native.drain(100_000)) is not None:
+        _native.otlp_encode(state, [b], b"", "s", "1", (1, 2))
+    reqs = _native.otlp_metrics_encode(state, b"", "s", "1", "p.", 1, (1, 2), max_request_bytes=budget)
+    values, sizes = [], []
+    for req, n in reqs:
+        msg = ExportMetricsServiceRequest.FromString(req)
+        metrics = msg.resource_metrics[0].scope_metrics[0].metrics
+        got = [p.as_double for m in metrics for p in m.sum.data_points]
+        assert len(got) == n, (budget, len(got), n)
+        values += got
+        sizes.append(len(req))
+    res[budget] = {"sizes": sizes, "values": sorted(values)}
+print(json.dumps(res))
+"""
+
+
+def test_every_metrics_request_fits_its_budget_and_every_point_goes_once() -> None:
+    # A request closed past max_request_bytes cannot be split by the sender (it once rewrote
+    # the same outbox file for ever, sending nothing): the encoder cuts before the point.
+    r = run_script(FIT_PROGRAM)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(res) > 20
+    for budget, got in res.items():
+        assert got["values"] == [float(i) for i in range(60)], budget
+        assert max(got["sizes"]) <= int(budget), (budget, got["sizes"])
+        assert len(got["sizes"]) > 1, budget
