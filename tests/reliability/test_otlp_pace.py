@@ -78,8 +78,7 @@ def test_a_flat_out_producer_loses_nothing_on_otlp_when_the_outbox_is_slower(
     result = run_script(
         _FLAT_OUT.replace("sys.argv[1:4]", repr([str(out), receiver.endpoint, protocol(receiver)])),
         timeout=170,
-        # the metrics sink on too: it never paces the program (it drops, counted), and its drops
-        # must cost the spool and the traces nothing
+        # the metrics sink on too: with its outbox it paces the producer as well, losing no point
         env={"OTEL_EXPORTER_OTLP_COMPRESSION": compression},
     )
     assert result.returncode == 0, result.stderr
@@ -88,6 +87,8 @@ def test_a_flat_out_producer_loses_nothing_on_otlp_when_the_outbox_is_slower(
     otlp = health["sinks"]["otlp"]
     assert otlp["dropped"] == 0 and otlp["pending"] == 0, otlp
     assert health["sinks"]["spool"]["dropped"] == 0, health["sinks"]["spool"]
+    metrics = health["sinks"]["otlp_metrics"]
+    assert metrics["dropped"] == 0 and metrics["points_dropped"] == 0, metrics
     assert health["mark_drop_count"] == 0 and health["span_drop_count"] == 0, health
     assert health["drainer"]["cycle_errors"] == 0 and health["records_pending"] == 0, health["drainer"]
     spans, marks = spans_and_marks(out)
@@ -101,6 +102,8 @@ def test_a_flat_out_producer_loses_nothing_on_otlp_when_the_outbox_is_slower(
                 got_spans += len(ss.spans)
                 got_events += sum(len(span.events) for span in ss.spans)
     assert (got_spans, got_events) == (len(spans), len(marks))
+    points = receiver.wait_for_metric_points(len(marks), "cirron.mark.loss")
+    assert len(points) == len(marks)  # one point per (numeric) mark
     if compression == "gzip" and protocol(receiver) != "grpc":  # (grpcio hides grpc-encoding)
         assert all(h.get("content-encoding") == "gzip" for h in receiver.headers)
 
