@@ -78,9 +78,11 @@ def main() -> None:
 
     for epoch in ci.epochs(range(args.epochs)):
         losses = []
+        lr = args.lr * 0.8**epoch  # a step decay: a learning-rate curve to chart
         for _ in ci.batches(range(args.batches)):
             x, y = make_data(rng, args.batch_size)
-            loss = net.step(x, y, args.lr)
+            loss = net.step(x, y, lr)
+            ci.mark("lr", lr)
             ci.mark("loss", loss)
             losses.append(loss)
         try:

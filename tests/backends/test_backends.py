@@ -313,13 +313,14 @@ def check_point_marks(run: DemoRun) -> None:
     shape = shape_of(run)
     point_marks = [m for m in run.spool_marks if m["kind"] == "point"]
     per_run = EPOCHS * BATCHES
-    assert Counter(m["name"] for m in point_marks) == {"loss": per_run, "grad_norm": per_run}
+    assert Counter(m["name"] for m in point_marks) == {"loss": per_run, "grad_norm": per_run, "lr": per_run}
     by_cirron_id = {tags(s)["cirron.span_id"]: s for s in shape.by_id.values()}
     seen = set()
     for mark in point_marks:
         span = by_cirron_id[mark["span_id"]]
-        # loss is marked in the batch scope, grad_norm inside backward
-        assert span["operationName"] == {"loss": "batch", "grad_norm": "backward"}[mark["name"]]
+        # loss and lr are marked in the batch scope, grad_norm inside backward
+        where = {"loss": "batch", "lr": "batch", "grad_norm": "backward"}
+        assert span["operationName"] == where[mark["name"]]
         (log,) = [entry for entry in logs(span) if entry.get("cirron.mark.id") == mark["id"]]
         assert log["event"] == mark["name"]
         assert log["cirron.mark.value"] == mark["value"] and isinstance(log["cirron.mark.value"], float)
