@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 
@@ -29,7 +30,7 @@ from cirron_otel import _native
 from cirron_otel._version import __version__
 from cirron_otel.sink import Sink
 
-from .spool_dir import SpoolDirectory, new_batch_id, new_file_name
+from .spool_dir import Committer, SpoolDirectory, StagedFile, bytes_filler, new_batch_id, new_file_name
 
 SCHEMA_VERSION = 1
 # Splitting a batch after ENOSPC: no piece smaller than this (many tiny files cost more than
@@ -109,6 +110,13 @@ class SpoolSink(Sink):
         self._queued_records = 0
         self._failing = False
         self._last_write_error = ""
+        # The file whose commit (fsync, rename) runs while the next one is encoded: counted
+        # in _queued_records and pending until it is durable, and back at the head of the
+        # queue if its commit fails.
+        self._inflight: tuple[_PendingFile, int] | None = None  # (file, bytes)
+        self._committer = Committer("cirron-otel-spool-commit")
+        self._settled = threading.Event()
+        self._settled.set()
         self.stats.set(
             files_written=0,
             bytes_written=0,
@@ -148,43 +156,91 @@ class SpoolSink(Sink):
         self.retry()
 
     def retry(self) -> None:
+        """Write the queue in order. Each file is committed (fsync, rename, directory fsync)
+        on the committer's thread while the next one is encoded and written; the last one's
+        commit is left in flight for `settle`."""
         while self._queue:
             item = self._queue[0]
             try:
-                size = self._write(item)
+                staged = self._stage(item)
             except OSError as exc:
+                if not self.settle():
+                    return  # the file before it failed: it goes first, on the next attempt
                 if exc.errno in _NO_SPACE and self._split_head(item):
                     continue  # try the first, smaller piece now
                 self._failed(exc)
                 return
-            self._failing = False
             self._queue.popleft()
-            self._queued_records -= item.records
-            self.stats.add(
-                pending=-item.records,
-                exported=item.records,
-                files_written=1,
-                bytes_written=size,
-                marks_written=item.marks,
-                spans_written=item.spans,
-            )
-            evicted = self.directory.enforce_cap(item.name, lambda e: self.stats.error("eviction failed", e))
-            if evicted:
-                self.stats.add(evicted_files=evicted)
+            failed = self._collect()
+            if failed is not None:
+                self.directory.discard([staged])
+                self._queue.appendleft(item)
+                self._requeue(*failed)
+                return
+            self._inflight = (item, staged.size)
+            self._settled.clear()
+            self._committer.submit(self.directory, [staged])
+
+    def settle(self) -> bool:
+        """Finish the commit `retry` left in flight; False if it failed (the file is queued
+        again, first). The sink's worker calls it whenever its queue runs empty."""
+        failed = self._collect()
+        if failed is not None:
+            self._requeue(*failed)
+            return False
+        return True
+
+    def wait_idle(self, timeout: float) -> bool:
+        """After a flush: wait until the last file handed over is durable."""
+        return self._settled.wait(timeout)
 
     def shutdown(self, timeout: float) -> None:
         self.retry()
+        self.settle()
 
-    def _write(self, item: _PendingFile) -> int:
+    def _stage(self, item: _PendingFile) -> StagedFile:
         data = item.data
         if data is not None:
-            return self.directory.write_bytes(item.name, data)
-        return self.directory.write(
+            return self.directory.stage(item.name, bytes_filler(data))
+        return self.directory.stage(
             item.name,
             lambda fd: _native.write_spool(fd, item.batches, item.batch_id, item.created_ns, __version__),
         )
 
-    def _failed(self, exc: OSError) -> None:
+    def _collect(self) -> tuple[_PendingFile, BaseException] | None:
+        """Wait for the file in flight: count it when durable, else hand it back with the error."""
+        if self._inflight is None:
+            return None
+        item, size = self._inflight
+        outcome = self._committer.wait()
+        self._inflight = None
+        if outcome is not None:
+            return item, outcome
+        self._failing = False
+        self._queued_records -= item.records
+        self.stats.add(
+            pending=-item.records,
+            exported=item.records,
+            files_written=1,
+            bytes_written=size,
+            marks_written=item.marks,
+            spans_written=item.spans,
+        )
+        evicted = self.directory.enforce_cap(item.name, lambda e: self.stats.error("eviction failed", e))
+        if evicted:
+            self.stats.add(evicted_files=evicted)
+        self._settled.set()
+        return None
+
+    def _requeue(self, item: _PendingFile, exc: BaseException) -> None:
+        """A commit failed: the file is written again, first, on the next attempt."""
+        self._queue.appendleft(item)
+        self._settled.set()
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            self._split_head(item)  # delayed allocation: the disk may say so only at fsync
+        self._failed(exc)
+
+    def _failed(self, exc: BaseException) -> None:
         self.stats.add(failed=1)
         self._failing = True
         self._last_write_error = f"{type(exc).__name__}: {exc}"

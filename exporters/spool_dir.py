@@ -22,6 +22,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from cirron_otel.sink import BackgroundThread
+
 
 def new_batch_id() -> str:
     """A random UUID4 as 32 lowercase hex digits: what `uuid.uuid4().hex` returns, without
@@ -71,6 +73,89 @@ def make_dirs(path: str, dir_mode: int) -> None:
         except FileExistsError:
             continue  # another process made it first: its mode is its creator's choice
         os.chmod(directory, dir_mode)  # mkdir's mode is masked by the umask
+
+
+class StagedFile:
+    """A file written under its temporary name, waiting for `SpoolDirectory.commit`."""
+
+    __slots__ = ("fd", "final", "size", "tmp")
+
+    def __init__(self, final: str, tmp: str, fd: int) -> None:
+        self.final = final
+        self.tmp = tmp
+        self.fd = fd
+        self.size = 0
+
+
+class Committer:
+    """Commits one group of staged files at a time on a thread of its own, so the writer
+    encodes and writes the next file while the disk syncs this one (the spool's worker
+    spent about 40% of its time in fsync). `submit` hands a group over; `wait` returns its
+    outcome (None, or the exception `commit` raised). Where no thread can be started (at
+    interpreter shutdown), `submit` commits on the caller's thread."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._cv = threading.Condition()
+        self._job: tuple[SpoolDirectory, Sequence[StagedFile]] | None = None
+        self._busy = False
+        self._outcome: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def submit(self, directory: SpoolDirectory, staged: Sequence[StagedFile]) -> None:
+        """Start committing `staged`; the previous group must have been waited for."""
+        with self._cv:
+            assert not self._busy, "Committer.submit before wait()"
+            self._busy = True
+            self._outcome = None
+            if self._running():
+                self._job = (directory, staged)
+                self._cv.notify_all()
+                return
+        self._finish(_commit_outcome(directory, staged))
+
+    def wait(self) -> BaseException | None:
+        """Wait for the group in flight (if any); its outcome, None when it was committed."""
+        with self._cv:
+            while self._busy:
+                self._cv.wait()
+            outcome, self._outcome = self._outcome, None
+            return outcome
+
+    def _running(self) -> bool:
+        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+            return True
+        thread = BackgroundThread(target=self._run, name=self.name)
+        try:
+            thread.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            return False
+        self._thread, self._pid = thread, os.getpid()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._job is None:
+                    self._cv.wait()
+                directory, staged = self._job
+                self._job = None
+            self._finish(_commit_outcome(directory, staged))
+
+    def _finish(self, outcome: BaseException | None) -> None:
+        with self._cv:
+            self._outcome = outcome
+            self._busy = False
+            self._cv.notify_all()
+
+
+def _commit_outcome(directory: SpoolDirectory, staged: Sequence[StagedFile]) -> BaseException | None:
+    try:
+        directory.commit(staged)
+    except Exception as exc:  # handed to the writer, which keeps the batch for a retry
+        return exc
+    return None
 
 
 class SpoolDirectory:
@@ -155,50 +240,77 @@ class SpoolDirectory:
         one per file). All or nothing: on failure none of them is left, and OSError is raised.
         `_lock` guards only the byte count and the directory check, never a write or an
         fsync, so the sender deleting files never waits for the disk."""
+        staged: list[StagedFile] = []
+        try:
+            for name, fill in files:
+                staged.append(self.stage(name, fill))
+        except BaseException:
+            self.discard(staged)
+            raise
+        self.commit(staged)
+        return [f.size for f in staged]
+
+    def stage(self, name: str, fill: Callable[[int], int]) -> StagedFile:
+        """The first half of a durable write: `fill(fd)` writes the content into `<name>.tmp`
+        (created locked). Nothing is visible under `name` until `commit`; `discard` undoes it.
+        Raises OSError (and leaves no temporary file) on failure."""
         with self._lock:
             if not self._ready:
                 make_dirs(self.path, self._dir_perm)
                 self._ready = True
-        opened: list[tuple[str, str, int]] = []  # (final, tmp, fd)
-        renamed: list[str] = []
-        sizes: list[int] = []
+        final = os.path.join(self.path, name)
+        tmp = final + ".tmp"
         try:
-            for name, fill in files:
-                final = os.path.join(self.path, name)
-                tmp = final + ".tmp"
-                try:
-                    fd = self._open_locked(tmp)
-                except OSError:
-                    with self._lock:
-                        self._ready = False  # the directory may have gone: look again next time
-                    raise
-                opened.append((final, tmp, fd))
-                sizes.append(fill(fd))
-            for _, _, fd in opened:
-                os.fsync(fd)
-            for final, tmp, _ in opened:
-                os.replace(tmp, final)
-                renamed.append(final)
+            fd = self._open_locked(tmp)
+        except OSError:
+            with self._lock:
+                self._ready = False  # the directory may have gone: look again next time
+            raise
+        staged = StagedFile(final, tmp, fd)
+        try:
+            staged.size = fill(fd)
+        except BaseException:
+            self.discard([staged])
+            raise
+        return staged
+
+    def commit(self, staged: Sequence[StagedFile]) -> None:
+        """The second half: fsync each staged file, rename it over its name, fsync the
+        directory once. All or nothing: on failure none of them is left, and OSError is raised.
+        Safe on another thread than `stage` (the spool overlaps one file's commit with the
+        encoding of the next)."""
+        renamed: list[str] = []
+        try:
+            for f in staged:
+                os.fsync(f.fd)
+            for f in staged:
+                os.replace(f.tmp, f.final)
+                renamed.append(f.final)
         except BaseException:
             # Unlink while still holding each flock, so a cleaner never sees it unlocked.
-            for final, tmp, fd in opened:
-                _unlink_quietly(final if final in renamed else tmp)
-                os.close(fd)
+            for f in staged:
+                _unlink_quietly(f.final if f.final in renamed else f.tmp)
+                os.close(f.fd)
             raise
-        for _, _, fd in opened:
-            os.close(fd)  # the flocks go with them, after the renames
+        for f in staged:
+            os.close(f.fd)  # the flocks go with them, after the renames
         dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-        total = sum(sizes)
+        total = sum(f.size for f in staged)
         with self._lock:
             if self._disk_bytes is None:
                 self._disk_bytes = self.scan()[1]
             else:
                 self._disk_bytes += total
-        return sizes
+
+    def discard(self, staged: Sequence[StagedFile]) -> None:
+        """Undo `stage`: remove the temporary files (under their locks) and close them."""
+        for f in staged:
+            _unlink_quietly(f.tmp)
+            os.close(f.fd)
 
     def _open_locked(self, tmp: str) -> int:
         """Create `tmp` with this directory's file mode and hold an exclusive flock on it."""
@@ -218,11 +330,11 @@ class SpoolDirectory:
         raise OSError(f"could not create {tmp}: removed by concurrent cleaners 100 times")
 
     def write_bytes(self, name: str, data: bytes) -> int:
-        return self.write(name, _filler(data))
+        return self.write(name, bytes_filler(data))
 
     def write_bytes_many(self, files: Sequence[tuple[str, bytes]]) -> list[int]:
         """`write_many` for contents already in memory (one group commit)."""
-        return self.write_many([(name, _filler(data)) for name, data in files])
+        return self.write_many([(name, bytes_filler(data)) for name, data in files])
 
     @property
     def disk_bytes(self) -> int:
@@ -293,7 +405,9 @@ class SpoolDirectory:
             return evicted
 
 
-def _filler(data: bytes) -> Callable[[int], int]:
+def bytes_filler(data: bytes) -> Callable[[int], int]:
+    """A `fill` for `stage`/`write` that writes `data` whole."""
+
     def fill(fd: int) -> int:
         view = memoryview(data)
         while view:

@@ -107,6 +107,10 @@ class SinkWorker(BackgroundThread):
     def run(self) -> None:
         while True:
             with self._cv:
+                idle = not self._queue
+            if idle:
+                self._settle()  # the queue ran dry: finish what the last export left in flight
+            with self._cv:
                 if not self._queue and not self._stopping:
                     self._cv.wait(self.retry_interval)
                 if not self._queue:
@@ -129,6 +133,12 @@ class SinkWorker(BackgroundThread):
                     self._queued_records -= item[2]
                     self._done = item[0]
                     self._cv.notify_all()
+
+    def _settle(self) -> None:
+        try:
+            self.sink.settle()
+        except Exception as exc:  # a sink bug must not kill its worker
+            self.sink.stats.error("settle raised", exc)
 
 
 class Drainer(BackgroundThread):

@@ -127,6 +127,11 @@ class Sink(ABC):
     def retry(self) -> None:  # noqa: B027 - optional hook
         """Try again what earlier exports could not deliver."""
 
+    def settle(self) -> None:  # noqa: B027 - optional hook
+        """Finish what `export` left in flight (the spool's last commit): the worker calls it
+        whenever its queue runs empty, so `export` may return before its last write is
+        durable, overlapping it with the next export. `wait_idle` must wait for it."""
+
     def wait_idle(self, timeout: float) -> bool:
         """After a flush: wait until what was handed over is delivered, or it fails."""
         return True
