@@ -59,7 +59,7 @@ from .otlp_transport import (
     Transport,
     make_transport,
 )
-from .spool_dir import SpoolDirectory, new_batch_id, new_file_name
+from .spool_dir import Committer, SpoolDirectory, StagedFile, bytes_filler, new_batch_id, new_file_name
 
 __all__ = [
     "GrpcTransport",
@@ -204,6 +204,13 @@ class OtlpSink(OtlpEncodingSink):
         self._not_before = 0.0  # the collector's Retry-After / RetryInfo: always honoured
         self._retryable_failures = 0
         self._exiting = False  # at_exit(): shutdown() stops at the first retryable failure
+        # One export's requests whose outbox commit (fsync, rename) runs while the next export
+        # is encoded: counted as pending, queued for the senders once durable (in memory if
+        # the commit fails), always before the requests of later exports.
+        self._inflight: list[tuple[str, bytes, int]] | None = None
+        self._committer = Committer(f"cirron-otel-{self.name}-commit")
+        self._settled = threading.Event()
+        self._settled.set()
         self.stats.set(
             requests_sent=0,
             requests_rejected=0,
@@ -256,6 +263,8 @@ class OtlpSink(OtlpEncodingSink):
         """Try now, and wait until the queue is delivered; False as soon as an attempt fails
         in a way worth retrying (the queue then waits for the collector) or at the timeout."""
         deadline = time.monotonic() + timeout
+        if not self._settled.wait(timeout):  # the last export's outbox commit (see settle)
+            return False
         with self._cv:
             failures = self._retryable_failures
             self._retry_at = 0.0  # our own backoff yields to an explicit flush; Retry-After does not
@@ -283,6 +292,7 @@ class OtlpSink(OtlpEncodingSink):
         for its collector to exit. What is left stays in the outbox for the next run (without
         an outbox it is lost: counted as dropped)."""
         deadline = time.monotonic() + timeout
+        self.settle()  # the worker has stopped: the last export's commit is ours to finish
         with self._cv:
             failures = self._retryable_failures
             self._retry_at = 0.0  # our own backoff yields; the collector's Retry-After does not
@@ -332,24 +342,57 @@ class OtlpSink(OtlpEncodingSink):
         return fitted.parts
 
     def _enqueue(self, parts: list[tuple[bytes, int]]) -> None:
-        """Queue one export's requests; with the outbox, written with one group commit."""
+        """Queue one export's requests. With the outbox they are written now and committed
+        (one group commit) while the next export is encoded: the senders get them once they
+        are durable, or from memory if the commit fails; `settle` finishes the last one."""
         if not parts:
             return
-        names: list[str | None] = [None] * len(parts)
-        if self.outbox is not None:
-            # consecutive times keep the export's order; the random id keeps names unique
-            base = time.time_ns()
-            named = [(f"{base + i:020d}-{new_batch_id()}-{n}.pb", data) for i, (data, n) in enumerate(parts)]
-            try:
-                self.outbox.write_bytes_many(named)
-                names = [name for name, _ in named]
-                self._write_failing = False
-            except OSError as exc:
-                self._write_failing = True
-                self.stats.error("outbox write failed", exc)
+        self.stats.add(pending=sum(spans for _, spans in parts))
+        if self.outbox is None:
+            self._push([(None, data, spans) for data, spans in parts])
+            return
+        # consecutive times keep the export's order; the random id keeps names unique
+        base = time.time_ns()
+        named = [(f"{base + i:020d}-{new_batch_id()}-{n}.pb", data, n) for i, (data, n) in enumerate(parts)]
+        staged: list[StagedFile] = []
+        try:
+            for name, data, _ in named:
+                staged.append(self.outbox.stage(name, bytes_filler(data)))
+        except OSError as exc:
+            self.outbox.discard(staged)
+            self.settle()  # the export before this one goes first
+            self._write_failed(exc)
+            self._push([(None, data, spans) for _, data, spans in named])
+            return
+        self.settle()
+        self._inflight = named
+        self._settled.clear()
+        self._committer.submit(self.outbox, staged)
+
+    def settle(self) -> None:
+        """Hand the senders the export whose outbox commit is in flight, once it is durable
+        (from memory if the commit failed). The worker calls it whenever its queue runs empty."""
+        named = self._inflight
+        if named is None:
+            return
+        outcome = self._committer.wait()
+        self._inflight = None
+        if outcome is None:
+            self._write_failing = False
+            self._push([(name, data, spans) for name, data, spans in named])
+        else:
+            self._write_failed(outcome)
+            self._push([(None, data, spans) for _, data, spans in named])
+        self._settled.set()
+
+    def _write_failed(self, exc: BaseException) -> None:
+        self._write_failing = True
+        self.stats.error("outbox write failed", exc)
+
+    def _push(self, requests: list[tuple[str | None, bytes, int]]) -> None:
+        """Give requests to the senders (named: durable in the outbox; None: in memory only)."""
         with self._cv:
-            self.stats.add(pending=sum(spans for _, spans in parts))
-            for name, (data, spans) in zip(names, parts, strict=True):
+            for name, data, spans in requests:
                 written = len(data) if name else None
                 self._queue.append(_Request(name, None if name else data, spans, written=written))
             self._trim_locked()

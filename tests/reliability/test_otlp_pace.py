@@ -33,7 +33,7 @@ def _clean_env(clean_env: None) -> None:
 pytestmark = [pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning"), pytest.mark.timeout(180)]
 
 
-# A producer flat out for a second while every outbox write takes 50 ms longer (a slow disk):
+# A producer flat out for a second while every outbox commit takes 50 ms longer (a slow disk):
 # far slower than the producer, so the OTLP worker's bounded queue overflows at once unless
 # the sink paces the producer. Small exports (2,000 records) make many of them.
 _FLAT_OUT = """
@@ -43,14 +43,14 @@ _FLAT_OUT = """
     from cirron_otel.exporters import spool_dir
 
     out, endpoint, proto = sys.argv[1:4]
-    real_write_many = spool_dir.SpoolDirectory.write_many
+    real_commit = spool_dir.SpoolDirectory.commit
 
-    def slow_outbox(self, files):
+    def slow_outbox(self, staged):
         if self.suffix == ".pb":
             time.sleep(0.05)
-        return real_write_many(self, files)
+        return real_commit(self, staged)
 
-    spool_dir.SpoolDirectory.write_many = slow_outbox
+    spool_dir.SpoolDirectory.commit = slow_outbox
     _config.Settings.max_records_per_file = 2000  # (a default, not a profile() argument)
     ci.profile(output="spool,otlp", output_dir=out, otlp_endpoint=endpoint, otlp_protocol=proto,
                install_signal_handlers=False, tracer_provider=None)
@@ -163,6 +163,38 @@ def test_the_outbox_writes_an_export_with_one_directory_fsync_and_no_lock_across
     assert directory.scan() == ([(name, i + 1) for i, name in enumerate(names)], 6)
 
 
+def test_requests_reach_the_senders_only_once_their_outbox_commit_is_durable(
+    out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch
+):
+    """The outbox commit of one export runs while the next is encoded; its requests are
+    queued for sending only when that commit is done (so nothing is sent that a crash could
+    leave half-written on disk), and a flush waits for it."""
+    sink = next(s for s in start(out, grpc_receiver, flush_interval=30).sinks if s.name == "otlp")
+    release = threading.Event()
+    committing = threading.Event()
+    real = SpoolDirectory.commit
+
+    def held(self: SpoolDirectory, staged: Any) -> None:
+        if self.suffix == ".pb":
+            committing.set()
+            release.wait(30)
+        real(self, staged)
+
+    monkeypatch.setattr(SpoolDirectory, "commit", held)
+    with ci.scope("held"):
+        pass
+    assert not ci.flush(timeout=1.0)  # the commit is held: not delivered, and flush says so
+    assert committing.is_set()
+    assert grpc_receiver.spans() == []
+    assert otlp_health()["pending"] > 0
+    release.set()
+    assert ci.flush(timeout=10)
+    assert "held" in {s["name"] for s in grpc_receiver.spans()}
+    assert sink.outbox is not None and not [n for n in os.listdir(sink.outbox.path) if n.endswith(".tmp")]
+    assert otlp_health()["dropped"] == 0
+    ci.shutdown()
+
+
 def test_a_failing_outbox_lifts_the_backpressure_and_memory_takes_over(
     out: Path, grpc_receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch
 ):
@@ -172,14 +204,14 @@ def test_a_failing_outbox_lifts_the_backpressure_and_memory_takes_over(
     assert sink.backpressure
     failing = threading.Event()
     failing.set()
-    real = SpoolDirectory.write_many
+    real = SpoolDirectory.stage
 
-    def flaky(self: SpoolDirectory, files: Any) -> list[int]:
+    def flaky(self: SpoolDirectory, name: str, fill: Any) -> Any:
         if self.suffix == ".pb" and failing.is_set():
             raise OSError(28, "No space left on device")
-        return real(self, files)
+        return real(self, name, fill)
 
-    monkeypatch.setattr(SpoolDirectory, "write_many", flaky)
+    monkeypatch.setattr(SpoolDirectory, "stage", flaky)
     with ci.scope("while failing"):
         pass
     grpc_receiver.delay = 0.0
