@@ -396,6 +396,18 @@ def metrics_exporter(env: Mapping[str, str]) -> bool:
     return any(n in OTLP_EXPORTER_NAMES for n in names) or names == []
 
 
+def metrics_default(env: Mapping[str, str], otlp_endpoint: str | None) -> bool:
+    """Whether the marks' metrics are on when nobody said (`profile(metrics=None)`, replay
+    without --metrics/--no-metrics): as OTEL_METRICS_EXPORTER says, but off when only the traces
+    have an endpoint: the metrics' would be the default localhost:4317, which the user never named."""
+    traces_only = bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) and not (
+        otlp_endpoint
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+    )
+    return metrics_exporter(env) and not traces_only
+
+
 def resolve(
     *,
     output_dir: str | os.PathLike[str] | None = None,
@@ -481,14 +493,7 @@ def resolve(
             "cirron_otel.profile(metrics=True): the marks' metrics go over OTLP, which is off "
             "(set OTEL_EXPORTER_OTLP_ENDPOINT, or pass otlp_endpoint=... or output=[..., 'otlp'])"
         )
-    # Off by default when only the traces have an endpoint: the metrics' would be the default
-    # localhost:4317, which the user never named.
-    traces_only = bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) and not (
-        otlp_endpoint
-        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        or env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
-    )
-    default = metrics_exporter(env) and not traces_only
+    default = metrics_default(env, otlp_endpoint)
     metrics_on = "otlp" in outputs and (metrics if metrics is not None else default)
     if metrics_prefix is None:
         metrics_prefix = env.get(ENV_METRICS_PREFIX) or DEFAULT_METRICS_PREFIX

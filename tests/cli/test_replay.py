@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from .conftest import cli, load_records, run_python
+from .conftest import TRAIN, cli, load_records, run_python
 
 MANY_FILES = """
 import sys, cirron_otel as ci
@@ -42,6 +42,18 @@ def received_span_ids(receiver: Any) -> Counter[str]:
 def spool_span_ids(out: Path) -> Counter[str]:
     spans, _ = load_records(out)
     return Counter(s["id"][:16] for s in spans)
+
+
+def received_points(receiver: Any) -> Counter[tuple[str, int, Any]]:
+    """(metric name, time, value) of every data point a receiver got."""
+    return Counter(
+        (m.name, p.time_unix_nano, getattr(p, p.WhichOneof("value")))
+        for r in list(receiver.metric_requests)
+        for rm in r.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        for p in m.sum.data_points
+    )
 
 
 def wait_for(predicate: Any, timeout: float = 10.0) -> None:
@@ -244,8 +256,14 @@ def test_interrupted_replay_resumes_nothing_twice_nothing_missing(
     partial = received_span_ids(grpc_receiver)
     expected = spool_span_ids(many_files)
     assert 0 < sum(partial.values()) < sum(expected.values())
+    # the metrics requests go with their file's traces: some were sent, not all
+    points = received_points(grpc_receiver)
+    _, marks = load_records(many_files)
+    assert 0 < sum(points.values()) < len(marks)
     recorded = [json.loads(line) for line in state.read_text().splitlines()[1:]]
-    assert sum(e["spans"] for e in recorded) == sum(partial.values())  # every answer recorded
+    traces = [e for e in recorded if not e["key"].startswith("metrics:")]
+    assert sum(e["spans"] for e in traces) == sum(partial.values())  # every answer recorded
+    assert sum(e["points"] for e in recorded if e not in traces) == sum(points.values())
     grpc_receiver.delay = 0.0
     result = cli(
         "replay",
@@ -258,6 +276,10 @@ def test_interrupted_replay_resumes_nothing_twice_nothing_missing(
     )
     assert result.exit_code == 0, result.output
     assert received_span_ids(grpc_receiver) == expected  # every span exactly once
+    # every mark's point exactly once, none missing
+    assert received_points(grpc_receiver) == Counter(
+        (MARK_PREFIX + m["name"], m["ts_ns"], m["value"]) for m in marks
+    )
 
 
 def test_dry_run_sends_nothing(grpc_receiver: Any, train_spool: Path, tmp_path: Path) -> None:
@@ -298,7 +320,6 @@ def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_replay_to_jaeger_looks_like_a_live_run(jaeger: Any, protocol: str, tmp_path: Path) -> None:
     out = tmp_path / "cirron"
-    from .conftest import TRAIN
 
     # Jaeger's query API cannot write NaN / inf log values as JSON (HTTP 500, live export alike):
     # this run records finite values only
@@ -391,3 +412,225 @@ def test_marks_of_a_killed_run_on_spans_never_closed(grpc_receiver: Any, tmp_pat
         for ss in rs.scope_spans
         for s in ss.spans
     ] == ["done"]
+
+
+# -- marks as metrics ------------------------------------------------------------------------
+
+MARK_PREFIX = "cirron.mark."
+LIVE_METRICS = TRAIN.replace(
+    "ci.profile(output_dir=sys.argv[1],", "ci.profile(output_dir=sys.argv[1], output='spool,otlp',"
+).replace('ci.mark("lr", 0.1)', 'ci.mark("lr", 0.1)\nci.mark("warm", True)\nci.mark("steps", 7)')
+assert LIVE_METRICS.count("output='spool,otlp'") == 1 and "warm" in LIVE_METRICS
+
+
+def metric_points(receiver: Any) -> list[dict[str, Any]]:
+    """Every mark data point a receiver got (the health metrics left out), as plain fields; also
+    checks what the live encoder guarantees of each request: one Metric per name, a
+    non-monotonic cumulative Sum, points ordered by (scope, rank, time)."""
+    from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
+
+    out = []
+    for request in list(receiver.metric_requests):
+        for rm in request.resource_metrics:
+            resource = {
+                kv.key: getattr(kv.value, kv.value.WhichOneof("value"))
+                for kv in rm.resource.attributes
+                if kv.key not in ("service.instance.id", "host.name")  # per process / not in the spool
+            }
+            for sm in rm.scope_metrics:
+                names = [m.name for m in sm.metrics if m.name.startswith(MARK_PREFIX)]
+                assert len(names) == len(set(names)), names
+                for m in sm.metrics:
+                    if not m.name.startswith(MARK_PREFIX):
+                        continue
+                    assert m.WhichOneof("data") == "sum" and not m.sum.is_monotonic
+                    temporality = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+                    assert m.sum.aggregation_temporality == temporality
+                    order = []
+                    for p in m.sum.data_points:
+                        attrs = [
+                            (kv.key, getattr(kv.value, kv.value.WhichOneof("value"))) for kv in p.attributes
+                        ]
+                        value = getattr(p, p.WhichOneof("value"))
+                        (ex,) = p.exemplars
+                        assert getattr(ex, ex.WhichOneof("value")) == value or value != value  # NaN
+                        assert ex.time_unix_nano == p.time_unix_nano
+                        order.append((attrs[0][1], attrs[1][1], p.time_unix_nano))
+                        out.append(
+                            {
+                                "name": m.name,
+                                "attributes": attrs,
+                                "start": p.start_time_unix_nano,
+                                "time": p.time_unix_nano,
+                                "kind": p.WhichOneof("value"),
+                                "value": repr(value),  # repr: NaN equals itself
+                                "exemplar": (ex.trace_id.hex(), ex.span_id.hex(), ex.WhichOneof("value")),
+                                "resource": resource,
+                                "scope": (sm.scope.name, sm.scope.version),
+                            }
+                        )
+                    assert order == sorted(order), m.name
+    return sorted(out, key=lambda p: (p["name"], p["time"], repr(p["attributes"])))
+
+
+def exported_spans(receiver: Any) -> dict[str, str]:
+    """span id -> trace id of every span a receiver got."""
+    return {
+        s.span_id.hex(): s.trace_id.hex()
+        for r in list(receiver.requests)
+        for rs in r.resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+    }
+
+
+def test_replayed_metric_points_equal_the_live_ones(
+    grpc_receiver: Any, http_receiver: Any, tmp_path: Path
+) -> None:
+    """The strongest check: a run exported live (traces and metrics) to one receiver, its spool
+    replayed to another; every mark's data point is the same, field by field, and its exemplar
+    names the span each receiver got."""
+    out = tmp_path / "cirron"
+    run_python(
+        LIVE_METRICS,
+        str(out),
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": grpc_receiver.endpoint, "RANK": "2", "OTEL_SERVICE_NAME": "m"},
+    )
+    spans, marks = load_records(out)
+    numeric = [m for m in marks if m["value_type"] != "string" and m["span_id"] != "root"]
+    assert {m["name"] for m in numeric} >= {"lr", "warm", "steps", "loss", "grad_norm", "inf", "accuracy"}
+    grpc_receiver.wait_for_spans(len(spans), timeout=20)
+    grpc_receiver.wait_for_metric_points(len(numeric), MARK_PREFIX, timeout=20)
+    live = metric_points(grpc_receiver)
+    result = cli(
+        "replay",
+        str(out),
+        "--endpoint",
+        http_receiver.endpoint,
+        "--protocol",
+        "http/protobuf",
+        "--service-name",
+        "m",
+        "--state",
+        str(tmp_path / "s"),
+        "--no-progress",
+    )
+    assert result.exit_code == 0, result.output
+    assert f"sent {len(numeric)} metric points" in result.stdout
+    replayed = metric_points(http_receiver)
+    assert len(live) == len(numeric)
+    assert replayed == live
+    # the exemplars name the spans as each receiver got them (the replay's own ids)
+    for receiver, points in ((grpc_receiver, live), (http_receiver, replayed)):
+        ids = exported_spans(receiver)
+        for p in points:
+            trace_id, span_id, _ = p["exemplar"]
+            assert ids[span_id] == trace_id, p
+    # what the live mapping promises, spelled out on a few points
+    by_name = {p["name"]: p for p in replayed}
+    session = min(
+        (s for s in spans if s["name"] == "cirron.session"), key=lambda s: s["start_ns"]
+    )  # not the child's
+    lr = by_name[MARK_PREFIX + "lr"]
+    assert lr["attributes"] == [
+        ("cirron.scope", "cirron.session"),
+        ("cirron.rank", 2),
+        ("cirron.session.id", session["id"]),
+    ]
+    assert lr["start"] == session["start_ns"] and lr["kind"] == "as_double"
+    assert (
+        by_name[MARK_PREFIX + "warm"]["value"] == "1.0" and by_name[MARK_PREFIX + "steps"]["kind"] == "as_int"
+    )
+    assert {p["value"] for p in replayed if p["name"] == MARK_PREFIX + "grad_norm"} == {"nan", "2.0"}
+    assert by_name[MARK_PREFIX + "inf"]["value"] == "-inf"
+    assert http_receiver.metric_requests and not any(
+        m.name.startswith("cirron.health")
+        for r in http_receiver.metric_requests
+        for rm in r.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    )  # replay sends the marks' points, never the health metrics
+
+
+def _numeric_points(out: Path) -> int:
+    _, marks = load_records(out)
+    return sum(1 for m in marks if m["value_type"] != "string" and m["span_id"] != "root")
+
+
+@pytest.mark.parametrize("how", ["--no-metrics", "OTEL_METRICS_EXPORTER=none", "traces endpoint only"])
+def test_metrics_turned_off_send_no_point(
+    grpc_receiver: Any, train_spool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    args = ["replay", str(train_spool), "--state", str(tmp_path / "s"), "--no-progress"]
+    if how == "--no-metrics":
+        args += ["--endpoint", grpc_receiver.endpoint, "--no-metrics"]
+    elif how == "OTEL_METRICS_EXPORTER=none":
+        args += ["--endpoint", grpc_receiver.endpoint]
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    else:  # as profile(): the metrics' endpoint would be a default localhost nobody named
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", grpc_receiver.endpoint)
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert received_span_ids(grpc_receiver) == spool_span_ids(train_spool)
+    assert grpc_receiver.metric_requests == [] and "metric points" not in result.stdout
+    # turned on again, the same state file sends the points, and only them
+    monkeypatch.delenv("OTEL_METRICS_EXPORTER", raising=False)
+    again = [a for a in args if a != "--no-metrics"] + ["--metrics", "--endpoint", grpc_receiver.endpoint]
+    assert cli(*again).exit_code == 0
+    assert received_span_ids(grpc_receiver) == spool_span_ids(train_spool)
+    assert sum(received_points(grpc_receiver).values()) == _numeric_points(train_spool)
+
+
+def test_metrics_go_to_the_metrics_endpoint_and_prefix_as_live(
+    grpc_receiver: Any, http_receiver: Any, train_spool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", grpc_receiver.endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", http_receiver.endpoint + "/v1/metrics")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("CIRRON_METRICS_PREFIX", "run.")
+    dry = cli("replay", str(train_spool), "--dry-run")
+    assert dry.exit_code == 0 and grpc_receiver.metric_requests == []
+    assert f"{_numeric_points(train_spool)} points to {http_receiver.endpoint}/v1/metrics" in dry.stdout
+    assert any(line.startswith("metrics:") and " points, " in line for line in dry.stdout.splitlines())
+    result = cli("replay", str(train_spool), "--state", str(tmp_path / "s"), "--no-progress", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["points_sent"] == _numeric_points(train_spool) and summary["points_rejected"] == 0
+    assert received_span_ids(grpc_receiver) == spool_span_ids(train_spool)
+    assert grpc_receiver.metric_requests == []
+    names = {name for name, _, _ in received_points(http_receiver)}
+    assert names and all(name.startswith("run.") for name in names)
+    again = json.loads(cli("replay", str(train_spool), "--state", str(tmp_path / "s"), "--json").stdout)
+    assert again["points_sent"] == 0 and again["points_skipped"] == summary["points_sent"]
+
+
+@pytest.mark.parametrize("kind", ["grpc", "http/protobuf"])
+def test_an_endpoint_without_metrics_gets_the_traces_alone(
+    kind: str, train_spool: Path, tmp_path: Path
+) -> None:
+    """Jaeger's own OTLP port answers UNIMPLEMENTED / 404 for metrics: as live, metrics are off
+    for the rest of the replay (one line on stderr), the traces go on, exit 0."""
+    from ..support.otlp_receivers import GrpcReceiver, HttpReceiver
+
+    receiver = GrpcReceiver() if kind == "grpc" else HttpReceiver()
+    receiver.accept_metrics = False
+    with receiver:
+        result = cli(
+            "replay",
+            str(train_spool),
+            "--endpoint",
+            receiver.endpoint,
+            "--protocol",
+            kind,
+            "--state",
+            str(tmp_path / "s"),
+            "--no-progress",
+        )
+        assert result.exit_code == 0, result.output
+        assert received_span_ids(receiver) == spool_span_ids(train_spool)
+        assert receiver.metric_requests == []
+        if kind == "http/protobuf":
+            assert receiver.metric_refusals == 1  # nothing more was tried after the first answer
+    lines = [line for line in result.stderr.splitlines() if "does not take OTLP metrics" in line]
+    assert len(lines) == 1, result.stderr
+    assert f"{_numeric_points(train_spool)} points not sent" in lines[0]

@@ -14,8 +14,20 @@ event carries `exception.type` and `exception.message`), the host (`host.name` o
 session attrs carry it), the sampling decision (every span in the spool is sent), and the
 exact type of a non-finite float inside attrs (the spool wrote it as the string "nan").
 
+Marks as metrics (README, "Marks as metrics"), with `metrics_prefix` set: every numeric mark
+is also one data point, as `otlp_add_point` / `metric_points.h` make it live. A point needs
+its span's name (`cirron.scope`) and OTLP ids (the exemplar), known only when the span's record
+arrives, so it waits with the span's events; a mark on a session goes at once (the session's
+ids are known from the first pass), as live. Each spool file's points ready after its spans
+become requests of their own (`Part.signal == "metrics"`), one per process and session (the
+resource, `start_time_unix_nano` and `cirron.session.id` are per process live), one Metric per
+name, points ordered by (scope, rank, time). Not replayed: a `profile(metric_attrs=...)`
+allow-list (the spool does not say which attrs were labels) and points of a process whose
+session span is not in the spool (its start and id are unknown: counted, not sent).
+
 Memory: marks wait for their span (as in the live `OtlpState`): per open span at most
-`event_limit` encoded events plus its summaries; spans are encoded as they arrive.
+`event_limit` encoded events plus its summaries, and at most `PENDING_POINTS_MAX` points;
+spans are encoded as they arrive.
 """
 
 from __future__ import annotations
@@ -33,6 +45,11 @@ from . import reader
 SESSION = "cirron.session"
 SPLIT_BYTES = 1 << 20  # the native encoder's request size before fitting (otlp_encode's default)
 INT64 = (-(1 << 63), (1 << 63) - 1)
+PENDING_POINTS_MAX = 100_000  # points an open span keeps (otlp.c's PENDING_POINTS_MAX)
+# What closing a metrics request may still add, and what a point's or a Metric's framing costs
+# beyond ByteSize() (tags and length varints): the size estimate errs on the large side.
+_MREQ_RESERVE = 16
+_FRAME = 6
 _SESSION_NAME = re.compile(rb'"name"\s*:\s*"cirron\.session"')
 
 
@@ -70,6 +87,26 @@ class _Open:
     events: deque[Any]
     total: int = 0
     summaries: dict[str, Any] = field(default_factory=dict)
+    points: list[tuple[str, int, int | float]] = field(default_factory=list)  # (name, ts, value)
+
+
+@dataclass
+class Point:
+    """A metric data point, complete: its span's name and ids are known."""
+
+    name: str
+    ts: int
+    value: int | float  # an int goes as as_int, a float (and a bool, as 0.0 / 1.0) as as_double
+    scope: str
+    rank: int
+    trace_id: bytes
+    span_id: bytes
+    process: tuple[int, int, str | None]  # (pid, rank, host): the resource
+    session: tuple[int, str]  # (start_ns, 32-hex id) of the process's session
+
+    def order(self) -> tuple[bytes, bytes, int, int]:
+        # metric_points.h's mpoint_cmp: name, scope (bytewise), rank, time
+        return (self.name.encode(), self.scope.encode(), self.rank, self.ts)
 
 
 @dataclass
@@ -78,12 +115,15 @@ class Part:
 
     file: str  # the spool file it came from
     index: int  # its position among that file's requests
-    data: bytes  # a serialized ExportTraceServiceRequest
+    data: bytes  # a serialized ExportTraceServiceRequest (ExportMetricsServiceRequest for metrics)
     spans: int
+    signal: str = "traces"  # or "metrics": the marks' data points
+    points: int = 0
 
     @property
     def key(self) -> str:
-        return f"{self.file}#{self.index}"
+        # metrics requests have keys of their own in the same state file
+        return f"{self.file}#{self.index}" if self.signal == "traces" else f"metrics:{self.file}#{self.index}"
 
 
 @dataclass
@@ -95,6 +135,10 @@ class Counters:
     truncated_values: int = 0
     dropped_spans: int = 0  # too large even truncated
     pending_marks: int = 0  # at the end: marks whose span is not in the spool
+    points: int = 0  # metric points made (marks as metrics)
+    points_dropped: int = 0  # over PENDING_POINTS_MAX on one open span, or too large for a request
+    points_no_session: int = 0  # their process's session span is not in the spool
+    pending_points: int = 0  # at the end: on spans the spool does not hold
 
 
 @dataclass
@@ -104,6 +148,7 @@ class Sessions:
     traces: dict[str, str] = field(default_factory=dict)  # session span id -> its trace id
     hosts: dict[tuple[int, int], str] = field(default_factory=dict)  # (pid, rank) -> host.name
     spans: dict[int, list[tuple[int, int, str]]] = field(default_factory=dict)  # pid -> (start, end, id)
+    info: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # session id -> (pid, rank, start)
 
     def around(self, pid: int, ts: int) -> str | None:
         """The session of process `pid` open at `ts` (a root that is not a session, such as
@@ -136,6 +181,8 @@ def sessions_of(files: list[reader.SpoolFile]) -> Sessions:
             host = (span.get("attrs") or {}).get("host.name")
             if isinstance(host, str):
                 hosts[(span["pid"], span["rank"])] = host
+            if isinstance(span.get("start_ns"), int):
+                found.info[span["id"]] = (span["pid"], span["rank"], span["start_ns"])
             if isinstance(span.get("start_ns"), int) and isinstance(span.get("end_ns"), int):
                 found.spans.setdefault(span["pid"], []).append((span["start_ns"], span["end_ns"], span["id"]))
     return found
@@ -151,6 +198,7 @@ class Encoder:
         limits: Limits | None = None,
         service_name: str | None = None,
         max_request_bytes: int | None = None,
+        metrics_prefix: str | None = None,
     ) -> None:
         from cirron_otel.exporters import otlp as live
 
@@ -164,6 +212,8 @@ class Encoder:
         self.counters = Counters()
         self._open: dict[str, _Open] = {}
         self._resources: dict[tuple[int, int, str | None], bytes] = {}
+        self.metrics_prefix = metrics_prefix  # None: no metric points
+        self._ready: list[Point] = []  # points complete, for the next file's metrics requests
 
     # -- resource ------------------------------------------------------------------------
 
@@ -262,6 +312,8 @@ class Encoder:
             return
         st = self._opened(mark["span_id"])
         value = reader.mark_value(mark)
+        if self.metrics_prefix is not None and mark.get("value_type") in ("int", "float", "bool"):
+            self._add_point(st, mark, value)
         if mark.get("kind") == "summary":
             av = AnyValue()
             self.any_value(av, value)
@@ -283,6 +335,62 @@ class Encoder:
             self.counters.events_dropped += 1  # the oldest goes, as in the SDK
         st.events.append(ev)
         st.total += 1
+
+    def _add_point(self, st: _Open, mark: dict[str, Any], value: Any) -> None:
+        """A numeric mark (point or summary: each is a point) as a metric point, as live."""
+        self.counters.points += 1
+        if isinstance(value, bool) or not isinstance(value, int) or not INT64[0] <= value <= INT64[1]:
+            value = float(value)  # a bool as 0.0 / 1.0; NaN and ±inf stay themselves
+        session = self.session_spans.info.get(mark["span_id"])
+        if session is not None:
+            # on the session: its name and ids are known, so the point is complete at once (as live)
+            pid, rank, _ = session
+            self._settle(
+                [(mark["name"], mark["ts_ns"], value)],
+                scope=SESSION,
+                span_id=mark["span_id"],
+                trace_id=self.sessions.get(mark["span_id"]) or mark["span_id"],
+                pid=pid,
+                rank=rank,
+                session_id=mark["span_id"],
+            )
+            return
+        if len(st.points) >= PENDING_POINTS_MAX:
+            self.counters.points_dropped += 1  # as live: an open span must not grow without bound
+            return
+        st.points.append((mark["name"], mark["ts_ns"], value))
+
+    def _settle(
+        self,
+        points: list[tuple[str, int, int | float]],
+        *,
+        scope: str,
+        span_id: str,
+        trace_id: str,
+        pid: int,
+        rank: int,
+        session_id: str | None,
+    ) -> None:
+        """Complete a span's waiting points with its name, OTLP ids and process's session."""
+        info = self.session_spans.info.get(session_id) if session_id else None
+        if info is None:
+            self.counters.points_no_session += len(points)
+            return
+        process = (pid, rank, self.hosts.get((pid, rank)))
+        for name, ts, value in points:
+            self._ready.append(
+                Point(
+                    name=name,
+                    ts=ts,
+                    value=value,
+                    scope=scope,
+                    rank=rank,
+                    trace_id=bytes.fromhex(trace_id),
+                    span_id=bytes.fromhex(span_id[:16]),
+                    process=process,
+                    session=(info[2], session_id or ""),
+                )
+            )
 
     def span(self, record: dict[str, Any]) -> Any:
         """The OTLP Span of one spool span record (its waiting marks attached)."""
@@ -323,6 +431,20 @@ class Encoder:
         if new_trace:
             extra.append((_native.KEY_SESSION_ID, parent))
         st = self._open.pop(record["id"], None)
+        if st is not None and st.points:
+            # the span's name and ids are known now: its points are complete (the exemplar
+            # carries the ids this span is exported with)
+            self._settle(
+                st.points,
+                scope=record["name"],
+                span_id=record["id"],
+                trace_id=trace_id,
+                pid=record["pid"],
+                rank=record["rank"],
+                session_id=record["id"]
+                if record["name"] == SESSION
+                else self.session_spans.around(record["pid"], record["start_ns"]),
+            )
         if st is not None:
             extra += [(_native.KEY_SUMMARY_PREFIX + name, av) for name, av in st.summaries.items()]
         for key, value in extra:
@@ -421,10 +543,93 @@ class Encoder:
                 pieces = [(data, n)]
             for piece, piece_spans in pieces:
                 parts.append(Part(batch.file.name, len(parts), piece, piece_spans))
+        return parts + self._metric_parts(batch.file.name, scope)
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def _metric_parts(self, file: str, scope: Any) -> list[Part]:
+        """The points completed by this file, as metrics requests (after its traces: a point's
+        exemplar names a span sent in this file's traces, or earlier for the session)."""
+        if not self._ready:
+            return []
+        groups: dict[tuple[tuple[int, int, str | None], tuple[int, str]], list[Point]] = {}
+        for point in self._ready:
+            groups.setdefault((point.process, point.session), []).append(point)
+        self._ready = []
+        parts: list[Part] = []
+        for (process, session), points in groups.items():
+            points.sort(key=Point.order)
+            for data, n in self._metric_requests(points, self.resource(*process), scope, session):
+                parts.append(Part(file, len(parts), data, 0, signal="metrics", points=n))
         return parts
+
+    def _metric_requests(
+        self, points: list[Point], resource: Any, scope: Any, session: tuple[int, str]
+    ) -> list[tuple[bytes, int]]:
+        """`mpoints_encode`: one Metric per name (a non-monotonic cumulative Sum), requests cut
+        between points at max_request_bytes (a lone point larger than that is dropped, counted,
+        as the live sink's `_fit` does)."""
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+            ExportMetricsServiceRequest,
+        )
+        from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality, NumberDataPoint
+
+        prefix = self.metrics_prefix or ""
+        start_ns, session_id = session
+        out: list[tuple[bytes, int]] = []
+        request: Any = None
+        metric: Any = None
+        size = count = 0
+        base = resource.ByteSize() + scope.ByteSize() + 4 * _FRAME
+
+        def seal() -> None:
+            nonlocal request, metric, size, count
+            if request is not None and count:
+                data = request.SerializeToString()
+                if len(data) <= self.max_request_bytes:
+                    out.append((data, count))
+                else:
+                    self.counters.points_dropped += count
+            request, metric, size, count = None, None, 0, 0
+
+        for point in points:
+            dp = NumberDataPoint(start_time_unix_nano=start_ns, time_unix_nano=point.ts)
+            # attribute order as live: scope, rank, session
+            dp.attributes.add(key=_native.KEY_SCOPE).value.string_value = point.scope
+            dp.attributes.add(key=_native.KEY_RANK).value.int_value = point.rank
+            dp.attributes.add(key=_native.KEY_SESSION_ID).value.string_value = session_id
+            ex = dp.exemplars.add(time_unix_nano=point.ts, span_id=point.span_id, trace_id=point.trace_id)
+            if isinstance(point.value, int):
+                dp.as_int = ex.as_int = point.value
+            else:
+                dp.as_double = ex.as_double = point.value
+            name = prefix + point.name
+            opens = metric is None or metric.name != name
+            cost = dp.ByteSize() + _FRAME + (len(name.encode()) + 4 * _FRAME if opens else 0)
+            if count and size + cost + _MREQ_RESERVE > self.max_request_bytes:
+                seal()
+                opens = True
+            if request is None:
+                request = ExportMetricsServiceRequest()
+                rm = request.resource_metrics.add()
+                rm.resource.CopyFrom(resource)
+                rm.scope_metrics.add(scope=scope)
+                size = base
+                opens = True
+            if opens:
+                metric = request.resource_metrics[0].scope_metrics[0].metrics.add(name=name)
+                metric.sum.aggregation_temporality = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+                metric.sum.is_monotonic = False
+                cost = dp.ByteSize() + _FRAME + len(name.encode()) + 4 * _FRAME
+            metric.sum.data_points.append(dp)
+            size += cost
+            count += 1
+        seal()
+        return out
 
     def finish(self) -> None:
         self.counters.pending_marks = sum(st.total + len(st.summaries) for st in self._open.values())
+        self.counters.pending_points = sum(len(st.points) for st in self._open.values())
 
 
 def iter_parts(

@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 import click
@@ -52,6 +52,17 @@ class Outcome:
     unsent_marks: int = 0  # on spans the spool does not hold (a run still going, or killed)
     interrupted: bool = False
     errors: list[str] = field(default_factory=list)
+    # marks as metrics: their requests and data points, counted apart from the traces'
+    metric_requests_sent: int = 0
+    points_sent: int = 0
+    metric_requests_skipped: int = 0
+    points_skipped: int = 0
+    metric_requests_rejected: int = 0
+    points_rejected: int = 0
+    points_not_taken: int = 0  # the endpoint takes no metrics (Jaeger): not sent, not an error
+    metrics_unsupported: str | None = None  # its answer, when it said so
+    points_unsent: int = 0  # on spans the spool does not hold, or of a session it does not hold
+    points_dropped: int = 0  # over the per-span bound, or a point larger than a request
 
 
 class State:
@@ -164,6 +175,64 @@ def send_with_retries(
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
+def _metrics_not_taken(result: Any) -> bool:
+    """The endpoint takes traces only (Jaeger's own OTLP port, a collector without a metrics
+    pipeline): the answers the live metrics sink treats so (`OtlpMetricsSink._settle`)."""
+    from cirron_otel.exporters.otlp_transport import SendError
+
+    return (
+        isinstance(result, SendError)
+        and not result.retryable
+        and result.message.startswith(("gRPC UNIMPLEMENTED", "HTTP 404"))
+    )
+
+
+def _send_metrics(
+    part: Any,
+    transport: Any,
+    state: State | None,
+    retry_for: float,
+    received: list[int],
+    outcome: Outcome,
+) -> bool:
+    """One metrics request, answered for good (recorded) or not; False: stop the replay."""
+    from cirron_otel.exporters.otlp_transport import PartialSuccess, SendError
+
+    if outcome.metrics_unsupported is not None:
+        outcome.points_not_taken += part.points
+        return True
+    result = send_with_retries(transport, part.data, retry_for, received, outcome)
+    if isinstance(result, SendError) and result.retryable:
+        outcome.gave_up = f"{part.key}: {result.message}"
+        outcome.interrupted = bool(received)
+        return False
+    if _metrics_not_taken(result):
+        # as live: metrics off for the rest of the run, the traces go on; not recorded, so a
+        # later run to an endpoint that takes them still sends them
+        outcome.metrics_unsupported = result.message
+        outcome.points_not_taken += part.points
+        return True
+    entry: dict[str, Any] = {"key": part.key, "points": part.points}
+    if result is None:
+        outcome.metric_requests_sent += 1
+        outcome.points_sent += part.points
+    elif isinstance(result, PartialSuccess):
+        rejected = min(result.rejected_spans, part.points)  # rejected_data_points, for metrics
+        outcome.metric_requests_sent += 1
+        outcome.points_sent += part.points - rejected
+        outcome.points_rejected += rejected
+        outcome.errors.append(f"{part.key}: {rejected} points rejected: {result.message}")
+        entry["rejected_points"] = rejected
+    else:
+        outcome.metric_requests_rejected += 1
+        outcome.points_rejected += part.points
+        outcome.errors.append(f"{part.key}: rejected: {result.message} ({part.points} points dropped)")
+        entry["rejected"] = result.message
+    if state is not None:
+        state.record(entry)
+    return True
+
+
 def run_replay(
     path: str,
     *,
@@ -174,7 +243,10 @@ def run_replay(
     progress: bool,
     dry_run: bool = False,
     echo: Any = click.echo,
+    metrics_transport: Any = None,
 ) -> Outcome:
+    """Send every request of the spool not yet in `state`; metrics requests (made when
+    `encoder_args` has a `metrics_prefix`) go to `metrics_transport`, after their file's traces."""
     from cirron_otel.exporters.otlp_transport import PartialSuccess, SendError
 
     from .otlp_map import iter_parts
@@ -200,18 +272,32 @@ def run_replay(
                 if current_file is not None:
                     bar.update(1, current_file)
                 current_file = part.file
+            metrics = part.signal == "metrics"
             if dry_run:
+                if metrics:
+                    echo(f"{part.key}: {part.points} points, {len(part.data)} bytes")
+                    outcome.metric_requests_sent += 1
+                    outcome.points_sent += part.points
+                    continue
                 echo(f"{part.key}: {part.spans} spans, {len(part.data)} bytes")
                 outcome.requests_sent += 1
                 outcome.spans_sent += part.spans
                 continue
             if state is not None and part.key in state.done:
+                if metrics:
+                    outcome.metric_requests_skipped += 1
+                    outcome.points_skipped += part.points
+                    continue
                 outcome.requests_skipped += 1
                 outcome.spans_skipped += part.spans
                 continue
             if received:
                 outcome.interrupted = True
                 break
+            if metrics:
+                if not _send_metrics(part, metrics_transport, state, retry_for, received, outcome):
+                    break
+                continue
             result = send_with_retries(transport, part.data, retry_for, received, outcome)
             if isinstance(result, SendError) and result.retryable:
                 outcome.gave_up = f"{part.key}: {result.message}"
@@ -240,6 +326,8 @@ def run_replay(
                 bar.update(1, current_file)
             if encoder is not None:
                 outcome.unsent_marks = encoder.counters.pending_marks
+                outcome.points_unsent = encoder.counters.pending_points + encoder.counters.points_no_session
+                outcome.points_dropped = encoder.counters.points_dropped
     return outcome
 
 
@@ -254,15 +342,28 @@ def _rate(outcome: Outcome, started: float) -> str:
     "--endpoint",
     default=None,
     help="The collector (gRPC: http://host:4317; HTTP: the URL, or the base with /v1/traces "
-    "added). Default: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else localhost.",
+    "added). Default: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else localhost. The metrics go to "
+    "the same collector (HTTP: /v1/metrics), else OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT.",
 )
 @click.option(
     "--protocol",
     type=click.Choice(["grpc", "http/protobuf"]),
     default=None,
-    help="Default: OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL, else grpc.",
+    help="Default: OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]PROTOCOL, else grpc.",
 )
 @click.option("--service-name", default=None, help="service.name (default: OTEL_SERVICE_NAME, else cirron).")
+@click.option(
+    "--metrics/--no-metrics",
+    default=None,
+    help="Also send every numeric mark as an OTLP metric data point, as live export does "
+    "(default: on, unless OTEL_METRICS_EXPORTER=none or only OTEL_EXPORTER_OTLP_TRACES_ENDPOINT "
+    "names an endpoint).",
+)
+@click.option(
+    "--metrics-prefix",
+    default=None,
+    help="Prefix of the metric names (default: CIRRON_METRICS_PREFIX, else cirron.mark.).",
+)
 @click.option(
     "--state",
     "state_path",
@@ -279,6 +380,7 @@ def _rate(outcome: Outcome, started: float) -> str:
     help="Give up (resumable, exit 1) after this many seconds of retryable failures in a row.",
 )
 @click.option("--dry-run", is_flag=True, help="Print the requests that would be sent; send nothing.")
+@click.option("--json", "as_json", is_flag=True, help="The summary as one JSON object on stdout.")
 @click.option(
     "--progress/--no-progress", default=None, help="A progress bar on stderr (default: on a terminal)."
 )
@@ -287,27 +389,40 @@ def replay(
     endpoint: str | None,
     protocol: str | None,
     service_name: str | None,
+    metrics: bool | None,
+    metrics_prefix: str | None,
     state_path: str | None,
     restart: bool,
     retry_for: float,
     dry_run: bool,
+    as_json: bool,
     progress: bool | None,
 ) -> None:
     """Send a spool to an OTLP endpoint with the live export's mapping, transport, configuration
     (OTEL_EXPORTER_OTLP_* headers, timeout, compression, TLS) and retry rules, so a run recorded
-    offline appears in Jaeger / Tempo as if it had been exported live.
+    offline appears in Jaeger / Tempo as if it had been exported live. Its numeric marks go as
+    OTLP metric data points too (README, "Marks as metrics"), so its curves appear in
+    Prometheus / Grafana; an endpoint that takes no metrics (Jaeger) gets the traces alone.
 
     Resumable: accepted requests are recorded in a state file; running the same command again
     sends only what is left (nothing twice). Ctrl-C stops after the request in flight.
     Exits 0 when everything was accepted, 1 when something was rejected or the collector
     stayed unreachable (run again to resume).
     """
-    from cirron_otel._config import VALID_PROTOCOLS, otlp_protocol_from, otlp_transport_config
+    from cirron_otel._config import (
+        DEFAULT_METRICS_PREFIX,
+        ENV_METRICS_PREFIX,
+        VALID_PROTOCOLS,
+        metrics_default,
+        otlp_protocol_from,
+        otlp_transport_config,
+    )
 
     try:
         reader.list_files(path)
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from exc
+    chosen_protocol = protocol
     protocol = otlp_protocol_from(protocol)  # the option, else the variables, as profile() reads them
     if protocol not in VALID_PROTOCOLS:
         raise click.UsageError(f"OTLP protocol must be one of {VALID_PROTOCOLS}, got {protocol!r}")
@@ -315,7 +430,25 @@ def replay(
         config = otlp_transport_config(protocol, endpoint)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    encoder_args = {"service_name": service_name}
+    encoder_args: dict[str, Any] = {"service_name": service_name}
+    metrics_config = None
+    if metrics if metrics is not None else metrics_default(os.environ, endpoint):
+        # the metrics endpoint as profile() resolves it: OTEL_EXPORTER_OTLP_METRICS_* over the
+        # generic variables, --endpoint's /v1/traces as /v1/metrics
+        metrics_protocol = otlp_protocol_from(chosen_protocol, signal="metrics")
+        if metrics_protocol not in VALID_PROTOCOLS:
+            raise click.UsageError(
+                f"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL must be one of {VALID_PROTOCOLS}, "
+                f"got {metrics_protocol!r}"
+            )
+        try:
+            metrics_config = otlp_transport_config(metrics_protocol, endpoint, signal="metrics")
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
+        encoder_args["metrics_prefix"] = (
+            metrics_prefix or os.environ.get(ENV_METRICS_PREFIX) or DEFAULT_METRICS_PREFIX
+        )
+    metrics_target = f"{metrics_config.protocol} {metrics_config.endpoint}" if metrics_config else None
     if dry_run:
         try:
             outcome = run_replay(
@@ -326,13 +459,25 @@ def replay(
                 retry_for=0,
                 progress=False,
                 dry_run=True,
+                echo=(lambda _: None) if as_json else click.echo,
             )
         except reader.MALFORMED as exc:
             raise reader.malformed(path, exc) from exc
-        click.echo(
+        if as_json:
+            click.echo(
+                json.dumps(_summary(outcome, f"{config.protocol} {config.endpoint}", metrics_target, None))
+            )
+            return
+        line = (
             f"dry run: {outcome.requests_sent} requests, {outcome.spans_sent} spans would go to "
             f"{config.endpoint} ({config.protocol})"
         )
+        if metrics_config is not None:
+            line += (
+                f"; {outcome.metric_requests_sent} metrics requests, {outcome.points_sent} points to "
+                f"{metrics_config.endpoint} ({metrics_config.protocol})"
+            )
+        click.echo(line)
         return
     from cirron_otel.exporters.otlp_transport import make_transport
 
@@ -342,6 +487,7 @@ def replay(
         os.unlink(state_file)
     state = State(state_file, {"spool": os.path.abspath(path), "endpoint": target})
     transport = make_transport(config)
+    metrics_transport = make_transport(metrics_config) if metrics_config is not None else None
     show = sys.stderr.isatty() if progress is None else progress
     try:
         outcome = run_replay(
@@ -351,12 +497,15 @@ def replay(
             encoder_args=encoder_args,
             retry_for=retry_for,
             progress=show,
+            metrics_transport=metrics_transport,
         )
     except reader.MALFORMED as exc:  # what was accepted so far is recorded: fix the spool, run again
         raise reader.malformed(path, exc) from exc
     finally:
         state.close()
         transport.shutdown()
+        if metrics_transport is not None:
+            metrics_transport.shutdown()
     for error in outcome.errors:
         click.echo(error, err=True)
     if outcome.unsent_marks:
@@ -365,12 +514,30 @@ def replay(
             f"still running, or killed): not sent, as live export would not have",
             err=True,
         )
-    click.echo(
-        f"sent {outcome.spans_sent} spans in {outcome.requests_sent} requests to {target}; "
-        f"{outcome.spans_skipped} spans already sent ({outcome.requests_skipped} requests, "
-        f"{state_file}); "
-        f"{outcome.spans_rejected} rejected; {outcome.failed_attempts} failed attempts"
-    )
+    if outcome.metrics_unsupported is not None:
+        click.echo(
+            f"{metrics_target} does not take OTLP metrics ({outcome.metrics_unsupported}): "
+            f"{outcome.points_not_taken} points not sent as metrics, the traces went on "
+            "(--no-metrics or OTEL_METRICS_EXPORTER=none leaves them out)",
+            err=True,
+        )
+    if as_json:
+        click.echo(json.dumps(_summary(outcome, target, metrics_target, state_file)))
+    else:
+        click.echo(
+            f"sent {outcome.spans_sent} spans in {outcome.requests_sent} requests to {target}; "
+            f"{outcome.spans_skipped} spans already sent ({outcome.requests_skipped} requests, "
+            f"{state_file}); "
+            f"{outcome.spans_rejected} rejected; {outcome.failed_attempts} failed attempts"
+        )
+        if metrics_target is not None:
+            click.echo(
+                f"sent {outcome.points_sent} metric points in {outcome.metric_requests_sent} requests "
+                f"to {metrics_target}; {outcome.points_skipped} points already sent "
+                f"({outcome.metric_requests_skipped} requests); {outcome.points_rejected} rejected; "
+                f"{outcome.points_not_taken} not taken; {outcome.points_unsent} not sendable "
+                f"(span or session not in the spool)"
+            )
     if outcome.interrupted:
         click.echo("interrupted: run the same command again to resume", err=True)
         sys.exit(130)
@@ -379,5 +546,12 @@ def replay(
             f"gave up after {retry_for:g} s of failures: {outcome.gave_up}; run again to resume", err=True
         )
         sys.exit(1)
-    if outcome.spans_rejected:
+    if outcome.spans_rejected or outcome.points_rejected:
         sys.exit(1)
+
+
+def _summary(
+    outcome: Outcome, target: str, metrics_target: str | None, state_file: str | None
+) -> dict[str, Any]:
+    """The `--json` summary: every counter of the run, with where it went."""
+    return {"endpoint": target, "metrics_endpoint": metrics_target, "state": state_file, **asdict(outcome)}
