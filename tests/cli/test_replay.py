@@ -634,3 +634,30 @@ def test_an_endpoint_without_metrics_gets_the_traces_alone(
     lines = [line for line in result.stderr.splitlines() if "does not take OTLP metrics" in line]
     assert len(lines) == 1, result.stderr
     assert f"{_numeric_points(train_spool)} points not sent" in lines[0]
+
+
+def test_metrics_requests_respect_the_request_size_limit(train_spool: Path) -> None:
+    """As live (`mpoints_encode`): cut between points, one Metric per name in each request."""
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    from cirron_otel.cli.otlp_map import iter_parts
+
+    def metric_parts(max_bytes: int | None) -> list[Any]:
+        args = {"metrics_prefix": MARK_PREFIX, "max_request_bytes": max_bytes}
+        return [p for _, p in iter_parts(train_spool, args) if p.signal == "metrics"]
+
+    whole, small = metric_parts(None), metric_parts(1500)
+    assert len(small) > len(whole) and all(len(p.data) <= 1500 for p in small)
+    assert sum(p.points for p in small) == sum(p.points for p in whole) == _numeric_points(train_spool)
+
+    def points(parts: list[Any]) -> list[Any]:
+        out = []
+        for p in parts:
+            request = ExportMetricsServiceRequest.FromString(p.data)
+            (metrics,) = [sm.metrics for rm in request.resource_metrics for sm in rm.scope_metrics]
+            assert len({m.name for m in metrics}) == len(metrics)
+            assert sum(len(m.sum.data_points) for m in metrics) == p.points
+            out += [(m.name, dp.SerializeToString()) for m in metrics for dp in m.sum.data_points]
+        return out
+
+    assert points(small) == points(whole)  # the same points, in the same order

@@ -11,9 +11,16 @@
   request (counted, recorded); a partial success counts the rejected spans, never retried.
   Unlike a profiled program, which keeps retrying in the background, replay gives up after
   `--retry-for` seconds of failures in a row (exit 1; run it again to resume).
-- Resumable: each request is a (spool file, index) pair; once the collector has answered it
-  for good its key is appended to the state file (fsynced), and a later run skips it. The
-  encoding is deterministic, so a resumed run re-encodes the spool and sends only the rest.
+- Marks as metrics (on unless --no-metrics / OTEL_METRICS_EXPORTER=none, as live): the
+  numeric marks' data points (`otlp_map`, the live mapping of `metric_points.h`; never the
+  health metrics) go in requests of their own, after their file's traces, to the metrics
+  endpoint `otlp_transport_config(..., signal="metrics")` resolves as for `profile()`. An
+  endpoint that answers UNIMPLEMENTED / 404 for them (Jaeger) turns them off for the rest of
+  the run, as the live `OtlpMetricsSink` does: one line on stderr, the traces go on, exit 0.
+- Resumable: each request is a (spool file, index) pair (`metrics:` before a metrics one's);
+  once the collector has answered it for good its key is appended to the state file
+  (fsynced), and a later run skips it. The encoding is deterministic, so a resumed run
+  re-encodes the spool and sends only the rest.
   SIGINT / SIGTERM stop after the request on the wire has been answered and recorded, so an
   interrupted replay sends nothing twice; only a SIGKILL landing between the collector's
   answer and the state write re-sends that one request (at least once, as live export).
