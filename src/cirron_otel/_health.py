@@ -54,7 +54,7 @@ class Health(TypedDict):
     flush_mode: str  # "normal" while the drainer runs, else "stopped" (the SDK's values)
     flush_restart_count: int
     transport: str | None  # the Cirron platform transport: "FileOnlyTransport" (never the platform)
-    installed_hooks: list[str]  # framework hooks (none yet: see README, compatibility)
+    installed_hooks: list[str]  # framework hooks installed ("torch"; see README, compatibility)
     platform_context: dict[str, str]  # the CIRRON_RUN_ID / _PIPELINE_ID / ... values set
     # cirron-otel's own
     native: bool
@@ -101,7 +101,7 @@ def build(prof: Profiler | None, hooks: list[str]) -> Health:
         flush_mode="normal" if drainer_state == "background" else "stopped",
         flush_restart_count=prof.restarts if prof is not None else 0,
         transport="FileOnlyTransport" if enabled else None,
-        installed_hooks=[],
+        installed_hooks=[h.name for h in prof.framework_hooks] if enabled and prof is not None else [],
         platform_context=_safe(_sdk_platform_context, {}) if enabled else {},
         native=True,
         span_drop_count=native.get("spans_dropped", 0),

@@ -61,6 +61,7 @@ class Profiler:
         self.drainer: Drainer | None = None
         self.trace_store: TraceStore | None = None
         self.session: _native.Scope | None = None
+        self.framework_hooks: list[Any] = []  # installed framework hooks (_hooks_torch)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -227,6 +228,9 @@ class Profiler:
             if self.drainer is None:  # enabled=False
                 _native.configure(recording=True)
                 return
+            # first, while recording is on: the hooks' open step and epoch spans are written,
+            # and the training code finds torch's own functions again
+            _uninstall_framework_hooks(self)
             _native.configure(full_wait=0.0)
             if exiting:
                 _native.configure(recording=False)
@@ -293,11 +297,11 @@ class Profiler:
 
     @property
     def installed_hooks(self) -> list[str]:
-        return []  # framework hooks: not yet (README, compatibility)
+        return [h.name for h in self.framework_hooks]
 
     @property
     def hook_handles(self) -> list[Any]:
-        return []
+        return list(self.framework_hooks)
 
     @property
     def platform_context(self) -> dict[str, str]:
@@ -371,6 +375,45 @@ def _safe(fn: Callable[[], Any], default: Any) -> Any:
 
 
 # -- hooks ------------------------------------------------------------------------------
+
+
+def _install_framework_hooks(prof: Profiler) -> None:
+    """cirron-sdk's framework hooks: PyTorch's (the only ones so far: README, compatibility).
+    Installed when the resolved `profile(frameworks=...)` names torch or, with none given, when
+    the program has already imported torch: never imported here just to find out."""
+    from . import compat
+
+    frameworks = compat.profiling_config()["frameworks"]
+    if frameworks is None and "torch" not in sys.modules:
+        return
+    for name in dict.fromkeys(frameworks or ()):
+        if name != "torch":
+            known = name in ("tensorflow", "transformers")
+            warn_once(
+                f"framework:{name}",
+                f"cirron_otel: no framework hooks for {name!r}: "
+                + ("not provided yet (PyTorch's are)" if known else "unknown framework (known: torch)"),
+            )
+    try:
+        from ._hooks_torch import install
+
+        hooks = install(frameworks)
+    except Exception as exc:  # never stops profile()
+        compat.swallowed("torch.install", exc)
+        return
+    if hooks is not None:
+        prof.framework_hooks.append(hooks)
+
+
+def _uninstall_framework_hooks(prof: Profiler) -> None:
+    hooks, prof.framework_hooks = prof.framework_hooks, []
+    for h in reversed(hooks):
+        try:
+            h.uninstall()
+        except Exception as exc:
+            from .compat import swallowed
+
+            swallowed(f"{h.name}.uninstall", exc)
 
 
 def _install_hooks(settings: Settings) -> None:
@@ -735,6 +778,7 @@ def _profile(
         _active = _last = prof
         if settings.enabled:
             _install_hooks(settings)
+            _install_framework_hooks(prof)
             _export_to_children(prof)
             if any(getattr(x, "name", "") == "tracer_provider" for x in prof.sinks):
                 _flush_before_the_provider_exits()

@@ -1,0 +1,399 @@
+"""PyTorch framework hooks: cirron-sdk 0.3.0's (its `hooks/_torch_impl.py`) on our native scopes.
+
+A training loop with no `ci.scope` calls still shows its structure. The spans, as the SDK
+writes them (names, nesting, `index` and attributes):
+
+    cirron.session
+      epoch (index=0, 1, ...)          opened by DataLoader.__iter__, closed by the next one
+        step (index=0, 1, ...)         opened by the first DataLoader.__next__ of a step,
+                                       closed after optimizer.step(); numbered across epochs
+          data_load (data_load_ns=...) one per batch fetched, opened after the fetch (the
+                                       fetch's duration is the attribute, as in the SDK)
+          forward (mode=train|eval)    the outermost nn.Module call only (forward depth 1)
+          backward                     Tensor.backward / torch.autograd.backward
+          optimizer_step               every torch.optim.Optimizer.step()
+
+A loop that never iterates a DataLoader gets its epochs from the SDK's fallback: one every
+`epoch_steps` optimizer steps (1000, or `profile(config={"torch": {"epoch_steps": N}})`).
+
+Every span goes through the native ring as a user scope does (`_native.scope`, entered and
+exited by hand). Every hook body is guarded: a failure is counted in
+`health()["swallowed_errors"]` (keys `torch.*`), warned about once, and never reaches the
+training loop. `uninstall()` restores every patched function and removes every torch hook.
+
+Left out on purpose, relative to the SDK:
+- CUDA event timing (`gpu_ns`): no CUDA timing path exists here (the SDK's pool of
+  `torch.cuda.Event` pairs and its deferred emission); spans carry no `gpu_ns`.
+- weight / gradient snapshots at epoch boundaries (`ci.watch`, snapshots=...).
+- the ownership hand-over with the transformers / Keras hooks (not provided yet).
+One deliberate difference: the forward post-hook is registered with `always_call=True` (when
+the installed torch has it), so a forward that raises closes its span and the depth count
+stays right; the SDK's stays off by one and records no forward span for the rest of the run.
+
+Imported only when the hooks are installed: it imports torch, which the caller has already
+imported (or explicitly asked for with `profile(frameworks=["torch"])`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import _native
+from ._warn import warn_once
+from .compat import swallowed
+
+NAME = "torch"
+DEFAULT_EPOCH_STEPS = 1000
+
+_scope = _native.scope
+_current = _native.current_scope
+_scope_var = _native.scope_var
+_perf_ns = time.perf_counter_ns
+
+
+def _failed(where: str, exc: BaseException) -> None:
+    """Count a hook failure (never raised: telemetry never breaks the training loop)."""
+    try:
+        swallowed(f"torch.{where}", exc)
+        warn_once(
+            f"torch-hook:{where}",
+            f"cirron_otel: the PyTorch {where} hook failed ({type(exc).__name__}: {exc}); "
+            "counted in health()['swallowed_errors'], the program goes on",
+        )
+    except Exception:  # pragma: no cover - counting must not fail either
+        pass
+
+
+def _open(name: str, index: int | None = None, **attrs: Any) -> Any:
+    """A native scope opened under the current one (as `with ci.scope(...)` would), or None."""
+    try:
+        scope = _scope(name, index, **attrs)
+        scope.__enter__()
+        return scope
+    except Exception as exc:
+        _failed(f"open.{name}", exc)
+        return None
+
+
+def _close(scope: Any) -> None:
+    """Close `scope`. When it is not the innermost one (a scope opened after it is still open),
+    the current scope is left as it was: the SDK's close_and_remove, which pops nobody else."""
+    if scope is None:
+        return
+    try:
+        innermost = _current() is scope
+    except Exception as exc:
+        _failed("close", exc)
+        innermost = True  # closed all the same: an open span must not leak
+    try:
+        if innermost:
+            scope.__exit__(None, None, None)
+        else:
+            current = _scope_var.get(None)
+            scope.__exit__(None, None, None)
+            _scope_var.set(current)
+    except Exception as exc:
+        _failed("close", exc)
+
+
+class _ForwardDepth(threading.local):
+    """Per-thread nn.Module call depth; only depth 1 opens a `forward` span."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.scope: Any = None
+
+
+class _LoaderIter:
+    """The iterator `DataLoader.__iter__` returns while the hooks are installed: each item
+    fetched opens the implicit `step` span (if none is open) and records a `data_load` span."""
+
+    __slots__ = ("_hooks", "_it")
+
+    def __init__(self, hooks: TorchHooks, it: Iterator[Any]) -> None:
+        self._hooks = hooks
+        self._it = it
+
+    def __iter__(self) -> _LoaderIter:
+        return self
+
+    def __next__(self) -> Any:
+        t0 = _perf_ns()
+        item = next(self._it)  # StopIteration (and the loader's own errors) pass through
+        dt = _perf_ns() - t0
+        try:
+            self._hooks._data_loaded(dt)
+        except Exception as exc:
+            _failed("data_load", exc)
+        return item
+
+    def __len__(self) -> int:
+        return len(self._it)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._it, name)
+
+
+class TorchHooks:
+    """The installed PyTorch hooks (cirron-sdk's TorchHookHandle); `uninstall()` reverses them."""
+
+    name = NAME
+
+    def __init__(self, epoch_steps: int = DEFAULT_EPOCH_STEPS) -> None:
+        self.installed = False
+        self.epoch_steps = epoch_steps
+        self._undos: list[tuple[str, Callable[[], None]]] = []
+        self._handles: list[Any] = []
+        self._fwd = _ForwardDepth()
+        self._opt = threading.local()  # .scopes: optimizer_step spans between pre and post hook
+        self.epoch: Any = None  # the open epoch span
+        self.epoch_index = 0  # the next epoch's index
+        self.epoch_step_count = 0  # optimizer steps since the last rotation (the fallback)
+        self.dl_driven = False  # a DataLoader has rotated epochs: the step fallback is off
+        self.step: Any = None  # the open implicit step span
+        self.step_index = 0
+
+    # -- install / uninstall ------------------------------------------------------------------
+
+    def install(self) -> None:
+        import torch
+        from torch.nn.modules import module as nn_module
+        from torch.optim import optimizer as optim_module
+        from torch.utils.data import DataLoader
+
+        self._install_forward(nn_module)
+        self._install_backward(torch)
+        self._install_optimizer(optim_module)
+        self._install_dataloader(DataLoader)
+        self.installed = True
+
+    def uninstall(self) -> None:
+        """Close the open step and epoch spans, remove the torch hooks, restore every patched
+        function (last patched first). Never raises."""
+        if not self.installed:
+            return
+        self.installed = False
+        try:
+            self._close_open_epoch()
+        except Exception as exc:
+            _failed("uninstall.close_epoch", exc)
+        for handle in self._handles:
+            try:
+                handle.remove()
+            except Exception as exc:
+                _failed("uninstall.remove_hook", exc)
+        self._handles = []
+        for label, undo in reversed(self._undos):
+            try:
+                undo()
+            except Exception as exc:
+                _failed(f"uninstall.{label}", exc)
+        self._undos = []
+
+    def _patch(self, owner: Any, attr: str, replacement: Any, label: str) -> None:
+        """Set `owner.attr`; uninstall puts back exactly what was there (an attribute the class
+        only inherited is deleted again, not copied onto it)."""
+        if isinstance(owner, type) and attr not in owner.__dict__:
+            setattr(owner, attr, replacement)
+            self._undos.append((label, lambda: delattr(owner, attr)))
+            return
+        original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        setattr(owner, attr, replacement)
+        self._undos.append((label, lambda: setattr(owner, attr, original)))
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def _install_forward(self, nn_module: Any) -> None:
+        fwd = self._fwd
+
+        def forward_pre(module: Any, _inputs: Any) -> None:
+            try:
+                fwd.n += 1
+                if fwd.n != 1:
+                    return
+                try:
+                    mode = "train" if bool(module.training) else "eval"
+                except Exception as exc:
+                    _failed("forward_mode", exc)
+                    mode = "train"
+                fwd.scope = _open("forward", mode=mode)
+            except Exception as exc:
+                _failed("forward_pre", exc)
+
+        def forward_post(_module: Any, _inputs: Any, _output: Any) -> None:
+            try:
+                if fwd.n == 1:
+                    scope, fwd.scope = fwd.scope, None
+                    _close(scope)
+            except Exception as exc:
+                _failed("forward_post", exc)
+            finally:
+                if fwd.n > 0:
+                    fwd.n -= 1
+
+        self._handles.append(nn_module.register_module_forward_pre_hook(forward_pre))
+        try:
+            post = nn_module.register_module_forward_hook(forward_post, always_call=True)
+        except TypeError:  # a torch without always_call: the SDK's registration
+            post = nn_module.register_module_forward_hook(forward_post)
+        self._handles.append(post)
+
+    # -- backward -----------------------------------------------------------------------------
+
+    def _install_backward(self, torch: Any) -> None:
+        tensor_backward = torch.Tensor.backward
+        autograd_backward = torch.autograd.backward
+
+        def backward(self: Any, *args: Any, **kwargs: Any) -> Any:
+            scope = _open("backward")
+            try:
+                return tensor_backward(self, *args, **kwargs)
+            finally:
+                _close(scope)
+
+        def autograd_backward_hook(*args: Any, **kwargs: Any) -> Any:
+            # Tensor.backward calls torch.autograd.backward: one span, not two
+            try:
+                current = _current()
+                nested = current is not None and current.name == "backward"
+            except Exception as exc:
+                _failed("backward", exc)
+                nested = True
+            scope = None if nested else _open("backward")
+            try:
+                return autograd_backward(*args, **kwargs)
+            finally:
+                _close(scope)
+
+        backward.__doc__ = tensor_backward.__doc__
+        autograd_backward_hook.__doc__ = autograd_backward.__doc__
+        self._patch(torch.Tensor, "backward", backward, "Tensor.backward")
+        self._patch(torch.autograd, "backward", autograd_backward_hook, "autograd.backward")
+
+    # -- optimizer step -----------------------------------------------------------------------
+
+    def _install_optimizer(self, optim_module: Any) -> None:
+        opt = self._opt
+
+        def step_pre(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
+            try:
+                scope = _open("optimizer_step")
+                scopes = getattr(opt, "scopes", None)
+                if scopes is None:
+                    scopes = opt.scopes = []
+                scopes.append(scope)
+            except Exception as exc:
+                _failed("optimizer_pre", exc)
+
+        def step_post(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
+            try:
+                scopes = getattr(opt, "scopes", None)
+                _close(scopes.pop() if scopes else None)
+                self._optimizer_stepped()
+            except Exception as exc:
+                _failed("optimizer_post", exc)
+
+        self._handles.append(optim_module.register_optimizer_step_pre_hook(step_pre))
+        self._handles.append(optim_module.register_optimizer_step_post_hook(step_post))
+
+    def _optimizer_stepped(self) -> None:
+        # The implicit step span (opened by the loader) closes here; gradient accumulation
+        # (several forward/backward per optimizer step) stays inside one step.
+        step = self.step
+        if step is not None:
+            self.step = None
+            self.step_index += 1
+            _close(step)
+        # Epochs for loops that never iterate a DataLoader; off for good once one has.
+        if not self.dl_driven:
+            self.epoch_step_count += 1
+            if self.epoch_step_count >= self.epoch_steps:
+                self._rotate_epoch()
+
+    # -- DataLoader ---------------------------------------------------------------------------
+
+    def _install_dataloader(self, loader_class: Any) -> None:
+        loader_iter = loader_class.__iter__
+        hooks = self
+
+        def dataloader_iter(self: Any) -> Any:
+            try:
+                hooks.dl_driven = True
+                hooks._rotate_epoch()
+            except Exception as exc:
+                _failed("epoch_rotate", exc)
+            return _LoaderIter(hooks, loader_iter(self))
+
+        dataloader_iter.__doc__ = loader_iter.__doc__
+        self._patch(loader_class, "__iter__", dataloader_iter, "DataLoader.__iter__")
+
+    def _data_loaded(self, dt: int) -> None:
+        if self.step is None:
+            self.step = _open("step", self.step_index)
+        scope = _open("data_load", data_load_ns=dt)
+        _close(scope)
+
+    # -- epochs -------------------------------------------------------------------------------
+
+    def _close_step(self) -> None:
+        step = self.step
+        if step is not None:
+            self.step = None
+            self.step_index += 1
+            _close(step)
+
+    def _rotate_epoch(self) -> None:
+        # A step left open by an eval-only pass (no optimizer.step) closes first, so the new
+        # epoch does not nest inside it.
+        self._close_step()
+        previous = self.epoch
+        if previous is not None:
+            self.epoch = None
+            _close(previous)
+        self.epoch = _open("epoch", self.epoch_index)
+        self.epoch_index += 1
+        self.epoch_step_count = 0
+
+    def _close_open_epoch(self) -> None:
+        step, self.step = self.step, None
+        _close(step)
+        epoch, self.epoch = self.epoch, None
+        _close(epoch)
+
+
+def install(frameworks: list[str] | None) -> TorchHooks | None:
+    """Install the PyTorch hooks if they apply: `frameworks` (the resolved
+    `profile(frameworks=...)`) names torch, or it is None and the program has already imported
+    torch (never imported here just to find out). Never raises; None when not installed."""
+    import sys
+
+    if frameworks is None:
+        if "torch" not in sys.modules:
+            return None
+    elif NAME not in frameworks:
+        return None
+    hooks = None
+    try:
+        hooks = TorchHooks(_epoch_steps())
+        hooks.install()
+        return hooks
+    except Exception as exc:  # a broken torch never stops profile()
+        if hooks is not None:
+            hooks.installed = True
+            hooks.uninstall()  # whatever was patched before the failure
+        _failed("install", exc)
+        return None
+
+
+def _epoch_steps() -> int:
+    from .compat import profiling_config
+
+    try:
+        section = profiling_config().get("torch") or {}
+        value = section.get("epoch_steps") if isinstance(section, dict) else None
+        return DEFAULT_EPOCH_STEPS if value is None else int(value)
+    except Exception:
+        return DEFAULT_EPOCH_STEPS
