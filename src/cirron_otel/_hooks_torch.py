@@ -371,7 +371,7 @@ def install(frameworks: list[str] | None) -> TorchHooks | None:
     import sys
 
     if frameworks is None:
-        if "torch" not in sys.modules:
+        if sys.modules.get("torch") is None:  # not imported (None: its import blocked)
             return None
     elif NAME not in frameworks:
         return None

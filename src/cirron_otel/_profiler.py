@@ -384,7 +384,7 @@ def _install_framework_hooks(prof: Profiler) -> None:
     from . import compat
 
     frameworks = compat.profiling_config()["frameworks"]
-    if frameworks is None and "torch" not in sys.modules:
+    if frameworks is None and sys.modules.get("torch") is None:
         return
     for name in dict.fromkeys(frameworks or ()):
         if name != "torch":

@@ -28,6 +28,17 @@ TIMES = {"start_ns", "end_ns", "ts_ns", "created_ns", "wall_us", "thread_id", "p
 TIMED_MARKS = {"time_to_first_token_ms", "request_duration_ms", "tokens_per_second", "chunk_ms"}
 
 
+# These scripts use no framework. cirron-sdk imports torch at profile() whenever it is
+# installed (hooks, the session's device attributes); we only look at a torch the program has
+# imported (README, compatibility). So both run as without torch / tensorflow / transformers
+# installed: with torch in the environment the SDK's session would gain `mixed_precision` and
+# its health `installed_hooks: ["torch"]`. (The PyTorch hooks: tests/integration/test_torch_hooks.py.)
+NO_FRAMEWORKS = """import sys
+for _name in ("torch", "tensorflow", "transformers"):  # find_spec -> None, import -> ImportError
+    sys.modules[_name] = None
+"""
+
+
 def run(
     script: str, module: str, tmp: Path, env: dict[str, str] | None = None
 ) -> tuple[dict[str, Any], str, Path]:
@@ -36,7 +47,7 @@ def run(
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CIRRON_", "OTEL_"))}
     full_env.update(env or {})
     proc = subprocess.run(
-        [sys.executable, "-c", script, module],
+        [sys.executable, "-c", NO_FRAMEWORKS + script, module],
         cwd=cwd,
         env=full_env,
         capture_output=True,
