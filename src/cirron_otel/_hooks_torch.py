@@ -134,6 +134,8 @@ class _LoaderIter:
         return len(self._it)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:
+        if name in _LoaderIter.__slots__:  # not set yet (copy / pickle): no recursion
+            raise AttributeError(name)
         return getattr(self._it, name)
 
 
