@@ -35,16 +35,17 @@ import contextvars
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from importlib.machinery import ModuleSpec
-from types import ModuleType
 
 from . import _native
+from ._on_import import cancel, on_import
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up cost)
 if TYPE_CHECKING:
     from typing import Any, Protocol
 
     from opentelemetry.context.context import Context
+
+    from ._on_import import _InstallOnImport
 
     class _Runtime(Protocol):
         """What OpenTelemetry's API calls on a runtime context (its base class is private)."""
@@ -142,56 +143,13 @@ class CirronRuntimeContext:
 
 _lock = threading.Lock()
 _wanted = False  # a profiler asked for the context: the finder installs it when it fires
-_finder: _InstallOnImport | None = None
-
-
-class _InstallOnImport:
-    """One-shot `sys.meta_path` finder: installs the runtime right after `opentelemetry.context`
-    has executed. It finds the module's real spec through the other finders and stands in
-    as its loader only to run code after the real loader's `exec_module`."""
-
-    def __init__(self) -> None:
-        self._loader: Any = None
-
-    def find_spec(
-        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> ModuleSpec | None:
-        if fullname != _OTEL_CONTEXT:
-            return None
-        for finder in list(sys.meta_path):
-            find = getattr(finder, "find_spec", None)
-            if finder is self or find is None:
-                continue
-            spec = find(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        self._loader = spec.loader
-        spec.loader = self  # type: ignore[assignment]
-        return spec
-
-    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
-        result: ModuleType | None = self._loader.create_module(spec)
-        return result
-
-    def exec_module(self, module: ModuleType) -> None:
-        # the module sees its real loader, as if we had never been there
-        module.__loader__ = self._loader
-        if module.__spec__ is not None:
-            module.__spec__.loader = self._loader
-        self._loader.exec_module(module)
-        _on_otel_context_imported()
+_finder: _InstallOnImport | None = None  # on_import's, until it fires
 
 
 def _remove_finder() -> None:
     global _finder
-    if _finder is not None:
-        if _finder in sys.meta_path:
-            sys.meta_path.remove(_finder)
-        _finder = None
+    cancel(_finder)
+    _finder = None
 
 
 def _on_otel_context_imported() -> None:
@@ -245,8 +203,7 @@ def install() -> bool:
         if _finder is None:
             # No check that OpenTelemetry is installed (it is a dependency; looking for it costs
             # a sys.path scan at start-up): a hook for a module never imported never fires.
-            _finder = _InstallOnImport()
-            sys.meta_path.insert(0, _finder)
+            _finder = on_import(_OTEL_CONTEXT, _on_otel_context_imported)
         return True
 
 

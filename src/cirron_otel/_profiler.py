@@ -62,6 +62,7 @@ class Profiler:
         self.trace_store: TraceStore | None = None
         self.session: _native.Scope | None = None
         self.framework_hooks: list[Any] = []  # installed framework hooks (_hooks_torch)
+        self.torch_finder: Any = None  # _on_import's, while torch is not imported yet
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -380,11 +381,18 @@ def _safe(fn: Callable[[], Any], default: Any) -> Any:
 def _install_framework_hooks(prof: Profiler) -> None:
     """cirron-sdk's framework hooks: PyTorch's (the only ones so far: README, compatibility).
     Installed when the resolved `profile(frameworks=...)` names torch or, with none given, when
-    the program has already imported torch: never imported here just to find out."""
+    the program has imported torch: now if it has, else right after it does (`_on_import`);
+    torch is never imported here just to find out."""
     from . import compat
 
     frameworks = compat.profiling_config()["frameworks"]
     if frameworks is None and sys.modules.get("torch") is None:
+        if "torch" not in sys.modules:  # (present as None: its import is blocked)
+            # imported later: hooked right after torch's own import has run, as the SDK would
+            # have hooked it at profile() (it imports torch whenever installed)
+            from ._on_import import on_import
+
+            prof.torch_finder = on_import("torch", lambda: _on_torch_imported(prof))
         return
     for name in dict.fromkeys(frameworks or ()):
         if name != "torch":
@@ -405,7 +413,30 @@ def _install_framework_hooks(prof: Profiler) -> None:
         prof.framework_hooks.append(hooks)
 
 
+def _on_torch_imported(prof: Profiler) -> None:
+    """The program imported torch after profile(): install the PyTorch hooks now."""
+    prof.torch_finder = None
+    if not prof.running or any(h.name == "torch" for h in prof.framework_hooks):
+        return
+    try:
+        from ._hooks_torch import install
+
+        hooks = install(None)
+    except Exception as exc:  # never breaks the program's import of torch
+        from .compat import swallowed
+
+        swallowed("torch.install", exc)
+        return
+    if hooks is not None:
+        prof.framework_hooks.append(hooks)
+
+
 def _uninstall_framework_hooks(prof: Profiler) -> None:
+    if prof.torch_finder is not None:
+        from ._on_import import cancel
+
+        cancel(prof.torch_finder)
+        prof.torch_finder = None
     hooks, prof.framework_hooks = prof.framework_hooks, []
     for h in reversed(hooks):
         try:

@@ -191,6 +191,34 @@ def test_torch_not_imported_is_not_imported_unless_asked(tmp_path: Path) -> None
         assert json.loads(proc.stdout.split("@@")[-1]) == expected, kwargs
 
 
+# profile() first, torch imported afterwards (LOOP starts with `import torch`)
+LATE = (
+    "import sys, json\n"
+    "import cirron_otel as ci\n"
+    "p = ci.profile(output_dir='out', install_signal_handlers=False, **json.loads(sys.argv[1]))\n"
+    "before = (p.installed_hooks, 'torch' in sys.modules)\n" + LOOP + "\nafter = p.installed_hooks\n"
+    "train()\n"
+    "finders = [getattr(f, 'fullname', '') for f in sys.meta_path]  # what _on_import waits for\n"
+    "ci.shutdown()\n"
+    "print('@@' + json.dumps([before, after, finders]))\n"
+)
+
+
+def test_torch_imported_after_profile_is_hooked_as_it_is_imported(tmp_path: Path) -> None:
+    """The SDK imports torch at profile() whenever it is installed; we never do, so a program
+    that imports torch after profile() gets the hooks right after torch's import has run."""
+    for kwargs, hooked in (({}, True), ({"frameworks": []}, False)):
+        cwd = tmp_path / str(hooked)
+        cwd.mkdir()
+        proc = _run(LATE, cwd, json.dumps(kwargs))
+        before, after, finders = json.loads(proc.stdout.split("@@")[-1])
+        assert before == [[], False], kwargs  # nothing installed, torch not imported by us
+        assert after == (["torch"] if hooked else []), kwargs
+        assert "torch" not in finders, "the one-shot import hook must be gone"
+        records = spans(cwd / "out" / "spool")
+        assert tree(records) == (EXPECTED if hooked else []), kwargs
+
+
 SCRIPT = (
     "import sys\n"
     + LOOP
