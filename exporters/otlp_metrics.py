@@ -93,6 +93,19 @@ class OtlpMetricsSink(OtlpSink):
                 self.stats.error("health metrics failed", exc)
         return requests
 
+    def shutdown(self, timeout: float) -> None:
+        """One last health request first: the last export's was taken while the other sinks
+        were still writing that export (the spool counts a file once its commit is done). The
+        profiler shuts its sinks down in order, the spool and the OTLP traces' before this
+        one, so the run's final counts are the ones sent."""
+        if self.health is not None and not self.unsupported:
+            try:
+                self._enqueue([(self._health_request(self.resource, self._session_ids()), 0)])
+            except Exception as exc:
+                self.stats.add(health_errors=1)
+                self.stats.error("health metrics failed", exc)
+        super().shutdown(timeout)
+
     def _session_ids(self) -> tuple[int, int, int]:
         session = _native.session()
         if session is not None:

@@ -72,7 +72,7 @@ def test_opentelemetry_imported_later_joins_and_the_hook_leaves_no_trace(tmp_pat
         import json, sys
         import cirron_otel as ci
         ci.profile(output="spool", install_signal_handlers=False)
-        hooked = [type(f).__name__ for f in sys.meta_path]
+        hooked = [getattr(f, "fullname", "") for f in sys.meta_path]  # what _on_import waits for
         import opentelemetry.context as otel_context
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
@@ -85,7 +85,7 @@ def test_opentelemetry_imported_later_joins_and_the_hook_leaves_no_trace(tmp_pat
         oc = otel.get_span_context()
         print(json.dumps({
             "hooked": hooked,
-            "after": [type(f).__name__ for f in sys.meta_path],
+            "after": [getattr(f, "fullname", "") for f in sys.meta_path],
             "loader_is_real": type(otel_context.__loader__).__name__ == "SourceFileLoader"
                               and otel_context.__spec__.loader is otel_context.__loader__,
             "otel_under_scope": inner_parent == outer.span_id_int,
@@ -94,8 +94,8 @@ def test_opentelemetry_imported_later_joins_and_the_hook_leaves_no_trace(tmp_pat
         }))
     """
     result = _last_json(run_script(code, env={"CIRRON_OUTPUT_DIR": str(tmp_path / "out")}))
-    assert "_InstallOnImport" in result["hooked"]
-    assert "_InstallOnImport" not in result["after"]
+    assert "opentelemetry.context" in result["hooked"]
+    assert "opentelemetry.context" not in result["after"]
     assert result["loader_is_real"]
     assert result["otel_under_scope"] and result["current_is_inner"] and result["scope_under_otel"]
 
@@ -105,7 +105,7 @@ def test_otel_context_false_installs_nothing(tmp_path: Path) -> None:
         import json, sys
         import cirron_otel as ci
         ci.profile(output="spool", install_signal_handlers=False, otel_context=False)
-        hooked = [type(f).__name__ for f in sys.meta_path]
+        hooked = [getattr(f, "fullname", "") for f in sys.meta_path]  # what _on_import waits for
         import opentelemetry.context as otel_context
         from opentelemetry.sdk.trace import TracerProvider
         from cirron_otel import _otel_private
@@ -117,7 +117,7 @@ def test_otel_context_false_installs_nothing(tmp_path: Path) -> None:
                           "otel_trace": f"{otel.get_span_context().trace_id:032x}"}))
     """
     result = _last_json(run_script(code, env={"CIRRON_OUTPUT_DIR": str(tmp_path / "out")}))
-    assert "_InstallOnImport" not in result["hooked"]
+    assert "opentelemetry.context" not in result["hooked"]
     assert result["runtime"] == "ContextVarsRuntimeContext"
     assert result["scope_trace"] != result["otel_trace"]
 

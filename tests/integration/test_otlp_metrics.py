@@ -5,6 +5,7 @@ settings, and an endpoint that takes no metrics turns them off with one warning.
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -46,6 +47,40 @@ def test_points_arrive_with_their_scope_rank_and_session(out: Path, receiver: Re
     # the last health point (at shutdown's final export) counts every record of the run
     assert max(p[2] for p in recorded) == ci.health()["records_recorded"] > 0
     assert metrics_health()["exported"] == 4 and metrics_health()["dropped"] == 0
+
+
+def test_the_last_health_point_counts_what_the_spool_wrote_by_the_end(
+    out: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool counts a file once its commit (fsync, rename) is done, which runs beside the
+    next export; a slow disk makes the last export's health request too early for it. The
+    metrics sink's shutdown sends one more, after the spool's own shutdown."""
+    from cirron_otel.exporters.spool_dir import SpoolDirectory
+
+    real = SpoolDirectory.commit
+
+    def slow_spool_commit(self: SpoolDirectory, staged: object) -> None:
+        if self.suffix == ".json":
+            time.sleep(0.3)
+        real(self, staged)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SpoolDirectory, "commit", slow_spool_commit)
+    start(out, receiver)
+    for step in ci.batches(range(5)):
+        ci.mark("loss", float(step))
+    ci.shutdown()
+    written = ci.health()["sinks"]["spool"]["exported"]
+    assert written == 5 + 5 + 1  # 5 marks, 5 batch spans, the session
+
+    def last_spool_written() -> float:
+        points = [
+            p
+            for p in receiver.metric_points()
+            if p[0] == "cirron.health.records.written" and p[1].get("cirron.sink") == "spool"
+        ]
+        return max((p[2] for p in points), default=-1)
+
+    wait_until(lambda: last_spool_written() == written, what=f"a health point with {written} written")
 
 
 def test_an_export_of_more_points_than_one_request_holds_is_delivered_whole(
