@@ -304,11 +304,7 @@ class TorchHooks:
     def _optimizer_stepped(self) -> None:
         # The implicit step span (opened by the loader) closes here; gradient accumulation
         # (several forward/backward per optimizer step) stays inside one step.
-        step = self.step
-        if step is not None:
-            self.step = None
-            self.step_index += 1
-            _close(step)
+        self._close_step()
         # Epochs for loops that never iterate a DataLoader; off for good once one has.
         if not self.dl_driven:
             self.epoch_step_count += 1

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import pytest
 from cirron_otel.exporters.otlp import OtlpSink
 
-import cirron_otel as ci
 from cirron_otel import _native
 from cirron_otel._drainer import SinkWorker
 from cirron_otel.sink import Sink
+from tests.support.helpers import drained_batch
 
 # the drop is expected: it warns once (CirronWarning), and is asserted through the counters
 pytestmark = pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning")
@@ -34,29 +34,17 @@ class _Stuck(Sink):
         self.release.wait(30)
 
 
-def _batch(scopes: int) -> _native.Batch:
-    while _native.drain(1_000_000) is not None:  # whatever earlier tests left in the rings
-        pass
-    for i in range(scopes):  # before profile(): recorded into the ring, collected by hand
-        with ci.scope("s"):
-            ci.mark("m", i)
-            ci.mark("m2", i)
-    batch = _native.drain(1_000_000)
-    assert batch is not None and batch.span_count == scopes and batch.mark_count == 2 * scopes
-    return batch
-
-
 def _drops_when_full(unit_of: type[Sink]) -> int:
     sink = _Stuck(unit_of)
     worker = SinkWorker(sink, max_queued_records=100, retry_interval=0.05)
     worker.start()
     try:
-        first = _batch(10)  # 30 records: taken by the stuck export
+        first = drained_batch(10)  # 30 records: taken by the stuck export
         assert worker.submit([first], len(first)) > 0
         assert sink.entered.wait(10)
-        queued = _batch(20)  # 60 records: waits in the queue
+        queued = drained_batch(20)  # 60 records: waits in the queue
         assert worker.submit([queued], len(queued)) > 0
-        over = _batch(20)  # 60 more: over the 100-record bound, dropped
+        over = drained_batch(20)  # 60 more: over the 100-record bound, dropped
         assert worker.submit([over], len(over)) == -1
         return sink.stats.dropped
     finally:
@@ -93,12 +81,12 @@ def test_a_sink_whose_count_fails_costs_no_other_sink_a_record() -> None:
     drainer.workers[0].max_queued_records = 100  # the bad sink's queue fills; the good one's never does
     drainer.start()
     try:
-        first = _batch(10)
+        first = drained_batch(10)
         drainer._pending, drainer._pending_records = [first], len(first)
         drainer._export()
         assert bad.entered.wait(10)  # the bad sink is stuck: its queue fills from now on
         for _ in range(3):
-            batch = _batch(20)
+            batch = drained_batch(20)
             drainer._pending, drainer._pending_records = [batch], len(batch)
             drainer._export()  # over the bad sink's bound: its drop is counted, in records
         assert drainer.cycle_errors == 0

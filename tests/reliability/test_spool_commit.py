@@ -15,6 +15,7 @@ from cirron_otel.exporters.spool import SpoolSink
 
 import cirron_otel as ci
 from cirron_otel import _native
+from tests.support.helpers import drained_batch
 
 # a failing commit warns once (CirronWarning); asserted through the counters
 pytestmark = pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning")
@@ -24,19 +25,7 @@ SCOPES = 40  # 120 records: 4 files of 30
 
 def _batches() -> list[_native.Batch]:
     """Four batches of 30 records: with max_records_per_file=30, one file each."""
-    return [_batch(SCOPES // 4) for _ in range(4)]
-
-
-def _batch(scopes: int) -> _native.Batch:
-    while _native.drain(1_000_000) is not None:  # whatever earlier tests left in the rings
-        pass
-    for i in range(scopes):  # before profile(): recorded into the ring, collected by hand
-        with ci.scope("s"):
-            ci.mark("m", i)
-            ci.mark("m2", i)
-    batch = _native.drain(1_000_000)
-    assert batch is not None and len(batch) == 3 * scopes
-    return batch
+    return [drained_batch(SCOPES // 4) for _ in range(4)]
 
 
 def _fd_path(fd: int) -> str:

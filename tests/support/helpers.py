@@ -61,3 +61,20 @@ def run_script(
         env=full_env,
         cwd=cwd,
     )
+
+
+def drained_batch(scopes: int) -> Any:
+    """A `_native.Batch` of `scopes` scopes with two marks each (3 records a scope), recorded
+    and collected by hand, without a profiler: what a sink is handed."""
+    import cirron_otel as ci
+    from cirron_otel import _native
+
+    while _native.drain(1_000_000) is not None:  # whatever earlier tests left in the rings
+        pass
+    for i in range(scopes):
+        with ci.scope("s"):
+            ci.mark("m", i)
+            ci.mark("m2", i)
+    batch = _native.drain(1_000_000)
+    assert batch is not None and batch.span_count == scopes and batch.mark_count == 2 * scopes
+    return batch
