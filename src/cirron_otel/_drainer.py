@@ -165,7 +165,8 @@ class Drainer(BackgroundThread):
         self.exports = 0
         self._pending: list[_native.Batch] = []
         self._pending_records = 0
-        self._requests: list[threading.Event] = []
+        self._requests: list[threading.Event] = []  # flush(): claim, export, deliver
+        self._claims: list[threading.Event] = []  # claim(): claim only
         self._requests_lock = threading.Lock()
         self._stopping = False
         self._last_export = time.monotonic()
@@ -188,12 +189,28 @@ class Drainer(BackgroundThread):
     def flush(self, timeout: float) -> bool:
         """Deliver everything recorded before this call to every sink; False on timeout."""
         deadline = time.monotonic() + timeout
+        if not self._ask(self._requests, timeout, "flush"):
+            return False
+        return self._wait_workers(deadline)
+
+    def claim(self, timeout: float) -> bool:
+        """Claim everything recorded before this call from the rings (its marks get their
+        ids), without waiting for the sinks nor exporting early; False on timeout."""
+        return self._ask(self._claims, timeout, "claim")
+
+    def recent_batches(self) -> list[_native.Batch]:
+        """The batches claimed and not yet exported, then the trace store's; newest last."""
+        pending = list(self._pending)  # read first: an export moves them to the store
+        return self.trace_store.snapshot() + pending
+
+    def _ask(self, requests: list[threading.Event], timeout: float, what: str) -> bool:
+        """Queue a request for the next cycle and wait for it."""
         if self.on_own_thread():
             # the drainer may be inside its native claim step (holding its mutex) and a worker
             # would wait for itself: either deadlocks, so refuse at once
             warn_once(
-                "reentrant-flush",
-                "cirron_otel: flush() called from cirron_otel's own thread "
+                f"reentrant-{what}",
+                f"cirron_otel: {what}() called from cirron_otel's own thread "
                 "(e.g. inside an attribute's __str__); ignored",
             )
             return False
@@ -201,11 +218,9 @@ class Drainer(BackgroundThread):
             return False
         done = threading.Event()
         with self._requests_lock:
-            self._requests.append(done)
+            requests.append(done)
         _native.wake()
-        if not done.wait(timeout):
-            return False
-        return self._wait_workers(deadline)
+        return done.wait(timeout)
 
     def stop(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -238,16 +253,17 @@ class Drainer(BackgroundThread):
                     self.cycle_errors += 1
             with self._requests_lock:
                 requests, self._requests = self._requests, []
+                claims, self._claims = self._claims, []
             stopping = self._stopping
-            self._cycle(drain_all=bool(requests) or stopping)
-            for done in requests:
+            self._cycle(drain_all=bool(requests) or stopping, claim_all=bool(claims))
+            for done in requests + claims:
                 done.set()
             if stopping:
                 return
 
-    def _cycle(self, *, drain_all: bool) -> None:
+    def _cycle(self, *, drain_all: bool, claim_all: bool = False) -> None:
         try:
-            self._claim(drain_all)
+            self._claim(drain_all or claim_all)
             now = time.monotonic()
             # drain_all also hands every sink an empty delivery when nothing is new, so a
             # sink holding back records after a failure tries them again now.

@@ -370,6 +370,60 @@ cn_mod_drain(PyObject *m, PyObject *args)
     return (PyObject *)b;
 }
 
+/* ids as a list of 32-hex strings (mark ids are pairs in `ids`) */
+static PyObject *
+id_list(const uint64_t *ids, size_t n)
+{
+    PyObject *out = PyList_New((Py_ssize_t)n);
+    for (size_t k = 0; out != NULL && k < n; k++) {
+        PyObject *h = cn_hex128(ids[2 * k], ids[2 * k + 1]);
+        if (h == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, (Py_ssize_t)k, h);
+    }
+    return out;
+}
+
+/* open_span_mark_ids(scope) -> list[str] | None: the ids the drainer has given the marks of
+ * an open scope so far (None: none yet). Scope.marks reads it after a claim. The open-span
+ * table belongs to the drain mutex, taken without the GIL as drain() takes it (whose GIL pass
+ * holds the mutex while it waits for the GIL). */
+PyObject *
+cn_mod_open_span_mark_ids(PyObject *m, PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, &cn_Scope_Type)) {
+        PyErr_Format(PyExc_TypeError, "a Scope, not %.100s", Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    ScopeObject *sc = (ScopeObject *)arg;
+    if (tl_draining) /* reached from user code the drainer's GIL pass runs: the mutex is ours */
+        Py_RETURN_NONE;
+    uint64_t *copy = NULL;
+    size_t n = 0;
+    int found = 0, oom = 0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&cn_state.drain_mu);
+    open_span_t *e = (open_span_t *)spantab_find(&cn_state.open_spans, sc->span_hi, sc->span_lo);
+    if (e != NULL) {
+        found = 1;
+        n = e->n;
+        if (n > 0 && (copy = malloc(2 * n * sizeof *copy)) == NULL)
+            oom = 1;
+        else if (n > 0)
+            memcpy(copy, e->ids, 2 * n * sizeof *copy);
+    }
+    pthread_mutex_unlock(&cn_state.drain_mu);
+    Py_END_ALLOW_THREADS
+    if (oom)
+        return PyErr_NoMemory();
+    if (!found)
+        Py_RETURN_NONE;
+    PyObject *out = id_list(copy, n);
+    free(copy);
+    return out;
+}
+
 /* Free the rings of threads that have exited and whose records are all drained. GIL held. */
 PyObject *
 cn_mod_free_orphans(PyObject *m, PyObject *unused)
@@ -466,7 +520,27 @@ Batch_error_info(BatchObject *b, PyObject *args)
     return out;
 }
 
+/* Batch.span_mark_ids(scope) -> list[str] | None: the mark ids of the scope's span record
+ * if this batch holds it (the ids listed in the spool's mark_ids). */
+static PyObject *
+Batch_span_mark_ids(BatchObject *b, PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, &cn_Scope_Type)) {
+        PyErr_Format(PyExc_TypeError, "a Scope, not %.100s", Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    ScopeObject *sc = (ScopeObject *)arg;
+    for (size_t i = 0; i < b->nslots; i++) {
+        slot_t *s = &b->slots[i];
+        if (s->type == R_SPAN && s->span_hi == sc->span_hi && s->span_lo == sc->span_lo)
+            return id_list(b->mids + 2 * (size_t)b->aux[i].mids_off, b->aux[i].mids_cnt);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Batch_methods[] = {
+    {"span_mark_ids", (PyCFunction)Batch_span_mark_ids, METH_O,
+     "span_mark_ids(scope) -> the mark ids of the scope's span if this batch holds it, else None"},
     {"error_info", (PyCFunction)Batch_error_info, METH_NOARGS,
      "{span_id: (type_json, message_json, stacktrace_json)} for spans closed by an exception"},
     {NULL},

@@ -477,6 +477,8 @@ static PyMethodDef module_methods[] = {
     {"configure", (PyCFunction)(void (*)(void))mod_configure, METH_VARARGS | METH_KEYWORDS, NULL},
     {"drain", (PyCFunction)cn_mod_drain, METH_VARARGS, "drain(max_slots=100000) -> Batch | None"},
     {"free_orphans", (PyCFunction)cn_mod_free_orphans, METH_NOARGS, NULL},
+    {"open_span_mark_ids", (PyCFunction)cn_mod_open_span_mark_ids, METH_O,
+     "open_span_mark_ids(scope) -> ids given to the open scope's marks so far, or None"},
     {"encode_spool", (PyCFunction)(void (*)(void))cn_mod_encode_spool, METH_VARARGS | METH_KEYWORDS,
      NULL},
     {"write_spool", (PyCFunction)(void (*)(void))cn_mod_write_spool, METH_VARARGS | METH_KEYWORDS,

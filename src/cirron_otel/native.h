@@ -224,6 +224,7 @@ typedef struct ScopeObject {
     PyObject *attrs;
     PyObject *token;
     PyObject *exc;
+    PyObject *mark_ids; /* Scope.marks of a closed scope, once read (a list) */
     ScopeBoundObject bound_enter, bound_exit;
 } ScopeObject;
 
@@ -437,6 +438,7 @@ CN_INTERNAL void cn_otlp_attrs(buf_t *a, PyObject *dict, uint32_t limit, uint32_
 extern CN_INTERNAL PyTypeObject cn_Batch_Type;
 CN_INTERNAL PyObject *cn_mod_drain(PyObject *m, PyObject *args);
 CN_INTERNAL PyObject *cn_mod_free_orphans(PyObject *m, PyObject *unused);
+CN_INTERNAL PyObject *cn_mod_open_span_mark_ids(PyObject *m, PyObject *arg);
 
 /* spool.c: the spool v1 JSON encoder */
 CN_INTERNAL PyObject *cn_mod_encode_spool(PyObject *m, PyObject *args, PyObject *kw);

@@ -40,7 +40,7 @@ scope_alloc(void)
         s->bound_enter.vectorcall = scope_bound_enter;
         s->bound_exit.vectorcall = scope_bound_exit;
     }
-    s->name = s->attrs = s->token = s->exc = NULL;
+    s->name = s->attrs = s->token = s->exc = s->mark_ids = NULL;
     s->state = ST_NEW;
     s->has_index = 0;
     s->span_flags = 0;
@@ -75,6 +75,7 @@ Scope_dealloc(ScopeObject *self)
     Py_CLEAR(self->attrs);
     Py_CLEAR(self->token);
     Py_CLEAR(self->exc);
+    Py_CLEAR(self->mark_ids);
     if (cn_state.scope_free_n < SCOPE_FREELIST_MAX)
         cn_state.scope_freelist[cn_state.scope_free_n++] = self;
     else
@@ -700,6 +701,36 @@ Scope_get_ints(ScopeObject *self, void *which)
     }
 }
 
+/* marks: the ids of the marks recorded on this scope, as cirron-sdk's handle lists them.
+ * Marks go to the native ring and get their ids in the drainer, so reading this asks the
+ * drainer to claim what is recorded so far and looks the ids up (cirron_otel._scope_marks).
+ * An open scope answers with a new list each time (the SDK's grows in place); a closed one
+ * keeps its answer, which no longer changes, and returns that list each time as the SDK's
+ * handle does. A cold path: the hot path never builds the list. */
+static PyObject *
+Scope_get_marks(ScopeObject *self, void *c)
+{
+    if (self->mark_ids != NULL) /* the same list every time, as the SDK's handle */
+        return Py_NewRef(self->mark_ids);
+    PyObject *mod = PyImport_ImportModule("cirron_otel._scope_marks");
+    if (mod == NULL)
+        return NULL;
+    PyObject *res = PyObject_CallMethod(mod, "mark_ids", "O", (PyObject *)self);
+    Py_DECREF(mod);
+    if (res == NULL)
+        return NULL;
+    PyObject *ids, *final;
+    if (!PyArg_ParseTuple(res, "O!O:mark_ids", &PyList_Type, &ids, &final)) {
+        Py_DECREF(res);
+        return NULL;
+    }
+    if (PyObject_IsTrue(final) == 1 && self->mark_ids == NULL)
+        self->mark_ids = Py_NewRef(ids);
+    Py_INCREF(ids);
+    Py_DECREF(res);
+    return ids;
+}
+
 static PyObject *
 Scope_repr(ScopeObject *self)
 {
@@ -779,6 +810,8 @@ static PyGetSetDef Scope_getset[] = {
      (void *)11},
     {"memory_peak_bytes", (getter)Scope_get_ints, NULL,
      "None (the SDK fills it from framework hooks)", (void *)11},
+    {"marks", (getter)Scope_get_marks, NULL,
+     "ids of the marks recorded on this scope so far (see cirron_otel._scope_marks)", NULL},
     {NULL},
 };
 

@@ -186,3 +186,36 @@ th.join()
 ci.shutdown()
 print("@@" + json.dumps(out))
 """
+
+SCOPE_MARKS = r"""
+import glob, json, sys, threading
+ci = __import__(sys.argv[1])
+ci.profile()
+out = {}
+with ci.scope("a") as s:
+    ci.mark("m1", 1.0)
+    with ci.scope("child") as c:
+        ci.mark("m2", 2)
+        out["child_open"] = c.marks
+    ci.mark("m3", "x", kind="summary")
+    out["a_open"] = s.marks
+def worker():
+    with ci.scope("b") as t:
+        for i in range(3):
+            ci.mark("w", i)
+    out["b"] = t.marks
+th = threading.Thread(target=worker)
+th.start()
+th.join()
+handles = {"a": s, "child": c}
+ci.shutdown()
+out["closed_list_is_kept"] = s.marks is s.marks
+spool = [json.load(open(p)) for p in sorted(glob.glob(".cirron/spool/*.json"))]
+names = {m["id"]: m["name"] for doc in spool for m in doc["marks"]}
+listed = {sp["name"]: sp["mark_ids"] for doc in spool for sp in doc["spans"]}
+out = {k: [names[i] for i in v] if isinstance(v, list) else v for k, v in out.items()}
+for name, h in handles.items():
+    out[name + "_closed"] = [names[i] for i in h.marks]
+    out[name + "_as_listed_in_the_spool"] = h.marks == listed[name]
+print("@@" + json.dumps(out))
+"""

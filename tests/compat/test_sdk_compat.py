@@ -422,6 +422,14 @@ def test_home_config_toml_is_read_as_the_sdk_reads_it(
             assert _config.sdk_home_config(home / ".cirron" / "config.toml") == {}
 
 
+def test_scope_handle_lists_its_marks_as_the_sdks(both) -> None:
+    """`Scope.marks`: the ids of the marks recorded directly on the scope (not its children's),
+    while open and once closed, the same ids as the spool's `mark_ids`."""
+    res = both(scripts.SCOPE_MARKS)
+    assert res["cirron_otel"][0] == res["cirron"][0]
+    assert res["cirron"][0]["a_open"] == ["m1", "m3"] and res["cirron"][0]["b"] == ["w", "w", "w"]
+
+
 def test_scope_handle_fields_are_the_sdks(both) -> None:
     res = both(scripts.SCOPE_HANDLE, {"RANK": "2"})
     assert res["cirron_otel"][0] == res["cirron"][0]

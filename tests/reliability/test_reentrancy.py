@@ -4,7 +4,8 @@ An attribute's `__str__` runs on the drainer thread (inside its native claim ste
 holds a native mutex); a span processor of the application's TracerProvider runs on that sink's
 worker thread. `ci.flush()` / `ci.trace()` from there used to deadlock the drainer for
 good (records stopped being written, `health()` still said alive) or make the worker wait
-for itself. Now flush() returns False at once (warning once) and trace() returns what it has.
+for itself. Now flush() returns False at once (warning once), and trace() and a scope
+handle's `.marks` return what they have.
 Each case runs in a subprocess with a timeout: a deadlock fails the test instead of hanging it.
 """
 
@@ -20,7 +21,7 @@ from tests.support.helpers import run_script, spans_and_marks
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.mark.parametrize("call", ["flush", "trace", "both"])
+@pytest.mark.parametrize("call", ["flush", "trace", "both", "marks"])
 def test_attr_str_calling_flush_or_trace_does_not_stop_the_drainer(out: Path, call: str) -> None:
     r = run_script(
         f"""
@@ -34,7 +35,11 @@ def test_attr_str_calling_flush_or_trace_does_not_stop_the_drainer(out: Path, ca
                     results.append(("flush", ci.flush()))
                 if {call!r} in ("trace", "both"):
                     results.append(("trace", type(ci.trace(format="dict")).__name__))
+                if {call!r} == "marks":
+                    results.append(("marks", type(outer.marks).__name__))
                 return "reentrant"
+
+        outer = ci.scope("outer").__enter__()
 
         ci.mark("before", 1)
         ci.mark("evil", 2, obj=Reentrant())
@@ -44,6 +49,7 @@ def test_attr_str_calling_flush_or_trace_does_not_stop_the_drainer(out: Path, ca
         for i in range(3):
             ci.mark("after", i)
         ok = ci.flush(timeout=20)
+        outer.__exit__(None, None, None)
         health = ci.health()
         ci.shutdown()
         print(json.dumps({{"ok": ok, "results": results, "alive": health["flush_mode"]}}))
@@ -55,10 +61,13 @@ def test_attr_str_calling_flush_or_trace_does_not_stop_the_drainer(out: Path, ca
     assert res["ok"] is True
     flushes = [v for k, v in res["results"] if k == "flush"]
     assert flushes == [False] * len(flushes)
-    if call != "flush":
+    if call in ("trace", "both"):
         assert [v for k, v in res["results"] if k == "trace"] == ["dict", "dict"]
-    if call != "trace":
+    if call in ("flush", "both"):
         assert "flush() called from cirron_otel's own thread" in r.stderr
+    if call == "marks":
+        assert [v for k, v in res["results"] if k == "marks"] == ["list", "list"]
+        assert "claim() called from cirron_otel's own thread" in r.stderr
     spans, marks = spans_and_marks(out)
     names = [m["name"] for m in marks]
     assert names.count("after") == 3 and "before" in names
