@@ -13,18 +13,47 @@
 
 static _Thread_local int tl_draining; /* this thread is inside drain() */
 
-/* The open span with this id, added when new; NULL when out of memory. */
+/* Done with an open-span entry (out of the table): kept for reuse when the free list has room
+ * and its id array is small, else freed. Drain mutex held. */
+static void
+open_span_release(open_span_t *e)
+{
+    if (cn_state.open_nfree < OPEN_FREE_MAX && e->cap <= OPEN_FREE_IDS_MAX) {
+        cn_state.open_free[cn_state.open_nfree++] = e;
+        return;
+    }
+    free(e->ids);
+    free(e);
+}
+
+/* The open span with this id, added when new; NULL when out of memory. Drain mutex held. */
 static open_span_t *
 open_span_get(uint64_t hi, uint64_t lo)
 {
-    int added;
-    open_span_t *e = (open_span_t *)spantab_get(&cn_state.open_spans, hi, lo, sizeof(open_span_t),
-                                                1024, &added);
-    if (e != NULL && added)
-        e->max = hi == atomic_load_explicit(&cn_state.session_hi, memory_order_relaxed) &&
-                         lo == atomic_load_explicit(&cn_state.session_lo, memory_order_relaxed)
-                     ? SESSION_MARK_IDS_MAX
-                     : SPAN_MARK_IDS_MAX;
+    open_span_t *e = (open_span_t *)spantab_find(&cn_state.open_spans, hi, lo);
+    if (e != NULL)
+        return e;
+    if (cn_state.open_nfree > 0) {
+        e = cn_state.open_free[--cn_state.open_nfree];
+        uint64_t *ids = e->ids; /* the array is reused, its contents are not */
+        size_t cap = e->cap;
+        memset(e, 0, sizeof *e);
+        e->ids = ids;
+        e->cap = cap;
+    }
+    else if ((e = calloc(1, sizeof *e)) == NULL) {
+        return NULL;
+    }
+    e->key.hi = hi;
+    e->key.lo = lo;
+    e->max = hi == atomic_load_explicit(&cn_state.session_hi, memory_order_relaxed) &&
+                     lo == atomic_load_explicit(&cn_state.session_lo, memory_order_relaxed)
+                 ? SESSION_MARK_IDS_MAX
+                 : SPAN_MARK_IDS_MAX;
+    if (spantab_add(&cn_state.open_spans, &e->key, 1024) < 0) {
+        open_span_release(e);
+        return NULL;
+    }
     return e;
 }
 
@@ -282,8 +311,7 @@ assign_mark_ids(BatchObject *b)
                 if (mids_push(b, e->ids[2 * k], e->ids[2 * k + 1]) == 0)
                     b->aux[i].mids_cnt++;
             spantab_remove(&cn_state.open_spans, &e->key);
-            free(e->ids);
-            free(e);
+            open_span_release(e);
         }
     }
 }

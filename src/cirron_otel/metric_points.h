@@ -240,8 +240,7 @@ mpoint_encode(buf_t *o, const mpoint_t *pt, const mpoints_req_t *q)
     pb_end(o, av);
     pb_end(o, kv);
     char hex[32];
-    hex64(hex, q->session_hi);
-    hex64(hex + 16, q->session_lo);
+    hex128(hex, q->session_hi, q->session_lo);
     mpoints_kv_str(o, NUMBER_DATA_POINT_ATTRIBUTES, KEY_SESSION_ID, strlen(KEY_SESSION_ID), hex, 32);
     if (pt->attrs_len)
         pb_splice_kvs(o, NUMBER_DATA_POINT_ATTRIBUTES, pt->attrs, pt->attrs_len, UINT32_MAX);

@@ -330,6 +330,7 @@ atfork_child(void)
     /* a drain() in flight in the parent may have left the open-span table mid-update:
      * abandon it (a bounded leak, once per fork) rather than walk it */
     cn_state.open_spans = (spantab_t){0};
+    cn_state.open_nfree = 0;
     cn_state.pid = (int64_t)getpid();
 }
 

@@ -56,8 +56,7 @@ static void
 pb_hex_kv(buf_t *b, int field, const char *key, uint64_t hi, uint64_t lo)
 {
     char hex[32];
-    hex64(hex, hi);
-    hex64(hex + 16, lo);
+    hex128(hex, hi, lo);
     pb_str_kv(b, field, key, hex, 32);
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 
 import pytest
@@ -128,3 +129,29 @@ def test_output_dir_from_environment(tmp_path, monkeypatch):
     ci.mark("e", 1)
     ci.shutdown()
     assert read_spool(tmp_path / "from-env")
+
+
+def test_integers_and_ids_are_written_exactly(prof, out):
+    """The encoder's integer and hex writers (json.h) against Python's: every digit-count
+    boundary, both signs, random values; span ids, trace ids and times against the handle's
+    (formatted by snprintf, a separate path)."""
+    rng = random.Random(1234)
+    values = [0, 1, -1, 9, 10, 99, 100, 10**8 - 1, 10**8, 10**8 + 1, -(10**8), 10**16 - 1, 10**16]
+    values += [2**63 - 1, -(2**63), 1234567890123456789]
+    values += [10**k + d for k in range(1, 19) for d in (-1, 0, 1)]
+    values += [rng.randint(-(2**63), 2**63 - 1) for _ in range(500)]
+    values += [rng.randint(0, 10 ** rng.randint(1, 18)) for _ in range(500)]
+    handles = []
+    for v in values:
+        with ci.scope("s", index=v) as h:
+            ci.mark("v", v)
+        handles.append(h)
+    ci.flush()
+    docs = read_spool(out)
+    assert [m["value"] for d in docs for m in d["marks"]] == values
+    spans = {s["id"]: s for d in docs for s in d["spans"]}
+    for h, v in zip(handles, values, strict=True):
+        s = spans[h.id]
+        assert (s["trace_id"], s["parent_id"], s["index"]) == (h.trace_id, h.parent_id, v)
+        assert (s["start_ns"], s["end_ns"]) == (h.start_ns, h.end_ns)
+        assert int(h.id, 16) >> 64 == h.span_id_int
