@@ -186,14 +186,22 @@ static int
 mpoint_cmp(const void *a, const void *b)
 {
     const mpoint_t *x = a, *y = b;
-    uint32_t n = x->name_len < y->name_len ? x->name_len : y->name_len;
-    int c = memcmp(x->name, y->name, n);
-    if (c || x->name_len != y->name_len)
-        return c ? c : (x->name_len < y->name_len ? -1 : 1);
-    n = x->scope_len < y->scope_len ? x->scope_len : y->scope_len;
-    c = memcmp(x->scope, y->scope, n);
-    if (c || x->scope_len != y->scope_len)
-        return c ? c : (x->scope_len < y->scope_len ? -1 : 1);
+    uint32_t n;
+    int c;
+    /* names and scopes mostly point into the name table: the same pointer is the same
+     * string, and most comparisons end there without a memcmp */
+    if (x->name != y->name || x->name_len != y->name_len) {
+        n = x->name_len < y->name_len ? x->name_len : y->name_len;
+        c = memcmp(x->name, y->name, n);
+        if (c || x->name_len != y->name_len)
+            return c ? c : (x->name_len < y->name_len ? -1 : 1);
+    }
+    if (x->scope != y->scope || x->scope_len != y->scope_len) {
+        n = x->scope_len < y->scope_len ? x->scope_len : y->scope_len;
+        c = memcmp(x->scope, y->scope, n);
+        if (c || x->scope_len != y->scope_len)
+            return c ? c : (x->scope_len < y->scope_len ? -1 : 1);
+    }
     if (x->rank != y->rank)
         return x->rank < y->rank ? -1 : 1;
     if (x->attrs_len != y->attrs_len) /* allow-listed attrs: part of the series too */

@@ -33,13 +33,24 @@ pb_tag(buf_t *b, int field, int wt)
     pb_varint(b, ((uint64_t)field << 3) | (uint64_t)wt);
 }
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define PB_LITTLE_ENDIAN 1 /* protobuf's fixed-width fields are little-endian: copy as is */
+#else
+#define PB_LITTLE_ENDIAN 0
+#endif
+
 static inline void
 pb_fixed(buf_t *b, uint64_t v, int nbytes)
 {
     if (buf_reserve(b, 8) < 0)
         return;
+#if PB_LITTLE_ENDIAN
+    memcpy(b->data + b->len, &v, 8); /* room for 8 reserved; the length counts nbytes */
+    b->len += (size_t)nbytes;
+#else
     for (int i = 0; i < nbytes; i++)
         b->data[b->len++] = (char)(v >> (8 * i));
+#endif
 }
 
 static inline void
@@ -53,11 +64,17 @@ pb_bytes(buf_t *b, int field, const void *p, size_t n)
 static CIRRON_MAYBE_UNUSED void
 pb_id(buf_t *b, int field, uint64_t hi, uint64_t lo, int nbytes)
 {
-    unsigned char raw[16];
+    unsigned char raw[16]; /* big-endian: the id's hex, read as bytes */
+#if PB_LITTLE_ENDIAN && defined(__GNUC__)
+    uint64_t h = __builtin_bswap64(hi), l = __builtin_bswap64(lo);
+    memcpy(raw, &h, 8);
+    memcpy(raw + 8, &l, 8);
+#else
     for (int i = 0; i < 8; i++) {
         raw[i] = (unsigned char)(hi >> (56 - 8 * i));
         raw[8 + i] = (unsigned char)(lo >> (56 - 8 * i));
     }
+#endif
     pb_bytes(b, field, raw, (size_t)nbytes);
 }
 
@@ -94,31 +111,33 @@ pb_double_field(buf_t *b, int field, double d)
 /* A string literal as a bytes/string field (its length counted by the compiler). */
 #define PB_LIT(b, field, s) pb_bytes((b), (field), ("" s ""), sizeof(s) - 1)
 
-/* Nested message: reserve a 5-byte length, then shrink it to its canonical size at pb_end.
+/* Nested message: reserve one byte for its length, which pb_end fills in. Most nested
+ * messages (KeyValue, AnyValue, Event) are under 128 bytes, so their length fits and nothing
+ * moves; a longer one is moved right once to make room (reserving 5 bytes and moving every
+ * message left at its end cost ~420 instructions a record in memmove).
  * pb_begin_untagged: the same without the field tag, [varint len][message], for messages
  * kept encoded until they are spliced into a repeated field (pb_splice_kvs). */
-static CIRRON_MAYBE_UNUSED size_t
+static inline size_t
 pb_begin_untagged(buf_t *b)
 {
-    buf_reserve(b, 5);
-    b->len += 5;
+    if (buf_reserve(b, 1) < 0)
+        return b->len;
+    b->len += 1;
     return b->len;
 }
 
-static CIRRON_MAYBE_UNUSED size_t
+static inline size_t
 pb_begin(buf_t *b, int field)
 {
     pb_tag(b, field, WT_LEN);
     return pb_begin_untagged(b);
 }
 
+/* pb_end's rare case, out of line: a length of two bytes or more; move the body right */
 static CIRRON_MAYBE_UNUSED void
-pb_end(buf_t *b, size_t body)
+pb_end_long(buf_t *b, size_t body, size_t n)
 {
-    if (b->oom)
-        return;
-    size_t n = b->len - body;
-    unsigned char tmp[5];
+    unsigned char tmp[10];
     int k = 0;
     size_t v = n;
     do {
@@ -128,11 +147,23 @@ pb_end(buf_t *b, size_t body)
             tmp[k] |= 0x80;
         k++;
     } while (v);
-    char *start = b->data + body - 5;
-    memcpy(start, tmp, (size_t)k);
-    if (k < 5)
-        memmove(start + k, b->data + body, n);
-    b->len -= (size_t)(5 - k);
+    if (buf_reserve(b, (size_t)k - 1) < 0)
+        return;
+    memmove(b->data + body + k - 1, b->data + body, n);
+    memcpy(b->data + body - 1, tmp, (size_t)k);
+    b->len += (size_t)k - 1;
+}
+
+static inline void
+pb_end(buf_t *b, size_t body)
+{
+    if (b->oom)
+        return;
+    size_t n = b->len - body;
+    if (n < 0x80)
+        b->data[body - 1] = (char)n;
+    else
+        pb_end_long(b, body, n);
 }
 
 /* Splice pre-rendered KeyValues [varint len][KeyValue]... as repeated `field`; at most max. */
