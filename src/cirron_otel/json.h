@@ -131,6 +131,41 @@ buf_i64(buf_t *b, int64_t v)
     buf_put(b, p, (size_t)(end - p));
 }
 
+/* Timestamps of one file are close together: their digits above the last 8 rarely change.
+ * buf_ts keeps the last ones formatted and writes only the low 8 anew (~60 instructions
+ * against ~170 for buf_i64 on a 19-digit value). One cache per encoder call. */
+typedef struct {
+    uint64_t head; /* v / 10^8 of the last timestamp written */
+    uint32_t len;  /* 0: nothing cached yet */
+    char digits[12];
+} ts_cache_t;
+
+static CIRRON_MAYBE_UNUSED void
+buf_ts(buf_t *b, int64_t v, ts_cache_t *c)
+{
+    if (v < 100000000) { /* negative or short: no head */
+        buf_i64(b, v);
+        return;
+    }
+    uint64_t u = (uint64_t)v, head = u / 100000000u;
+    if (c->len == 0 || head != c->head) {
+        char tmp[24], *end = tmp + sizeof tmp, *p = end;
+        uint64_t h = head; /* at most 11 digits (v < 2^63) */
+        do {
+            *--p = (char)('0' + h % 10);
+            h /= 10;
+        } while (h);
+        c->len = (uint32_t)(end - p);
+        memcpy(c->digits, p, c->len);
+        c->head = head;
+    }
+    if (buf_reserve(b, c->len + 8) < 0)
+        return;
+    memcpy(b->data + b->len, c->digits, c->len);
+    put8(b->data + b->len + c->len + 8, (uint32_t)(u % 100000000u));
+    b->len += c->len + 8;
+}
+
 /* format_f64() (Grisu2): grisu2.h */
 
 static CIRRON_MAYBE_UNUSED void

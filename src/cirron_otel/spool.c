@@ -33,7 +33,7 @@ encode_attrs(buf_t *o, BatchObject *b, const ext_t *e)
 }
 
 static void
-encode_span(buf_t *o, BatchObject *b, size_t i, int with_trace)
+encode_span(buf_t *o, BatchObject *b, size_t i, int with_trace, ts_cache_t *tc)
 {
     slot_t *s = &b->slots[i];
     slot2_t *s2 = (slot2_t *)&b->slots[i + 1];
@@ -54,9 +54,9 @@ encode_span(buf_t *o, BatchObject *b, size_t i, int with_trace)
     else
         BUF_LIT(o, "null");
     BUF_LIT(o, ",\"start_ns\":");
-    buf_i64(o, s->ts);
+    buf_ts(o, s->ts, tc);
     BUF_LIT(o, ",\"end_ns\":");
-    buf_i64(o, s->v.i);
+    buf_ts(o, s->v.i, tc);
     BUF_LIT(o, ",\"cpu_ns\":");
     if (s->flags & F_HAS_CPU)
         buf_i64(o, s2->cpu_ns);
@@ -90,7 +90,7 @@ encode_span(buf_t *o, BatchObject *b, size_t i, int with_trace)
 }
 
 static void
-encode_mark(buf_t *o, BatchObject *b, size_t i)
+encode_mark(buf_t *o, BatchObject *b, size_t i, ts_cache_t *tc)
 {
     slot_t *s = &b->slots[i];
     aux_t *ax = &b->aux[i];
@@ -140,7 +140,7 @@ encode_mark(buf_t *o, BatchObject *b, size_t i)
     BUF_LIT(o, ",\"attrs\":");
     encode_attrs(o, b, e);
     BUF_LIT(o, ",\"ts_ns\":");
-    buf_i64(o, s->ts);
+    buf_ts(o, s->ts, tc);
     if (s->flags & F_SUMMARY)
         BUF_LIT(o, ",\"kind\":\"summary\"}");
     else
@@ -192,6 +192,7 @@ static void
 encode_spool_into(sink_buf_t *o, spool_args_t *a)
 {
     buf_t *b0 = &o->buf;
+    ts_cache_t tc = {0};
     BUF_LIT(b0, "{\"schema_version\":1,\"sdk_version\":");
     json_escape_utf8(b0, a->sdk_version, a->sdk_len);
     BUF_LIT(b0, ",\"batch_id\":");
@@ -211,9 +212,9 @@ encode_spool_into(sink_buf_t *o, spool_args_t *a)
                     BUF_LIT(b0, ",");
                 first = 0;
                 if (want == R_SPAN)
-                    encode_span(b0, b, i, a->with_trace);
+                    encode_span(b0, b, i, a->with_trace, &tc);
                 else
-                    encode_mark(b0, b, i);
+                    encode_mark(b0, b, i, &tc);
                 stream_out(o, 0);
             }
         }

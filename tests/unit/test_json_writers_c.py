@@ -26,10 +26,13 @@ int main(void) {
     unsigned long long hi, lo;
     long long v;
     char tag;
+    ts_cache_t tc = {0}; /* one cache across the whole run, as one file's encode keeps it */
     while (scanf(" %c", &tag) == 1) {
         buf_t b = {0};
         if (tag == 'i' && scanf("%lld", &v) == 1)
             buf_i64(&b, (int64_t)v);
+        else if (tag == 't' && scanf("%lld", &v) == 1)
+            buf_ts(&b, (int64_t)v, &tc);
         else if (tag == 'x' && scanf("%llx %llx", &hi, &lo) == 2)
             buf_id(&b, hi, lo);
         else if (tag == 'f' && scanf("%llx", &hi) == 1) {
@@ -91,7 +94,14 @@ def test_integers_and_ids_match_python(tmp_path: Path, flags: list[str]) -> None
         (f,) = struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))
         if math.isfinite(f):
             floats.append(f)
-    stdin = "".join(f"i {v}\n" for v in ints) + "".join(f"x {h:x} {lo:x}\n" for h, lo in ids)
+    # timestamps through buf_ts's cache: runs sharing their head, heads changing, small ones
+    base = 1_780_000_000_000_000_000
+    stamps = [base + rng.randint(0, 10**9) for _ in range(200)] + [base + k * 99_999_999 for k in range(50)]
+    stamps += [0, 5, 99_999_999, 100_000_000, -7, 2**63 - 1, 10**8 * 12345678901 + 1]
+    stamps += sorted(base + rng.randint(0, 10**10) for _ in range(200))
+    ints += stamps
+    stdin = "".join(f"i {v}\n" for v in ints[: -len(stamps)]) + "".join(f"t {v}\n" for v in stamps)
+    stdin += "".join(f"x {h:x} {lo:x}\n" for h, lo in ids)
     stdin += "".join(f"f {struct.unpack('<Q', struct.pack('<d', f))[0]:x}\n" for f in floats)
     out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()
