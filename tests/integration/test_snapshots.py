@@ -60,7 +60,6 @@ exec(LOOP, _loop)
 train = _loop["train"]
 
 
-
 @pytest.fixture(autouse=True)
 def _unwatch() -> Any:
     """ci.watch is process-wide: no test sees another's model."""
@@ -221,3 +220,22 @@ def test_nothing_is_captured_without_watch_or_after_watch_none(out: Path) -> Non
     ci.shutdown()
     assert [r for doc in read_spool(out) for r in doc["snapshots"]] == []
     assert ci.health()["swallowed_errors"] == before
+
+
+def test_a_bug_in_the_capture_never_reaches_the_loop(out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cirron_otel import _snapshots
+
+    def broken(*args: Any, **kwargs: Any) -> int:
+        raise RuntimeError("snapshot bug")
+
+    monkeypatch.setattr(_snapshots, "capture_epoch", broken)
+    ci.profile(output_dir=str(out), install_signal_handlers=False)
+    _warn.reset()
+    before = ci.health()["swallowed_errors"]
+    with pytest.warns(ci.CirronWarning, match="snapshot bug"):
+        losses = train(ci)
+        ci.shutdown()
+    assert len(losses) == 6
+    after = ci.health()["swallowed_errors"]
+    grew = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    assert grew == {"torch.snapshot_capture": 1, "torch.snapshot_capture_final": 1}
