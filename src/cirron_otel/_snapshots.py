@@ -100,7 +100,9 @@ def capture_epoch(model: Any, epoch: Any, *, grad_refs: Named | None = None) -> 
         span_id = epoch.id
         if not span_id:  # a scope that was never recorded (depth limit, recording off)
             return 0
-        span = (int(span_id[:16], 16), int(span_id[16:], 16), bool(epoch.sampled))
+        # OpenTelemetry events only on a span not yet closed: a closed one may have been encoded
+        # already, and an event for it would wait in the encoder for good
+        span = (int(span_id[:16], 16), int(span_id[16:], 16), bool(epoch.sampled) and epoch.state == "open")
         records = capture(
             model,
             span_id,
