@@ -8,17 +8,43 @@ from typing import Any
 
 from cirron_otel import _native
 from cirron_otel._version import __version__
-from cirron_otel.sink import Sink
+from cirron_otel.sink import Sink, Snapshot
 
 SCOPE_NAME = "cirron_otel"
+# a snapshot's spool fields that become its event's attributes (its stats follow)
+_SNAPSHOT_FIELDS = ("id", "tensor_name", "shape", "dtype", "mode", "blob_uri")
+
+
+def snapshot_event_attrs(snapshot: Snapshot) -> dict[str, Any]:
+    """A snapshot's span event attributes: `cirron.snapshot.<field>` for the spool record's
+    fields and statistics, nested ones dotted (`histogram.bins`, `finite.mean`); non-finite
+    statistics as the doubles themselves (as a mark's value), absent values left out."""
+    prefix = _native.KEY_SNAPSHOT_PREFIX
+    attrs: dict[str, Any] = {}
+    for key in _SNAPSHOT_FIELDS:
+        value = snapshot.record.get(key)
+        if value is not None:
+            attrs[prefix + key] = value
+
+    def flat(stats: dict[str, Any], at: str) -> None:
+        for key, value in stats.items():
+            if isinstance(value, dict):
+                flat(value, f"{at}{key}.")
+            elif value is not None:
+                attrs[at + key] = value
+
+    flat(snapshot.stats or {}, prefix)
+    return attrs
 
 
 class OtlpEncodingSink(Sink):
     """A sink fed through the native OTLP mapping; subclasses set `state` (the encoder's
-    per-sink state) and `session_trace` in their constructor."""
+    per-sink state) and `session_trace` in their constructor. Snapshots become `cirron.snapshot`
+    events on their epoch span."""
 
     state: _native.OtlpState
     session_trace: Callable[[], tuple[int, int]]
+    takes_snapshots = True
 
     def count(self, batches: Sequence[_native.Batch]) -> int:
         return sum(b.span_count for b in batches)  # every counter of these sinks is in spans
@@ -44,5 +70,13 @@ class OtlpEncodingSink(Sink):
 
     def encode_requests(self, batches: Sequence[_native.Batch], resource: bytes) -> list[tuple[bytes, int]]:
         """The OTLP requests for the batches (traces; the metrics sink makes metrics)."""
+        # Captured before their epoch span closed: on it by the time it is encoded here.
+        for snap in self.take_snapshots():
+            if snap.sampled:
+                ts = snap.record["ts_ns"]
+                attrs = snapshot_event_attrs(snap)
+                _native.otlp_add_event(
+                    self.state, snap.span_hi, snap.span_lo, ts, _native.EVENT_SNAPSHOT, attrs
+                )
         trace = self.session_trace()
         return _native.otlp_encode(self.state, batches, resource, SCOPE_NAME, __version__, trace)

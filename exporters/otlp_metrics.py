@@ -41,6 +41,7 @@ class HealthSnapshot(NamedTuple):
 
 class OtlpMetricsSink(OtlpSink):
     name = "otlp_metrics"
+    takes_snapshots = False  # snapshots are span events, not metrics
     # With its outbox it paces a flat-out producer as the traces' sink does (OtlpSink's
     # backpressure): measured, that loses no point at the same throughput as dropping them.
     outbox_subdir = OUTBOX_DIR

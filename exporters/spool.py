@@ -43,7 +43,7 @@ class _PendingFile:
     """One spool file waiting to be written (a plain class: importing `dataclasses` costs
     ~7 ms of every profiled program's start-up)."""
 
-    __slots__ = ("batch_id", "batches", "created_ns", "data", "marks", "spans")
+    __slots__ = ("batch_id", "batches", "created_ns", "data", "marks", "snapshot_count", "snapshots", "spans")
 
     def __init__(
         self,
@@ -54,6 +54,8 @@ class _PendingFile:
         marks: int,
         spans: int,
         data: bytes | None = None,
+        snapshots: bytes = b"",
+        snapshot_count: int = 0,
     ) -> None:
         self.created_ns = created_ns
         self.batch_id = batch_id
@@ -61,6 +63,8 @@ class _PendingFile:
         self.marks = marks
         self.spans = spans
         self.data = data  # the encoded file, once it was split out of a larger one
+        self.snapshots = snapshots  # its snapshot records (JSON, comma-joined), unless in `data`
+        self.snapshot_count = snapshot_count
 
     @property
     def name(self) -> str:
@@ -69,6 +73,11 @@ class _PendingFile:
     @property
     def records(self) -> int:
         return self.marks + self.spans
+
+    @property
+    def weight(self) -> int:
+        """What the file counts for against `retry_records`: its records and snapshots."""
+        return self.marks + self.spans + self.snapshot_count
 
 
 def group_batches(batches: Sequence[_native.Batch], max_records: int) -> Iterator[list[_native.Batch]]:
@@ -90,6 +99,7 @@ class SpoolSink(Sink):
     """Writes collected batches into the Cirron spool v1."""
 
     name = "spool"
+    takes_snapshots = True
 
     def __init__(
         self,
@@ -124,6 +134,7 @@ class SpoolSink(Sink):
             spans_written=0,
             evicted_files=0,
             split_files=0,
+            snapshots_written=0,
             last_drop_reason=None,
             spool_dir=self.spool_dir,
             stale_tmp_removed=self.directory.stale_tmp_removed,
@@ -140,17 +151,31 @@ class SpoolSink(Sink):
     # -- Sink interface ------------------------------------------------------------------
 
     def export(self, batches: Sequence[_native.Batch]) -> None:
+        # The snapshots captured since the last export go in this export's last file (one
+        # of their own when it has no records), as cirron-sdk puts them in its next batch.
+        snapshots = [s.json for s in self.take_snapshots()]
+        files: list[_PendingFile] = []
         for group in group_batches(batches, self.max_records_per_file):
             created_ns, batch_id, _ = new_file_name()
-            pending = _PendingFile(
-                created_ns=created_ns,
-                batch_id=batch_id,
-                batches=group,
-                marks=sum(b.mark_count for b in group),
-                spans=sum(b.span_count for b in group),
+            files.append(
+                _PendingFile(
+                    created_ns=created_ns,
+                    batch_id=batch_id,
+                    batches=group,
+                    marks=sum(b.mark_count for b in group),
+                    spans=sum(b.span_count for b in group),
+                )
             )
+        if snapshots:
+            if not files:
+                created_ns, batch_id, _ = new_file_name()
+                files.append(
+                    _PendingFile(created_ns=created_ns, batch_id=batch_id, batches=[], marks=0, spans=0)
+                )
+            files[-1].snapshots, files[-1].snapshot_count = b",".join(snapshots), len(snapshots)
+        for pending in files:
             self._queue.append(pending)
-            self._queued_records += pending.records
+            self._queued_records += pending.weight
             self.stats.add(pending=pending.records)
         self._trim_queue()
         self.retry()
@@ -204,7 +229,9 @@ class SpoolSink(Sink):
             return self.directory.stage(item.name, bytes_filler(data))
         return self.directory.stage(
             item.name,
-            lambda fd: _native.write_spool(fd, item.batches, item.batch_id, item.created_ns, __version__),
+            lambda fd: _native.write_spool(
+                fd, item.batches, item.batch_id, item.created_ns, __version__, snapshots=item.snapshots
+            ),
         )
 
     def _collect(self) -> tuple[_PendingFile, BaseException] | None:
@@ -217,7 +244,7 @@ class SpoolSink(Sink):
         if outcome is not None:
             return item, outcome
         self._failing = False
-        self._queued_records -= item.records
+        self._queued_records -= item.weight
         self.stats.add(
             pending=-item.records,
             exported=item.records,
@@ -225,6 +252,7 @@ class SpoolSink(Sink):
             bytes_written=size,
             marks_written=item.marks,
             spans_written=item.spans,
+            snapshots_written=item.snapshot_count,
         )
         evicted = self.directory.enforce_cap(item.name, lambda e: self.stats.error("eviction failed", e))
         if evicted:
@@ -250,7 +278,7 @@ class SpoolSink(Sink):
         """The head file did not fit: if it is larger than the space left (and some is left),
         replace it by pieces that fit. Same records and ids; each piece is a valid batch
         of its own (new batch id, created_ns + i to keep the order)."""
-        if item.records < 2:
+        if item.weight < 2:
             return False
         try:
             st = os.statvfs(self.directory.path)
@@ -261,14 +289,16 @@ class SpoolSink(Sink):
             return False  # the disk is full: wait for space, then decide
         data = item.data
         if data is None:
-            data = _native.encode_spool(item.batches, item.batch_id, item.created_ns, __version__)
+            data = _native.encode_spool(
+                item.batches, item.batch_id, item.created_ns, __version__, snapshots=item.snapshots
+            )
         if len(data) <= free:
             item.data = data  # it should fit now: keep the encoding, retry as is later
             return False
         import json  # only here, after ENOSPC: not on every profiled program's start-up
 
         doc = json.loads(data)
-        records = [("spans", r) for r in doc["spans"]] + [("marks", r) for r in doc["marks"]]
+        records = [(kind, r) for kind in ("spans", "marks", "snapshots") for r in doc[kind]]
         per_piece = max(1, len(records) * (free // 2) // len(data))
         pieces: list[_PendingFile] = []
         for i, start in enumerate(range(0, len(records), per_piece)):
@@ -279,15 +309,16 @@ class SpoolSink(Sink):
                 "created_ns": item.created_ns + i,
                 "spans": [r for kind, r in chunk if kind == "spans"],
                 "marks": [r for kind, r in chunk if kind == "marks"],
+                "snapshots": [r for kind, r in chunk if kind == "snapshots"],
             }
-            spans = len(piece_doc["spans"])
             pieces.append(
                 _PendingFile(
                     created_ns=piece_doc["created_ns"],
                     batch_id=piece_doc["batch_id"],
                     batches=[],
-                    marks=len(chunk) - spans,
-                    spans=spans,
+                    marks=len(piece_doc["marks"]),
+                    spans=len(piece_doc["spans"]),
+                    snapshot_count=len(piece_doc["snapshots"]),
                     # ASCII escapes: lone surrogates in strings survive the round trip.
                     data=json.dumps(piece_doc, allow_nan=False, separators=(",", ":")).encode("ascii"),
                 )
@@ -321,6 +352,6 @@ class SpoolSink(Sink):
         # Keep the newest data when the disk has been failing for long: drop oldest first.
         while self._queued_records > self.retry_records and len(self._queue) > 1:
             item = self._queue.popleft()
-            self._queued_records -= item.records
-            self.stats.add(pending=-item.records)
+            self._queued_records -= item.weight
+            self.stats.add(pending=-item.records, snapshots_dropped=item.snapshot_count)
             self._drop(item.records, f"over {self.retry_records} records waiting for the disk")

@@ -21,10 +21,15 @@ exited by hand). Every hook body is guarded: a failure is counted in
 `health()["swallowed_errors"]` (keys `torch.*`), warned about once, and never reaches the
 training loop. `uninstall()` restores every patched function and removes every torch hook.
 
+Weight / gradient snapshots of the model given to `ci.watch` (cirron_otel._snapshots), as the
+SDK takes them: after every optimizer step the parameters' `.grad` tensors are stashed (the
+program's `zero_grad()` clears them before the epoch ends), and at each epoch rotation and at
+uninstall the outgoing epoch is snapshotted (weights live, gradients from the stash) before its
+span closes, the records linked to that span.
+
 Left out on purpose, relative to the SDK:
 - CUDA event timing (`gpu_ns`): no CUDA timing path exists here (the SDK's pool of
   `torch.cuda.Event` pairs and its deferred emission); spans carry no `gpu_ns`.
-- weight / gradient snapshots at epoch boundaries (`ci.watch`, snapshots=...).
 - the ownership hand-over with the transformers / Keras hooks (not provided yet).
 One deliberate difference: the forward post-hook is registered with `always_call=True` (when
 the installed torch has it), so a forward that raises closes its span and the depth count
@@ -36,14 +41,16 @@ imported (or explicitly asked for with `profile(frameworks=["torch"])`).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _native
 from ._warn import warn_once
-from .compat import swallowed
+from .compat import snapshots_on, swallowed, watched_model
 
 NAME = "torch"
 DEFAULT_EPOCH_STEPS = 1000
@@ -157,6 +164,10 @@ class TorchHooks:
         self.dl_driven = False  # a DataLoader has rotated epochs: the step fallback is off
         self.step: Any = None  # the open implicit step span
         self.step_index = 0
+        # snapshots: the watched model's (name, .grad) after the last optimizer step, and its
+        # (name, parameter) pairs cached per model (held weakly: a collected model frees them)
+        self.grad_refs: list[tuple[str, Any]] = []
+        self._params: tuple[Any, list[tuple[str, Any]], Any] | None = None  # (ref, pairs, finalizer)
 
     # -- install / uninstall ------------------------------------------------------------------
 
@@ -302,6 +313,12 @@ class TorchHooks:
         self._handles.append(optim_module.register_optimizer_step_post_hook(step_post))
 
     def _optimizer_stepped(self) -> None:
+        # While .grad is still set: the program's zero_grad() runs before the epoch ends.
+        if snapshots_on():
+            try:
+                self._stash_grads()
+            except Exception as exc:
+                _failed("snapshot_grad_stash", exc)
         # The implicit step span (opened by the loader) closes here; gradient accumulation
         # (several forward/backward per optimizer step) stays inside one step.
         self._close_step()
@@ -334,6 +351,50 @@ class TorchHooks:
         scope = _open("data_load", data_load_ns=dt)
         _close(scope)
 
+    # -- snapshots ----------------------------------------------------------------------------
+
+    def _stash_grads(self) -> None:
+        model = watched_model()
+        if model is None:
+            self._drop_params()
+            return
+        pairs = self._param_pairs(model)
+        if pairs is not None:
+            self.grad_refs = [(n, p.grad) for n, p in pairs if p.grad is not None]
+
+    def _param_pairs(self, model: Any) -> list[tuple[str, Any]] | None:
+        """The model's (name, parameter) pairs, cached: fixed for its lifetime, and walking
+        named_parameters() every step would cost a ResNet's 161 tensors per step."""
+        cached = self._params
+        if cached is not None and cached[0]() is model:
+            return cached[1]
+        named = getattr(model, "named_parameters", None)
+        if not callable(named):
+            self._drop_params()
+            return None
+        pairs = [(str(n), p) for n, p in named()]  # str: safetensors keys
+        self._drop_params()
+        with contextlib.suppress(TypeError):  # not weakly referenceable: not cached, not held
+            self._params = (weakref.ref(model), pairs, weakref.finalize(model, self._drop_params))
+        return pairs
+
+    def _drop_params(self) -> None:
+        cached, self._params = self._params, None
+        if cached is not None:
+            cached[2].detach()  # a no-op when it is the finalizer calling
+
+    def _snapshot(self, epoch: Any, where: str) -> None:
+        """Snapshot the watched model for `epoch` (still open); never raises."""
+        refs, self.grad_refs = self.grad_refs, []
+        try:
+            model = watched_model()
+            if model is not None and snapshots_on():
+                from ._snapshots import capture_epoch
+
+                capture_epoch(model, epoch, grad_refs=refs)
+        except Exception as exc:
+            _failed(where, exc)
+
     # -- epochs -------------------------------------------------------------------------------
 
     def _close_step(self) -> None:
@@ -350,6 +411,7 @@ class TorchHooks:
         previous = self.epoch
         if previous is not None:
             self.epoch = None
+            self._snapshot(previous, "snapshot_capture")  # linked to it: before it closes
             _close(previous)
         self.epoch = _open("epoch", self.epoch_index)
         self.epoch_index += 1
@@ -359,6 +421,8 @@ class TorchHooks:
         step, self.step = self.step, None
         _close(step)
         epoch, self.epoch = self.epoch, None
+        if epoch is not None:
+            self._snapshot(epoch, "snapshot_capture_final")
         _close(epoch)
 
 

@@ -32,6 +32,8 @@ EVENT_EXCEPTION: str
 KEY_EXCEPTION_TYPE: str
 KEY_EXCEPTION_MESSAGE: str
 KEY_EXCEPTION_STACKTRACE: str
+EVENT_SNAPSHOT: str
+KEY_SNAPSHOT_PREFIX: str
 scope_var: ContextVar[Scope | None]
 # (context, anchor scope, trace_hi, trace_lo, span_id, trace_flags), set by the
 # OpenTelemetry runtime context of cirron_otel._otel_context
@@ -173,8 +175,15 @@ def drain(max_slots: int = 100000) -> Batch | None: ...
 def free_orphans() -> int: ...
 def open_span_mark_ids(scope: Scope, /) -> list[str] | None: ...
 def encode_spool(
-    batches: Sequence[Batch], batch_id: str, created_ns: int, sdk_version: str, with_trace_id: bool = True
-) -> bytes: ...
+    batches: Sequence[Batch],
+    batch_id: str,
+    created_ns: int,
+    sdk_version: str,
+    with_trace_id: bool = True,
+    snapshots: bytes = b"",
+) -> bytes:
+    """`snapshots`: the file's snapshot records, JSON objects joined by commas, written as they are."""
+
 def write_spool(
     fd: int,
     batches: Sequence[Batch],
@@ -182,6 +191,7 @@ def write_spool(
     created_ns: int,
     sdk_version: str,
     with_trace_id: bool = True,
+    snapshots: bytes = b"",
 ) -> int: ...
 def format_float(x: float) -> str: ...
 def otlp_encode(
@@ -193,6 +203,12 @@ def otlp_encode(
     session_trace: tuple[int, int] = (0, 0),
     max_request_bytes: int = 1048576,
 ) -> list[tuple[bytes, int]]: ...
+def otlp_add_event(
+    state: OtlpState, span_hi: int, span_lo: int, ts_ns: int, name: str, attrs: dict[str, Any]
+) -> None:
+    """An event on a span not yet encoded (its spool id as two 64-bit halves), kept with its
+    marks' events under the same limit."""
+
 def otlp_metrics_encode(
     state: OtlpState,
     resource: bytes,

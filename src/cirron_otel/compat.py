@@ -40,6 +40,12 @@ def profiling_config() -> dict[str, Any]:
         return dict(_profiling)
 
 
+def snapshots_on() -> bool:
+    """Whether the resolved snapshots mode captures anything (read on every optimizer step by
+    the PyTorch hooks: one dict lookup, no lock, no copy)."""
+    return _profiling.get("snapshots") in ("stats", "sampled", "full")
+
+
 def sdk_profile_kwargs(
     cirron: Cirron | None,
     *,

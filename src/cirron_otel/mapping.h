@@ -137,6 +137,11 @@ enum { STATUS_CODE_ERROR = 2 };   /* Status.StatusCode */
 #define KEY_EXCEPTION_MESSAGE "exception.message"
 #define KEY_EXCEPTION_STACKTRACE "exception.stacktrace"
 
+/* the event of a weight / gradient snapshot on its epoch span (cirron_otel._snapshots): its
+ * attributes are this prefix + the spool record's field (tensor_name, mean, histogram.bins…) */
+#define EVENT_SNAPSHOT "cirron.snapshot"
+#define KEY_SNAPSHOT_PREFIX "cirron.snapshot."
+
 /* X(name) for each key exported to Python as a module constant `name` */
 #define MAPPING_KEYS(X)                                                                        \
     X(KEY_INDEX)                                                                               \
@@ -159,6 +164,8 @@ enum { STATUS_CODE_ERROR = 2 };   /* Status.StatusCode */
     X(EVENT_EXCEPTION)                                                                         \
     X(KEY_EXCEPTION_TYPE)                                                                      \
     X(KEY_EXCEPTION_MESSAGE)                                                                   \
-    X(KEY_EXCEPTION_STACKTRACE)
+    X(KEY_EXCEPTION_STACKTRACE)                                                                \
+    X(EVENT_SNAPSHOT)                                                                          \
+    X(KEY_SNAPSHOT_PREFIX)
 
 #endif /* CIRRON_OTEL_MAPPING_H */

@@ -459,6 +459,8 @@ static PyMethodDef module_methods[] = {
      NULL},
     {"otlp_metrics_encode", (PyCFunction)(void (*)(void))cn_mod_otlp_metrics_encode,
      METH_VARARGS | METH_KEYWORDS, NULL},
+    {"otlp_add_event", (PyCFunction)(void (*)(void))cn_mod_otlp_add_event, METH_VARARGS | METH_KEYWORDS,
+     "otlp_add_event(state, span_hi, span_lo, ts_ns, name, attrs)"},
     {"mark", (PyCFunction)(void (*)(void))cn_mod_mark, METH_FASTCALL | METH_KEYWORDS,
      "mark(name, value, *, kind='point', **attrs)"},
     {"scope", (PyCFunction)(void (*)(void))cn_mod_scope, METH_FASTCALL | METH_KEYWORDS,

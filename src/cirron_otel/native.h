@@ -454,6 +454,7 @@ CN_INTERNAL PyObject *cn_mod_write_spool(PyObject *m, PyObject *args, PyObject *
 extern CN_INTERNAL PyTypeObject cn_OtlpState_Type;
 CN_INTERNAL PyObject *cn_mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw);
 CN_INTERNAL PyObject *cn_mod_otlp_metrics_encode(PyObject *m, PyObject *args, PyObject *kw);
+CN_INTERNAL PyObject *cn_mod_otlp_add_event(PyObject *m, PyObject *args, PyObject *kw);
 
 /* -- inline: names, code locations ---------------------------------------------------- */
 

@@ -317,6 +317,39 @@ otlp_add_point(OtlpStateObject *st, ospan_t *e, BatchObject *b, size_t i, const 
     }
 }
 
+/* An open span's next event: its body is written into the returned buffer (kept as
+ * [varint len][Event]), then ospan_event_end keeps it among the span's last event_limit. */
+static buf_t *
+ospan_event_begin(ospan_t *e, size_t *body)
+{
+    if (ARRAY_GROW(e->ev_off, e->ev_cap, e->n_ev, 16) < 0)
+        return NULL;
+    e->ev_off[e->n_ev++] = (uint32_t)e->ev.len;
+    *body = pb_begin_untagged(&e->ev);
+    return &e->ev;
+}
+
+static void
+ospan_event_end(OtlpStateObject *st, ospan_t *e, size_t body)
+{
+    buf_t *ev = &e->ev;
+    pb_end(ev, body);
+    e->total_ev++;
+    if (e->n_ev - e->first > st->event_limit) {
+        e->first++; /* drop the oldest, as the SDK does */
+        st->events_dropped++;
+        if (e->first > st->event_limit) { /* compact */
+            uint32_t base = e->ev_off[e->first];
+            memmove(ev->data, ev->data + base, ev->len - base);
+            ev->len -= base;
+            for (uint32_t k = e->first; k < e->n_ev; k++)
+                e->ev_off[k - e->first] = e->ev_off[k] - base;
+            e->n_ev -= e->first;
+            e->first = 0;
+        }
+    }
+}
+
 static void
 otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i, const otlp_ctx_t *c)
 {
@@ -366,11 +399,10 @@ otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i, const otlp_ctx_t *c
         return;
     }
     /* a point mark: one Event, kept among the span's last event_limit events */
-    if (ARRAY_GROW(e->ev_off, e->ev_cap, e->n_ev, 16) < 0)
+    size_t body;
+    buf_t *ev = ospan_event_begin(e, &body);
+    if (ev == NULL)
         return;
-    buf_t *ev = &e->ev;
-    e->ev_off[e->n_ev++] = (uint32_t)ev->len;
-    size_t body = pb_begin_untagged(ev); /* kept as [varint len][Event] */
     pb_fixed64_field(ev, EVENT_TIME_UNIX_NANO, (uint64_t)s->ts);
     pb_bytes(ev, EVENT_NAME, name, nlen);
     size_t kv = pb_begin(ev, EVENT_ATTRIBUTES);
@@ -390,21 +422,7 @@ otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i, const otlp_ctx_t *c
     }
     if (dropped)
         pb_varint_field(ev, EVENT_DROPPED_ATTRIBUTES_COUNT, dropped);
-    pb_end(ev, body);
-    e->total_ev++;
-    if (e->n_ev - e->first > st->event_limit) {
-        e->first++; /* drop the oldest, as the SDK does */
-        st->events_dropped++;
-        if (e->first > st->event_limit) { /* compact */
-            uint32_t base = e->ev_off[e->first];
-            memmove(ev->data, ev->data + base, ev->len - base);
-            ev->len -= base;
-            for (uint32_t k = e->first; k < e->n_ev; k++)
-                e->ev_off[k - e->first] = e->ev_off[k] - base;
-            e->n_ev -= e->first;
-            e->first = 0;
-        }
-    }
+    ospan_event_end(st, e, body);
 }
 
 /* the name of the thread that recorded slot i (NULL: unknown) */
@@ -728,4 +746,46 @@ cn_mod_otlp_metrics_encode(PyObject *m, PyObject *args, PyObject *kw)
     if (rc < 0)
         return PyErr_NoMemory();
     return out;
+}
+
+/* otlp_add_event(state, span_hi, span_lo, ts_ns, name, attrs) -> None
+ * An event on a span not yet encoded (the span with id hi:lo, open or closed but not yet
+ * passed to otlp_encode), kept with its marks' events under the same event limit: the
+ * snapshots an epoch end captures (cirron_otel._snapshots). The attrs as span-event
+ * attributes, by the rule of a mark's attrs. GIL held. */
+PyObject *
+cn_mod_otlp_add_event(PyObject *m, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"state", "span_hi", "span_lo", "ts_ns", "name", "attrs", NULL};
+    PyObject *state, *attrs;
+    unsigned long long hi, lo;
+    long long ts;
+    const char *name;
+    Py_ssize_t nlen;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!KKLs#O!:otlp_add_event", kwlist, &cn_OtlpState_Type,
+                                     &state, &hi, &lo, &ts, &name, &nlen, &PyDict_Type, &attrs))
+        return NULL;
+    OtlpStateObject *st = (OtlpStateObject *)state;
+    if (!st->traces) /* a metrics-only state keeps no events */
+        Py_RETURN_NONE;
+    buf_t kvs = {0};
+    uint32_t n = 0, dropped = 0;
+    cn_otlp_attrs(&kvs, attrs, cn_state.event_attr_limit, &n, &dropped, 0);
+    ospan_t *e = kvs.oom ? NULL
+                         : (ospan_t *)spantab_get(&st->spans, hi, lo, sizeof(ospan_t), 256, NULL);
+    size_t body;
+    buf_t *ev = e ? ospan_event_begin(e, &body) : NULL;
+    if (ev == NULL) {
+        free(kvs.data);
+        return PyErr_NoMemory();
+    }
+    pb_fixed64_field(ev, EVENT_TIME_UNIX_NANO, (uint64_t)ts);
+    pb_bytes(ev, EVENT_NAME, name, (size_t)nlen);
+    if (kvs.len)
+        pb_splice_kvs(ev, EVENT_ATTRIBUTES, kvs.data, kvs.len, n);
+    if (dropped)
+        pb_varint_field(ev, EVENT_DROPPED_ATTRIBUTES_COUNT, dropped);
+    ospan_event_end(st, e, body);
+    free(kvs.data);
+    Py_RETURN_NONE;
 }

@@ -24,6 +24,27 @@ if TYPE_CHECKING:
     from ._config import Settings
 
 
+# cirron-sdk's SnapshotBuffer soft cap: snapshots waiting for a sink's next export
+SNAPSHOTS_PENDING_MAX = 100_000
+
+
+class Snapshot:
+    """One weight / gradient snapshot record (cirron_otel._snapshots makes them): `record` is
+    the spool's snapshot record, `json` its encoding, `stats` the statistics as computed
+    (non-finite values as they are, for OpenTelemetry), `span` the epoch span's id halves
+    (the OpenTelemetry span) and whether it is sampled. A plain class (start-up cost)."""
+
+    __slots__ = ("json", "record", "sampled", "span_hi", "span_lo", "stats")
+
+    def __init__(
+        self, record: dict[str, Any], json: bytes, stats: dict[str, Any] | None, span: tuple[int, int, bool]
+    ) -> None:
+        self.record = record
+        self.json = json
+        self.stats = stats
+        self.span_hi, self.span_lo, self.sampled = span
+
+
 class SinkStats:
     """Counters a sink reports in `health()["sinks"][name]`. Counts are in the sink's unit
     (`Sink.count`: records, spans + marks, by default; spans for OTLP).
@@ -107,9 +128,33 @@ class Sink(ABC):
     # fill and producers wait briefly (the spool: durable data is never dropped for speed).
     # False: what the sink cannot keep up with is dropped and counted.
     backpressure: bool = False
+    # True: the sink is handed the weight / gradient snapshots captured at epoch ends
+    # (`add_snapshots`) and takes them with `take_snapshots` in its next `export`.
+    takes_snapshots: bool = False
 
     def __init__(self) -> None:
         self.stats = SinkStats(self.name)
+        self._snapshots: list[Snapshot] = []
+        self._snapshots_lock = threading.Lock()
+        if self.takes_snapshots:
+            self.stats.set(snapshots_dropped=0)
+
+    def add_snapshots(self, snapshots: Sequence[Snapshot]) -> None:
+        """Snapshots captured at an epoch end (any thread), for the next `export`: at most
+        SNAPSHOTS_PENDING_MAX wait (cirron-sdk's buffer cap), the newest beyond are dropped
+        and counted (`snapshots_dropped`)."""
+        with self._snapshots_lock:
+            room = max(0, SNAPSHOTS_PENDING_MAX - len(self._snapshots))
+            self._snapshots.extend(snapshots[:room])
+        if len(snapshots) > room:
+            self.stats.add(snapshots_dropped=len(snapshots) - room)
+
+    def take_snapshots(self) -> list[Snapshot]:
+        """The snapshots added since the last call, oldest first (on the sink's worker).
+        Captured before their epoch span closed, they reach the sink no later than it."""
+        with self._snapshots_lock:
+            out, self._snapshots = self._snapshots, []
+        return out
 
     @abstractmethod
     def export(self, batches: Sequence[Batch]) -> None:

@@ -185,6 +185,7 @@ typedef struct {
     Py_ssize_t bid_len, sdk_len;
     long long created_ns;
     int with_trace;
+    Py_buffer snaps; /* the snapshot records, JSON objects joined by commas (may be empty) */
 } spool_args_t;
 
 /* GIL released by the caller. */
@@ -221,33 +222,48 @@ encode_spool_into(sink_buf_t *o, spool_args_t *a)
         if (pass == 0)
             BUF_LIT(b0, "],\"marks\":[");
     }
-    BUF_LIT(b0, "],\"snapshots\":[]}");
+    /* snapshots are captured in Python at epoch ends (cirron_otel._snapshots), already JSON */
+    BUF_LIT(b0, "],\"snapshots\":[");
+    buf_put(b0, (const char *)a->snaps.buf, (size_t)a->snaps.len);
+    BUF_LIT(b0, "]}");
     stream_out(o, 1);
 }
 
 static int
 parse_spool_args(PyObject *args, PyObject *kw, int with_fd, int *fd, spool_args_t *a)
 {
-    static char *kw_bytes[] = {"batches", "batch_id", "created_ns", "sdk_version", "with_trace_id", NULL};
-    static char *kw_fd[] = {"fd", "batches", "batch_id", "created_ns", "sdk_version", "with_trace_id",
-                            NULL};
+    static char *kw_bytes[] = {"batches",       "batch_id",  "created_ns", "sdk_version",
+                               "with_trace_id", "snapshots", NULL};
+    static char *kw_fd[] = {"fd",          "batches",       "batch_id",  "created_ns",
+                            "sdk_version", "with_trace_id", "snapshots", NULL};
     PyObject *seq;
     a->with_trace = 1;
-    int ok = with_fd ? PyArg_ParseTupleAndKeywords(args, kw, "iOs#Ls#|p:write_spool", kw_fd, fd, &seq,
+    a->snaps.buf = NULL;
+    int ok = with_fd ? PyArg_ParseTupleAndKeywords(args, kw, "iOs#Ls#|py*:write_spool", kw_fd, fd, &seq,
                                                    &a->batch_id, &a->bid_len, &a->created_ns,
-                                                   &a->sdk_version, &a->sdk_len, &a->with_trace)
-                     : PyArg_ParseTupleAndKeywords(args, kw, "Os#Ls#|p:encode_spool", kw_bytes, &seq,
+                                                   &a->sdk_version, &a->sdk_len, &a->with_trace,
+                                                   &a->snaps)
+                     : PyArg_ParseTupleAndKeywords(args, kw, "Os#Ls#|py*:encode_spool", kw_bytes, &seq,
                                                    &a->batch_id, &a->bid_len, &a->created_ns,
-                                                   &a->sdk_version, &a->sdk_len, &a->with_trace);
+                                                   &a->sdk_version, &a->sdk_len, &a->with_trace,
+                                                   &a->snaps);
     if (!ok)
         return -1;
+    if (a->snaps.buf == NULL) { /* not given: an empty buffer, released as one */
+        static const char none[1] = "";
+        if (PyBuffer_FillInfo(&a->snaps, NULL, (void *)none, 0, 1, PyBUF_SIMPLE) < 0)
+            return -1;
+    }
     a->fast = PySequence_Fast(seq, "expected a sequence of Batch objects");
-    if (a->fast == NULL)
+    if (a->fast == NULL) {
+        PyBuffer_Release(&a->snaps);
         return -1;
+    }
     a->nb = PySequence_Fast_GET_SIZE(a->fast);
     for (Py_ssize_t k = 0; k < a->nb; k++) {
         if (!PyObject_TypeCheck(PySequence_Fast_GET_ITEM(a->fast, k), &cn_Batch_Type)) {
             Py_CLEAR(a->fast);
+            PyBuffer_Release(&a->snaps);
             PyErr_SetString(PyExc_TypeError, "expected a sequence of Batch objects");
             return -1;
         }
@@ -255,7 +271,8 @@ parse_spool_args(PyObject *args, PyObject *kw, int with_fd, int *fd, spool_args_
     return 0;
 }
 
-/* encode_spool(batches, batch_id, created_ns, sdk_version, with_trace_id=True) -> bytes */
+/* encode_spool(batches, batch_id, created_ns, sdk_version, with_trace_id=True, snapshots=b"") -> bytes
+ * snapshots: the batch's snapshot records, JSON objects joined by commas, written as they are. */
 PyObject *
 cn_mod_encode_spool(PyObject *m, PyObject *args, PyObject *kw)
 {
@@ -267,6 +284,7 @@ cn_mod_encode_spool(PyObject *m, PyObject *args, PyObject *kw)
     encode_spool_into(&o, &a);
     Py_END_ALLOW_THREADS
     Py_DECREF(a.fast);
+    PyBuffer_Release(&a.snaps);
     if (o.buf.oom) {
         free(o.buf.data);
         return PyErr_NoMemory();
@@ -276,7 +294,7 @@ cn_mod_encode_spool(PyObject *m, PyObject *args, PyObject *kw)
     return res;
 }
 
-/* write_spool(fd, batches, batch_id, created_ns, sdk_version, with_trace_id=True) -> int
+/* write_spool(fd, batches, batch_id, created_ns, sdk_version, with_trace_id=True, snapshots=b"") -> int
  * Encode straight into an open file; returns the bytes written, raises OSError. */
 PyObject *
 cn_mod_write_spool(PyObject *m, PyObject *args, PyObject *kw)
@@ -291,6 +309,7 @@ cn_mod_write_spool(PyObject *m, PyObject *args, PyObject *kw)
     encode_spool_into(&o, &a);
     Py_END_ALLOW_THREADS
     Py_DECREF(a.fast);
+    PyBuffer_Release(&a.snaps);
     int oom = o.buf.oom;
     free(o.buf.data);
     if (oom)

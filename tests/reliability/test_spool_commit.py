@@ -61,9 +61,9 @@ def test_the_next_file_is_encoded_while_the_previous_one_syncs(tmp_path, monkeyp
         else:
             real_fsync(fd)
 
-    def write_spool(*args: object) -> int:
+    def write_spool(*args: object, **kwargs: object) -> int:
         events.append(("encode", time.monotonic()))
-        return real_write(*args)
+        return real_write(*args, **kwargs)
 
     monkeypatch.setattr(os, "fsync", slow_fsync)
     monkeypatch.setattr(_native, "write_spool", write_spool)
