@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import cirron_otel as ci
-from cirron_otel import _hooks_torch, _warn
+from cirron_otel import _hooks_common, _hooks_torch, _warn
 from tests.support.spool_tree import spans, tree
 
 if os.environ.get("CIRRON_REQUIRE_TORCH") == "1":  # .ci/run installs torch: a skip would hide a failure
@@ -137,7 +137,7 @@ def test_a_failing_hook_never_reaches_the_loop_and_is_counted(
     profile(out)
     _warn.reset()  # warned once per process: this test wants to see it
     before = counts()
-    monkeypatch.setattr(_hooks_torch, "_scope", broken)  # every span the hooks open fails
+    monkeypatch.setattr(_hooks_common, "_scope", broken)  # every span the hooks open fails
     monkeypatch.setattr(_hooks_torch.TorchHooks, "_data_loaded", broken)
     with pytest.warns(ci.CirronWarning, match="PyTorch"):
         losses = train()
