@@ -17,18 +17,51 @@ def spans(spool_dir: Path) -> list[dict[str, Any]]:
 
 
 def tree(records: list[dict[str, Any]], root_name: str = "cirron.session") -> list[Any]:
-    """(name, index, attrs, children) under the session span, in start order; data_load_ns
-    (a duration) checked to be an int and replaced by "<ns>"."""
+    """(name, index, attrs, children) under the session span, in start order (attrs: `_attrs`)."""
     kids: dict[str | None, list[dict[str, Any]]] = {}
     for s in records:
         kids.setdefault(s["parent_id"], []).append(s)
 
     def node(s: dict[str, Any]) -> tuple[Any, ...]:
-        attrs = dict(s["attrs"])
-        if "data_load_ns" in attrs:
-            assert isinstance(attrs["data_load_ns"], int) and attrs["data_load_ns"] >= 0
-            attrs["data_load_ns"] = "<ns>"
-        return (s["name"], s["index"], attrs, [node(c) for c in kids.get(s["id"], [])])
+        return (s["name"], s["index"], _attrs(s["attrs"]), [node(c) for c in kids.get(s["id"], [])])
 
     (session,) = [s for s in records if s["name"] == root_name]
     return [node(c) for c in kids.get(session["id"], [])]
+
+
+def marks(spool_dir: Path) -> list[dict[str, Any]]:
+    """Every mark of the spool's JSON files, in time order."""
+    out: list[dict[str, Any]] = []
+    for path in sorted(spool_dir.glob("*.json")):
+        out.extend(json.loads(path.read_text())["marks"])
+    return sorted(out, key=lambda m: m["ts_ns"])
+
+
+def marked_tree(spool_dir: Path, root_name: str = "cirron.session") -> tuple[Any, ...]:
+    """The session as (name, index, attrs, marks, children), marks as (name, kind, value) on the
+    span they were made in; attrs as `tree` has them, the session's less `pid`."""
+    records, by_span = spans(spool_dir), {}
+    for m in marks(spool_dir):
+        by_span.setdefault(m["span_id"], []).append((m["name"], m["kind"], m["value"]))
+    kids: dict[str | None, list[dict[str, Any]]] = {}
+    for s in records:
+        kids.setdefault(s["parent_id"], []).append(s)
+
+    def node(s: dict[str, Any]) -> tuple[Any, ...]:
+        attrs = _attrs(s["attrs"])
+        if s["name"] == root_name:
+            attrs.pop("pid", None)
+        children = [node(c) for c in kids.get(s["id"], [])]
+        return (s["name"], s["index"], attrs, by_span.get(s["id"], []), children)
+
+    (session,) = [s for s in records if s["name"] == root_name]
+    return node(session)
+
+
+def _attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """data_load_ns (a duration) checked to be an int and replaced by "<ns>"."""
+    out = dict(attrs)
+    if "data_load_ns" in out:
+        assert isinstance(out["data_load_ns"], int) and out["data_load_ns"] >= 0
+        out["data_load_ns"] = "<ns>"
+    return out
