@@ -126,12 +126,12 @@ class Loader:
 
 
 class Fakes:
-    def __init__(self, epoch_steps: int = 1000) -> None:
+    def __init__(self, epoch_steps: int = 1000, context: HookContext | None = None) -> None:
         self.nn, self.optim, self.torch = FakeNN(), FakeOptim(), make_torch()
         self.Loader = type("Loader", (Loader,), {})
         self.originals = (self.torch.Tensor.__dict__["backward"], self.torch.autograd.backward)
         self.loader_iter = self.Loader.__dict__.get("__iter__")
-        self.hooks = TorchHooks(epoch_steps)
+        self.hooks = TorchHooks(epoch_steps, context)
         self.hooks._install_forward(self.nn)
         self.hooks._install_backward(self.torch)
         self.hooks._install_optimizer(self.optim)
@@ -254,6 +254,27 @@ def test_then_a_dataloader_turns_the_step_fallback_off(session: Callable[[], lis
         f.train_step(x)
     f.hooks.uninstall()
     assert [(n, i) for n, i, _, _ in session()] == [("epoch", 0)]
+
+
+def test_no_epoch_or_step_while_a_trainer_owns_them(session: Callable[[], list[Any]]) -> None:
+    # the SDK's hand-over: Trainer's callback claims both, Keras's only the epoch (its torch
+    # backend has no torch optimizer: the step then stays open until shutdown, as in the SDK)
+    context = HookContext()
+    f = Fakes(epoch_steps=1, context=context)
+    context.owned_scopes.update(epoch="transformers", step="transformers")
+    for x in f.Loader([1, 2]):
+        f.train_step(x)
+    context.owned_scopes.clear()  # on_train_end: the hooks' own epochs and steps again
+    for x in f.Loader([1]):
+        f.train_step(x)
+    context.owned_scopes["epoch"] = "tensorflow"
+    for x in f.Loader([1]):
+        f.train_step(x)
+    f.hooks.uninstall()
+    assert session() == [
+        *STEP * 2,
+        ("epoch", 0, {}, [("step", 0, {}, STEP), ("step", 1, {}, STEP)]),
+    ]
 
 
 def test_a_forward_that_raises_closes_its_span_and_the_depth(session: Callable[[], list[Any]]) -> None:
