@@ -92,7 +92,8 @@ def profile(out: Path, **kwargs: Any) -> ci.Profiler:
 def test_training_loop_without_scopes_shows_its_structure(out: Path) -> None:
     before = originals()
     prof = profile(out)
-    assert prof.installed_hooks == ["torch"] and ci.health()["installed_hooks"] == ["torch"]
+    # (and Trainer's, after torch, when another test module has imported transformers.trainer)
+    assert prof.installed_hooks[-1:] == ["torch"] and ci.health()["installed_hooks"][-1:] == ["torch"]
     assert originals() != before
     losses = train()
     ci.shutdown()
