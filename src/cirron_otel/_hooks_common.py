@@ -14,12 +14,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 from . import _native
 from ._warn import warn_once
 from .compat import swallowed
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: profile() imports us
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 # name -> (hooks module, trigger module); in the SDK's install order (transformers, then
 # tensorflow, then torch): installed_hooks lists them so, and shutdown removes them in reverse.
