@@ -54,7 +54,7 @@ class Health(TypedDict):
     flush_mode: str  # "normal" while the drainer runs, else "stopped" (the SDK's values)
     flush_restart_count: int
     transport: str | None  # the Cirron platform transport: "FileOnlyTransport" (never the platform)
-    installed_hooks: list[str]  # framework hooks installed ("torch"; see README, compatibility)
+    installed_hooks: list[str]  # framework hooks installed ("transformers", "tensorflow", "torch")
     platform_context: dict[str, str]  # the CIRRON_RUN_ID / _PIPELINE_ID / ... values set
     # cirron-otel's own
     native: bool

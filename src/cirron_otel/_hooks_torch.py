@@ -15,6 +15,8 @@ writes them (names, nesting, `index` and attributes):
 
 A loop that never iterates a DataLoader gets its epochs from the SDK's fallback: one every
 `epoch_steps` optimizer steps (1000, or `profile(config={"torch": {"epoch_steps": N}})`).
+While a Hugging Face Trainer or a Keras fit() runs, their callbacks own `epoch` (and
+Trainer's `step`): these hooks then open neither, as in the SDK (`_hooks_common.HookContext`).
 
 Every span goes through the native ring as a user scope does (`_native.scope`, entered and
 exited by hand). Every hook body is guarded: a failure is counted in
@@ -30,7 +32,6 @@ span closes, the records linked to that span.
 Left out on purpose, relative to the SDK:
 - CUDA event timing (`gpu_ns`): no CUDA timing path exists here (the SDK's pool of
   `torch.cuda.Event` pairs and its deferred emission); spans carry no `gpu_ns`.
-- the ownership hand-over with the transformers / Keras hooks (not provided yet).
 One deliberate difference: the forward post-hook is registered with `always_call=True` (when
 the installed torch has it), so a forward that raises closes its span and the depth count
 stays right; the SDK's stays off by one and records no forward span for the rest of the run.
@@ -45,65 +46,21 @@ import contextlib
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-from . import _native
-from ._warn import warn_once
-from .compat import snapshots_on, swallowed, watched_model
+from . import _hooks_common
+from ._hooks_common import HookContext, Patches, Spans
+from .compat import snapshots_on, watched_model
 
 NAME = "torch"
 DEFAULT_EPOCH_STEPS = 1000
 
-_scope = _native.scope
-_current = _native.current_scope
-_scope_var = _native.scope_var
+_SPANS = Spans(NAME, "PyTorch")
+_failed = _SPANS.failed
+_open = _SPANS.open
+_close = _SPANS.close
 _perf_ns = time.perf_counter_ns
-
-
-def _failed(where: str, exc: BaseException) -> None:
-    """Count a hook failure (never raised: telemetry never breaks the training loop)."""
-    try:
-        swallowed(f"torch.{where}", exc)
-        warn_once(
-            f"torch-hook:{where}",
-            f"cirron_otel: the PyTorch {where} hook failed ({type(exc).__name__}: {exc}); "
-            "counted in health()['swallowed_errors'], the program goes on",
-        )
-    except Exception:  # pragma: no cover - counting must not fail either
-        pass
-
-
-def _open(name: str, index: int | None = None, **attrs: Any) -> Any:
-    """A native scope opened under the current one (as `with ci.scope(...)` would), or None."""
-    try:
-        scope = _scope(name, index, **attrs)
-        scope.__enter__()
-        return scope
-    except Exception as exc:
-        _failed(f"open.{name}", exc)
-        return None
-
-
-def _close(scope: Any) -> None:
-    """Close `scope`. When it is not the innermost one (a scope opened after it is still open),
-    the current scope is left as it was: the SDK's close_and_remove, which pops nobody else."""
-    if scope is None:
-        return
-    try:
-        innermost = _current() is scope
-    except Exception as exc:
-        _failed("close", exc)
-        innermost = True  # closed all the same: an open span must not leak
-    try:
-        if innermost:
-            scope.__exit__(None, None, None)
-        else:
-            current = _scope_var.get(None)
-            scope.__exit__(None, None, None)
-            _scope_var.set(current)
-    except Exception as exc:
-        _failed("close", exc)
 
 
 class _ForwardDepth(threading.local):
@@ -151,10 +108,13 @@ class TorchHooks:
 
     name = NAME
 
-    def __init__(self, epoch_steps: int = DEFAULT_EPOCH_STEPS) -> None:
+    def __init__(self, epoch_steps: int = DEFAULT_EPOCH_STEPS, context: HookContext | None = None) -> None:
         self.installed = False
         self.epoch_steps = epoch_steps
-        self._undos: list[tuple[str, Callable[[], None]]] = []
+        # the Trainer / Keras callbacks' claims: while they hold "epoch" / "step", these hooks
+        # open neither (the SDK's checks, at the same places)
+        self.owned = (context if context is not None else HookContext()).owned_scopes
+        self._patches = Patches(_SPANS)
         self._handles: list[Any] = []
         self._fwd = _ForwardDepth()
         self._opt = threading.local()  # .scopes: optimizer_step spans between pre and post hook
@@ -199,23 +159,7 @@ class TorchHooks:
             except Exception as exc:
                 _failed("uninstall.remove_hook", exc)
         self._handles = []
-        for label, undo in reversed(self._undos):
-            try:
-                undo()
-            except Exception as exc:
-                _failed(f"uninstall.{label}", exc)
-        self._undos = []
-
-    def _patch(self, owner: Any, attr: str, replacement: Any, label: str) -> None:
-        """Set `owner.attr`; uninstall puts back exactly what was there (an attribute the class
-        only inherited is deleted again, not copied onto it)."""
-        if isinstance(owner, type) and attr not in owner.__dict__:
-            setattr(owner, attr, replacement)
-            self._undos.append((label, lambda: delattr(owner, attr)))
-            return
-        original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
-        setattr(owner, attr, replacement)
-        self._undos.append((label, lambda: setattr(owner, attr, original)))
+        self._patches.undo()
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -270,7 +214,7 @@ class TorchHooks:
         def autograd_backward_hook(*args: Any, **kwargs: Any) -> Any:
             # Tensor.backward calls torch.autograd.backward: one span, not two
             try:
-                current = _current()
+                current = _hooks_common._current()
                 nested = current is not None and current.name == "backward"
             except Exception as exc:
                 _failed("backward", exc)
@@ -283,8 +227,8 @@ class TorchHooks:
 
         backward.__doc__ = tensor_backward.__doc__
         autograd_backward_hook.__doc__ = autograd_backward.__doc__
-        self._patch(torch.Tensor, "backward", backward, "Tensor.backward")
-        self._patch(torch.autograd, "backward", autograd_backward_hook, "autograd.backward")
+        self._patches.patch(torch.Tensor, "backward", backward, "Tensor.backward")
+        self._patches.patch(torch.autograd, "backward", autograd_backward_hook, "autograd.backward")
 
     # -- optimizer step -----------------------------------------------------------------------
 
@@ -321,7 +265,10 @@ class TorchHooks:
                 _failed("snapshot_grad_stash", exc)
         # The implicit step span (opened by the loader) closes here; gradient accumulation
         # (several forward/backward per optimizer step) stays inside one step.
-        self._close_step()
+        if "step" not in self.owned:
+            self._close_step()
+        if "epoch" in self.owned:  # a Trainer / fit() is running: its callback opens epochs
+            return
         # Epochs for loops that never iterate a DataLoader; off for good once one has.
         if not self.dl_driven:
             self.epoch_step_count += 1
@@ -335,18 +282,19 @@ class TorchHooks:
         hooks = self
 
         def dataloader_iter(self: Any) -> Any:
-            try:
-                hooks.dl_driven = True
-                hooks._rotate_epoch()
-            except Exception as exc:
-                _failed("epoch_rotate", exc)
+            if "epoch" not in hooks.owned:
+                try:
+                    hooks.dl_driven = True
+                    hooks._rotate_epoch()
+                except Exception as exc:
+                    _failed("epoch_rotate", exc)
             return _LoaderIter(hooks, loader_iter(self))
 
         dataloader_iter.__doc__ = loader_iter.__doc__
-        self._patch(loader_class, "__iter__", dataloader_iter, "DataLoader.__iter__")
+        self._patches.patch(loader_class, "__iter__", dataloader_iter, "DataLoader.__iter__")
 
     def _data_loaded(self, dt: int) -> None:
-        if self.step is None:
+        if self.step is None and "step" not in self.owned:
             self.step = _open("step", self.step_index)
         scope = _open("data_load", data_load_ns=dt)
         _close(scope)
@@ -407,7 +355,8 @@ class TorchHooks:
     def _rotate_epoch(self) -> None:
         # A step left open by an eval-only pass (no optimizer.step) closes first, so the new
         # epoch does not nest inside it.
-        self._close_step()
+        if "step" not in self.owned:
+            self._close_step()
         previous = self.epoch
         if previous is not None:
             self.epoch = None
@@ -426,20 +375,12 @@ class TorchHooks:
         _close(epoch)
 
 
-def install(frameworks: list[str] | None) -> TorchHooks | None:
-    """Install the PyTorch hooks if they apply: `frameworks` (the resolved
-    `profile(frameworks=...)`) names torch, or it is None and the program has already imported
-    torch (never imported here just to find out). Never raises; None when not installed."""
-    import sys
-
-    if frameworks is None:
-        if sys.modules.get("torch") is None:  # not imported (None: its import blocked)
-            return None
-    elif NAME not in frameworks:
-        return None
+def install(context: HookContext) -> TorchHooks | None:
+    """Import torch and install the hooks (`_profiler` decides when). Never raises; None when
+    not installed (a failure counted as `torch.install`)."""
     hooks = None
     try:
-        hooks = TorchHooks(_epoch_steps())
+        hooks = TorchHooks(_epoch_steps(), context)
         hooks.install()
         return hooks
     except Exception as exc:  # a broken torch never stops profile()

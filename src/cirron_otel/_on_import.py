@@ -7,7 +7,7 @@ finds its real spec through the other finders, stands in as its loader only to r
 callback after the real loader's `exec_module`, and removes itself. Until then it costs one
 Python call per import of a new module; nothing on the hot paths.
 
-Used for OpenTelemetry's context (`_otel_context`) and the PyTorch hooks (`_profiler`).
+Used for OpenTelemetry's context (`_otel_context`) and the framework hooks (`_profiler`).
 """
 
 from __future__ import annotations

@@ -61,8 +61,9 @@ class Profiler:
         self.drainer: Drainer | None = None
         self.trace_store: TraceStore | None = None
         self.session: _native.Scope | None = None
-        self.framework_hooks: list[Any] = []  # installed framework hooks (_hooks_torch)
-        self.torch_finder: Any = None  # _on_import's, while torch is not imported yet
+        self.framework_hooks: list[Any] = []  # installed framework hooks (_hooks_common)
+        self.framework_finders: dict[str, Any] = {}  # _on_import's, for frameworks not imported yet
+        self.hook_context: Any = None  # the hooks' epoch / step hand-over (_hooks_common)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -378,67 +379,75 @@ def _safe(fn: Callable[[], Any], default: Any) -> Any:
 # -- hooks ------------------------------------------------------------------------------
 
 
-def _install_framework_hooks(prof: Profiler) -> None:
-    """cirron-sdk's framework hooks: PyTorch's (the only ones so far: README, compatibility).
-    Installed when the resolved `profile(frameworks=...)` names torch or, with none given, when
-    the program has imported torch: now if it has, else right after it does (`_on_import`);
-    torch is never imported here just to find out."""
+def _install_framework_hooks(prof: Profiler, detected: list[str]) -> None:
+    """cirron-sdk's framework hooks (`_hooks_common.FRAMEWORKS`), in its install order.
+
+    `frameworks` given (profile's, config's, cirron.yaml's): those, now, importing the framework
+    as the SDK does. Not given: the SDK's `detected` ones (found installed, by find_spec), each
+    when the program imports the module the hooks patch (torch, transformers.trainer, keras):
+    now if it has, else right after it does (`_on_import`). A framework is never imported just
+    to look (the SDK imports every one it finds installed at profile())."""
     from . import compat
+    from ._hooks_common import FRAMEWORKS, HookContext, priority
 
-    frameworks = compat.profiling_config()["frameworks"]
-    if frameworks is None and sys.modules.get("torch") is None:
-        if "torch" not in sys.modules:  # (present as None: its import is blocked)
-            # imported later: hooked right after torch's own import has run, as the SDK would
-            # have hooked it at profile() (it imports torch whenever installed)
-            from ._on_import import on_import
-
-            prof.torch_finder = on_import("torch", lambda: _on_torch_imported(prof))
-        return
-    for name in dict.fromkeys(frameworks or ()):
-        if name != "torch":
-            known = name in ("tensorflow", "transformers")
+    explicit = compat.profiling_config()["frameworks"] is not None
+    prof.hook_context = HookContext()
+    for name in sorted(dict.fromkeys(detected), key=priority):
+        if name not in FRAMEWORKS:
+            hint = " (cirron-sdk's Keras hooks are named 'tensorflow')" if name == "keras" else ""
             warn_once(
                 f"framework:{name}",
-                f"cirron_otel: no framework hooks for {name!r}: "
-                + ("not provided yet (PyTorch's are)" if known else "unknown framework (known: torch)"),
+                f"cirron_otel: unknown framework {name!r}, no hooks installed{hint} "
+                f"(known: {', '.join(sorted(FRAMEWORKS))})",
             )
+            continue
+        trigger = FRAMEWORKS[name][1]
+        if explicit or sys.modules.get(trigger) is not None:
+            _add_framework_hooks(prof, name)
+        elif trigger not in sys.modules:  # (present as None: its import is blocked)
+            from ._on_import import on_import
+
+            def imported(name: str = name) -> None:
+                _on_framework_imported(prof, name)
+
+            prof.framework_finders[name] = on_import(trigger, imported)
+
+
+def _add_framework_hooks(prof: Profiler, name: str) -> None:
+    """Install `name`'s hooks (never raises: a failure is counted as `<name>.install`)."""
+    from importlib import import_module
+
+    from ._hooks_common import FRAMEWORKS, priority
+
     try:
-        from ._hooks_torch import install
-
-        hooks = install(frameworks)
-    except Exception as exc:  # never stops profile()
-        compat.swallowed("torch.install", exc)
-        return
-    if hooks is not None:
-        prof.framework_hooks.append(hooks)
-
-
-def _on_torch_imported(prof: Profiler) -> None:
-    """The program imported torch after profile(): install the PyTorch hooks now."""
-    prof.torch_finder = None
-    if not prof.running or any(h.name == "torch" for h in prof.framework_hooks):
-        return
-    try:
-        from ._hooks_torch import install
-
-        hooks = install(None)
-    except Exception as exc:  # never breaks the program's import of torch
+        module = import_module(f".{FRAMEWORKS[name][0]}", __package__)
+        hooks = module.install(prof.hook_context)
+    except Exception as exc:  # never stops profile(), never breaks the program's import
         from .compat import swallowed
 
-        swallowed("torch.install", exc)
+        swallowed(f"{name}.install", exc)
         return
     if hooks is not None:
         prof.framework_hooks.append(hooks)
+        prof.framework_hooks.sort(key=lambda h: priority(h.name))  # the SDK's order
+
+
+def _on_framework_imported(prof: Profiler, name: str) -> None:
+    """The program imported `name`'s module after profile(): install its hooks now."""
+    prof.framework_finders.pop(name, None)
+    if not prof.running or any(h.name == name for h in prof.framework_hooks):
+        return
+    _add_framework_hooks(prof, name)
 
 
 def _uninstall_framework_hooks(prof: Profiler) -> None:
-    if prof.torch_finder is not None:
-        from ._on_import import cancel
+    from ._on_import import cancel
 
-        cancel(prof.torch_finder)
-        prof.torch_finder = None
+    finders, prof.framework_finders = prof.framework_finders, {}
+    for finder in finders.values():
+        cancel(finder)
     hooks, prof.framework_hooks = prof.framework_hooks, []
-    for h in reversed(hooks):
+    for h in reversed(hooks):  # the SDK's order: torch first, the callbacks' frameworks after
         try:
             h.uninstall()
         except Exception as exc:
@@ -784,6 +793,7 @@ def _profile(
         from ._config import resolve
 
         kwargs = dict(ours, enabled=enabled)
+        detected: list[str] = []  # the frameworks whose hooks apply (compat.session_attrs)
         if flush_interval is not None:
             kwargs["flush_interval"] = flush_interval
         if enabled:  # the SDK resolves nothing for a disabled profiler either
@@ -799,7 +809,7 @@ def _profile(
                 ours=kwargs,
             )
             # the session span's attributes as the SDK writes them; the caller's session_attrs win
-            attrs, _ = compat.session_attrs(compat.profiling_config()["frameworks"])
+            attrs, detected = compat.session_attrs(compat.profiling_config()["frameworks"])
             kwargs["session_attrs"] = {**attrs, **(kwargs.get("session_attrs") or {})}
         elif output is not None:
             kwargs["output"] = output
@@ -809,7 +819,7 @@ def _profile(
         _active = _last = prof
         if settings.enabled:
             _install_hooks(settings)
-            _install_framework_hooks(prof)
+            _install_framework_hooks(prof, detected)
             _export_to_children(prof)
             if any(getattr(x, "name", "") == "tracer_provider" for x in prof.sinks):
                 _flush_before_the_provider_exits()

@@ -21,7 +21,7 @@ from cirron_otel import _warn
 from tests.support.helpers import read_spool
 from tests.support.otlp import start
 from tests.support.otlp_receivers import GrpcReceiver
-from tests.support.spool_tree import spans
+from tests.support.spool_tree import snapshot_records, spans
 
 if os.environ.get("CIRRON_REQUIRE_TORCH") == "1":  # .ci/run installs torch: a skip would hide a failure
     import torch
@@ -95,28 +95,6 @@ def _run(cwd: Path, module: str, mode: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def _snapshots(cwd: Path) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
-    """The spool's snapshot records, in file order, with ids and times dropped, the epoch span
-    id as "epoch<index>" and blob_uri relative to the output dir; and the blob files' bytes."""
-    out = cwd / ".cirron"
-    epochs = {s["id"]: f"epoch{s['index']}" for s in spans(out / "spool") if s["name"] == "epoch"}
-    records = []
-    for doc in read_spool(out):
-        for r in doc["snapshots"]:
-            r = {k: v for k, v in r.items() if k not in ("id", "ts_ns")}
-            assert r["span_id"] in epochs, "a snapshot links to its epoch span"
-            if r["blob_uri"] is not None:
-                prefix = (out / "snapshots" / r["span_id"]).resolve().as_uri() + "/"
-                assert r["blob_uri"].startswith(prefix), r["blob_uri"]
-                r["blob_uri"] = r["blob_uri"][len(prefix) :]
-            r["span_id"] = epochs[r["span_id"]]
-            records.append(r)
-    blobs = {
-        f"{epochs[p.parent.name]}/{p.name}": p.read_bytes() for p in sorted((out / "snapshots").glob("*/*"))
-    }
-    return records, blobs
-
-
 @pytest.mark.parametrize("mode", ["stats", "sampled", "full"])
 def test_the_snapshots_are_the_sdks(tmp_path: Path, mode: str) -> None:
     pytest.importorskip("cirron", reason="cirron-sdk 0.3.0 is a test dependency (the test-core extra)")
@@ -126,7 +104,7 @@ def test_the_snapshots_are_the_sdks(tmp_path: Path, mode: str) -> None:
         cwd = tmp_path / module
         cwd.mkdir()
         _run(cwd, module, mode)
-        got[module] = _snapshots(cwd)
+        got[module] = snapshot_records(cwd / ".cirron")
     (sdk, sdk_blobs), (ours, our_blobs) = got["cirron"], got["cirron_otel"]
     assert ours == sdk  # every field, in the same order (ids and times aside)
     assert our_blobs == sdk_blobs  # the same files, byte for byte
