@@ -270,3 +270,22 @@ def test_a_capture_for_a_closed_epoch_span_leaves_no_event_waiting_in_the_encode
     assert events == {still_open.id[:16]: ["cirron.snapshot"] * 5, closed.id[:16]: ["loss"]}
     records = [r for doc in read_spool(out) for r in doc["snapshots"]]
     assert [r["span_id"] for r in records] == [still_open.id] * 5 + [closed.id] * 5
+
+
+@pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning")
+def test_stats_from_wire_gives_back_what_live_sends(tmp_path: Path) -> None:
+    """Replay rebuilds the live event's statistics from the spool's: every non-finite scalar in
+    its place (the `finite` block's too); only a histogram with a non-finite edge stays lost."""
+    raws = [
+        r["stats"] for make in (keras_like, torch_like) for r in _snapshots.capture(make(), SPAN, "stats")
+    ]
+    raws.append(
+        {"mean": 1.0, "std": float("inf"), "nonfinite_count": 1, "finite": {"count": 1, "max": float("-inf")}}
+    )
+    assert sum("nonfinite_count" in r for r in raws) >= 4
+    for raw in raws:
+        wire = json.loads(json.dumps(_snapshots.stats_to_wire(raw), allow_nan=False))
+        back = _snapshots.stats_from_wire(wire)
+        assert repr(back) == repr(raw) and list(back) == list(raw)  # repr: NaN equals itself; key order
+    lost = {"mean": 0.0, "histogram": {"bins": [float("-inf"), 0.0], "counts": [1]}}
+    assert _snapshots.stats_from_wire(json.loads(json.dumps(_snapshots.stats_to_wire(lost)))) == {"mean": 0.0}
