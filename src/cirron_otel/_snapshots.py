@@ -458,6 +458,23 @@ def stats_to_wire(stats: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
+def stats_from_wire(stats: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`stats_to_wire` undone as far as the spool allows (replay): each null scalar named in
+    `nonfinite` is its float again, in its place, and the map goes. A histogram left out for a
+    non-finite edge stays out: its bins and counts were never written."""
+    if not stats or not isinstance(stats.get("nonfinite"), dict):
+        return stats
+    nonfinite = stats["nonfinite"]
+    out = {k: v for k, v in stats.items() if k != "nonfinite"}
+    for key, token in nonfinite.items():
+        if key in _STATS_SCALARS and out.get(key) is None:
+            out[key] = float(token)  # "nan", "inf", "-inf" all parse
+    finite = out.get("finite")
+    if isinstance(finite, dict):
+        out["finite"] = stats_from_wire(finite)
+    return out
+
+
 # -- tensor files (the SDK's snapshots/sampled.py and blob.py) ------------------------------------
 
 

@@ -661,3 +661,196 @@ def test_metrics_requests_respect_the_request_size_limit(train_spool: Path) -> N
         return out
 
     assert points(small) == points(whole)  # the same points, in the same order
+
+
+# -- weight / gradient snapshots ---------------------------------------------------------------
+
+# A real torch model, 2 epochs, snapshots="stats", two frozen parameters holding inf / -inf /
+# NaN (the statistics' non-finite path: a tensor with finite elements, and one with none). The
+# marks after each optimizer step are on the epoch span, beside its snapshots. flush_interval=30:
+# exports happen only at ci.flush() and shutdown, so the live order of an epoch span's events is
+# fixed: epoch 0's marks are flushed before its snapshots are taken; epoch 1's go in the export
+# that takes its snapshots, after them.
+SNAPSHOT_RUN = """
+import sys
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+import cirron_otel as ci
+
+ci.profile(output_dir=sys.argv[1], output="spool,otlp", snapshots="stats", install_signal_handlers=False,
+           flush_interval=30)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+model.diverged = nn.Parameter(torch.tensor([1.0, float("inf"), -2.0, 0.5]), requires_grad=False)
+model.dead = nn.Parameter(torch.tensor([float("-inf"), float("nan")]), requires_grad=False)
+ci.watch(model)
+opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+loader = DataLoader(TensorDataset(torch.randn(6, 4), torch.randn(6, 1)), batch_size=2)
+for epoch in range(2):
+    for x, y in loader:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        ci.mark("loss", loss.item())
+    if epoch == 0:
+        ci.flush()
+ci.shutdown()
+"""
+PER_EPOCH = 10  # 6 weights (2 frozen), 4 gradients
+
+
+def _require_torch() -> None:
+    if os.environ.get("CIRRON_REQUIRE_TORCH") != "1":  # .ci/run installs torch: a skip would hide a failure
+        pytest.importorskip("torch", reason="PyTorch is not installed (not a test dependency)")
+
+
+def _any(av: Any) -> str:
+    """An AnyValue as text: its kind and value (NaN equal to itself)."""
+    kind = av.WhichOneof("value")
+    if kind == "array_value":
+        return "[" + ", ".join(_any(v) for v in av.array_value.values) + "]"
+    return f"{kind}:{getattr(av, kind)!r}"
+
+
+Event = tuple[int, str, int, list[tuple[str, str]]]  # time, name, dropped attributes, attributes
+
+
+def span_events(receiver: Any) -> dict[str, tuple[str, int, list[Event]]]:
+    """span id -> (name, dropped events, events), each event with every field it was sent with."""
+    return {
+        s.span_id.hex(): (
+            s.name,
+            s.dropped_events_count,
+            [
+                (
+                    e.time_unix_nano,
+                    e.name,
+                    e.dropped_attributes_count,
+                    [(a.key, _any(a.value)) for a in e.attributes],
+                )
+                for e in s.events
+            ],
+        )
+        for r in list(receiver.requests)
+        for rs in r.resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+    }
+
+
+@pytest.mark.parametrize("event_limit", [None, 8], ids=["all-events", "event-limit-8"])
+def test_replayed_snapshot_events_equal_the_live_ones(
+    grpc_receiver: Any,
+    http_receiver: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    event_limit: int | None,
+) -> None:
+    """A torch run exported live to one receiver, its spool replayed to another: every span's
+    events, the `cirron.snapshot` ones among them, are the same field by field (times,
+    attributes with their non-finite statistics, order among the marks' events, what the event
+    limit drops); a second replay sends nothing (resume is per request, snapshots included)."""
+    _require_torch()
+    out = tmp_path / "cirron"
+    if event_limit is not None:
+        monkeypatch.setenv("OTEL_SPAN_EVENT_COUNT_LIMIT", str(event_limit))  # replay reads it as profile()
+    run_python(
+        SNAPSHOT_RUN, str(out), env={"OTEL_EXPORTER_OTLP_ENDPOINT": grpc_receiver.endpoint}, timeout=180
+    )
+    spans, marks = load_records(out)
+    docs = [json.loads(path.read_bytes()) for path in sorted((out / "spool").glob("*.json"))]
+    records = [r for doc in docs for r in doc["snapshots"]]
+    epochs = sorted((s for s in spans if s["name"] == "epoch"), key=lambda s: s["index"])
+    assert len(epochs) == 2 and len(records) == 2 * PER_EPOCH
+    assert {m["span_id"] for m in marks if m["name"] == "loss"} == {e["id"] for e in epochs}
+    assert any(r["stats"].get("nonfinite") for r in records)  # the spool's null + nonfinite form
+    grpc_receiver.wait_for_spans(len(spans), timeout=20)
+    args = ["replay", str(out), "--endpoint", http_receiver.endpoint, "--protocol", "http/protobuf"]
+    args += ["--state", str(tmp_path / "s"), "--no-progress", "--no-metrics"]
+    result = cli(*args, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["unsent_snapshots"] == 0
+    live, replayed = span_events(grpc_receiver), span_events(http_receiver)
+    assert replayed == live
+    # what live sent, spelled out on the epoch spans
+    whole = 3 + PER_EPOCH
+    kept = whole if event_limit is None else event_limit
+    for epoch in epochs:
+        _, dropped, events = live[epoch["id"][:16]]
+        assert (len(events), dropped) == (kept, whole - kept)
+        names = ["loss"] * 3 + ["cirron.snapshot"] * PER_EPOCH
+        if epoch["index"] == 1:
+            names = names[3:] + names[:3]  # its marks went in the export that took its snapshots
+        assert [e[1] for e in events] == names[whole - kept :]  # the oldest dropped, as the SDK
+        sent = [e for e in events if e[1] == "cirron.snapshot"]
+        ours = [r for r in records if r["span_id"] == epoch["id"]][PER_EPOCH - len(sent) :]  # the newest kept
+        assert [(e[0], e[3][0]) for e in sent] == [
+            (r["ts_ns"], ("cirron.snapshot.id", f"string_value:{r['id']!r}")) for r in ours
+        ]
+    if event_limit is None:
+        # the statistics' non-finite values as live sends them (the doubles themselves)
+        attrs = {
+            dict(e[3])["cirron.snapshot.tensor_name"]: {
+                k.removeprefix("cirron.snapshot."): v for k, v in e[3]
+            }
+            for _, _, events in live.values()
+            for e in events
+            if e[1] == "cirron.snapshot"
+        }
+        diverged, dead = attrs["string_value:'diverged'"], attrs["string_value:'dead'"]
+        stats = ("mean", "std", "min", "max", "nonfinite_count", "finite.count")
+        assert [diverged[k] for k in stats] == [
+            "double_value:inf",
+            "double_value:nan",
+            "double_value:-2.0",
+            "double_value:inf",
+            "int_value:1",
+            "int_value:3",
+        ]
+        assert "finite.histogram.bins" in diverged and "histogram.bins" not in diverged
+        assert [dead[k] for k in stats] == ["double_value:nan"] * 4 + ["int_value:2", "int_value:0"]
+    # resumed: the state file holds every request, nothing goes twice
+    before = len(http_receiver.requests)
+    again = cli(*args)
+    assert again.exit_code == 0 and len(http_receiver.requests) == before
+
+
+def test_snapshots_whose_span_is_not_sent_are_counted_not_sent(grpc_receiver: Any, tmp_path: Path) -> None:
+    """As live: no event for a snapshot taken after its span closed (capture_epoch's rule), nor
+    for one whose span never closed (a killed run); replay counts them and says so."""
+    out = tmp_path / "cirron"
+    run_python(
+        """
+        import os, sys, types
+        import numpy as np
+        import cirron_otel as ci
+        from cirron_otel._snapshots import capture_epoch
+
+        ci.profile(output_dir=sys.argv[1], snapshots="stats", install_signal_handlers=False)
+        model = types.SimpleNamespace(weights=[np.ones(3, dtype=np.float32), np.arange(4.0)])
+        with ci.scope("epoch", index=0) as closed:
+            pass
+        capture_epoch(model, closed)   # after its span closed
+        with ci.scope("epoch", index=1) as epoch:
+            capture_epoch(model, epoch)   # the control: sent
+        never = ci.scope("epoch", index=2)
+        never.__enter__()
+        capture_epoch(model, never)   # its span never closes
+        ci.flush()
+        os._exit(0)   # killed
+    """,
+        str(out),
+    )
+    result = cli(
+        "replay", str(out), "--endpoint", grpc_receiver.endpoint, "--state", str(tmp_path / "s"),
+        "--no-progress", "--no-metrics", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["unsent_snapshots"] == 4
+    assert "4 snapshots attach to spans the spool does not hold, or were taken after" in result.stderr
+    events = {
+        s["attributes"]["cirron.index"]: [e["name"] for e in s["events"]] for s in grpc_receiver.spans()
+    }
+    assert events == {0: [], 1: ["cirron.snapshot"] * 2}

@@ -236,3 +236,56 @@ def test_a_sink_holds_at_most_the_sdks_cap_of_snapshots(
     sink.add_snapshots([_snapshot(i) for i in range(2, 5)])
     assert [s.record["tensor_name"] for s in sink.take_snapshots()] == ["t0", "t1", "t2"]
     assert sink.stats.as_dict()["snapshots_dropped"] == 2
+
+
+# -- OpenTelemetry events only for an epoch span still open -----------------------------------------
+
+
+def test_a_capture_for_a_closed_epoch_span_leaves_no_event_waiting_in_the_encoder(
+    out: Path, grpc_receiver: Any
+) -> None:
+    """capture_epoch's rule: the OTLP sinks get a snapshot as an event only while its epoch span
+    is open. A span closed (here: encoded and sent) is never encoded again, so an event for it
+    would wait in the encoder's open-span table for good, one more per such capture; the spool
+    still gets the records."""
+    from tests.support.otlp import start
+
+    prof = start(out, grpc_receiver, snapshots="stats")
+    (otlp,) = [s for s in prof.sinks if s.name == "otlp"]
+    model = torch_like()  # 3 weights, 2 gradients
+    with ci.scope("epoch") as still_open:
+        assert _snapshots.capture_epoch(model, still_open) == 5  # the control: events on it
+    with ci.scope("epoch") as closed:
+        ci.mark("loss", 1.0)
+    assert ci.flush()
+    assert otlp.state.open_spans == 0  # the closed epoch went out with its mark
+    assert _snapshots.capture_epoch(model, closed) == 5
+    assert ci.flush()
+    assert otlp.state.open_spans == 0  # nothing waits for a span that will never come again
+    ci.shutdown()
+    assert otlp.state.open_spans == 0
+    events = {
+        s["span_id"]: [e["name"] for e in s["events"]] for s in grpc_receiver.spans() if s["name"] == "epoch"
+    }
+    assert events == {still_open.id[:16]: ["cirron.snapshot"] * 5, closed.id[:16]: ["loss"]}
+    records = [r for doc in read_spool(out) for r in doc["snapshots"]]
+    assert [r["span_id"] for r in records] == [still_open.id] * 5 + [closed.id] * 5
+
+
+@pytest.mark.filterwarnings("ignore::cirron_otel.CirronWarning")
+def test_stats_from_wire_gives_back_what_live_sends(tmp_path: Path) -> None:
+    """Replay rebuilds the live event's statistics from the spool's: every non-finite scalar in
+    its place (the `finite` block's too); only a histogram with a non-finite edge stays lost."""
+    raws = [
+        r["stats"] for make in (keras_like, torch_like) for r in _snapshots.capture(make(), SPAN, "stats")
+    ]
+    raws.append(
+        {"mean": 1.0, "std": float("inf"), "nonfinite_count": 1, "finite": {"count": 1, "max": float("-inf")}}
+    )
+    assert sum("nonfinite_count" in r for r in raws) >= 4
+    for raw in raws:
+        wire = json.loads(json.dumps(_snapshots.stats_to_wire(raw), allow_nan=False))
+        back = _snapshots.stats_from_wire(wire)
+        assert repr(back) == repr(raw) and list(back) == list(raw)  # repr: NaN equals itself; key order
+    lost = {"mean": 0.0, "histogram": {"bins": [float("-inf"), 0.0], "counts": [1]}}
+    assert _snapshots.stats_from_wire(json.loads(json.dumps(_snapshots.stats_to_wire(lost)))) == {"mean": 0.0}

@@ -25,6 +25,13 @@ name, points ordered by (scope, rank, time). Not replayed: a `profile(metric_att
 allow-list (the spool does not say which attrs were labels) and points of a process whose
 session span is not in the spool (its start and id are unknown: counted, not sent).
 
+Snapshots (`ci.watch`): each spool snapshot record is the `cirron.snapshot` event the live
+OTLP sinks put on its epoch span (`snapshot_event_attrs`, the statistics' non-finite values
+restored from the spool's null + `nonfinite`), a file's snapshots before its marks (the live
+sink adds the snapshots it takes before it encodes that export's batches), under the same
+event limit. Not replayed: one captured after its span had closed (live adds none), and the
+histogram of a tensor whose histogram edges were not finite (the spool leaves it out).
+
 Memory: marks wait for their span (as in the live `OtlpState`): per open span at most
 `event_limit` encoded events plus its summaries, and at most `PENDING_POINTS_MAX` points;
 spans are encoded as they arrive.
@@ -82,12 +89,13 @@ class Limits:
 
 @dataclass
 class _Open:
-    """Marks of a span that has not been seen yet (it closes later, in a later file)."""
+    """Marks and snapshots of a span that has not been seen yet (it closes later, in a later file)."""
 
     events: deque[Any]
     total: int = 0
     summaries: dict[str, Any] = field(default_factory=dict)
     points: list[tuple[str, int, int | float]] = field(default_factory=list)  # (name, ts, value)
+    snapshots: int = 0  # of `total`: snapshot events
 
 
 @dataclass
@@ -139,6 +147,9 @@ class Counters:
     points_dropped: int = 0  # over PENDING_POINTS_MAX on one open span, or too large for a request
     points_no_session: int = 0  # their process's session span is not in the spool
     pending_points: int = 0  # at the end: on spans the spool does not hold
+    snapshots: int = 0  # snapshot records read
+    snapshots_after_close: int = 0  # captured after their span closed in the same file: no event
+    pending_snapshots: int = 0  # at the end: on spans the spool does not hold (or sent before them)
 
 
 @dataclass
@@ -331,10 +342,41 @@ class Encoder:
         dropped = self._attrs(kept.attributes, attrs, room)
         ev.attributes.extend(kept.attributes)
         ev.dropped_attributes_count = dropped
+        self._keep(st, ev)
+
+    def _keep(self, st: _Open, ev: Any) -> None:
+        """One more event of the span, among its last `limits.events` (marks and snapshots
+        share the limit, as in the live `ospan_event_end`)."""
         if len(st.events) == st.events.maxlen:
             self.counters.events_dropped += 1  # the oldest goes, as in the SDK
         st.events.append(ev)
         st.total += 1
+
+    def add_snapshot(self, record: dict[str, Any], end_ns: int | None) -> None:
+        """A snapshot record as the live `cirron.snapshot` event on its epoch span
+        (`OtlpEncodingSink.encode_requests`): the same attributes (`snapshot_event_attrs`, on
+        the statistics with their non-finite values restored) and time. `end_ns`: the span's
+        end when it closes in the same file."""
+        from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+        from cirron_otel._snapshots import stats_from_wire
+        from cirron_otel.exporters.otlp_encoding import snapshot_event_attrs
+        from cirron_otel.sink import Snapshot
+
+        self.counters.snapshots += 1
+        ts = record["ts_ns"]
+        if end_ns is not None and ts > end_ns:
+            # captured after its span closed: live adds no event then (capture_epoch: it would
+            # wait in the encoder for good). One whose span went in an earlier file stays pending.
+            self.counters.snapshots_after_close += 1
+            return
+        st = self._opened(record["span_id"])
+        stats = stats_from_wire(record.get("stats"))
+        attrs = snapshot_event_attrs(Snapshot(record, b"", stats, (0, 0, True)))
+        ev = Span.Event(time_unix_nano=ts, name=_native.EVENT_SNAPSHOT)
+        ev.dropped_attributes_count = self._attrs(ev.attributes, attrs, self.limits.event_attributes)
+        st.snapshots += 1
+        self._keep(st, ev)
 
     def _add_point(self, st: _Open, mark: dict[str, Any], value: Any) -> None:
         """A numeric mark (point or summary: each is a point) as a metric point, as live."""
@@ -504,6 +546,12 @@ class Encoder:
 
         if batch.doc is None:
             return []
+        # The file's snapshots before its marks: the live sink adds the snapshots it takes to
+        # their spans before it encodes that export's batches (which the spool wrote in this file)
+        if batch.snapshots:
+            ends = {s["id"]: s["end_ns"] for s in batch.spans}
+            for record in batch.snapshots:
+                self.add_snapshot(record, ends.get(record["span_id"]))
         for mark in batch.marks:
             self.add_mark(mark)
         version = str(batch.doc.get("sdk_version") or "")
@@ -628,7 +676,10 @@ class Encoder:
         return out
 
     def finish(self) -> None:
-        self.counters.pending_marks = sum(st.total + len(st.summaries) for st in self._open.values())
+        self.counters.pending_marks = sum(
+            st.total - st.snapshots + len(st.summaries) for st in self._open.values()
+        )
+        self.counters.pending_snapshots = sum(st.snapshots for st in self._open.values())
         self.counters.pending_points = sum(len(st.points) for st in self._open.values())
 
 

@@ -43,6 +43,10 @@ class Batch:
     def marks(self) -> list[dict[str, Any]]:
         return self.doc.get("marks") or [] if isinstance(self.doc, dict) else []
 
+    @property
+    def snapshots(self) -> list[dict[str, Any]]:
+        return self.doc.get("snapshots") or [] if isinstance(self.doc, dict) else []
+
 
 def spool_dir(path: str | os.PathLike[str]) -> str:
     """The directory holding the batch files: PATH itself, or `PATH/spool` when PATH is an

@@ -17,6 +17,9 @@
   endpoint `otlp_transport_config(..., signal="metrics")` resolves as for `profile()`. An
   endpoint that answers UNIMPLEMENTED / 404 for them (Jaeger) turns them off for the rest of
   the run, as the live `OtlpMetricsSink` does: one line on stderr, the traces go on, exit 0.
+- Snapshots (`ci.watch`): each spool snapshot record goes as the live `cirron.snapshot` event
+  on its epoch span (`otlp_map`); those whose span the spool does not hold, or taken after
+  it closed, are counted (`unsent_snapshots`), not sent, as live.
 - Resumable: each request is a (spool file, index) pair (`metrics:` before a metrics one's);
   once the collector has answered it for good its key is appended to the state file
   (fsynced), and a later run skips it. The encoding is deterministic, so a resumed run
@@ -57,6 +60,9 @@ class Outcome:
     failed_attempts: int = 0
     gave_up: str | None = None  # why the run stopped early, if it did
     unsent_marks: int = 0  # on spans the spool does not hold (a run still going, or killed)
+    # snapshot records on spans the spool does not hold, or taken after their span closed
+    # (live adds no event then)
+    unsent_snapshots: int = 0
     interrupted: bool = False
     errors: list[str] = field(default_factory=list)
     # marks as metrics: their requests and data points, counted apart from the traces'
@@ -333,6 +339,8 @@ def run_replay(
                 bar.update(1, current_file)
             if encoder is not None:
                 outcome.unsent_marks = encoder.counters.pending_marks
+                counters = encoder.counters
+                outcome.unsent_snapshots = counters.pending_snapshots + counters.snapshots_after_close
                 outcome.points_unsent = encoder.counters.pending_points + encoder.counters.points_no_session
                 outcome.points_dropped = encoder.counters.points_dropped
     return outcome
@@ -519,6 +527,12 @@ def replay(
         click.echo(
             f"{outcome.unsent_marks} marks attach to spans the spool does not hold (the program "
             f"still running, or killed): not sent, as live export would not have",
+            err=True,
+        )
+    if outcome.unsent_snapshots:
+        click.echo(
+            f"{outcome.unsent_snapshots} snapshots attach to spans the spool does not hold, or were "
+            f"taken after their span closed: not sent, as live export would not have",
             err=True,
         )
     if outcome.metrics_unsupported is not None:
