@@ -98,13 +98,6 @@ grisu2(double v, char *buf, int *k)
     static const uint32_t P10[] = {1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000,
                                    1000000000};
     int n = 10;
-#if defined(__GNUC__) || defined(__clang__)
-    /* start at most one above p1's digit count: floor(bits * log10(2)) + 1 (exact for
-     * bits <= 32), so the loop below steps once at most instead of up to nine times */
-    n = ((32 - __builtin_clz(p1 | 1)) * 1233 >> 12) + 1;
-    if (n > 10)
-        n = 10;
-#endif
     while (n > 1 && p1 < P10[n - 1])
         n--;
     int len = 0;
