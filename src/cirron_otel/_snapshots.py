@@ -364,10 +364,10 @@ def _stats_torch(tensor: Any) -> dict[str, Any]:
     mean, std, lo, hi = torch.stack([mean_t, std_t, lo_t.to(target), hi_t.to(target)], dim=0).tolist()
     numel = flat.numel()
     norm = (numel * (mean * mean + std * std)) ** 0.5  # the SDK's: from mean and std, one pass less
+    base = {"mean": mean, "std": std, "min": lo, "max": hi, "norm": norm}
     hist_range = _histogram_range(lo, hi)
     if hist_range is None:
         finite = flat[torch.isfinite(flat)]
-        base = {"mean": mean, "std": std, "min": lo, "max": hi, "norm": norm}
         return _with_finite_subset(base, numel, finite, finite.numel(), _stats_torch)
     hist_lo, hist_hi = hist_range
     step = (hist_hi - hist_lo) / HISTOGRAM_BINS
@@ -376,14 +376,7 @@ def _stats_torch(tensor: Any) -> dict[str, Any]:
         counts = [int(flat.numel())] + [0] * (HISTOGRAM_BINS - 1)
     else:
         counts = torch.histc(flat, bins=HISTOGRAM_BINS, min=hist_lo, max=hist_hi).to(torch.int64).tolist()
-    return {
-        "mean": mean,
-        "std": std,
-        "min": lo,
-        "max": hi,
-        "norm": norm,
-        "histogram": {"bins": bins, "counts": counts},
-    }
+    return {**base, "histogram": {"bins": bins, "counts": counts}}
 
 
 def _stats_numpy(arr: Any) -> dict[str, Any]:
@@ -400,20 +393,13 @@ def _stats_numpy(arr: Any) -> dict[str, Any]:
         mean = float(flat.mean())
         std = float(flat.std())
         norm = float(np.linalg.norm(flat))
+    base = {"mean": mean, "std": std, "min": lo, "max": hi, "norm": norm}
     hist_range = _histogram_range(lo, hi)
     if hist_range is None:
         finite = flat[np.isfinite(flat)]
-        base = {"mean": mean, "std": std, "min": lo, "max": hi, "norm": norm}
         return _with_finite_subset(base, int(flat.size), finite, int(finite.size), _stats_numpy)
     counts, edges = np.histogram(flat, bins=HISTOGRAM_BINS, range=hist_range)
-    return {
-        "mean": mean,
-        "std": std,
-        "min": lo,
-        "max": hi,
-        "norm": norm,
-        "histogram": {"bins": edges.tolist(), "counts": counts.tolist()},
-    }
+    return {**base, "histogram": {"bins": edges.tolist(), "counts": counts.tolist()}}
 
 
 def _nonfinite_token(value: float) -> str | None:
