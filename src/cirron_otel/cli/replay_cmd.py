@@ -200,6 +200,47 @@ def _metrics_not_taken(result: Any) -> bool:
     )
 
 
+# Outcome's counters for one kind of request: (requests sent, requests rejected, items sent,
+# items rejected, the item's name in the state file and messages)
+_TRACE_FIELDS = ("requests_sent", "requests_rejected", "spans_sent", "spans_rejected", "spans")
+_METRIC_FIELDS = (
+    "metric_requests_sent",
+    "metric_requests_rejected",
+    "points_sent",
+    "points_rejected",
+    "points",
+)
+
+
+def _add(outcome: Outcome, counter: str, n: int) -> None:
+    setattr(outcome, counter, getattr(outcome, counter) + n)
+
+
+def _account(outcome: Outcome, result: Any, key: str, n: int, fields: tuple[str, ...]) -> dict[str, Any]:
+    """Count one sent request's result (None: taken, a PartialSuccess, or a final rejection)
+    in `outcome`; returns its state-file entry."""
+    from cirron_otel.exporters.otlp_transport import PartialSuccess
+
+    requests_sent, requests_rejected, sent, rejected_counter, unit = fields
+    entry: dict[str, Any] = {"key": key, unit: n}
+    if result is None:
+        _add(outcome, requests_sent, 1)
+        _add(outcome, sent, n)
+    elif isinstance(result, PartialSuccess):
+        rejected = min(result.rejected_spans, n)  # rejected_data_points, for metrics
+        _add(outcome, requests_sent, 1)
+        _add(outcome, sent, n - rejected)
+        _add(outcome, rejected_counter, rejected)
+        outcome.errors.append(f"{key}: {rejected} {unit} rejected: {result.message}")
+        entry[f"rejected_{unit}"] = rejected
+    else:
+        _add(outcome, requests_rejected, 1)
+        _add(outcome, rejected_counter, n)
+        outcome.errors.append(f"{key}: rejected: {result.message} ({n} {unit} dropped)")
+        entry["rejected"] = result.message
+    return entry
+
+
 def _send_metrics(
     part: Any,
     transport: Any,
@@ -209,7 +250,7 @@ def _send_metrics(
     outcome: Outcome,
 ) -> bool:
     """One metrics request, answered for good (recorded) or not; False: stop the replay."""
-    from cirron_otel.exporters.otlp_transport import PartialSuccess, SendError
+    from cirron_otel.exporters.otlp_transport import SendError
 
     if outcome.metrics_unsupported is not None:
         outcome.points_not_taken += part.points
@@ -225,22 +266,7 @@ def _send_metrics(
         outcome.metrics_unsupported = result.message
         outcome.points_not_taken += part.points
         return True
-    entry: dict[str, Any] = {"key": part.key, "points": part.points}
-    if result is None:
-        outcome.metric_requests_sent += 1
-        outcome.points_sent += part.points
-    elif isinstance(result, PartialSuccess):
-        rejected = min(result.rejected_spans, part.points)  # rejected_data_points, for metrics
-        outcome.metric_requests_sent += 1
-        outcome.points_sent += part.points - rejected
-        outcome.points_rejected += rejected
-        outcome.errors.append(f"{part.key}: {rejected} points rejected: {result.message}")
-        entry["rejected_points"] = rejected
-    else:
-        outcome.metric_requests_rejected += 1
-        outcome.points_rejected += part.points
-        outcome.errors.append(f"{part.key}: rejected: {result.message} ({part.points} points dropped)")
-        entry["rejected"] = result.message
+    entry = _account(outcome, result, part.key, part.points, _METRIC_FIELDS)
     if state is not None:
         state.record(entry)
     return True
@@ -260,7 +286,7 @@ def run_replay(
 ) -> Outcome:
     """Send every request of the spool not yet in `state`; metrics requests (made when
     `encoder_args` has a `metrics_prefix`) go to `metrics_transport`, after their file's traces."""
-    from cirron_otel.exporters.otlp_transport import PartialSuccess, SendError
+    from cirron_otel.exporters.otlp_transport import SendError
 
     from .otlp_map import iter_parts
 
@@ -316,22 +342,7 @@ def run_replay(
                 outcome.gave_up = f"{part.key}: {result.message}"
                 outcome.interrupted = bool(received)
                 break
-            entry: dict[str, Any] = {"key": part.key, "spans": part.spans}
-            if result is None:
-                outcome.requests_sent += 1
-                outcome.spans_sent += part.spans
-            elif isinstance(result, PartialSuccess):
-                rejected = min(result.rejected_spans, part.spans)
-                outcome.requests_sent += 1
-                outcome.spans_sent += part.spans - rejected
-                outcome.spans_rejected += rejected
-                outcome.errors.append(f"{part.key}: {rejected} spans rejected: {result.message}")
-                entry["rejected_spans"] = rejected
-            else:
-                outcome.requests_rejected += 1
-                outcome.spans_rejected += part.spans
-                outcome.errors.append(f"{part.key}: rejected: {result.message} ({part.spans} spans dropped)")
-                entry["rejected"] = result.message
+            entry = _account(outcome, result, part.key, part.spans, _TRACE_FIELDS)
             if state is not None:
                 state.record(entry)
         else:
