@@ -366,7 +366,9 @@ class SpoolSpanExporter(SpanExporter):
     def __init__(
         self, output_dir: str | os.PathLike[str] | None = None, *, max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
     ) -> None:
-        self.directory = SpoolDirectory(default_output_dir() if output_dir is None else output_dir, max_bytes)
+        self.directory = SpoolDirectory(
+            default_output_dir() if output_dir is None else output_dir, max_bytes, drop_cached_pages=True
+        )
         self.last_error: str | None = None
         self.failed_exports = 0
         self.files_written = 0

@@ -111,7 +111,7 @@ class SpoolSink(Sink):
         file_mode: str | None = None,
     ) -> None:
         super().__init__()
-        self.directory = SpoolDirectory(output_dir, max_bytes, file_mode=file_mode)
+        self.directory = SpoolDirectory(output_dir, max_bytes, file_mode=file_mode, drop_cached_pages=True)
         self.spool_dir = self.directory.path
         self.max_records_per_file = max_records_per_file
         self.retry_records = retry_records

@@ -158,10 +158,27 @@ def _commit_outcome(directory: SpoolDirectory, staged: Sequence[StagedFile]) -> 
     return None
 
 
+_CAN_DROP_PAGES = hasattr(os, "posix_fadvise")
+
+
+def _drop_cached_pages(fd: int) -> None:
+    """Drop a file's (clean, just fsynced) pages from the page cache. The spool is written
+    once and never read back by this process, so its pages only crowd out the application's
+    own files; and freed, they go back to the kernel's free lists, where the next file's
+    writes reuse them while still warm. Writing into fresh page-cache pages instead was the
+    spool worker's largest cost: on a 2-core VM the kernel's copy into never-touched memory
+    took 2.5x the encoder's time, and dropping the pages raised the flat-out spool from ~2.9M
+    to ~4.0M records/s (issue 10's note). Advice only: a failure changes nothing."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 class SpoolDirectory:
     """`<output_dir>/spool`: writes files atomically and keeps the total under `max_bytes`.
 
     `subdir` and `suffix` let other durable queues (the OTLP outbox) use the same rules.
+    With `drop_cached_pages`, a file's pages leave the page cache once it is on disk (for
+    files this process never reads back: see `_drop_cached_pages`).
     """
 
     def __init__(
@@ -172,8 +189,10 @@ class SpoolDirectory:
         subdir: str = "spool",
         suffix: str = ".json",
         file_mode: str | None = None,
+        drop_cached_pages: bool = False,
     ) -> None:
         self.path = os.path.join(os.fspath(output_dir), subdir)
+        self.drop_cached_pages = drop_cached_pages and _CAN_DROP_PAGES
         self.suffix = suffix
         self.max_bytes = max_bytes
         self.file_mode = _default_file_mode if file_mode is None else file_mode
@@ -283,6 +302,8 @@ class SpoolDirectory:
         try:
             for f in staged:
                 os.fsync(f.fd)
+                if self.drop_cached_pages:
+                    _drop_cached_pages(f.fd)
             for f in staged:
                 os.replace(f.tmp, f.final)
                 renamed.append(f.final)

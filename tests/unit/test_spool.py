@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import random
 import re
+import sys
+from pathlib import Path
 
 import pytest
 from cirron_otel.exporters import spool as spool_mod
@@ -155,3 +159,70 @@ def test_integers_and_ids_are_written_exactly(prof, out):
         assert (s["trace_id"], s["parent_id"], s["index"]) == (h.trace_id, h.parent_id, v)
         assert (s["start_ns"], s["end_ns"]) == (h.start_ns, h.end_ns)
         assert int(h.id, 16) >> 64 == h.span_id_int
+
+
+def _resident_pages(path: os.PathLike[str] | str) -> int:
+    """How many of a file's pages are in the page cache (mincore on a shared mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    c_int = ctypes.c_int
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, c_int, c_int, c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(b & 1 for b in vec.raw[:pages])
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def _written_and_fsynced(path: Path, size: int, *, drop: bool) -> int:
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+        f.flush()
+        os.fsync(f.fileno())
+        if drop:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return _resident_pages(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or sys.platform != "linux", reason="Linux page cache")
+@pytest.mark.parametrize("writer", ["profile", "span_exporter"])
+def test_committed_spool_files_leave_the_page_cache(out, writer):
+    """Nothing reads a spool file back in the writing process, so once it is on disk its pages
+    are dropped: they would crowd out the application's files, and (issue 10) writing into
+    fresh page-cache pages made the kernel's copy the flat-out spool's largest cost."""
+    out.mkdir(exist_ok=True)
+    size = 1 << 20
+    if _written_and_fsynced(out / "kept", size, drop=False) == 0:
+        pytest.skip("this filesystem does not keep written pages cached")
+    if _written_and_fsynced(out / "dropped", size, drop=True) != 0:
+        pytest.skip("this filesystem ignores POSIX_FADV_DONTNEED")
+    if writer == "profile":
+        ci.profile(output_dir=out, install_signal_handlers=False)
+        for step in range(20_000):
+            with ci.scope("step"):
+                ci.mark("loss", step * 0.001)
+        ci.shutdown()
+    else:
+        from cirron_otel.exporters.otel_spool import SpoolSpanExporter
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(SpoolSpanExporter(out)))
+        with provider.get_tracer("t").start_as_current_span("s") as span:
+            span.set_attribute("blob", "x" * 200_000)
+        provider.shutdown()
+    files = sorted((out / "spool").glob("*.json"))
+    assert files and sum(f.stat().st_size for f in files) > 100_000
+    assert {f.name: _resident_pages(f) for f in files} == {f.name: 0 for f in files}
