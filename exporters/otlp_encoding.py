@@ -45,6 +45,8 @@ class OtlpEncodingSink(Sink):
     state: _native.OtlpState
     session_trace: Callable[[], tuple[int, int]]
     takes_snapshots = True
+    # where the encoder starts a new request (it cuts between spans, so one may be a span over)
+    request_cut_bytes = 1 << 20
 
     def count(self, batches: Sequence[_native.Batch]) -> int:
         return sum(b.span_count for b in batches)  # every counter of these sinks is in spans
@@ -79,4 +81,6 @@ class OtlpEncodingSink(Sink):
                     self.state, snap.span_hi, snap.span_lo, ts, _native.EVENT_SNAPSHOT, attrs
                 )
         trace = self.session_trace()
-        return _native.otlp_encode(self.state, batches, resource, SCOPE_NAME, __version__, trace)
+        return _native.otlp_encode(
+            self.state, batches, resource, SCOPE_NAME, __version__, trace, self.request_cut_bytes
+        )

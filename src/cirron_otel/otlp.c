@@ -52,12 +52,33 @@ pb_int_kv(buf_t *b, int field, const char *key, int64_t v)
     pb_end(b, kv);
 }
 
+/* A KeyValue whose value is an id as 32 hex digits, written in place (a mark's id on each
+ * of its events): every length is known and under 128 unless the key is long or a value
+ * length limit cuts the id. */
 static void
 pb_hex_kv(buf_t *b, int field, const char *key, uint64_t hi, uint64_t lo)
 {
-    char hex[32];
-    hex128(hex, hi, lo);
-    pb_str_kv(b, field, key, hex, 32);
+    size_t klen = strlen(key);
+    if (klen > 80 || (cn_state.value_len_limit >= 0 && cn_state.value_len_limit < 32) ||
+        field >= 16 || buf_reserve(b, klen + 40) < 0) {
+        char hex[32];
+        hex128(hex, hi, lo);
+        pb_str_kv(b, field, key, hex, 32);
+        return;
+    }
+    char *o = b->data + b->len;
+    o[0] = (char)((field << 3) | WT_LEN);
+    o[1] = (char)(klen + 38); /* key: 2 + klen; value: 2 + AnyValue (2 + 32) */
+    o[2] = (char)((KEY_VALUE_KEY << 3) | WT_LEN);
+    o[3] = (char)klen;
+    memcpy(o + 4, key, klen);
+    o += 4 + klen;
+    o[0] = (char)((KEY_VALUE_VALUE << 3) | WT_LEN);
+    o[1] = 34;
+    o[2] = (char)((ANY_VALUE_STRING << 3) | WT_LEN);
+    o[3] = 32;
+    hex128(o + 4, hi, lo);
+    b->len += klen + 40;
 }
 
 /* -- open-span state ------------------------------------------------------------------- */
@@ -82,6 +103,13 @@ typedef struct {
     mpoints_t points; /* metric points, waiting for the span's name and trace id */
 } ospan_t;
 
+/* An open span's entry and event buffers are reused by a later span (a calloc, a 4 KiB
+ * malloc and their frees per span otherwise): at most OSPAN_FREE_MAX entries, each keeping
+ * buffers up to the sizes below. */
+#define OSPAN_FREE_MAX 256
+#define OSPAN_KEEP_EV_BYTES (16 * 1024)
+#define OSPAN_KEEP_EV_OFFSETS 1024
+
 typedef struct {
     PyObject_HEAD
     spantab_t spans; /* span id -> ospan_t */
@@ -92,6 +120,8 @@ typedef struct {
     mpoints_t ready;     /* points complete, for the next otlp_metrics_encode() */
     mallow_t allow;      /* mark attrs that become point attributes */
     uint64_t points_dropped;
+    ospan_t *free_ospans[OSPAN_FREE_MAX]; /* closed spans' entries, kept with their buffers */
+    uint32_t n_free;
 } OtlpStateObject;
 
 static void
@@ -108,11 +138,61 @@ ospan_free(ospan_t *e)
     free(e);
 }
 
+static ospan_t *
+ospan_new(OtlpStateObject *st, uint64_t hi, uint64_t lo)
+{
+    ospan_t *e = st->n_free ? st->free_ospans[--st->n_free] : calloc(1, sizeof(ospan_t));
+    if (e == NULL)
+        return NULL;
+    e->key.hi = hi;
+    e->key.lo = lo;
+    return e;
+}
+
+/* Back to the free list (emptied, its event buffers kept), or freed. */
+static void
+ospan_recycle(OtlpStateObject *st, ospan_t *e)
+{
+    if (st->n_free == OSPAN_FREE_MAX || e->ev.oom || e->ev.cap > OSPAN_KEEP_EV_BYTES ||
+        e->ev_cap > OSPAN_KEEP_EV_OFFSETS) {
+        ospan_free(e);
+        return;
+    }
+    for (uint32_t k = 0; k < e->n_sum; k++) {
+        free(e->sum[k].kv.data);
+        free(e->sum[k].name_raw);
+    }
+    free(e->sum);
+    mpoints_free(&e->points);
+    buf_t ev = {.data = e->ev.data, .cap = e->ev.cap};
+    uint32_t *ev_off = e->ev_off;
+    size_t ev_cap = e->ev_cap;
+    memset(e, 0, sizeof *e);
+    e->ev = ev;
+    e->ev_off = ev_off;
+    e->ev_cap = ev_cap;
+    st->free_ospans[st->n_free++] = e;
+}
+
+/* The open span's entry, added if new; NULL when out of memory. */
+static ospan_t *
+ospan_get(OtlpStateObject *st, uint64_t hi, uint64_t lo)
+{
+    ospan_t *e = (ospan_t *)spantab_find(&st->spans, hi, lo);
+    if (e != NULL || (e = ospan_new(st, hi, lo)) == NULL)
+        return e;
+    if (spantab_add(&st->spans, &e->key, 256) < 0) {
+        ospan_recycle(st, e);
+        return NULL;
+    }
+    return e;
+}
+
 static void
 ospan_remove(OtlpStateObject *st, ospan_t *target)
 {
     spantab_remove(&st->spans, &target->key);
-    ospan_free(target);
+    ospan_recycle(st, target);
 }
 
 static void
@@ -122,6 +202,8 @@ OtlpState_dealloc(OtlpStateObject *st)
         if (st->spans.slot[k] != NULL)
             ospan_free((ospan_t *)st->spans.slot[k]);
     spantab_free(&st->spans);
+    for (uint32_t k = 0; k < st->n_free; k++)
+        ospan_free(st->free_ospans[k]);
     mpoints_free(&st->ready);
     mallow_free(&st->allow);
     PyObject_Free(st);
@@ -186,6 +268,7 @@ OtlpState_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     st->traces = traces;
     st->ready = (mpoints_t){0};
     st->points_dropped = 0;
+    st->n_free = 0;
     return (PyObject *)st;
 }
 
@@ -325,7 +408,7 @@ ospan_event_begin(ospan_t *e, size_t *body)
     if (ARRAY_GROW(e->ev_off, e->ev_cap, e->n_ev, 16) < 0)
         return NULL;
     e->ev_off[e->n_ev++] = (uint32_t)e->ev.len;
-    *body = pb_begin_untagged(&e->ev);
+    *body = pb_begin2_untagged(&e->ev);
     return &e->ev;
 }
 
@@ -333,7 +416,7 @@ static void
 ospan_event_end(OtlpStateObject *st, ospan_t *e, size_t body)
 {
     buf_t *ev = &e->ev;
-    pb_end(ev, body);
+    pb_end2(ev, body);
     e->total_ev++;
     if (e->n_ev - e->first > st->event_limit) {
         e->first++; /* drop the oldest, as the SDK does */
@@ -358,8 +441,7 @@ otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i, const otlp_ctx_t *c
         st->root_marks++;
         return;
     }
-    ospan_t *e =
-        (ospan_t *)spantab_get(&st->spans, s->span_hi, s->span_lo, sizeof(ospan_t), 256, NULL);
+    ospan_t *e = ospan_get(st, s->span_hi, s->span_lo);
     if (e == NULL)
         return;
     ext_t *x = b->aux[i].ext >= 0 ? &b->ext[b->aux[i].ext] : NULL;
@@ -467,7 +549,7 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
             ospan_remove(st, e);
         return;
     }
-    size_t sp = pb_begin(o, SCOPE_SPANS_SPANS);
+    size_t sp = pb_begin2(o, SCOPE_SPANS_SPANS);
     pb_id(o, SPAN_TRACE_ID, s2->trace_hi, s2->trace_lo, 16);
     pb_id(o, SPAN_SPAN_ID, s->span_hi, 0, 8);
     int is_root = s2->parent_hi == 0 || (s->vtype & SF_NEW_TRACE);
@@ -571,7 +653,7 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
         pb_end(o, stt);
     }
     pb_fixed32_field(o, SPAN_FLAGS, SPAN_FLAGS_SAMPLED_LOCAL);
-    pb_end(o, sp);
+    pb_end2(o, sp);
     if (e)
         ospan_remove(st, e);
     c->spans++;
@@ -579,24 +661,40 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
 
 typedef struct {
     buf_t o;
-    size_t rs, ss;
+    size_t body;  /* where ScopeSpans' body begins: its headers go in front (pb_front_*) */
+    size_t start; /* where the finished request begins */
     uint32_t spans;
 } otlp_req_t;
 
 static void
-otlp_req_open(otlp_req_t *r, size_t size_hint, const char *res, size_t res_len, const char *sname,
-              size_t sname_len, const char *sver, size_t sver_len)
+otlp_req_open(otlp_req_t *r, size_t size_hint, size_t res_len, const char *sname, size_t sname_len,
+              const char *sver, size_t sver_len)
 {
     memset(r, 0, sizeof *r);
+    /* room in front for ResourceSpans' and ScopeSpans' headers and the Resource */
+    size_t gap = 3 * PB_FRONT_ROOM + res_len;
     /* sized once: doubling from 4 KiB to a 1 MiB request copied it ~twice over */
-    buf_reserve(&r->o, size_hint);
-    r->rs = pb_begin(&r->o, EXPORT_REQUEST_RESOURCE_SPANS);
-    pb_bytes(&r->o, RESOURCE_SPANS_RESOURCE, res, res_len); /* an encoded Resource */
-    r->ss = pb_begin(&r->o, RESOURCE_SPANS_SCOPE_SPANS);
+    if (buf_reserve(&r->o, size_hint + gap) < 0)
+        return;
+    r->o.len = r->body = gap;
     size_t sc = pb_begin(&r->o, SCOPE_SPANS_SCOPE);
     pb_bytes(&r->o, SCOPE_NAME, sname, sname_len);
     pb_bytes(&r->o, SCOPE_VERSION, sver, sver_len);
     pb_end(&r->o, sc);
+}
+
+/* ExportTraceServiceRequest { resource_spans { resource, scope_spans { <body> } } }: the
+ * headers written in front of the body, which does not move */
+static void
+otlp_req_finish(otlp_req_t *r, const char *res, size_t res_len)
+{
+    if (r->o.oom)
+        return;
+    char *d = r->o.data;
+    size_t end = r->o.len;
+    size_t at = pb_front_len(d, r->body, RESOURCE_SPANS_SCOPE_SPANS, end - r->body);
+    at = pb_front_bytes(d, at, RESOURCE_SPANS_RESOURCE, res, res_len); /* an encoded Resource */
+    r->start = pb_front_len(d, at, EXPORT_REQUEST_RESOURCE_SPANS, end - at);
 }
 
 /* otlp_encode(state, batches, resource, scope_name, scope_version, session_trace=(hi, lo),
@@ -662,8 +760,8 @@ cn_mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
                     oom = 1;
                     break;
                 }
-                otlp_req_open(&reqs[nreq++], size_hint, res, (size_t)res_len, sname,
-                              (size_t)sname_len, sver, (size_t)sver_len);
+                otlp_req_open(&reqs[nreq++], size_hint, (size_t)res_len, sname, (size_t)sname_len,
+                              sver, (size_t)sver_len);
             }
             otlp_req_t *r = &reqs[nreq - 1];
             uint32_t before = c.spans;
@@ -672,8 +770,7 @@ cn_mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
         }
     }
     for (size_t q = 0; q < nreq; q++) {
-        pb_end(&reqs[q].o, reqs[q].ss);
-        pb_end(&reqs[q].o, reqs[q].rs);
+        otlp_req_finish(&reqs[q], res, (size_t)res_len);
         oom |= reqs[q].o.oom;
     }
     Py_END_ALLOW_THREADS
@@ -681,8 +778,8 @@ cn_mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
     PyObject *out = oom ? NULL : PyList_New(0);
     for (size_t q = 0; q < nreq; q++) {
         if (out != NULL && reqs[q].spans > 0) {
-            PyObject *item = Py_BuildValue("(y#I)", reqs[q].o.data, (Py_ssize_t)reqs[q].o.len,
-                                           reqs[q].spans);
+            PyObject *item = Py_BuildValue("(y#I)", reqs[q].o.data + reqs[q].start,
+                                           (Py_ssize_t)(reqs[q].o.len - reqs[q].start), reqs[q].spans);
             if (item == NULL || PyList_Append(out, item) < 0)
                 Py_CLEAR(out);
             Py_XDECREF(item);
@@ -771,8 +868,7 @@ cn_mod_otlp_add_event(PyObject *m, PyObject *args, PyObject *kw)
     buf_t kvs = {0};
     uint32_t n = 0, dropped = 0;
     cn_otlp_attrs(&kvs, attrs, cn_state.event_attr_limit, &n, &dropped, 0);
-    ospan_t *e = kvs.oom ? NULL
-                         : (ospan_t *)spantab_get(&st->spans, hi, lo, sizeof(ospan_t), 256, NULL);
+    ospan_t *e = kvs.oom ? NULL : ospan_get(st, hi, lo);
     size_t body;
     buf_t *ev = e ? ospan_event_begin(e, &body) : NULL;
     if (ev == NULL) {

@@ -133,12 +133,13 @@ pb_begin(buf_t *b, int field)
     return pb_begin_untagged(b);
 }
 
-/* pb_end's rare case, out of line: a length of two bytes or more; move the body right */
+/* pb_end's rare case, out of line: the length needs more than the `reserved` bytes; move
+ * the body right */
 static CIRRON_MAYBE_UNUSED void
-pb_end_long(buf_t *b, size_t body, size_t n)
+pb_end_long(buf_t *b, size_t body, size_t n, size_t reserved)
 {
     unsigned char tmp[10];
-    int k = 0;
+    size_t k = 0;
     size_t v = n;
     do {
         tmp[k] = (unsigned char)(v & 0x7F);
@@ -147,11 +148,11 @@ pb_end_long(buf_t *b, size_t body, size_t n)
             tmp[k] |= 0x80;
         k++;
     } while (v);
-    if (buf_reserve(b, (size_t)k - 1) < 0)
+    if (buf_reserve(b, k - reserved) < 0)
         return;
-    memmove(b->data + body + k - 1, b->data + body, n);
-    memcpy(b->data + body - 1, tmp, (size_t)k);
-    b->len += (size_t)k - 1;
+    memmove(b->data + body + k - reserved, b->data + body, n);
+    memcpy(b->data + body - reserved, tmp, k);
+    b->len += k - reserved;
 }
 
 static inline void
@@ -163,7 +164,86 @@ pb_end(buf_t *b, size_t body)
     if (n < 0x80)
         b->data[body - 1] = (char)n;
     else
-        pb_end_long(b, body, n);
+        pb_end_long(b, body, n, 1);
+}
+
+/* A nested message that is usually 128 bytes to 16 KiB long (a span with its events, an
+ * event with a mark's three attributes): two length bytes reserved, so only a shorter one
+ * (moved left a byte) or a longer one moves. */
+static inline size_t
+pb_begin2_untagged(buf_t *b)
+{
+    if (buf_reserve(b, 2) < 0)
+        return b->len;
+    b->len += 2;
+    return b->len;
+}
+
+static inline size_t
+pb_begin2(buf_t *b, int field)
+{
+    pb_tag(b, field, WT_LEN);
+    return pb_begin2_untagged(b);
+}
+
+static inline void
+pb_end2(buf_t *b, size_t body)
+{
+    if (b->oom)
+        return;
+    size_t n = b->len - body;
+    if (n >= 0x80 && n < 0x4000) {
+        b->data[body - 2] = (char)((n & 0x7F) | 0x80);
+        b->data[body - 1] = (char)(n >> 7);
+    }
+    else if (n < 0x80) {
+        b->data[body - 2] = (char)n;
+        memmove(b->data + body - 1, b->data + body, n);
+        b->len -= 1;
+    }
+    else
+        pb_end_long(b, body, n, 2);
+}
+
+/* Outer messages written last, in front of their body: a request's ResourceSpans and
+ * ScopeSpans wrap all of it, so closing them with pb_end would move the whole request, twice.
+ * Instead the body is written after a gap (PB_FRONT_ROOM for each varint and tag, plus the
+ * fields that precede it), and its headers are then written right to left into the gap:
+ * `at` is where the bytes written so far begin; each call returns the new start. */
+#define PB_FRONT_ROOM 16 /* a tag (a field number under 16: one byte) and a 64-bit varint, with room to spare */
+
+static inline size_t
+pb_front_varint(char *data, size_t at, uint64_t v)
+{
+    size_t k = 1;
+    for (uint64_t t = v; t >= 0x80; t >>= 7)
+        k++;
+    at -= k;
+    for (size_t i = 0; i < k; i++, v >>= 7)
+        data[at + i] = (char)((v & 0x7F) | (i + 1 < k ? 0x80 : 0));
+    return at;
+}
+
+static inline size_t
+pb_front_tag(char *data, size_t at, int field, int wt)
+{
+    return pb_front_varint(data, at, ((uint64_t)field << 3) | (uint64_t)wt);
+}
+
+/* [tag][len] in front of the `n` bytes that begin at `at`: a nested message or bytes field */
+static inline size_t
+pb_front_len(char *data, size_t at, int field, size_t n)
+{
+    return pb_front_tag(data, pb_front_varint(data, at, n), field, WT_LEN);
+}
+
+/* a bytes field (tag, length, content) in front of `at` */
+static inline size_t
+pb_front_bytes(char *data, size_t at, int field, const void *p, size_t n)
+{
+    at -= n;
+    memcpy(data + at, p, n);
+    return pb_front_len(data, at, field, n);
 }
 
 /* Splice pre-rendered KeyValues [varint len][KeyValue]... as repeated `field`; at most max. */

@@ -4,9 +4,9 @@
  * far, drain.c) and the OTLP encoder's (span id -> its encoded events and summaries, otlp.c).
  *
  * The entries are the caller's structs, whose first member is a span_key_t; the table holds
- * pointers to them. spantab_get allocates one (zeroed), the caller frees it after
- * spantab_remove. Linear probing, at most half full (so a
- * probe always meets an empty slot), deletion by backward shift (no tombstones).
+ * pointers to them: the caller allocates an entry before spantab_add and frees (or reuses)
+ * it after spantab_remove. Linear probing, at most half full (so a probe always meets an
+ * empty slot), deletion by backward shift (no tombstones).
  */
 #ifndef CIRRON_OTEL_SPANTAB_H
 #define CIRRON_OTEL_SPANTAB_H
@@ -82,25 +82,6 @@ spantab_add(spantab_t *t, span_key_t *e, size_t first_cap)
     t->slot[i] = e;
     t->n++;
     return 0;
-}
-
-/* The entry with this key, or a new one of `size` bytes (zeroed but for its key) added to
- * the table; *added (when not NULL) says which. NULL when out of memory. */
-static CIRRON_MAYBE_UNUSED span_key_t *
-spantab_get(spantab_t *t, uint64_t hi, uint64_t lo, size_t size, size_t first_cap, int *added)
-{
-    span_key_t *e = spantab_find(t, hi, lo);
-    if (added != NULL)
-        *added = e == NULL;
-    if (e != NULL || (e = calloc(1, size)) == NULL)
-        return e;
-    e->hi = hi;
-    e->lo = lo;
-    if (spantab_add(t, e, first_cap) < 0) {
-        free(e);
-        return NULL;
-    }
-    return e;
 }
 
 /* Take an entry out of the table (the caller frees it). */
