@@ -15,15 +15,23 @@ invocation, metrics off (`profile(metrics=False)` and `OTEL_METRICS_EXPORTER=non
 (`profile(metrics=True)`), and prints both, the on/off ratios, and the data points the
 receiver got against the numeric marks recorded. `--metrics on|off` runs one of them.
 
-    python bench/bench_export.py [--seconds 10] [--rate 250000] [--protocol grpc|http/protobuf]
-                                 [--metrics both|on|off] [--json PATH]
+Peers (`--peers`, on by default): the same workload, for the same time and at the same rate,
+through the OpenTelemetry SDK (`BatchSpanProcessor` and the official OTLP exporter of the
+same protocol, to the same receiver: one span per 10 `span.add_event("loss", {"value": v})`)
+and through cirron-sdk 0.3.0 (into its spool: it has no OTLP export); each row counts what
+was recorded, what arrived, and what was lost.
 
-Requires: pip install -e ".[test]" (grpcio and opentelemetry-proto for the receiver).
+    python bench/bench_export.py [--seconds 10] [--rate 250000] [--protocol grpc|http/protobuf]
+                                 [--metrics both|on|off] [--no-peers] [--json PATH]
+
+Requires: pip install -e ".[test]" (grpcio and opentelemetry-proto for the receiver; the
+OpenTelemetry OTLP exporters and cirron-sdk for the peers).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -163,6 +171,76 @@ print(json.dumps({"emit": emit, "drain": drain, "busy": busy, "marks": emitted, 
                   "numeric_marks": emitted, "health": h, "rss_mb": rss_mb}))
 """
 
+# The peers' worker: the same loop (one span per 10 events, the value changing, paced as
+# WORKER paces it) through the OpenTelemetry SDK or cirron-sdk.
+PEER_WORKER = r"""
+import json, resource, sys, time
+peer, seconds, endpoint, protocol, rate = sys.argv[1:6]
+seconds, rate = float(seconds), float(rate)
+if peer == "otel":
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True)
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        exporter = OTLPSpanExporter(endpoint=endpoint + "/v1/traces")
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    tracer = provider.get_tracer("bench")
+    def chunk(v):
+        for _ in range(100):
+            with tracer.start_as_current_span("step") as span:
+                for _ in range(10):
+                    v += 0.001
+                    span.add_event("loss", {"value": v})
+        return v
+    stop = provider.shutdown
+else:  # cirron-sdk, into its spool (CIRRON_OUTPUT_DIR)
+    import cirron as ci
+    ci.profile()
+    def chunk(v):
+        for _ in range(100):
+            with ci.scope("step"):
+                for _ in range(10):
+                    v += 0.001
+                    ci.mark("loss", v)
+        return v
+    stop = ci.shutdown
+emitted, v = 0, 0.0
+clock = time.perf_counter
+t0 = clock()
+deadline = t0 + seconds
+while clock() < deadline:
+    v = chunk(v)
+    emitted += 1000
+    if rate:
+        target = t0 + (emitted * 1.1) / rate
+        while clock() < target:
+            time.sleep(max(0.0, min(0.001, target - clock())))
+emit = clock() - t0
+stop()
+drain = clock() - t0 - emit
+rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"emit": emit, "drain": drain, "recorded": emitted // 10 * 11, "rss_mb": rss_mb}))
+"""
+PEERS = {"otel": "OpenTelemetry SDK, OTLP", "sdk": "cirron-sdk 0.3.0, spool"}
+
+
+def run_peer(peer: str, seconds: float, endpoint: str, protocol: str, rate: float) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        env = dict(os.environ, CIRRON_OUTPUT_DIR=out, CIRRON_SPOOL_MAX_BYTES=str(1 << 40))
+        args = [sys.executable, "-c", textwrap.dedent(PEER_WORKER), peer, str(seconds), endpoint, protocol]
+        r = subprocess.run(
+            [*args, str(rate)], capture_output=True, text=True, timeout=seconds * 20 + 120, env=env
+        )
+        if r.returncode != 0:
+            raise SystemExit(f"peer {peer} failed:\n{r.stderr}")
+        result = json.loads(r.stdout.strip().splitlines()[-1])
+        result["spool_records"] = count_spool(out) if peer == "sdk" else None
+        return result
+
 
 def run_worker(mode: str, seconds: float, endpoint: str, protocol: str, rate: float, metrics: str) -> dict:
     env = dict(os.environ)
@@ -207,11 +285,16 @@ def outbox_left(outbox: str) -> int:
 def count_spool(out: str) -> int:
     total = 0
     spool = os.path.join(out, "spool")
-    for name in os.listdir(spool) if os.path.isdir(spool) else []:
-        if name.endswith(".json"):
-            with open(os.path.join(spool, name), "rb") as f:
-                doc = json.loads(f.read())
-            total += len(doc["spans"]) + len(doc["marks"])
+    gc.disable()  # millions of dicts, none cyclic: collections would take most of the parse
+    try:
+        for name in os.listdir(spool) if os.path.isdir(spool) else []:
+            if name.endswith(".json"):
+                with open(os.path.join(spool, name), "rb") as f:
+                    doc = json.loads(f.read())
+                total += len(doc["spans"]) + len(doc["marks"])
+                del doc
+    finally:
+        gc.enable()
     return total
 
 
@@ -311,6 +394,29 @@ def rows_of(s: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def peer_table(ours: dict, peers: dict[str, dict]) -> list[tuple[str, str, str]]:
+    """(label, records/s delivered, lost) for this project's run (`ours`: its first spool +
+    OTLP run) and each peer's."""
+    if not peers:
+        return []
+    lost = ours["recorded"] - min(ours["spool_records"], ours["otlp_records"])
+    rows = [
+        (
+            f"cirron-otel, spool + OTLP (metrics {ours['metrics']})",
+            f"{ours['spool_rate']:,.0f} to the spool, {ours['otlp_rate']:,.0f} over OTLP",
+            f"{lost:,} of {ours['recorded']:,} lost",
+        )
+    ]
+    for peer, r in peers.items():
+        got = r["spool_records"] if peer == "sdk" else r["received"]["spans"] + r["received"]["events"]
+        where = "to the spool" if peer == "sdk" else "over OTLP"
+        rate = got / (r["emit"] + r["drain"])
+        rows.append(
+            (PEERS[peer], f"{rate:,.0f} {where}", f"{r['recorded'] - got:,} of {r['recorded']:,} lost")
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0)
@@ -321,6 +427,12 @@ def main() -> None:
         choices=["both", "on", "off"],
         default="both",
         help="marks as OTLP metrics in the spool + OTLP run: off, on, or both (off then on, and the ratio)",
+    )
+    ap.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the same workload through the OpenTelemetry SDK and cirron-sdk",
     )
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -354,6 +466,10 @@ def main() -> None:
         for metrics in settings:
             runs[metrics] = run_worker("both", args.seconds, endpoint, args.protocol, args.rate, metrics)
             got[metrics] = received()
+        peers: dict[str, dict] = {}
+        for peer in PEERS if args.peers else ():
+            peers[peer] = run_peer(peer, args.seconds, endpoint, args.protocol, args.rate)
+            peers[peer]["received"] = received()
     finally:
         receiver.kill()
 
@@ -393,6 +509,11 @@ def main() -> None:
         for name, sink in runs[m]["health"]["sinks"].items():
             if sink.get("last_error"):
                 print(f"note (metrics {m}): {name} last error: {sink['last_error']}")
+    peer_rows = peer_table(summaries[settings[0]], peers)
+    if peer_rows:
+        print(f"the same workload, {offered}, {args.seconds:g} s, delivered records/s (lost):")
+        for label, rate, lost in peer_rows:
+            print(f"  {label:<44} {rate}  ({lost})")
     verdicts = {m: passes(summaries[m]) for m in settings}
     for m in settings:
         extra = ", one data point per numeric mark" if m == "on" else ""
@@ -418,6 +539,7 @@ def main() -> None:
                 "received_by_run": got,
                 "summary": summaries,
                 "ratio_on_off": ratios,
+                "peers": peers,
                 "within_15_percent": within,
                 "pass": ok,
             }

@@ -238,7 +238,7 @@ mpoints_kv_str(buf_t *b, int field, const char *key, size_t key_len, const char 
 static void
 mpoint_encode(buf_t *o, const mpoint_t *pt, const mpoints_req_t *q)
 {
-    size_t dp = pb_begin(o, SUM_DATA_POINTS);
+    size_t dp = pb_begin2(o, SUM_DATA_POINTS); /* ~150-200 bytes with its exemplar */
     mpoints_kv_str(o, NUMBER_DATA_POINT_ATTRIBUTES, KEY_SCOPE, strlen(KEY_SCOPE), pt->scope,
                    pt->scope_len);
     size_t kv = pb_begin(o, NUMBER_DATA_POINT_ATTRIBUTES);
@@ -269,22 +269,107 @@ mpoint_encode(buf_t *o, const mpoint_t *pt, const mpoints_req_t *q)
         pb_id(o, EXEMPLAR_TRACE_ID, pt->trace_hi, pt->trace_lo, 16);
         pb_end(o, ex);
     }
-    pb_end(o, dp);
+    pb_end2(o, dp);
 }
 
+/* A request: ExportMetricsServiceRequest { resource_metrics { resource, scope_metrics {
+ * scope, metrics... } } }. Nothing in it is ever moved to fit a length: the outer headers
+ * go in front of `body` when it closes (pb_front_*), and a Metric is written whole around its
+ * points, which are encoded apart (`mmetric_t`) until the Metric's name changes or the
+ * request is full. (Closing them in place moved the whole request four times: one Metric
+ * per name, so one usually fills the request.) */
 typedef struct {
     buf_t o;
-    size_t rm, sm, metric, sum;
+    size_t body;  /* where ScopeMetrics' body begins */
+    size_t start; /* where the finished request begins */
     uint32_t points;
 } mreq_t;
 
+typedef struct {
+    buf_t pts;            /* its data points, each [tag][len][NumberDataPoint] */
+    const mpoint_t *name; /* the point whose name it takes; NULL: none open */
+} mmetric_t;
+
+static inline size_t
+pb_varint_size(uint64_t v)
+{
+    size_t k = 1;
+    while (v >= 0x80) {
+        v >>= 7;
+        k++;
+    }
+    return k;
+}
+
+static size_t
+mmetric_name_len(const mpoints_req_t *q, const mmetric_t *m)
+{
+    return q->prefix_len + m->name->name_len;
+}
+
+/* Sum { data_points..., aggregation_temporality } */
+static size_t
+mmetric_sum_len(const mmetric_t *m)
+{
+    return m->pts.len + pb_varint_size(SUM_AGGREGATION_TEMPORALITY << 3) +
+           pb_varint_size(AGGREGATION_TEMPORALITY_CUMULATIVE);
+}
+
+/* Metric { name, sum } */
+static size_t
+mmetric_len(const mpoints_req_t *q, const mmetric_t *m)
+{
+    size_t name = mmetric_name_len(q, m), sum = mmetric_sum_len(m);
+    return pb_varint_size(METRIC_NAME << 3) + pb_varint_size(name) + name +
+           pb_varint_size(METRIC_SUM << 3) + pb_varint_size(sum) + sum;
+}
+
+/* The whole field in the request: [tag][len][Metric] */
+static size_t
+mmetric_field_len(const mpoints_req_t *q, const mmetric_t *m)
+{
+    size_t n = mmetric_len(q, m);
+    return pb_varint_size(SCOPE_METRICS_METRICS << 3) + pb_varint_size(n) + n;
+}
+
 static void
-mreq_open(mreq_t *r, const mpoints_req_t *q)
+mmetric_write(buf_t *o, const mpoints_req_t *q, mmetric_t *m)
+{
+    size_t name = mmetric_name_len(q, m);
+    pb_tag(o, SCOPE_METRICS_METRICS, WT_LEN);
+    pb_varint(o, mmetric_len(q, m));
+    pb_tag(o, METRIC_NAME, WT_LEN);
+    pb_varint(o, name);
+    buf_put(o, q->prefix, q->prefix_len);
+    buf_put(o, m->name->name, m->name->name_len);
+    pb_tag(o, METRIC_SUM, WT_LEN);
+    pb_varint(o, mmetric_sum_len(m));
+    buf_put(o, m->pts.data, m->pts.len);
+    pb_varint_field(o, SUM_AGGREGATION_TEMPORALITY, AGGREGATION_TEMPORALITY_CUMULATIVE);
+    /* is_monotonic = false: the default, not written */
+    m->pts.len = 0;
+    m->name = NULL;
+}
+
+/* The request's size once closed with the open Metric `m` in it */
+static size_t
+mreq_size(const mreq_t *r, const mpoints_req_t *q, const mmetric_t *m)
+{
+    size_t sm = r->o.len - r->body + (m->name ? mmetric_field_len(q, m) : 0);
+    size_t rm = pb_varint_size(RESOURCE_METRICS_RESOURCE << 3) + pb_varint_size(q->resource_len) +
+                q->resource_len + pb_varint_size(RESOURCE_METRICS_SCOPE_METRICS << 3) +
+                pb_varint_size(sm) + sm;
+    return pb_varint_size(EXPORT_METRICS_REQUEST_RESOURCE_METRICS << 3) + pb_varint_size(rm) + rm;
+}
+
+static void
+mreq_open(mreq_t *r, const mpoints_req_t *q, size_t size_hint)
 {
     memset(r, 0, sizeof *r);
-    r->rm = pb_begin(&r->o, EXPORT_METRICS_REQUEST_RESOURCE_METRICS);
-    pb_bytes(&r->o, RESOURCE_METRICS_RESOURCE, q->resource, q->resource_len);
-    r->sm = pb_begin(&r->o, RESOURCE_METRICS_SCOPE_METRICS);
+    size_t gap = 3 * PB_FRONT_ROOM + q->resource_len;
+    if (buf_reserve(&r->o, size_hint + gap) < 0)
+        return;
+    r->o.len = r->body = gap;
     size_t sc = pb_begin(&r->o, SCOPE_METRICS_SCOPE);
     pb_bytes(&r->o, SCOPE_NAME, q->scope_name, q->scope_name_len);
     pb_bytes(&r->o, SCOPE_VERSION, q->scope_version, q->scope_version_len);
@@ -292,40 +377,27 @@ mreq_open(mreq_t *r, const mpoints_req_t *q)
 }
 
 static void
-mreq_metric_open(mreq_t *r, const mpoints_req_t *q, const mpoint_t *pt)
+mreq_close(mreq_t *r, const mpoints_req_t *q, mmetric_t *m)
 {
-    r->metric = pb_begin(&r->o, SCOPE_METRICS_METRICS);
-    size_t nm = pb_begin(&r->o, METRIC_NAME);
-    buf_put(&r->o, q->prefix, q->prefix_len);
-    buf_put(&r->o, pt->name, pt->name_len);
-    pb_end(&r->o, nm);
-    r->sum = pb_begin(&r->o, METRIC_SUM);
+    if (m->name != NULL)
+        mmetric_write(&r->o, q, m);
+    if (r->o.oom)
+        return;
+    char *d = r->o.data;
+    size_t end = r->o.len;
+    size_t at = pb_front_len(d, r->body, RESOURCE_METRICS_SCOPE_METRICS, end - r->body);
+    at = pb_front_bytes(d, at, RESOURCE_METRICS_RESOURCE, q->resource, q->resource_len);
+    r->start = pb_front_len(d, at, EXPORT_METRICS_REQUEST_RESOURCE_METRICS, end - at);
 }
 
-static void
-mreq_metric_close(mreq_t *r)
-{
-    pb_varint_field(&r->o, SUM_AGGREGATION_TEMPORALITY, AGGREGATION_TEMPORALITY_CUMULATIVE);
-    /* is_monotonic = false: the default, not written */
-    pb_end(&r->o, r->sum);
-    pb_end(&r->o, r->metric);
-}
-
-static void
-mreq_close(mreq_t *r)
-{
-    pb_end(&r->o, r->sm);
-    pb_end(&r->o, r->rm);
-}
-
-/* What closing a request may still add: the open Metric's aggregation temporality (pb_end
- * only shrinks the 5-byte lengths it reserved). */
-#define MREQ_CLOSE_RESERVE 16
+/* ~ bytes a point takes, to size buffers once */
+#define MPOINT_SIZE_GUESS 200
 
 /* Encode and empty the store: requests of at most max_bytes (one Metric per name, cut between
  * points: a point that would take a request past max_bytes starts the next one; only a lone
- * point larger than that on its own is over it), appended to *reqs. -1 when out of memory
- * (the points are gone either way: the spool keeps every mark). */
+ * point larger than that on its own is over it), appended to *reqs; each request is
+ * reqs[k].o.data + reqs[k].start, up to reqs[k].o.len. -1 when out of memory (the points are
+ * gone either way: the spool keeps every mark). */
 static CIRRON_MAYBE_UNUSED int
 mpoints_encode(mpoints_t *s, const mpoints_req_t *q, size_t max_bytes, mreq_t **reqs,
                size_t *nreq, size_t *capreq)
@@ -333,33 +405,37 @@ mpoints_encode(mpoints_t *s, const mpoints_req_t *q, size_t max_bytes, mreq_t **
     int oom = 0;
     if (s->n > 1)
         qsort(s->p, s->n, sizeof *s->p, mpoint_cmp);
+    size_t hint = s->n * MPOINT_SIZE_GUESS + 4096;
+    if (hint > max_bytes + 65536)
+        hint = max_bytes + 65536;
+    mmetric_t m = {{0}, NULL};
+    buf_reserve(&m.pts, hint);
     mreq_t *r = NULL;
     for (size_t k = 0; k < s->n && !oom; k++) {
         const mpoint_t *pt = &s->p[k];
-        int same_name = k > 0 && r != NULL && s->p[k - 1].name_len == pt->name_len &&
-                        memcmp(s->p[k - 1].name, pt->name, pt->name_len) == 0;
+        int same_name = m.name != NULL && m.name->name_len == pt->name_len &&
+                        memcmp(m.name->name, pt->name, pt->name_len) == 0;
         if (r == NULL) {
             if (ARRAY_GROW(*reqs, *capreq, *nreq, 4) < 0) {
                 oom = 1;
                 break;
             }
             r = &(*reqs)[(*nreq)++];
-            mreq_open(r, q);
+            mreq_open(r, q, hint);
         }
-        else if (!same_name) {
-            mreq_metric_close(r);
-        }
-        size_t before = r->o.len; /* this point, with its Metric's header if it opens one */
+        else if (!same_name && m.name != NULL)
+            mmetric_write(&r->o, q, &m);
         if (!same_name)
-            mreq_metric_open(r, q, pt);
-        mpoint_encode(&r->o, pt, q);
-        if (r->points > 0 && !r->o.oom && r->o.len + MREQ_CLOSE_RESERVE > max_bytes) {
-            /* full: take the point back, close the request without it, start the next one
-             * with it (truncating is safe: everything begun after `before` is dropped) */
-            r->o.len = before;
-            if (same_name)
-                mreq_metric_close(r);
-            mreq_close(r);
+            m.name = pt;
+        size_t before = m.pts.len;
+        mpoint_encode(&m.pts, pt, q);
+        if (r->points > 0 && !m.pts.oom && mreq_size(r, q, &m) > max_bytes) {
+            /* full: take the point back, close the request without it (and without its
+             * Metric if the point opened it), start the next one with it */
+            m.pts.len = before;
+            if (before == 0)
+                m.name = NULL;
+            mreq_close(r, q, &m);
             oom |= r->o.oom;
             if (ARRAY_GROW(*reqs, *capreq, *nreq, 4) < 0) {
                 r = NULL;
@@ -367,17 +443,18 @@ mpoints_encode(mpoints_t *s, const mpoints_req_t *q, size_t max_bytes, mreq_t **
                 break;
             }
             r = &(*reqs)[(*nreq)++];
-            mreq_open(r, q);
-            mreq_metric_open(r, q, pt);
-            mpoint_encode(&r->o, pt, q);
+            mreq_open(r, q, hint);
+            m.name = pt;
+            mpoint_encode(&m.pts, pt, q);
         }
         r->points++;
     }
     if (r != NULL) {
-        mreq_metric_close(r);
-        mreq_close(r);
+        mreq_close(r, q, &m);
         oom |= r->o.oom;
     }
+    oom |= m.pts.oom;
+    free(m.pts.data);
     mpoints_clear(s);
     return oom ? -1 : 0;
 }

@@ -832,7 +832,8 @@ cn_mod_otlp_metrics_encode(PyObject *m, PyObject *args, PyObject *kw)
     for (size_t k = 0; k < nreq; k++) {
         if (out != NULL) {
             PyObject *item =
-                Py_BuildValue("(y#I)", reqs[k].o.data, (Py_ssize_t)reqs[k].o.len, reqs[k].points);
+                Py_BuildValue("(y#I)", reqs[k].o.data + reqs[k].start,
+                              (Py_ssize_t)(reqs[k].o.len - reqs[k].start), reqs[k].points);
             if (item == NULL || PyList_Append(out, item) < 0)
                 Py_CLEAR(out);
             Py_XDECREF(item);

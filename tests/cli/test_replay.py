@@ -198,6 +198,25 @@ def test_permanent_rejection_drops_that_request_only(
     assert again.exit_code == 0 and received_span_ids(grpc_receiver) == received
 
 
+def test_partly_rejected_request_is_recorded_with_its_rejected_count(
+    grpc_receiver: Any, train_spool: Path, tmp_path: Path
+) -> None:
+    grpc_receiver.reject_spans_next(1, "too old")  # the first request may hold one span
+    state = tmp_path / "s"
+    args = ["replay", str(train_spool), "--endpoint", grpc_receiver.endpoint, "--state", str(state)]
+    result = cli(*args, "--no-progress", "--json")
+    assert "1 spans rejected: too old" in result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["spans_rejected"] == 1
+    recorded = [json.loads(line) for line in state.read_text().splitlines()[1:]]
+    partly = [e for e in recorded if "rejected_spans" in e]
+    assert [e["rejected_spans"] for e in partly] == [1] and partly[0]["spans"] >= 1
+    # answered for good: the next run sends nothing again
+    sent = len(grpc_receiver.requests)
+    again = cli(*args, "--no-progress")
+    assert again.exit_code == 0 and len(grpc_receiver.requests) == sent
+
+
 def test_unreachable_collector_gives_up_then_resumes(
     grpc_receiver: Any, train_spool: Path, tmp_path: Path
 ) -> None:

@@ -180,8 +180,11 @@ import json
 from cirron_otel import _native
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
+from cirron_otel.exporters.otlp import encode_resource
+
 _native.configure(otlp=True)
 _native.session_begin({})
+resource = encode_resource({"service.name": "fit"})
 res = {}
 for budget in range(300, 1400, 37):  # many cut positions, each point ~150-200 bytes
     state = _native.OtlpState(128, metrics=True, traces=False)
@@ -190,11 +193,14 @@ for budget in range(300, 1400, 37):  # many cut positions, each point ~150-200 b
             _native.mark("loss" if i % 3 else "grad_norm_of_a_long_name", float(i))
     while (b := _native.drain(100_000)) is not None:
         _native.otlp_encode(state, [b], b"", "s", "1", (1, 2))
-    reqs = _native.otlp_metrics_encode(state, b"", "s", "1", "p.", 1, (1, 2), max_request_bytes=budget)
+    reqs = _native.otlp_metrics_encode(state, resource, "s", "1", "p.", 1, (1, 2), max_request_bytes=budget)
     values, sizes = [], []
     for req, n in reqs:
         msg = ExportMetricsServiceRequest.FromString(req)
+        assert len(msg.SerializeToString()) == len(req)  # canonical lengths: none padded
+        assert msg.resource_metrics[0].resource.attributes[0].value.string_value == "fit"
         metrics = msg.resource_metrics[0].scope_metrics[0].metrics
+        assert len({m.name for m in metrics}) == len(metrics)  # one Metric per name
         got = [p.as_double for m in metrics for p in m.sum.data_points]
         assert len(got) == n, (budget, len(got), n)
         values += got
