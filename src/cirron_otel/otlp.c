@@ -408,7 +408,7 @@ ospan_event_begin(ospan_t *e, size_t *body)
     if (ARRAY_GROW(e->ev_off, e->ev_cap, e->n_ev, 16) < 0)
         return NULL;
     e->ev_off[e->n_ev++] = (uint32_t)e->ev.len;
-    *body = pb_begin2_untagged(&e->ev);
+    *body = pb_reserve_len(&e->ev, 2); /* untagged, as pb_begin2 */
     return &e->ev;
 }
 

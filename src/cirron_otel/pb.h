@@ -117,20 +117,27 @@ pb_double_field(buf_t *b, int field, double d)
  * message left at its end cost ~420 instructions a record in memmove).
  * pb_begin_untagged: the same without the field tag, [varint len][message], for messages
  * kept encoded until they are spliced into a repeated field (pb_splice_kvs). */
+/* `n` bytes reserved for a length; returns where the body begins */
+static inline size_t
+pb_reserve_len(buf_t *b, size_t n)
+{
+    if (buf_reserve(b, n) < 0)
+        return b->len;
+    b->len += n;
+    return b->len;
+}
+
 static inline size_t
 pb_begin_untagged(buf_t *b)
 {
-    if (buf_reserve(b, 1) < 0)
-        return b->len;
-    b->len += 1;
-    return b->len;
+    return pb_reserve_len(b, 1);
 }
 
 static inline size_t
 pb_begin(buf_t *b, int field)
 {
     pb_tag(b, field, WT_LEN);
-    return pb_begin_untagged(b);
+    return pb_reserve_len(b, 1);
 }
 
 /* pb_end's rare case, out of line: the length needs more than the `reserved` bytes; move
@@ -171,19 +178,10 @@ pb_end(buf_t *b, size_t body)
  * event with a mark's three attributes): two length bytes reserved, so only a shorter one
  * (moved left a byte) or a longer one moves. */
 static inline size_t
-pb_begin2_untagged(buf_t *b)
-{
-    if (buf_reserve(b, 2) < 0)
-        return b->len;
-    b->len += 2;
-    return b->len;
-}
-
-static inline size_t
 pb_begin2(buf_t *b, int field)
 {
     pb_tag(b, field, WT_LEN);
-    return pb_begin2_untagged(b);
+    return pb_reserve_len(b, 2);
 }
 
 static inline void
