@@ -23,6 +23,7 @@ import pytest
 import cirron_otel as ci
 from cirron_otel import _hooks_common, _warn
 from tests.support.frameworks import require, run
+from tests.support.helpers import counter_growth
 from tests.support.spool_tree import marked_tree, snapshot_records
 
 os.environ["KERAS_BACKEND"] = "torch"  # read at keras's import
@@ -126,7 +127,7 @@ def test_a_failing_hook_never_reaches_training_and_is_counted(
         result = fit()
     after = counts()
     assert result == BASELINE
-    grew = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    grew = counter_growth(before, after)
     assert grew == {
         "tensorflow.open.epoch": 2,
         "tensorflow.open.batch": 6,

@@ -18,7 +18,7 @@ import pytest
 
 import cirron_otel as ci
 from cirron_otel import _warn
-from tests.support.helpers import read_spool
+from tests.support.helpers import counter_growth, read_spool
 from tests.support.otlp import start
 from tests.support.otlp_receivers import GrpcReceiver
 from tests.support.spool_tree import snapshot_records, spans
@@ -178,7 +178,7 @@ def test_a_model_whose_parameters_cannot_be_read_is_counted_and_training_goes_on
         ci.shutdown()
     assert losses == baseline
     after = ci.health()["swallowed_errors"]
-    grew = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    grew = counter_growth(before, after)
     # every optimizer step's gradient stash, and each epoch end's capture
     assert grew == {"torch.snapshot_grad_stash": 6, "snapshot.parameters": 2}
     messages = [str(w.message) for w in caught if issubclass(w.category, ci.CirronWarning)]
@@ -215,5 +215,5 @@ def test_a_bug_in_the_capture_never_reaches_the_loop(out: Path, monkeypatch: pyt
         ci.shutdown()
     assert len(losses) == 6
     after = ci.health()["swallowed_errors"]
-    grew = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    grew = counter_growth(before, after)
     assert grew == {"torch.snapshot_capture": 1, "torch.snapshot_capture_final": 1}

@@ -19,6 +19,7 @@ import pytest
 import cirron_otel as ci
 from cirron_otel import _hooks_common, _hooks_torch, _warn
 from tests.support.frameworks import require, run
+from tests.support.helpers import counter_growth
 from tests.support.spool_tree import spans, tree
 
 torch = require(
@@ -141,7 +142,7 @@ def test_a_failing_hook_never_reaches_the_loop_and_is_counted(
         losses = train()
     after = counts()
     assert losses == BASELINE
-    grew = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    grew = counter_growth(before, after)
     assert grew == {
         "torch.open.epoch": 2,
         "torch.data_load": 6,

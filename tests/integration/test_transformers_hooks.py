@@ -22,6 +22,7 @@ import pytest
 import cirron_otel as ci
 from cirron_otel import _hooks_common, _warn
 from tests.support.frameworks import require, run
+from tests.support.helpers import counter_growth
 from tests.support.spool_tree import marked_tree, snapshot_records
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -163,7 +164,7 @@ def test_a_failing_hook_never_reaches_training_and_is_counted(
         history, weights = train(str(tmp_path / "run"))
     after = counts()
     assert (untimed(history), weights) == baseline
-    grew = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    grew = counter_growth(before, after)
     # 7 on_log calls: one a step and the final one
     assert grew == {"transformers.open.epoch": 2, "transformers.open.step": 6, "transformers.on_log": 7}
     monkeypatch.undo()

@@ -78,3 +78,9 @@ def drained_batch(scopes: int) -> Any:
     batch = _native.drain(1_000_000)
     assert batch is not None and batch.span_count == scopes and batch.mark_count == 2 * scopes
     return batch
+
+
+def counter_growth(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The counters that changed between two snapshots (e.g. health()['swallowed_errors']),
+    by how much."""
+    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}

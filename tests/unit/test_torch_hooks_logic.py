@@ -17,6 +17,7 @@ import cirron_otel as ci
 from cirron_otel import _hooks_common, _hooks_torch, _native, _warn
 from cirron_otel._hooks_common import HookContext
 from cirron_otel._hooks_torch import TorchHooks
+from tests.support.helpers import counter_growth
 from tests.support.spool_tree import spans, tree
 
 
@@ -317,7 +318,7 @@ def test_hook_failures_are_counted_never_raised(
         f.train_step(x)
     monkeypatch.undo()
     after = counts()
-    grew = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    grew = counter_growth(before, after)
     # the probe before each close failed (the span closed all the same): data_load,
     # forward x2, backward, optimizer_step, step; autograd.backward's "already in a backward
     # span?" probe failed: no second span
