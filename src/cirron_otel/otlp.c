@@ -14,6 +14,7 @@
  */
 #include "native.h"
 
+#include <stddef.h>
 #include <stdlib.h>
 
 #include "json.h"    /* hex64 */
@@ -92,10 +93,8 @@ typedef struct {
 
 typedef struct {
     span_key_t key;      /* first: an entry of OtlpState.spans (spantab.h) */
-    buf_t ev;            /* encoded events, each [varint len][Event] */
-    uint32_t *ev_off;    /* start offset of each kept event in ev */
-    uint32_t n_ev, first; /* kept events are [first, n_ev) */
-    size_t ev_cap;
+    uint32_t ev_head, ev_tail; /* its kept events: a chain in OtlpState.ev (ev_t) */
+    uint32_t n_ev;             /* how many are kept (at most event_limit) */
     uint64_t total_ev;
     summary_t *sum;
     uint32_t n_sum;
@@ -103,12 +102,27 @@ typedef struct {
     mpoints_t points; /* metric points, waiting for the span's name and trace id */
 } ospan_t;
 
-/* An open span's entry and event buffers are reused by a later span (a calloc, a 4 KiB
- * malloc and their frees per span otherwise): at most OSPAN_FREE_MAX entries, each keeping
- * buffers up to the sizes below. */
-#define OSPAN_FREE_MAX 256
-#define OSPAN_KEEP_EV_BYTES (16 * 1024)
-#define OSPAN_KEEP_EV_OFFSETS 1024
+/* A closed span's entry is reused by a later span (a calloc and a free per span otherwise).
+ * A batch's marks are read before its spans close, so a batch opens up to one entry per
+ * span it holds (~9,000 for 100,000 records): up to OSPAN_FREE_MAX are kept (~2.5 MiB). */
+#define OSPAN_FREE_MAX 16384
+
+/* The open spans' events live in one buffer shared by all spans (OtlpState.ev), each event
+ * as [ev_t][varint len][Event], chained per span from ev_head. Per-span buffers cost a 4 KiB
+ * malloc and a free for each span, for ~1 KiB of events. The buffer is compacted after each
+ * batch (ev_compact): it holds one batch's events at most, plus those of spans left open. */
+typedef struct {
+    uint32_t next; /* the span's next event, or EV_NONE */
+    uint32_t size; /* bytes of [varint len][Event] that follow */
+} ev_t;
+#define EV_NONE UINT32_MAX
+#define EV_KEEP_BYTES (32u << 20)
+/* offsets are uint32: a buffer never grows past this (events beyond it are dropped) */
+#define EV_MAX_BYTES (UINT32_MAX - (1u << 20))
+
+/* Request buffers kept between otlp_encode calls: a fresh multi-MiB buffer's pages fault in
+ * on first touch, which cost more than the encoding saved (bench/bench_encoders.py). */
+#define REQ_SPARES 4
 
 typedef struct {
     PyObject_HEAD
@@ -120,21 +134,31 @@ typedef struct {
     mpoints_t ready;     /* points complete, for the next otlp_metrics_encode() */
     mallow_t allow;      /* mark attrs that become point attributes */
     uint64_t points_dropped;
-    ospan_t *free_ospans[OSPAN_FREE_MAX]; /* closed spans' entries, kept with their buffers */
-    uint32_t n_free;
+    ospan_t **free_ospans; /* closed spans' entries, for reuse */
+    size_t n_free, free_cap;
+    ospan_t *last;         /* the entry ospan_get found last: a span's marks come in a run */
+    buf_t ev, ev_spare;    /* the open spans' events (see ev_t), and the compaction target */
+    uint64_t ev_kept;      /* events kept in ev by open spans */
+    buf_t req_spare[REQ_SPARES];
+    uint32_t n_req_spare;
 } OtlpStateObject;
 
+/* An entry's own buffers (summaries, points), freed; the entry itself is not. */
 static void
-ospan_free(ospan_t *e)
+ospan_clear(ospan_t *e)
 {
-    free(e->ev.data);
-    free(e->ev_off);
     for (uint32_t k = 0; k < e->n_sum; k++) {
         free(e->sum[k].kv.data);
         free(e->sum[k].name_raw);
     }
     free(e->sum);
     mpoints_free(&e->points);
+}
+
+static void
+ospan_free(ospan_t *e)
+{
+    ospan_clear(e);
     free(e);
 }
 
@@ -144,33 +168,23 @@ ospan_new(OtlpStateObject *st, uint64_t hi, uint64_t lo)
     ospan_t *e = st->n_free ? st->free_ospans[--st->n_free] : calloc(1, sizeof(ospan_t));
     if (e == NULL)
         return NULL;
+    e->ev_head = e->ev_tail = EV_NONE;
     e->key.hi = hi;
     e->key.lo = lo;
     return e;
 }
 
-/* Back to the free list (emptied, its event buffers kept), or freed. */
+/* Back to the free list (emptied), or freed. */
 static void
 ospan_recycle(OtlpStateObject *st, ospan_t *e)
 {
-    if (st->n_free == OSPAN_FREE_MAX || e->ev.oom || e->ev.cap > OSPAN_KEEP_EV_BYTES ||
-        e->ev_cap > OSPAN_KEEP_EV_OFFSETS) {
+    if (st->n_free == st->free_cap &&
+        (st->free_cap == OSPAN_FREE_MAX || ARRAY_GROW(st->free_ospans, st->free_cap, st->n_free, 256) < 0)) {
         ospan_free(e);
         return;
     }
-    for (uint32_t k = 0; k < e->n_sum; k++) {
-        free(e->sum[k].kv.data);
-        free(e->sum[k].name_raw);
-    }
-    free(e->sum);
-    mpoints_free(&e->points);
-    buf_t ev = {.data = e->ev.data, .cap = e->ev.cap};
-    uint32_t *ev_off = e->ev_off;
-    size_t ev_cap = e->ev_cap;
+    ospan_clear(e);
     memset(e, 0, sizeof *e);
-    e->ev = ev;
-    e->ev_off = ev_off;
-    e->ev_cap = ev_cap;
     st->free_ospans[st->n_free++] = e;
 }
 
@@ -178,21 +192,105 @@ ospan_recycle(OtlpStateObject *st, ospan_t *e)
 static ospan_t *
 ospan_get(OtlpStateObject *st, uint64_t hi, uint64_t lo)
 {
-    ospan_t *e = (ospan_t *)spantab_find(&st->spans, hi, lo);
-    if (e != NULL || (e = ospan_new(st, hi, lo)) == NULL)
+    ospan_t *e = st->last;
+    if (e != NULL && e->key.hi == hi && e->key.lo == lo)
         return e;
-    if (spantab_add(&st->spans, &e->key, 256) < 0) {
-        ospan_recycle(st, e);
-        return NULL;
+    e = (ospan_t *)spantab_find(&st->spans, hi, lo);
+    if (e == NULL) {
+        if ((e = ospan_new(st, hi, lo)) == NULL)
+            return NULL;
+        if (spantab_add(&st->spans, &e->key, 256) < 0) {
+            ospan_recycle(st, e);
+            return NULL;
+        }
     }
+    st->last = e;
     return e;
 }
 
 static void
 ospan_remove(OtlpStateObject *st, ospan_t *target)
 {
+    if (st->last == target)
+        st->last = NULL;
+    st->ev_kept -= target->n_ev;
     spantab_remove(&st->spans, &target->key);
     ospan_recycle(st, target);
+}
+
+/* events are not aligned: read and write their headers through memcpy (portable) */
+static inline ev_t
+ev_get(const buf_t *ev, uint32_t off)
+{
+    ev_t x;
+    memcpy(&x, ev->data + off, sizeof x);
+    return x;
+}
+
+static inline void
+ev_set_next(buf_t *ev, uint32_t off, uint32_t next)
+{
+    memcpy(ev->data + off + offsetof(ev_t, next), &next, sizeof next);
+}
+
+/* After a batch: the events of spans still open move to the front of the buffer (through
+ * the spare: they are few, and in no order), and the rest (dropped events, and those of the
+ * spans that closed) go. A buffer over EV_KEEP_BYTES is then cut back. */
+static void
+ev_compact(OtlpStateObject *st)
+{
+    buf_t *ev = &st->ev, *to = &st->ev_spare;
+    to->len = 0;
+    size_t live = 0;
+    if (st->ev_kept > 0) {
+        for (size_t k = 0; k < st->spans.cap; k++) {
+            ospan_t *e = (ospan_t *)st->spans.slot[k];
+            for (uint32_t n = 0, off = e ? e->ev_head : 0; e != NULL && n < e->n_ev; n++) {
+                ev_t x = ev_get(ev, off);
+                live += sizeof x + x.size;
+                off = x.next;
+            }
+        }
+        to->oom = 0;
+        if (buf_reserve(to, live) < 0) { /* then keep the buffer as it is */
+            to->oom = 0;
+            return;
+        }
+        for (size_t k = 0; k < st->spans.cap; k++) {
+            ospan_t *e = (ospan_t *)st->spans.slot[k];
+            if (e == NULL || e->n_ev == 0)
+                continue;
+            uint32_t off = e->ev_head, prev = EV_NONE;
+            for (uint32_t n = 0; n < e->n_ev; n++) {
+                ev_t x = ev_get(ev, off);
+                uint32_t at = (uint32_t)to->len;
+                memcpy(to->data + at, ev->data + off, sizeof x + x.size);
+                to->len += sizeof x + x.size;
+                ev_set_next(to, at, EV_NONE);
+                if (prev == EV_NONE)
+                    e->ev_head = at;
+                else
+                    ev_set_next(to, prev, at);
+                prev = at;
+                off = x.next;
+            }
+            e->ev_tail = prev;
+        }
+        memcpy(ev->data, to->data, to->len); /* same offsets from the front */
+    }
+    ev->len = live;
+    if (to->cap > EV_KEEP_BYTES) {
+        free(to->data);
+        *to = (buf_t){0};
+    }
+    if (ev->cap > EV_KEEP_BYTES) {
+        size_t cap = live > 4096 ? live : 4096;
+        char *d = realloc(ev->data, cap);
+        if (d != NULL) {
+            ev->data = d;
+            ev->cap = cap;
+        }
+    }
 }
 
 static void
@@ -202,8 +300,13 @@ OtlpState_dealloc(OtlpStateObject *st)
         if (st->spans.slot[k] != NULL)
             ospan_free((ospan_t *)st->spans.slot[k]);
     spantab_free(&st->spans);
-    for (uint32_t k = 0; k < st->n_free; k++)
+    for (size_t k = 0; k < st->n_free; k++)
         ospan_free(st->free_ospans[k]);
+    free(st->free_ospans);
+    free(st->ev.data);
+    free(st->ev_spare.data);
+    for (uint32_t k = 0; k < st->n_req_spare; k++)
+        free(st->req_spare[k].data);
     mpoints_free(&st->ready);
     mallow_free(&st->allow);
     PyObject_Free(st);
@@ -268,7 +371,12 @@ OtlpState_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     st->traces = traces;
     st->ready = (mpoints_t){0};
     st->points_dropped = 0;
-    st->n_free = 0;
+    st->free_ospans = NULL;
+    st->n_free = st->free_cap = 0;
+    st->last = NULL;
+    st->ev = st->ev_spare = (buf_t){0};
+    st->ev_kept = 0;
+    st->n_req_spare = 0;
     return (PyObject *)st;
 }
 
@@ -400,36 +508,50 @@ otlp_add_point(OtlpStateObject *st, ospan_t *e, BatchObject *b, size_t i, const 
     }
 }
 
-/* An open span's next event: its body is written into the returned buffer (kept as
- * [varint len][Event]), then ospan_event_end keeps it among the span's last event_limit. */
+/* An open span's next event: its body is written into the returned buffer (st->ev, after
+ * its ev_t and a reserved length), then ospan_event_end keeps it among the span's last
+ * event_limit. `*at` is where the event begins. NULL when out of memory. */
 static buf_t *
-ospan_event_begin(ospan_t *e, size_t *body)
+ospan_event_begin(OtlpStateObject *st, size_t *at, size_t *body)
 {
-    if (ARRAY_GROW(e->ev_off, e->ev_cap, e->n_ev, 16) < 0)
+    buf_t *ev = &st->ev;
+    if (ev->len > EV_MAX_BYTES || buf_reserve(ev, sizeof(ev_t) + 256) < 0) {
+        ev->oom = 0; /* nothing was written: the buffer stays usable */
+        st->events_dropped++;
         return NULL;
-    e->ev_off[e->n_ev++] = (uint32_t)e->ev.len;
-    *body = pb_reserve_len(&e->ev, 2); /* untagged, as pb_begin2 */
-    return &e->ev;
+    }
+    *at = ev->len;
+    ev->len += sizeof(ev_t);
+    *body = pb_reserve_len(ev, 2); /* untagged, as pb_begin2 */
+    return ev;
 }
 
 static void
-ospan_event_end(OtlpStateObject *st, ospan_t *e, size_t body)
+ospan_event_end(OtlpStateObject *st, ospan_t *e, size_t at, size_t body)
 {
-    buf_t *ev = &e->ev;
+    buf_t *ev = &st->ev;
     pb_end2(ev, body);
-    e->total_ev++;
-    if (e->n_ev - e->first > st->event_limit) {
-        e->first++; /* drop the oldest, as the SDK does */
+    if (ev->oom) { /* the event is lost, the buffer as it was before it */
+        ev->len = at;
+        ev->oom = 0;
         st->events_dropped++;
-        if (e->first > st->event_limit) { /* compact */
-            uint32_t base = e->ev_off[e->first];
-            memmove(ev->data, ev->data + base, ev->len - base);
-            ev->len -= base;
-            for (uint32_t k = e->first; k < e->n_ev; k++)
-                e->ev_off[k - e->first] = e->ev_off[k] - base;
-            e->n_ev -= e->first;
-            e->first = 0;
-        }
+        return;
+    }
+    ev_t x = {.next = EV_NONE, .size = (uint32_t)(ev->len - at - sizeof(ev_t))};
+    memcpy(ev->data + at, &x, sizeof x);
+    if (e->n_ev == 0)
+        e->ev_head = (uint32_t)at;
+    else
+        ev_set_next(ev, e->ev_tail, (uint32_t)at);
+    e->ev_tail = (uint32_t)at;
+    e->n_ev++;
+    e->total_ev++;
+    st->ev_kept++;
+    if (e->n_ev > st->event_limit) { /* drop the oldest, as the SDK does */
+        e->ev_head = ev_get(ev, e->ev_head).next;
+        e->n_ev--;
+        st->ev_kept--;
+        st->events_dropped++;
     }
 }
 
@@ -481,8 +603,8 @@ otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i, const otlp_ctx_t *c
         return;
     }
     /* a point mark: one Event, kept among the span's last event_limit events */
-    size_t body;
-    buf_t *ev = ospan_event_begin(e, &body);
+    size_t at, body;
+    buf_t *ev = ospan_event_begin(st, &at, &body);
     if (ev == NULL)
         return;
     pb_fixed64_field(ev, EVENT_TIME_UNIX_NANO, (uint64_t)s->ts);
@@ -504,7 +626,7 @@ otlp_add_mark(OtlpStateObject *st, BatchObject *b, size_t i, const otlp_ctx_t *c
     }
     if (dropped)
         pb_varint_field(ev, EVENT_DROPPED_ATTRIBUTES_COUNT, dropped);
-    ospan_event_end(st, e, body);
+    ospan_event_end(st, e, at, body);
 }
 
 /* the name of the thread that recorded slot i (NULL: unknown) */
@@ -604,17 +726,19 @@ otlp_add_span(buf_t *o, OtlpStateObject *st, BatchObject *b, size_t i, otlp_ctx_
     int has_exception = (s->flags & F_ERROR) && x && x->etype.len;
     if (e) {
         /* the exception event counts toward the limit too: like the SDK, the oldest go */
-        uint32_t first = e->first;
-        if (has_exception && e->n_ev - first >= st->event_limit && first < e->n_ev)
-            first += (e->n_ev - first) - (st->event_limit ? st->event_limit - 1 : 0);
-        for (uint32_t k = first; k < e->n_ev; k++) {
-            uint32_t start = e->ev_off[k];
-            uint32_t end = k + 1 < e->n_ev ? e->ev_off[k + 1] : (uint32_t)e->ev.len;
-            /* stored as [varint len][Event]: add the field tag */
-            pb_tag(o, SPAN_EVENTS, WT_LEN);
-            buf_put(o, e->ev.data + start, end - start);
+        uint32_t skip = 0;
+        if (has_exception && e->n_ev >= st->event_limit && e->n_ev > 0)
+            skip = e->n_ev - (st->event_limit ? st->event_limit - 1 : 0);
+        uint32_t off = e->ev_head;
+        for (uint32_t k = 0; k < e->n_ev; k++) {
+            ev_t x = ev_get(&st->ev, off);
+            if (k >= skip) { /* stored as [varint len][Event]: add the field tag */
+                pb_tag(o, SPAN_EVENTS, WT_LEN);
+                buf_put(o, st->ev.data + off + sizeof x, x.size);
+            }
+            off = x.next;
         }
-        ev_dropped = e->total_ev - (e->n_ev - first);
+        ev_dropped = e->total_ev - (e->n_ev - skip);
     }
     if (has_exception && st->event_limit == 0)
         ev_dropped++;
@@ -667,10 +791,12 @@ typedef struct {
 } otlp_req_t;
 
 static void
-otlp_req_open(otlp_req_t *r, size_t size_hint, size_t res_len, const char *sname, size_t sname_len,
-              const char *sver, size_t sver_len)
+otlp_req_open(OtlpStateObject *st, otlp_req_t *r, size_t size_hint, size_t res_len, const char *sname,
+              size_t sname_len, const char *sver, size_t sver_len)
 {
     memset(r, 0, sizeof *r);
+    if (st->n_req_spare > 0) /* a buffer kept from an earlier call (REQ_SPARES) */
+        r->o = st->req_spare[--st->n_req_spare];
     /* room in front for ResourceSpans' and ScopeSpans' headers and the Resource */
     size_t gap = 3 * PB_FRONT_ROOM + res_len;
     /* sized once: doubling from 4 KiB to a 1 MiB request copied it ~twice over */
@@ -681,6 +807,21 @@ otlp_req_open(otlp_req_t *r, size_t size_hint, size_t res_len, const char *sname
     pb_bytes(&r->o, SCOPE_NAME, sname, sname_len);
     pb_bytes(&r->o, SCOPE_VERSION, sver, sver_len);
     pb_end(&r->o, sc);
+}
+
+/* A request's buffer, kept for a later call (REQ_SPARES of them, up to REQ_KEEP_BYTES
+ * each), or freed. */
+#define REQ_KEEP_BYTES (8u << 20)
+static void
+otlp_req_keep(OtlpStateObject *st, buf_t *o)
+{
+    if (st->n_req_spare < REQ_SPARES && !o->oom && o->cap <= REQ_KEEP_BYTES) {
+        o->len = 0;
+        st->req_spare[st->n_req_spare++] = *o;
+    }
+    else
+        free(o->data);
+    *o = (buf_t){0};
 }
 
 /* ExportTraceServiceRequest { resource_spans { resource, scope_spans { <body> } } }: the
@@ -760,7 +901,7 @@ cn_mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
                     oom = 1;
                     break;
                 }
-                otlp_req_open(&reqs[nreq++], size_hint, (size_t)res_len, sname, (size_t)sname_len,
+                otlp_req_open(st, &reqs[nreq++], size_hint, (size_t)res_len, sname, (size_t)sname_len,
                               sver, (size_t)sver_len);
             }
             otlp_req_t *r = &reqs[nreq - 1];
@@ -768,6 +909,7 @@ cn_mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
             otlp_add_span(&r->o, st, b, i, &c);
             r->spans += c.spans - before;
         }
+        ev_compact(st);
     }
     for (size_t q = 0; q < nreq; q++) {
         otlp_req_finish(&reqs[q], res, (size_t)res_len);
@@ -784,7 +926,7 @@ cn_mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
                 Py_CLEAR(out);
             Py_XDECREF(item);
         }
-        free(reqs[q].o.data);
+        otlp_req_keep(st, &reqs[q].o);
     }
     free(reqs);
     if (oom)
@@ -870,8 +1012,8 @@ cn_mod_otlp_add_event(PyObject *m, PyObject *args, PyObject *kw)
     uint32_t n = 0, dropped = 0;
     cn_otlp_attrs(&kvs, attrs, cn_state.event_attr_limit, &n, &dropped, 0);
     ospan_t *e = kvs.oom ? NULL : ospan_get(st, hi, lo);
-    size_t body;
-    buf_t *ev = e ? ospan_event_begin(e, &body) : NULL;
+    size_t at, body;
+    buf_t *ev = e ? ospan_event_begin(st, &at, &body) : NULL;
     if (ev == NULL) {
         free(kvs.data);
         return PyErr_NoMemory();
@@ -882,7 +1024,7 @@ cn_mod_otlp_add_event(PyObject *m, PyObject *args, PyObject *kw)
         pb_splice_kvs(ev, EVENT_ATTRIBUTES, kvs.data, kvs.len, n);
     if (dropped)
         pb_varint_field(ev, EVENT_DROPPED_ATTRIBUTES_COUNT, dropped);
-    ospan_event_end(st, e, body);
+    ospan_event_end(st, e, at, body);
     free(kvs.data);
     Py_RETURN_NONE;
 }
