@@ -56,6 +56,43 @@ buf_put(buf_t *b, const char *s, size_t n)
 /* string literals only: sizeof a pointer would be wrong */
 #define BUF_LIT(b, s) buf_put((b), ("" s ""), sizeof(s) - 1)
 
+/* Buffers kept between calls for reuse: a fresh multi-MiB buffer's pages fault in on first
+ * touch, which on a VM cost more than filling it. At most BUF_POOL_N buffers, each of at
+ * most BUF_POOL_KEEP_BYTES (a larger one is freed). */
+#define BUF_POOL_N 4
+#define BUF_POOL_KEEP_BYTES (8u << 20)
+typedef struct {
+    buf_t b[BUF_POOL_N];
+    uint32_t n;
+} buf_pool_t;
+
+/* An empty buffer: a kept one if any (pool may be NULL). */
+static CIRRON_MAYBE_UNUSED buf_t
+buf_pool_take(buf_pool_t *pool)
+{
+    return pool != NULL && pool->n > 0 ? pool->b[--pool->n] : (buf_t){0};
+}
+
+/* Done with *b: kept emptied, or freed; *b is left empty either way. */
+static CIRRON_MAYBE_UNUSED void
+buf_pool_give(buf_pool_t *pool, buf_t *b)
+{
+    if (pool != NULL && pool->n < BUF_POOL_N && !b->oom && b->cap <= BUF_POOL_KEEP_BYTES) {
+        b->len = 0;
+        pool->b[pool->n++] = *b;
+    }
+    else
+        free(b->data);
+    *b = (buf_t){0};
+}
+
+static CIRRON_MAYBE_UNUSED void
+buf_pool_free(buf_pool_t *pool)
+{
+    while (pool->n > 0)
+        free(pool->b[--pool->n].data);
+}
+
 /* Room for one more element in a malloc'd array that doubles (first size `first`).
  * ARRAY_GROW evaluates to 0, or -1 when out of memory (the array is left as it was). */
 static CIRRON_MAYBE_UNUSED int

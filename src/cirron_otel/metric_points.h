@@ -68,11 +68,14 @@ mpoints_free(mpoints_t *s)
     *s = (mpoints_t){0};
 }
 
+/* a store's first size: an open span's store usually holds a step's few marks */
+#define MPOINTS_FIRST 16
+
 /* Append a point (ownership of pt->own passes to the store); -1 when out of memory. */
 static CIRRON_MAYBE_UNUSED int
 mpoints_push(mpoints_t *s, const mpoint_t *pt)
 {
-    if (ARRAY_GROW(s->p, s->cap, s->n, 64) < 0)
+    if (ARRAY_GROW(s->p, s->cap, s->n, MPOINTS_FIRST) < 0)
         return -1;
     s->p[s->n++] = *pt;
     return 0;
@@ -363,9 +366,10 @@ mreq_size(const mreq_t *r, const mpoints_req_t *q, const mmetric_t *m)
 }
 
 static void
-mreq_open(mreq_t *r, const mpoints_req_t *q, size_t size_hint)
+mreq_open(mreq_t *r, const mpoints_req_t *q, size_t size_hint, buf_pool_t *pool)
 {
     memset(r, 0, sizeof *r);
+    r->o = buf_pool_take(pool);
     size_t gap = 3 * PB_FRONT_ROOM + q->resource_len;
     if (buf_reserve(&r->o, size_hint + gap) < 0)
         return;
@@ -396,11 +400,12 @@ mreq_close(mreq_t *r, const mpoints_req_t *q, mmetric_t *m)
 /* Encode and empty the store: requests of at most max_bytes (one Metric per name, cut between
  * points: a point that would take a request past max_bytes starts the next one; only a lone
  * point larger than that on its own is over it), appended to *reqs; each request is
- * reqs[k].o.data + reqs[k].start, up to reqs[k].o.len. -1 when out of memory (the points are
- * gone either way: the spool keeps every mark). */
+ * reqs[k].o.data + reqs[k].start, up to reqs[k].o.len. Buffers come from `pool` when it has
+ * some (it may be NULL); the caller gives the requests' back. -1 when out of memory (the
+ * points are gone either way: the spool keeps every mark). */
 static CIRRON_MAYBE_UNUSED int
 mpoints_encode(mpoints_t *s, const mpoints_req_t *q, size_t max_bytes, mreq_t **reqs,
-               size_t *nreq, size_t *capreq)
+               size_t *nreq, size_t *capreq, buf_pool_t *pool)
 {
     int oom = 0;
     if (s->n > 1)
@@ -408,7 +413,7 @@ mpoints_encode(mpoints_t *s, const mpoints_req_t *q, size_t max_bytes, mreq_t **
     size_t hint = s->n * MPOINT_SIZE_GUESS + 4096;
     if (hint > max_bytes + 65536)
         hint = max_bytes + 65536;
-    mmetric_t m = {{0}, NULL};
+    mmetric_t m = {buf_pool_take(pool), NULL};
     buf_reserve(&m.pts, hint);
     mreq_t *r = NULL;
     for (size_t k = 0; k < s->n && !oom; k++) {
@@ -421,7 +426,7 @@ mpoints_encode(mpoints_t *s, const mpoints_req_t *q, size_t max_bytes, mreq_t **
                 break;
             }
             r = &(*reqs)[(*nreq)++];
-            mreq_open(r, q, hint);
+            mreq_open(r, q, hint, pool);
         }
         else if (!same_name && m.name != NULL)
             mmetric_write(&r->o, q, &m);
@@ -443,7 +448,7 @@ mpoints_encode(mpoints_t *s, const mpoints_req_t *q, size_t max_bytes, mreq_t **
                 break;
             }
             r = &(*reqs)[(*nreq)++];
-            mreq_open(r, q, hint);
+            mreq_open(r, q, hint, pool);
             m.name = pt;
             mpoint_encode(&m.pts, pt, q);
         }
@@ -454,7 +459,7 @@ mpoints_encode(mpoints_t *s, const mpoints_req_t *q, size_t max_bytes, mreq_t **
         oom |= r->o.oom;
     }
     oom |= m.pts.oom;
-    free(m.pts.data);
+    buf_pool_give(pool, &m.pts);
     mpoints_clear(s);
     return oom ? -1 : 0;
 }

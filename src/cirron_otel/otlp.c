@@ -104,7 +104,9 @@ typedef struct {
 
 /* A closed span's entry is reused by a later span (a calloc and a free per span otherwise).
  * A batch's marks are read before its spans close, so a batch opens up to one entry per
- * span it holds (~9,000 for 100,000 records): up to OSPAN_FREE_MAX are kept (~2.5 MiB). */
+ * span it holds (~9,000 for 100,000 records): up to OSPAN_FREE_MAX are kept (~2.5 MiB, and
+ * with metrics on up to ~27 MiB with their points arrays; before, each batch malloc'd ~60 MiB
+ * of them). */
 #define OSPAN_FREE_MAX 16384
 
 /* The open spans' events live in one buffer shared by all spans (OtlpState.ev), each event
@@ -119,10 +121,6 @@ typedef struct {
 #define EV_KEEP_BYTES (32u << 20)
 /* offsets are uint32: a buffer never grows past this (events beyond it are dropped) */
 #define EV_MAX_BYTES (UINT32_MAX - (1u << 20))
-
-/* Request buffers kept between otlp_encode calls: a fresh multi-MiB buffer's pages fault in
- * on first touch, which cost more than the encoding saved (bench/bench_encoders.py). */
-#define REQ_SPARES 4
 
 typedef struct {
     PyObject_HEAD
@@ -139,8 +137,7 @@ typedef struct {
     ospan_t *last;         /* the entry ospan_get found last: a span's marks come in a run */
     buf_t ev, ev_spare;    /* the open spans' events (see ev_t), and the compaction target */
     uint64_t ev_kept;      /* events kept in ev by open spans */
-    buf_t req_spare[REQ_SPARES];
-    uint32_t n_req_spare;
+    buf_pool_t bufs;       /* request buffers kept between calls (buf.h) */
 } OtlpStateObject;
 
 /* An entry's own buffers (summaries, points), freed; the entry itself is not. */
@@ -183,8 +180,17 @@ ospan_recycle(OtlpStateObject *st, ospan_t *e)
         ospan_free(e);
         return;
     }
+    /* its points store keeps its first array (MPOINTS_FIRST points): one malloc a span else */
+    mpoint_t *p = NULL;
+    if (e->points.cap == MPOINTS_FIRST) {
+        mpoints_clear(&e->points);
+        p = e->points.p;
+        e->points.p = NULL;
+    }
     ospan_clear(e);
     memset(e, 0, sizeof *e);
+    e->points.p = p;
+    e->points.cap = p ? MPOINTS_FIRST : 0;
     st->free_ospans[st->n_free++] = e;
 }
 
@@ -305,8 +311,7 @@ OtlpState_dealloc(OtlpStateObject *st)
     free(st->free_ospans);
     free(st->ev.data);
     free(st->ev_spare.data);
-    for (uint32_t k = 0; k < st->n_req_spare; k++)
-        free(st->req_spare[k].data);
+    buf_pool_free(&st->bufs);
     mpoints_free(&st->ready);
     mallow_free(&st->allow);
     PyObject_Free(st);
@@ -376,7 +381,7 @@ OtlpState_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     st->last = NULL;
     st->ev = st->ev_spare = (buf_t){0};
     st->ev_kept = 0;
-    st->n_req_spare = 0;
+    st->bufs.n = 0;
     return (PyObject *)st;
 }
 
@@ -795,8 +800,7 @@ otlp_req_open(OtlpStateObject *st, otlp_req_t *r, size_t size_hint, size_t res_l
               size_t sname_len, const char *sver, size_t sver_len)
 {
     memset(r, 0, sizeof *r);
-    if (st->n_req_spare > 0) /* a buffer kept from an earlier call (REQ_SPARES) */
-        r->o = st->req_spare[--st->n_req_spare];
+    r->o = buf_pool_take(&st->bufs);
     /* room in front for ResourceSpans' and ScopeSpans' headers and the Resource */
     size_t gap = 3 * PB_FRONT_ROOM + res_len;
     /* sized once: doubling from 4 KiB to a 1 MiB request copied it ~twice over */
@@ -807,21 +811,6 @@ otlp_req_open(OtlpStateObject *st, otlp_req_t *r, size_t size_hint, size_t res_l
     pb_bytes(&r->o, SCOPE_NAME, sname, sname_len);
     pb_bytes(&r->o, SCOPE_VERSION, sver, sver_len);
     pb_end(&r->o, sc);
-}
-
-/* A request's buffer, kept for a later call (REQ_SPARES of them, up to REQ_KEEP_BYTES
- * each), or freed. */
-#define REQ_KEEP_BYTES (8u << 20)
-static void
-otlp_req_keep(OtlpStateObject *st, buf_t *o)
-{
-    if (st->n_req_spare < REQ_SPARES && !o->oom && o->cap <= REQ_KEEP_BYTES) {
-        o->len = 0;
-        st->req_spare[st->n_req_spare++] = *o;
-    }
-    else
-        free(o->data);
-    *o = (buf_t){0};
 }
 
 /* ExportTraceServiceRequest { resource_spans { resource, scope_spans { <body> } } }: the
@@ -926,7 +915,7 @@ cn_mod_otlp_encode(PyObject *m, PyObject *args, PyObject *kw)
                 Py_CLEAR(out);
             Py_XDECREF(item);
         }
-        otlp_req_keep(st, &reqs[q].o);
+        buf_pool_give(&st->bufs, &reqs[q].o);
     }
     free(reqs);
     if (oom)
@@ -966,7 +955,7 @@ cn_mod_otlp_metrics_encode(PyObject *m, PyObject *args, PyObject *kw)
     size_t points = st->ready.n;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = mpoints_encode(&st->ready, &q, (size_t)max_bytes, &reqs, &nreq, &capreq);
+    rc = mpoints_encode(&st->ready, &q, (size_t)max_bytes, &reqs, &nreq, &capreq, &st->bufs);
     Py_END_ALLOW_THREADS
     if (rc < 0)
         st->points_dropped += points;
@@ -980,7 +969,7 @@ cn_mod_otlp_metrics_encode(PyObject *m, PyObject *args, PyObject *kw)
                 Py_CLEAR(out);
             Py_XDECREF(item);
         }
-        free(reqs[k].o.data);
+        buf_pool_give(&st->bufs, &reqs[k].o);
     }
     free(reqs);
     if (rc < 0)

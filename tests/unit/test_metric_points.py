@@ -221,3 +221,43 @@ def test_every_metrics_request_fits_its_budget_and_every_point_goes_once() -> No
         assert got["values"] == [float(i) for i in range(60)], budget
         assert max(got["sizes"]) <= int(budget), (budget, got["sizes"])
         assert len(got["sizes"]) > 1, budget
+
+
+REUSE_PROGRAM = """
+import json
+from cirron_otel import _native
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+_native.configure(otlp=True)
+_native.session_begin({})
+state = _native.OtlpState(128, metrics=True, traces=False)  # one state, as a sink keeps
+expected, got = [], []
+value = 0.0
+for round in range(4):  # closed spans' entries (and their points arrays) serve later spans
+    for k in range(300):
+        marks = 3 + (k * 7) % 30  # some spans outgrow an entry's first points array
+        with _native.scope(f"s{k % 5}"):
+            for _ in range(marks):
+                value += 1.0
+                _native.mark("loss", value)
+                expected.append([f"s{k % 5}", value])
+        with _native.scope("empty"):  # no points: a recycled entry must not bring old ones
+            pass
+    while (b := _native.drain(100_000)) is not None:
+        _native.otlp_encode(state, [b], b"", "s", "1", (1, 2))
+    for req, n in _native.otlp_metrics_encode(state, b"", "s", "1", "p.", 1, (1, 2)):
+        for m in ExportMetricsServiceRequest.FromString(req).resource_metrics[0].scope_metrics[0].metrics:
+            for p in m.sum.data_points:
+                scope = {a.key: a.value.string_value for a in p.attributes}["cirron.scope"]
+                got.append([scope, p.as_double])
+print(json.dumps({"expected": expected, "got": got, "open": state.open_spans}))
+"""
+
+
+def test_points_of_many_spans_through_one_state_go_once_with_their_own_scope() -> None:
+    r = run_script(REUSE_PROGRAM, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(res["expected"]) > 10_000
+    assert sorted(res["got"], key=lambda p: p[1]) == res["expected"]
+    assert res["open"] <= 1  # the session, at most
