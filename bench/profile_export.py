@@ -90,7 +90,7 @@ def main() -> None:
     for name, seconds in sorted(by_name.items(), key=lambda kv: -kv[1]):
         if seconds >= 0.005 * wall:
             print(f"  thread {name:<34} {seconds / wall:5.2f} cores")
-    print(f"  receiver (its own process)              {got['cpu_s'] / (done - start):5.2f} cores")
+    print(f"  {'receiver (its own process)':<41} {got['cpu_s'] / (done - start):5.2f} cores")
     records = marks * 11 // 10 + 1
     received = got["spans"] + got["events"]
     print(
