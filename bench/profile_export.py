@@ -20,11 +20,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from bench_export import MARK_PREFIX, RECEIVER
-from profile_spool import _thread_cpu
+from profile_spool import record_flat_out
 
 
 def main() -> None:
@@ -60,19 +59,7 @@ def main() -> None:
             install_signal_handlers=False,
             tracer_provider=None,
         )
-        names = {t.native_id: t.name for t in threading.enumerate()}
-        before = _thread_cpu()
-        start = time.perf_counter()
-        marks, value = 0, 0.0
-        while time.perf_counter() - start < args.seconds:
-            with ci.scope("step"):
-                for _ in range(10):
-                    ci.mark("loss", value)
-                    value += 1.0
-            marks += 10
-        emitted = time.perf_counter()
-        after = _thread_cpu()
-        names.update({t.native_id: t.name for t in threading.enumerate()})
+        marks, start, emitted, cpu, names = record_flat_out(ci, args.seconds)
         ci.shutdown()
         done = time.perf_counter()
         receiver.stdin.write("report\n")  # type: ignore[union-attr]
@@ -83,9 +70,9 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
     wall = emitted - start
     by_name: dict[str, float] = {}
-    for tid, (comm, seconds) in after.items():
+    for tid, (comm, seconds) in cpu.items():
         name = names.get(int(tid), comm)
-        by_name[name] = by_name.get(name, 0.0) + seconds - before.get(tid, (comm, 0.0))[1]
+        by_name[name] = by_name.get(name, 0.0) + seconds
     print(f"recording: {wall:.2f} s; draining after it: {done - emitted:.2f} s")
     for name, seconds in sorted(by_name.items(), key=lambda kv: -kv[1]):
         if seconds >= 0.005 * wall:

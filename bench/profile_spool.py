@@ -45,6 +45,29 @@ def _thread_cpu() -> dict[str, tuple[str, float]]:
     return out
 
 
+def record_flat_out(
+    ci: Any, seconds: float
+) -> tuple[int, float, float, dict[str, tuple[str, float]], dict[int, str]]:
+    """One thread records flat out (one scope per 10 marks) for `seconds`. Returns the marks,
+    the start and end times, each thread's CPU time meanwhile (`_thread_cpu`'s keys) and the
+    threads' names by native id."""
+    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    before = _thread_cpu()
+    start = time.perf_counter()
+    marks, value = 0, 0.0
+    while time.perf_counter() - start < seconds:
+        with ci.scope("step"):
+            for _ in range(10):
+                ci.mark("loss", value)
+                value += 1.0
+        marks += 10
+    end = time.perf_counter()
+    after = _thread_cpu()
+    names.update({t.native_id: t.name for t in threading.enumerate() if t.native_id is not None})
+    cpu = {tid: (comm, t - before.get(tid, (comm, 0.0))[1]) for tid, (comm, t) in after.items()}
+    return marks, start, end, cpu, names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -62,18 +85,7 @@ def main() -> None:
     out = tempfile.mkdtemp(prefix="cirron-profile-")
     try:
         ci.profile(output_dir=out, spool_max_bytes=1 << 40, install_signal_handlers=False)
-        names = {t.native_id: t.name for t in threading.enumerate()}
-        start = time.perf_counter()
-        marks, value = 0, 0.0
-        while time.perf_counter() - start < args.seconds:
-            with ci.scope("step"):
-                for _ in range(10):
-                    ci.mark("loss", value)
-                    value += 1.0
-            marks += 10
-        emitted = time.perf_counter()
-        cpu = _thread_cpu()
-        names.update({t.native_id: t.name for t in threading.enumerate()})
+        marks, start, emitted, cpu, names = record_flat_out(ci, args.seconds)
         ci.flush()
         health = ci.health()
         ci.shutdown()
