@@ -28,4 +28,14 @@
 #define CN_TLS_FAST
 #endif
 
+/* A hint that the line at `p` is about to be written: the ring's slots come back to the
+ * producer in the drainer's cache, and a store to such a line stalls until the line is ours.
+ * GCC emits prefetcht0 unless built for a CPU with prefetchw; on a 2-core Xeon VM both
+ * measured the same. No-op without GCC or Clang. */
+#if defined(__GNUC__) || defined(__clang__)
+#define CN_PREFETCH_WRITE(p) __builtin_prefetch((p), 1, 3)
+#else
+#define CN_PREFETCH_WRITE(p) ((void)(p))
+#endif
+
 #endif /* CIRRON_COMPAT_H */

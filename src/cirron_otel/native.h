@@ -501,12 +501,18 @@ clock_now(ring_t *r)
     return t;
 }
 
+/* Slots ahead of the head whose line ring_reserve() asks for: far enough that the line has
+ * arrived when the producer gets there (a mark every ~40 ns), near enough to stay in L1.
+ * Measured on a 2-core Xeon VM (the drainer on the other core): a mark 45 -> 38 ns. */
+#define RING_PREFETCH_AHEAD 8
+
 static inline slot_t *
 ring_reserve(ring_t *r, uint64_t need)
 {
     uint64_t h = atomic_load_explicit(&r->head, memory_order_relaxed);
     if (h + need - r->cached_tail > r->cap)
         cn_ring_make_room(r, h, need);
+    CN_PREFETCH_WRITE(&r->slots[(h + RING_PREFETCH_AHEAD) & r->mask]);
     return &r->slots[h & r->mask];
 }
 
