@@ -33,6 +33,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -772,12 +773,20 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (`timeout`, `kill`) into SystemExit, so that `finally` blocks remove the
+    temporary output directories and `subprocess.run` kills its worker: a sustained run
+    interrupted otherwise leaves gigabytes of spool in the temporary directory."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the selected sections, print the report, optionally write JSON."""
     args = parse_args(argv)
     if args.worker is not None:
         worker_main(args.worker)
         return 0
+    exit_on_sigterm()
     settings = settings_from(args)
     os.environ["CIRRON_BENCH_OTEL_CONTEXT"] = args.otel_context  # inherited by the workers
     os.environ["CIRRON_BENCH_PIN_CPU"] = "" if args.pin_cpu < 0 else str(args.pin_cpu)

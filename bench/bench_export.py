@@ -48,6 +48,8 @@ import sys
 import tempfile
 import textwrap
 
+from bench_core import exit_on_sigterm
+
 MARK_PREFIX = "cirron.mark."  # the default metrics prefix: the marks' points, not the health ones
 # on/off within this much: the acceptance item of issue 11 (records/s delivered to each sink)
 MAX_METRICS_SLOWDOWN = 0.15
@@ -464,6 +466,7 @@ def peer_table(ours: dict, peers: dict[str, dict]) -> list[tuple[str, str, str]]
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rate", type=float, default=250_000, help="offered records/s (0: flat out)")
