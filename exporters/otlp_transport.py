@@ -173,6 +173,16 @@ class GrpcTransport:
         self._grpc = grpc
         self._response_type = _response_type(config.signal)
         self._metadata = tuple(config.headers) or None
+        # Read once: the channel opened again after a fork must not depend on the files still
+        # being there (profile() checked them: _config._check_tls_files).
+        self._tls = (
+            None
+            if config.insecure
+            else (_read(config.certificate), _read(config.client_key), _read(config.client_certificate))
+        )
+        if self._tls is not None and (self._tls[1] is None) != (self._tls[2] is None):
+            # grpcio aborts the process (a failed CHECK in its core) on a key without a chain
+            raise ValueError("mutual TLS needs both the client certificate and its private key")
         # gRPC does not survive a fork() while a thread is in a call: it skips its fork
         # handlers, and the child crashes (SIGSEGV) when it makes a channel of its own. So a
         # fork closes the channel when a call is on the wire (the call ends CANCELLED, its
@@ -200,10 +210,10 @@ class GrpcTransport:
         if config.insecure:
             self._channel = grpc.insecure_channel(config.endpoint, options=options, compression=compression)
         else:
+            assert self._tls is not None
+            ca, key, chain = self._tls
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(config.certificate),
-                private_key=_read(config.client_key),
-                certificate_chain=_read(config.client_certificate),
+                root_certificates=ca, private_key=key, certificate_chain=chain
             )
             self._channel = grpc.secure_channel(
                 config.endpoint, credentials, options=options, compression=compression
@@ -323,8 +333,10 @@ class HttpTransport:
             )
         except (exceptions.ConnectionError, exceptions.Timeout, exceptions.ChunkedEncodingError) as exc:
             return SendError(f"{type(exc).__name__}: {exc}", retryable=True)
-        except exceptions.RequestException as exc:  # a bad URL, a bad certificate path: never succeeds
+        except exceptions.RequestException as exc:  # a bad URL: never succeeds
             return SendError(f"{type(exc).__name__}: {exc}", retryable=False)
+        except OSError as exc:  # a TLS file gone since profile() checked it: kept until it is back
+            return SendError(f"{type(exc).__name__}: {exc}", retryable=True)
         status = response.status_code
         content = response.content  # read it all, so the connection goes back to the pool
         if 200 <= status < 300:

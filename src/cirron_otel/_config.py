@@ -666,10 +666,8 @@ def otlp_transport_config(
     compression = _otlp_var(env, "COMPRESSION", signal)
     if compression is not None and compression[1].lower() not in OTLP_COMPRESSIONS:
         raise ValueError(f"{compression[0]} must be one of {OTLP_COMPRESSIONS}, got {compression[1]!r}")
-    files = {
-        name: (_otlp_var(env, name, signal) or (None, None))[1]
-        for name in ("CERTIFICATE", "CLIENT_KEY", "CLIENT_CERTIFICATE")
-    }
+    tls = not insecure if protocol == "grpc" else target.lower().startswith("https://")
+    files = _tls_files(env, signal, check=tls)
     return OtlpTransportConfig(
         protocol=protocol,
         endpoint=target,
@@ -682,6 +680,60 @@ def otlp_transport_config(
         client_certificate=files["CLIENT_CERTIFICATE"],
         signal=signal,
     )
+
+
+TLS_FILE_VARIABLES = ("CERTIFICATE", "CLIENT_KEY", "CLIENT_CERTIFICATE")
+
+
+def _tls_files(env: Mapping[str, str], signal: str, check: bool) -> dict[str, str | None]:
+    """The TLS files of one signal (variable suffix -> path). With `check` (the endpoint is
+    TLS, so they are used), a file that cannot be used is a ValueError naming its variable
+    here, at profile(), rather than a failure of every request later."""
+    found = {name: _otlp_var(env, name, signal) for name in TLS_FILE_VARIABLES}
+    if check and any(found.values()):
+        _check_tls_files(found["CERTIFICATE"], found["CLIENT_KEY"], found["CLIENT_CERTIFICATE"], signal)
+    return {name: var[1] if var else None for name, var in found.items()}
+
+
+def _check_tls_files(
+    ca: tuple[str, str] | None, key: tuple[str, str] | None, cert: tuple[str, str] | None, signal: str
+) -> None:
+    import ssl  # only with TLS files: not on every profiled program's start-up
+
+    for var in (ca, key, cert):
+        if var is not None:
+            try:
+                with open(var[1], "rb"):
+                    pass
+            except OSError as exc:
+                raise ValueError(f"{var[0]}: cannot read {var[1]!r} ({exc.strerror or exc})") from None
+    if (key is None) != (cert is None):
+        given, missing = (key, "CLIENT_CERTIFICATE") if cert is None else (cert, "CLIENT_KEY")
+        assert given is not None
+        raise ValueError(
+            f"{given[0]} is set but neither OTEL_EXPORTER_OTLP_{signal.upper()}_{missing} nor "
+            f"OTEL_EXPORTER_OTLP_{missing}: mutual TLS needs both the client certificate and its key"
+        )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=ca[1])
+        except ssl.SSLError as exc:
+            raise ValueError(f"{ca[0]}: {ca[1]!r} holds no PEM certificate ({exc.reason or exc})") from None
+    if key is not None and cert is not None:
+
+        def no_password() -> bytes:
+            # Never OpenSSL's terminal prompt: the OTLP variables carry no password.
+            raise ValueError("the key is encrypted, and the OTLP exporters take no password for it")
+
+        try:
+            context.load_cert_chain(certfile=cert[1], keyfile=key[1], password=no_password)
+        except (ssl.SSLError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise ValueError(
+                f"{cert[0]} ({cert[1]!r}) and {key[0]} ({key[1]!r}) are not a PEM certificate "
+                f"and its private key ({reason})"
+            ) from None
 
 
 # -- child processes: what a profiled program passes on to the programs it starts ------------

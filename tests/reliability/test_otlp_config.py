@@ -1,23 +1,31 @@
 """The OTLP transports honour OTEL_EXPORTER_OTLP_[TRACES_]* exactly as the specification says.
 
 Resolution (`_config.otlp_transport_config`) is checked on its own, then end to end against real
-receivers: a timeout in milliseconds, TLS with a CA file, and a broken value that turns OTLP
-off with a warning instead of raising into the program.
+receivers: a timeout in milliseconds, TLS with a CA file, mutual TLS against receivers that
+require a client certificate, TLS files that cannot be used (refused at profile(), naming the
+variable, never an abort) or that go away later (nothing lost), and a broken value that turns
+OTLP off with a warning instead of raising into the program.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
+import threading
 import warnings
 from pathlib import Path
 
 import pytest
 from cirron_otel.exporters.otlp import make_transport
+from cirron_otel.exporters.otlp_transport import PartialSuccess, SendError
 
 import cirron_otel as ci
 from cirron_otel._config import otlp_transport_config, resolve
+from tests.support.helpers import run_script
 from tests.support.otlp_receivers import GrpcReceiver, HttpReceiver
+from tests.support.tls import Pki, make_ca, make_client, make_pki
 
 from .test_otlp_delivery import one_span_request
 
@@ -282,54 +290,242 @@ def test_the_timeout_is_milliseconds_on_the_wire(proto: str):
 
 
 @pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1: (key file, certificate file)."""
-    d = tmp_path_factory.mktemp("tls")
-    key, cert = d / "key.pem", d / "cert.pem"
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("tls"))
+
+
+def _tls_env(pki: Pki, client: tuple[str, str] | None = None, **more: str) -> dict[str, str]:
+    env = {"OTEL_EXPORTER_OTLP_CERTIFICATE": pki.ca, "OTEL_EXPORTER_OTLP_TIMEOUT": "5000", **more}
+    if client is not None:
+        env |= {
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY": client[0],
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": client[1],
+        }
+    return env
+
+
+def _send_one(proto: str, endpoint: str, env: dict[str, str]) -> SendError | PartialSuccess | None:
+    transport = make_transport(otlp_transport_config(proto, endpoint, env=env))
+    try:
+        return transport.send(one_span_request())
+    finally:
+        transport.shutdown()
+
+
+@pytest.mark.parametrize("proto", ["grpc", "http/protobuf"])
+def test_tls_with_the_certificate_variable(proto: str, pki: Pki):
+    receiver_type = GrpcReceiver if proto == "grpc" else HttpReceiver
+    with receiver_type(tls=pki.server) as receiver:
+        assert receiver.endpoint.startswith("https://")
+        assert _send_one(proto, receiver.endpoint, _tls_env(pki)) is None
+        # the system CAs do not know this CA
+        assert _send_one(proto, receiver.endpoint, {"OTEL_EXPORTER_OTLP_TIMEOUT": "2000"}) is not None
+        assert receiver.span_count() == 1
+
+
+@pytest.mark.parametrize("proto", ["grpc", "http/protobuf"])
+def test_mutual_tls_with_the_client_certificate_variables(proto: str, pki: Pki, tmp_path: Path):
+    """A collector that requires a client certificate takes the requests of a client that sends
+    the one the variables name, and no other's."""
+    stranger = make_client(tmp_path, make_ca(tmp_path, "other-ca"), "stranger")
+    receiver_type = GrpcReceiver if proto == "grpc" else HttpReceiver
+    with receiver_type(tls=pki.server, client_ca=pki.ca) as receiver:
+        assert _send_one(proto, receiver.endpoint, _tls_env(pki, pki.client)) is None
+        without = _send_one(proto, receiver.endpoint, _tls_env(pki))
+        signed_elsewhere = _send_one(proto, receiver.endpoint, _tls_env(pki, stranger))
+        assert receiver.span_count() == 1
+    for error in (without, signed_elsewhere):  # refused at the handshake: kept and retried
+        assert isinstance(error, SendError) and error.retryable, error
+
+
+@pytest.mark.parametrize("proto", ["grpc", "http/protobuf"])
+def test_tls_files_gone_after_the_start_lose_nothing(proto: str, pki: Pki, tmp_path: Path):
+    """gRPC read them at the start; OTLP/HTTP reads them per connection, and while they are
+    gone its requests wait (a retryable failure) instead of being dropped."""
+    files = [Path(shutil.copy(path, tmp_path)) for path in (pki.ca, *pki.client)]
+    env = _tls_env(pki, pki.client) | {
+        "OTEL_EXPORTER_OTLP_CERTIFICATE": str(files[0]),
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY": str(files[1]),
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(files[2]),
+    }
+    with (GrpcReceiver if proto == "grpc" else HttpReceiver)(tls=pki.server, client_ca=pki.ca) as receiver:
+        transport = make_transport(otlp_transport_config(proto, receiver.endpoint, env=env))
+        try:
+            moved = [path.rename(path.with_name(path.name + ".moved")) for path in files]
+            error = transport.send(one_span_request())
+            assert error is None if proto == "grpc" else isinstance(error, SendError) and error.retryable
+            for path, back in zip(moved, files, strict=True):
+                path.rename(back)
+            assert transport.send(one_span_request()) is None
+        finally:
+            transport.shutdown()
+        assert receiver.span_count() == (2 if proto == "grpc" else 1)
+
+
+def test_grpc_reopens_its_channel_after_a_fork_without_its_tls_files(pki: Pki, tmp_path: Path):
+    """A fork during a call closes the channel and the parent opens a new one (GrpcTransport):
+    with the TLS bytes read at the start, not from files that may be gone by then."""
+    files = [Path(shutil.copy(path, tmp_path)) for path in (pki.ca, *pki.client)]
+    env = _tls_env(pki) | {
+        "OTEL_EXPORTER_OTLP_CERTIFICATE": str(files[0]),
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY": str(files[1]),
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(files[2]),
+    }
+    with GrpcReceiver(tls=pki.server, client_ca=pki.ca) as receiver:
+        transport = make_transport(otlp_transport_config("grpc", receiver.endpoint, env=env))
+        try:
+            assert transport.send(one_span_request()) is None
+            for path in files:
+                path.unlink()
+            receiver.delay = 2.0
+            in_call = threading.Thread(target=transport.send, args=(one_span_request(),))
+            in_call.start()
+            receiver.wait_for_arrivals(2)
+            transport.before_fork()  # a call is on the wire: the channel is closed
+            transport.after_fork_in_parent()  # and opened again
+            in_call.join()
+            receiver.delay = 0.0
+            assert transport.send(one_span_request()) is None
+        finally:
+            transport.shutdown()
+
+
+@pytest.mark.parametrize("proto", ["grpc", "http/protobuf"])
+def test_mutual_tls_end_to_end_from_the_environment(
+    proto: str, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    with (GrpcReceiver if proto == "grpc" else HttpReceiver)(tls=pki.server, client_ca=pki.ca) as receiver:
+        env = _tls_env(
+            pki,
+            pki.client,
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_EXPORTER_OTLP_PROTOCOL=proto,
+            OTEL_METRICS_EXPORTER="none",
+        )
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        ci.profile(output_dir=str(tmp_path / "out"), install_signal_handlers=False, tracer_provider=None)
+        try:
+            assert "otlp" in ci.health()["sinks"]
+            for step in ci.epochs(range(3)):
+                with ci.scope("step"):
+                    ci.mark("loss", float(step))
+        finally:
+            ci.shutdown()
+        steps = [span for span in receiver.wait_for_spans(7) if span["name"] == "step"]  # + session, epochs
+        assert len(steps) == 3
+
+
+def _encrypted_copy(key: str, directory: Path) -> str:
+    out = directory / "encrypted.key"
     subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
+        ["openssl", "pkey", "-in", key, "-aes256", "-passout", "pass:secret", "-out", str(out)],
         check=True,
         capture_output=True,
         timeout=60,
     )
-    return str(key), str(cert)
+    return str(out)
+
+
+# (variables -> (file kind or a path), the variable the error names, what it says); kinds: the
+# PKI's "ca", "client_key", "client_cert", "server_key", "not_pem", "encrypted_key"
+UNUSABLE_TLS_FILES = [
+    ({"CERTIFICATE": "/nonexistent/ca.pem"}, "OTEL_EXPORTER_OTLP_CERTIFICATE", "cannot read"),
+    ({"TRACES_CERTIFICATE": "not_pem"}, "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "holds no PEM certificate"),
+    (
+        {"CLIENT_KEY": "client_key"},
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+        "but neither OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE nor",
+    ),
+    (
+        {"CLIENT_CERTIFICATE": "client_cert"},
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        "but neither OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY nor",
+    ),
+    (
+        {"CLIENT_KEY": "/nonexistent/client.key", "CLIENT_CERTIFICATE": "client_cert"},
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+        "cannot read",
+    ),
+    (
+        {"CLIENT_KEY": "server_key", "CLIENT_CERTIFICATE": "client_cert"},
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        "its private key",
+    ),
+    (
+        {"CLIENT_KEY": "encrypted_key", "CLIENT_CERTIFICATE": "client_cert"},
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+        "encrypted",
+    ),
+]
+
+
+def _tls_file_env(files: dict[str, str], pki: Pki, directory: Path) -> dict[str, str]:
+    not_pem = directory / "not.pem"
+    not_pem.write_text("not a certificate\n")
+    kinds = {
+        "ca": pki.ca,
+        "client_key": pki.client[0],
+        "client_cert": pki.client[1],
+        "server_key": pki.server[0],
+        "not_pem": str(not_pem),
+        "encrypted_key": _encrypted_copy(pki.client[0], directory),
+    }
+    return {f"OTEL_EXPORTER_OTLP_{name}": kinds.get(value, value) for name, value in files.items()}
 
 
 @pytest.mark.parametrize("proto", ["grpc", "http/protobuf"])
-def test_tls_with_the_certificate_variable(proto: str, certificate: tuple[str, str]):
-    receiver_type = GrpcReceiver if proto == "grpc" else HttpReceiver
-    with receiver_type(tls=certificate) as receiver:
-        assert receiver.endpoint.startswith("https://")
-        env = {"OTEL_EXPORTER_OTLP_CERTIFICATE": certificate[1], "OTEL_EXPORTER_OTLP_TIMEOUT": "5000"}
-        trusted = make_transport(otlp_transport_config(proto, receiver.endpoint, env=env))
-        untrusted = make_transport(
-            otlp_transport_config(proto, receiver.endpoint, env={"OTEL_EXPORTER_OTLP_TIMEOUT": "2000"})
-        )
-        try:
-            assert trusted.send(one_span_request()) is None
-            error = untrusted.send(one_span_request())  # the system CAs do not know this certificate
-            assert error is not None
-        finally:
-            trusted.shutdown()
-            untrusted.shutdown()
-        assert receiver.span_count() == 1
+@pytest.mark.parametrize(("files", "named", "says"), UNUSABLE_TLS_FILES)
+def test_unusable_tls_files_are_refused_naming_the_variable(
+    proto: str, files: dict[str, str], named: str, says: str, pki: Pki, tmp_path: Path
+):
+    env = _tls_file_env(files, pki, tmp_path)
+    with pytest.raises(ValueError, match=named) as refused:
+        otlp_transport_config(proto, "https://127.0.0.1:4999", env=env)
+    assert says in str(refused.value)
+    # Over plaintext the files are not used, so not read (as the OpenTelemetry exporters do).
+    assert otlp_transport_config(proto, "http://127.0.0.1:4999", env=env).insecure == (proto == "grpc")
+
+
+@pytest.mark.parametrize("proto", ["grpc", "http/protobuf"])
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"CLIENT_KEY": "client_key"},
+        {"CLIENT_CERTIFICATE": "client_cert"},
+        {"CERTIFICATE": "/nonexistent/ca.pem"},
+    ],
+)
+def test_unusable_tls_files_turn_otlp_off_with_a_warning_not_the_program_down(
+    proto: str, files: dict[str, str], pki: Pki, tmp_path: Path
+):
+    """grpcio aborts the process when given a client key without its certificate; an unreadable
+    file made every OTLP/HTTP request fail (its spans dropped). Now profile() warns, naming the
+    variable, and the program goes on with the spool."""
+    env = _tls_file_env(files, pki, tmp_path) | {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "https://127.0.0.1:4999",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": proto,
+    }
+    run = run_script(
+        f"""
+        import json, warnings
+        import cirron_otel as ci
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ci.profile(output_dir={str(tmp_path / "out")!r}, install_signal_handlers=False)
+            with ci.scope("work"):
+                ci.mark("loss", 0.5)
+            ci.shutdown()
+        said = [str(w.message) for w in caught]
+        print(json.dumps({{"sinks": sorted(ci.health()["sinks"]), "warnings": said}}))
+        """,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["sinks"] == ["spool"]
+    (named,) = files
+    assert any(f"OTEL_EXPORTER_OTLP_{named}" in w for w in result["warnings"]), result["warnings"]
 
 
 def test_a_broken_variable_turns_otlp_off_with_a_warning_not_an_exception(

@@ -166,6 +166,7 @@ class _Receiver:
         self._retry_after: float | str | None = None
         self._stopping = threading.Event()
         self.tls: tuple[str, str] | None = None  # (key file, certificate file): serve TLS
+        self.client_ca: str | None = None  # with tls: require a client certificate this CA signed
         self._reject: tuple[int, str] | None = None
         self.metric_requests: list[ExportMetricsServiceRequest] = []
         self.accept_metrics = True  # False: a traces-only endpoint (Jaeger's own OTLP port)
@@ -317,10 +318,12 @@ class GrpcReceiver(_Receiver, TraceServiceServicer):
     `accept_gzip=False`: gzip requests then fail with UNIMPLEMENTED before reaching `Export`.
     """
 
-    def __init__(self, *, accept_gzip: bool = True, tls: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self, *, accept_gzip: bool = True, tls: tuple[str, str] | None = None, client_ca: str | None = None
+    ) -> None:
         super().__init__()
         self.accept_gzip = accept_gzip
-        self.tls = tls
+        self.tls, self.client_ca = tls, client_ca
         self._server: grpc.Server | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._fail_code = grpc.StatusCode.UNAVAILABLE
@@ -366,7 +369,12 @@ class GrpcReceiver(_Receiver, TraceServiceServicer):
             add_MetricsServiceServicer_to_server(_MetricsService(self), server)
         if self.tls:
             key, cert = (Path(path).read_bytes() for path in self.tls)
-            port = server.add_secure_port(f"{HOST}:{self.port}", grpc.ssl_server_credentials([(key, cert)]))
+            credentials = grpc.ssl_server_credentials(
+                [(key, cert)],
+                root_certificates=Path(self.client_ca).read_bytes() if self.client_ca else None,
+                require_client_auth=self.client_ca is not None,
+            )
+            port = server.add_secure_port(f"{HOST}:{self.port}", credentials)
         else:
             port = server.add_insecure_port(f"{HOST}:{self.port}")
         if port == 0 or (self.port and port != self.port):
@@ -477,6 +485,9 @@ class _HttpServer(ThreadingHTTPServer):
         if receiver.tls:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(certfile=receiver.tls[1], keyfile=receiver.tls[0])
+            if receiver.client_ca:  # the handshake fails without a client certificate it signed
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(cafile=receiver.client_ca)
             self.socket = context.wrap_socket(self.socket, server_side=True)
 
     def track(self, conn: socket.socket) -> None:
@@ -500,9 +511,9 @@ class _HttpServer(ThreadingHTTPServer):
 class HttpReceiver(_Receiver):
     """OTLP/HTTP (protobuf) on 127.0.0.1: POST `traces_url` = endpoint + "/v1/traces"."""
 
-    def __init__(self, *, tls: tuple[str, str] | None = None) -> None:
+    def __init__(self, *, tls: tuple[str, str] | None = None, client_ca: str | None = None) -> None:
         super().__init__()
-        self.tls = tls
+        self.tls, self.client_ca = tls, client_ca
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
         self._fail_status = 503
