@@ -172,7 +172,10 @@ class GrpcTransport:
         self.config = config
         self._grpc = grpc
         self._response_type = _response_type(config.signal)
-        self._metadata = tuple(config.headers) or None
+        # a -bin key's value goes as bytes (gRPC base64-encodes it on the wire)
+        self._metadata = (
+            tuple((k, v.encode() if k.endswith("-bin") else v) for k, v in config.headers) or None
+        )
         # Read once: the channel opened again after a fork must not depend on the files still
         # being there (profile() checked them: _config._check_tls_files).
         self._tls = (

@@ -598,6 +598,32 @@ def parse_otlp_headers(raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+# What a header may hold on the wire: RFC 9110 token characters for an HTTP field name;
+# gRPC metadata keys are lower-case letters, digits, '-', '_', '.', and the values of keys not
+# ending in -bin (sent as the UTF-8 bytes of the value) printable ASCII.
+_HTTP_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
+_GRPC_KEY = frozenset("-_.0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+def _checked_headers(
+    variable: str, headers: tuple[tuple[str, str], ...], protocol: str
+) -> tuple[tuple[str, str], ...]:
+    """`headers` as they are; a ValueError naming `variable` for one no request could carry
+    (every request would fail, so its spans would be lost, rather than one clear warning)."""
+    grpc = protocol == "grpc"
+    for key, value in headers:
+        if not set(key) <= (_GRPC_KEY if grpc else _HTTP_TOKEN):
+            kind = "gRPC metadata key (a-z, 0-9, '-', '_', '.')" if grpc else "HTTP header name"
+            raise ValueError(f"{variable}: {key!r} is not a valid {kind}")
+        if grpc and key.endswith("-bin"):
+            continue
+        if grpc and not all(" " <= c <= "~" for c in value):
+            raise ValueError(f"{variable}: the value of {key!r} must be printable ASCII for gRPC metadata")
+        if not grpc and (any(c in value for c in "\r\n\0") or any(ord(c) > 0xFF for c in value)):
+            raise ValueError(f"{variable}: the value of {key!r} holds characters an HTTP header cannot carry")
+    return headers
+
+
 def otlp_protocol_from(
     chosen: str | None, env: Mapping[str, str] | None = None, signal: str = "traces"
 ) -> str:
@@ -672,7 +698,7 @@ def otlp_transport_config(
         protocol=protocol,
         endpoint=target,
         insecure=insecure,
-        headers=parse_otlp_headers(headers[1]) if headers else (),
+        headers=_checked_headers(headers[0], parse_otlp_headers(headers[1]), protocol) if headers else (),
         timeout=timeout_ms / 1000,
         compression=compression[1].lower() if compression else "none",
         certificate=files["CERTIFICATE"],

@@ -227,11 +227,45 @@ def test_grpc_endpoint_scheme_decides_tls_and_insecure_applies_to_schemeless(
 
 
 def test_headers_are_url_decoded_baggage_style_and_the_signal_specific_variable_wins():
-    raw = " a = 1 ,Authorization=Bearer%20x%3Dy, bad, =novalue,k%2Cey=v%2C1"
+    raw = " a = 1 ,Authorization=Bearer%20x%3Dy, bad, =novalue,k%2Eey=v%2C1"
     config = otlp_transport_config("grpc", None, env={"OTEL_EXPORTER_OTLP_HEADERS": raw})
-    assert config.headers == (("a", "1"), ("authorization", "Bearer x=y"), ("k,ey", "v,1"))
+    assert config.headers == (("a", "1"), ("authorization", "Bearer x=y"), ("k.ey", "v,1"))
     both = {"OTEL_EXPORTER_OTLP_HEADERS": "a=1,b=2", "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "c=3"}
     assert otlp_transport_config("grpc", None, env=both).headers == (("c", "3"),)
+
+
+@pytest.mark.parametrize(
+    ("proto", "raw", "says"),
+    [
+        ("grpc", "my%20key=v", "not a valid gRPC metadata key"),
+        ("http/protobuf", "my%20key=v", "not a valid HTTP header name"),
+        ("grpc", "k%2Cey=v", "not a valid gRPC metadata key"),
+        ("http/protobuf", "k%3Aey=v", "not a valid HTTP header name"),
+        ("grpc", "k=v%0Ax", "printable ASCII"),
+        ("http/protobuf", "k=v%0D%0AX-Injected: 1", "cannot carry"),
+        ("grpc", "k=caf%C3%A9", "printable ASCII"),
+        ("http/protobuf", "k=%E2%82%AC", "cannot carry"),
+    ],
+)
+def test_headers_no_request_could_carry_are_refused_naming_the_variable(proto: str, raw: str, says: str):
+    """Once refused at profile() (OTLP off, a warning naming the variable); before, every
+    request failed and its spans were dropped (gRPC: INTERNAL "Invalid metadata")."""
+    env = {"OTEL_EXPORTER_OTLP_TRACES_HEADERS": raw}
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_TRACES_HEADERS") as refused:
+        otlp_transport_config(proto, None, env=env)
+    assert says in str(refused.value)
+
+
+@pytest.mark.parametrize("proto", ["grpc", "http/protobuf"])
+def test_headers_reach_the_receiver_including_binary_metadata_and_latin_1(proto: str):
+    raw = "x-tenant=acme,x-trace-bin=abc" + (",x-name=caf%C3%A9" if proto == "http/protobuf" else "")
+    with (GrpcReceiver if proto == "grpc" else HttpReceiver)() as receiver:
+        env = {"OTEL_EXPORTER_OTLP_HEADERS": raw}
+        assert _send_one(proto, receiver.endpoint, env) is None
+        (headers,) = receiver.headers
+    assert (headers["x-tenant"], headers["x-trace-bin"]) == ("acme", "abc")
+    if proto == "http/protobuf":
+        assert headers["x-name"] == "café"
 
 
 def test_timeout_is_milliseconds_and_compression_gzip_or_none():
