@@ -638,6 +638,21 @@ def otlp_protocol_from(
     )
 
 
+def _check_endpoint(source: str, url: str, target: str) -> None:
+    """A ValueError naming `source` for an endpoint no request could reach: every request
+    would fail (OTLP/HTTP: dropped at once; gRPC: retried until the outbox is full)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(target)
+        port = parts.port  # raises for a port that is not a number in 0..65535
+    except ValueError as exc:
+        raise ValueError(f"{source}: {url!r} is not a usable OTLP endpoint ({exc})") from None
+    host = parts.hostname
+    if not host or any(c.isspace() for c in host) or port == 0:
+        raise ValueError(f"{source}: {url!r} is not a usable OTLP endpoint (host {host!r}, port {port})")
+
+
 def otlp_transport_config(
     protocol: str, endpoint: str | None, env: Mapping[str, str] | None = None, signal: str = "traces"
 ) -> OtlpTransportConfig:
@@ -660,22 +675,30 @@ def otlp_transport_config(
     else:
         url = "http://localhost:4318" if protocol == "http/protobuf" else "http://localhost:4317"
         from_generic = True
+    source = "the endpoint" if endpoint is not None else specific[0] if specific else "the default endpoint"
     if protocol == "http/protobuf":
         # A per-signal endpoint is used as is; the generic one (and the default) get /v1/<signal>.
         target, insecure = (url.rstrip("/") + path) if from_generic else url, False
-        if "://" not in target:
-            raise ValueError(f"OTLP/HTTP endpoint must be a URL with http:// or https://, got {url!r}")
+        if target.partition("://")[0].lower() not in ("http", "https"):
+            raise ValueError(
+                f"{source}: an OTLP/HTTP endpoint must be a URL with http:// or https://, got {url!r}"
+            )
+        _check_endpoint(source, url, target)
     else:
         scheme, has_scheme, rest = url.partition("://")
         if has_scheme:
             if scheme.lower() not in ("http", "https"):
-                raise ValueError(f"OTLP/gRPC endpoint scheme must be http or https, got {url!r}")
+                raise ValueError(
+                    f"{source}: an OTLP/gRPC endpoint must be host:port or a URL with http:// "
+                    f"or https://, got {url!r}"
+                )
             insecure = scheme.lower() == "http"
         else:
             rest = url
             flag = _otlp_var(env, "INSECURE", signal)
             insecure = flag is not None and flag[1].lower() == "true"
         target = rest.split("/", 1)[0]
+        _check_endpoint(source, url, "//" + target)
     headers = _otlp_var(env, "HEADERS", signal)
     timeout_ms: float = DEFAULT_OTLP_TIMEOUT_MS
     raw_timeout = _otlp_var(env, "TIMEOUT", signal)

@@ -268,6 +268,29 @@ def test_headers_reach_the_receiver_including_binary_metadata_and_latin_1(proto:
         assert headers["x-name"] == "café"
 
 
+@pytest.mark.parametrize("proto", ["grpc", "http/protobuf"])
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://localhost:99999", "Port out of range"),  # gRPC sent to port 99999 % 65536
+        ("http://localhost:abc", "Port could not be cast"),
+        ("http://local host:4317", "host 'local host'"),
+        ("http://[::1:4317", "Invalid IPv6 URL"),
+        ("http://127.0.0.1:0", "port 0"),
+        ("ftp://collector:4317", "http:// or https://"),
+    ],
+)
+def test_endpoints_no_request_could_reach_are_refused_naming_the_variable(proto: str, url: str, says: str):
+    """Every request to them failed: OTLP/HTTP dropped each (InvalidURL), gRPC retried each
+    until the outbox was full."""
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": url}
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") as refused:
+        otlp_transport_config(proto, None, env=env)
+    assert says in str(refused.value)
+    with pytest.raises(ValueError, match="the endpoint"):
+        otlp_transport_config(proto, url, env={})
+
+
 def test_timeout_is_milliseconds_and_compression_gzip_or_none():
     env = {
         "OTEL_EXPORTER_OTLP_TIMEOUT": "60000",
