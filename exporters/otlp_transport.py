@@ -310,12 +310,15 @@ class HttpTransport:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._requests.Session()
-            session.headers.update(
-                {"Content-Type": "application/x-protobuf", "User-Agent": f"cirron-otel/{__version__}"}
-            )
+            session.headers["User-Agent"] = f"cirron-otel/{__version__}"
+            session.headers.update(dict(self.config.headers))
+            # what the body is stays ours (the OTLP exporters do the same): a configured
+            # Content-Type would have every request refused (415), its spans lost
+            session.headers["Content-Type"] = "application/x-protobuf"
             if self.config.compression == "gzip":
                 session.headers["Content-Encoding"] = "gzip"
-            session.headers.update(dict(self.config.headers))
+            else:
+                session.headers.pop("Content-Encoding", None)
             self._local.session = session
             with self._sessions_lock:
                 self._sessions.append(session)

@@ -615,6 +615,8 @@ def _checked_headers(
         if not set(key) <= (_GRPC_KEY if grpc else _HTTP_TOKEN):
             kind = "gRPC metadata key (a-z, 0-9, '-', '_', '.')" if grpc else "HTTP header name"
             raise ValueError(f"{variable}: {key!r} is not a valid {kind}")
+        if grpc and key.startswith("grpc-"):
+            raise ValueError(f"{variable}: {key!r}: gRPC reserves the grpc- metadata keys for itself")
         if grpc and key.endswith("-bin"):
             continue
         if grpc and not all(" " <= c <= "~" for c in value):

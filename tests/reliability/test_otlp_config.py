@@ -245,6 +245,7 @@ def test_headers_are_url_decoded_baggage_style_and_the_signal_specific_variable_
         ("http/protobuf", "k=v%0D%0AX-Injected: 1", "cannot carry"),
         ("grpc", "k=caf%C3%A9", "printable ASCII"),
         ("http/protobuf", "k=%E2%82%AC", "cannot carry"),
+        ("grpc", "grpc-status=1", "reserves"),  # the sender then raised AttributeError
     ],
 )
 def test_headers_no_request_could_carry_are_refused_naming_the_variable(proto: str, raw: str, says: str):
@@ -289,6 +290,22 @@ def test_endpoints_no_request_could_reach_are_refused_naming_the_variable(proto:
     assert says in str(refused.value)
     with pytest.raises(ValueError, match="the endpoint"):
         otlp_transport_config(proto, url, env={})
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_configured_headers_do_not_change_what_the_http_body_is(compression: str):
+    """A Content-Type or Content-Encoding among the headers would have every request refused
+    (415, 400) and its spans dropped: as in the OTLP exporters, the body's own headers win."""
+    env = {
+        "OTEL_EXPORTER_OTLP_HEADERS": "content-type=text/plain,content-encoding=br,x-tenant=acme",
+        "OTEL_EXPORTER_OTLP_COMPRESSION": compression,
+    }
+    with HttpReceiver() as receiver:
+        assert _send_one("http/protobuf", receiver.endpoint, env) is None
+        (headers,) = receiver.headers
+    assert headers["content-type"] == "application/x-protobuf"
+    assert headers.get("content-encoding") == ("gzip" if compression == "gzip" else None)
+    assert headers["x-tenant"] == "acme"
 
 
 def test_timeout_is_milliseconds_and_compression_gzip_or_none():
