@@ -474,7 +474,6 @@ def test_mutual_tls_end_to_end_from_the_environment(
             pki.client,
             OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
             OTEL_EXPORTER_OTLP_PROTOCOL=proto,
-            OTEL_METRICS_EXPORTER="none",
         )
         for key, value in env.items():
             monkeypatch.setenv(key, value)
@@ -488,6 +487,9 @@ def test_mutual_tls_end_to_end_from_the_environment(
             ci.shutdown()
         steps = [span for span in receiver.wait_for_spans(7) if span["name"] == "step"]  # + session, epochs
         assert len(steps) == 3
+        # the marks as metrics take the same TLS settings, to the same receiver
+        losses = receiver.wait_for_metric_points(1, name_prefix="cirron.mark.loss")
+        assert {value for _, _, value in losses} <= {0.0, 1.0, 2.0}
 
 
 def _encrypted_copy(key: str, directory: Path) -> str:
