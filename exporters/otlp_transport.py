@@ -275,6 +275,9 @@ class GrpcTransport:
         self._channel.close()
 
 
+# Redirects after which requests sends a GET without the body (RFC 9110 lets clients do so).
+REDIRECTS_TO_GET = frozenset({301, 302, 303})
+
 # gzip level for HTTP bodies: level 1 compresses OTLP requests ~3x faster than the default 6
 # for a few percent more bytes, and any gzip reader accepts it.
 GZIP_LEVEL = 1
@@ -345,6 +348,16 @@ class HttpTransport:
             return SendError(f"{type(exc).__name__}: {exc}", retryable=True)
         status = response.status_code
         content = response.content  # read it all, so the connection goes back to the pool
+        moved = next((r for r in response.history if r.status_code in REDIRECTS_TO_GET), None)
+        if moved is not None:
+            # requests follows 301/302/303 with a GET without the body (307/308 keep both), so
+            # whatever answered did not get the spans: kept for a retry, and said where to point
+            location = moved.headers.get("Location", "?")
+            return SendError(
+                f"HTTP {moved.status_code}: the endpoint redirects to {location}, where the request "
+                "would go as a GET without its body; set the OTLP endpoint to that URL",
+                retryable=True,
+            )
         if 200 <= status < 300:
             try:
                 return partial_success(self._response_type.FromString(content)) if content else None

@@ -9,12 +9,15 @@ OTLP off with a warning instead of raising into the program.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import threading
 import warnings
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -306,6 +309,46 @@ def test_configured_headers_do_not_change_what_the_http_body_is(compression: str
     assert headers["content-type"] == "application/x-protobuf"
     assert headers.get("content-encoding") == ("gzip" if compression == "gzip" else None)
     assert headers["x-tenant"] == "acme"
+
+
+@contextlib.contextmanager
+def _redirecting_to(url: str, status: int) -> Iterator[str]:
+    """An HTTP server on loopback answering every POST with `status` and Location: `url`."""
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(status)
+            self.send_header("Location", url)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_delivers_or_keeps_the_request(status: int):
+    """307/308 are followed with the body. After 301/302/303 requests would send a GET without
+    the body, so nothing arrives: the request is kept for a retry (it was dropped, reported as
+    the target's answer to the GET) and the error says where the endpoint should point."""
+    with HttpReceiver() as receiver, _redirecting_to(receiver.traces_url, status) as url:
+        error = _send_one("http/protobuf", url, {})
+        if status in (307, 308):
+            assert error is None and receiver.span_count() == 1
+        else:
+            assert isinstance(error, SendError) and error.retryable, error
+            assert receiver.traces_url in error.message and receiver.span_count() == 0
 
 
 def test_timeout_is_milliseconds_and_compression_gzip_or_none():
