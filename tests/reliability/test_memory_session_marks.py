@@ -44,7 +44,7 @@ def test_session_lists_the_first_ids_and_counts_the_rest(out: Path) -> None:
 
 @pytest.mark.timeout(600)
 def test_millions_of_session_marks_run_in_constant_memory(out: Path) -> None:
-    millions = 3
+    millions = 4
     r = run_script(
         f"""
         import gc, json, cirron_otel as ci
@@ -74,9 +74,12 @@ def test_millions_of_session_marks_run_in_constant_memory(out: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    growth = res["rss"][-1] - res["rss"][0]
-    # before the fix: ~20 MiB per million (40 MiB here); a constant-memory run stays flat
-    assert growth < 8 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB over {millions - 1}M marks: {res['rss']}"
+    # The first two millions are the warm-up: the encoder's buffers and malloc's arenas reach
+    # the size the drainer's backlog calls for, which depends on the machine's load (9 MiB over
+    # the 2nd million in one CI run). Before the fix: ~20 MiB per million (40 MiB here); a
+    # constant-memory run stays flat.
+    growth = res["rss"][-1] - res["rss"][1]
+    assert growth < 8 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB over {millions - 2}M marks: {res['rss']}"
     docs = read_spool(out)  # strict JSON, schema-valid
     sessions = [s for d in docs for s in d["spans"] if s["name"] == "cirron.session"]
     assert len(sessions) == 1 and sessions[0]["id"] == res["session"]
