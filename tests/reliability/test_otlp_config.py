@@ -17,6 +17,7 @@ import subprocess
 import threading
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -421,6 +422,13 @@ def _tls_env(pki: Pki, client: tuple[str, str] | None = None, **more: str) -> di
     return env
 
 
+def _tls_env_on_copies(pki: Pki, directory: Path) -> tuple[list[Path], dict[str, str]]:
+    """`_tls_env` with the CA and client files copied into `directory`, for tests that remove
+    them: (the copies, the environment naming them)."""
+    ca, key, cert = (Path(shutil.copy(path, directory)) for path in (pki.ca, *pki.client))
+    return [ca, key, cert], _tls_env(replace(pki, ca=str(ca)), (str(key), str(cert)))
+
+
 def _send_one(proto: str, endpoint: str, env: dict[str, str]) -> SendError | PartialSuccess | None:
     transport = make_transport(otlp_transport_config(proto, endpoint, env=env))
     try:
@@ -459,12 +467,7 @@ def test_mutual_tls_with_the_client_certificate_variables(proto: str, pki: Pki, 
 def test_tls_files_gone_after_the_start_lose_nothing(proto: str, pki: Pki, tmp_path: Path):
     """gRPC read them at the start; OTLP/HTTP reads them per connection, and while they are
     gone its requests wait (a retryable failure) instead of being dropped."""
-    files = [Path(shutil.copy(path, tmp_path)) for path in (pki.ca, *pki.client)]
-    env = _tls_env(pki, pki.client) | {
-        "OTEL_EXPORTER_OTLP_CERTIFICATE": str(files[0]),
-        "OTEL_EXPORTER_OTLP_CLIENT_KEY": str(files[1]),
-        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(files[2]),
-    }
+    files, env = _tls_env_on_copies(pki, tmp_path)
     with (GrpcReceiver if proto == "grpc" else HttpReceiver)(tls=pki.server, client_ca=pki.ca) as receiver:
         transport = make_transport(otlp_transport_config(proto, receiver.endpoint, env=env))
         try:
@@ -482,12 +485,7 @@ def test_tls_files_gone_after_the_start_lose_nothing(proto: str, pki: Pki, tmp_p
 def test_grpc_reopens_its_channel_after_a_fork_without_its_tls_files(pki: Pki, tmp_path: Path):
     """A fork during a call closes the channel and the parent opens a new one (GrpcTransport):
     with the TLS bytes read at the start, not from files that may be gone by then."""
-    files = [Path(shutil.copy(path, tmp_path)) for path in (pki.ca, *pki.client)]
-    env = _tls_env(pki) | {
-        "OTEL_EXPORTER_OTLP_CERTIFICATE": str(files[0]),
-        "OTEL_EXPORTER_OTLP_CLIENT_KEY": str(files[1]),
-        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(files[2]),
-    }
+    files, env = _tls_env_on_copies(pki, tmp_path)
     with GrpcReceiver(tls=pki.server, client_ca=pki.ca) as receiver:
         transport = make_transport(otlp_transport_config("grpc", receiver.endpoint, env=env))
         try:
